@@ -1,0 +1,21 @@
+//! VM driver: QEMU/KVM driven over QMP (qapi crate).
+use crate::*;
+
+#[derive(Debug, Clone, Default)]
+pub struct VmDriver {}
+
+impl Lifecycle for VmDriver {
+    fn validate(&self, _spec: &InstanceSpec) -> Result<(), DriverError> { todo!() }
+    async fn create(&self, _spec: &InstanceSpec, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
+    async fn start(&self, _spec: &InstanceSpec, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
+    async fn stop(&self, _spec: &InstanceSpec, _force: bool, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
+    async fn state(&self, _spec: &InstanceSpec) -> Result<RuntimeState, DriverError> { todo!() }
+    async fn delete(&self, _spec: &InstanceSpec) -> Result<(), DriverError> { todo!() }
+}
+
+impl StateSave for VmDriver {
+    async fn save_state(&self, _spec: &InstanceSpec, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
+    async fn restore_state(&self, _spec: &InstanceSpec, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
+    fn has_saved_state(&self, _spec: &InstanceSpec) -> bool { todo!() }
+    async fn discard_state(&self, _spec: &InstanceSpec) -> Result<(), DriverError> { todo!() }
+}
