@@ -1,1 +1,57 @@
-fn main(){}
+//! `ferryd`: the ferry daemon. One per cluster member.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+mod api;
+mod core;
+mod events;
+mod ops;
+mod server;
+mod tls;
+
+#[derive(Parser, Debug)]
+#[command(name = "ferryd", version, about = "ferry daemon: manages and moves containers and VMs")]
+struct Args {
+    /// Data directory: database, instances, logs, certificates and `unix.socket`.
+    #[arg(long, env = "FERRY_DIR", default_value = "/var/lib/ferry")]
+    dir: PathBuf,
+    /// HTTPS address to listen on (e.g. 127.0.0.1:8443). Unset: unix socket only.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// This member's name (defaults to the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info,ferryd=debug`.
+    #[arg(long, env = "FERRY_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    // Helper entry points re-executed by drivers: they must run before any
+    // thread exists (they fork and enter namespaces).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("forkstart") {
+        std::process::exit(ferry_drivers::container::forkstart_main(&argv[2..]));
+    }
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let name = match args.name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let daemon = core::Daemon::open(args.dir.clone(), name)
+        .with_context(|| format!("cannot open ferry data dir {}", args.dir.display()))?;
+    server::serve(daemon, args.listen).await
+}

@@ -30,6 +30,10 @@ pub enum DriverError {
     },
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The host lacks a kernel feature the request needs (e.g. a cgroup
+    /// memory controller for `limits.memory`).
+    #[error("this host cannot {0}")]
+    Unsupported(String),
 }
 
 impl DriverError {

@@ -1,1 +1,302 @@
+//! Harness for ferry's end-to-end tests.
+//!
+//! [`Member`] starts a real `ferryd` (the binary built next to the test
+//! executable, in `target/debug`) with its own data dir under a temp dir, on
+//! its own unix socket and a free loopback HTTPS port. Dropping it — also when
+//! a test panics — force-deletes the instances it still has, stops the
+//! daemon, kills any leftover instance processes by the pids in its run dir,
+//! unmounts what is mounted under its data dir and removes the temp dir.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_client::{Client, Method};
+use serde_json::{json, Value};
+
+/// Directory holding the workspace's binaries (`ferryd`, `ferry`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> -> target/debug
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    for b in ["ferryd", "ferry"] {
+        assert!(dir.join(b).exists(), "{} missing: run `cargo build --workspace` first", dir.join(b).display());
+    }
+    dir
+}
+
+/// True when running as root (the e2e tests need it); prints why a test is skipped.
+pub fn need_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIP {test}: needs root (namespaces, CRIU, KVM)");
+    false
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Member {
+    pub name: String,
+    pub dir: PathBuf,
+    pub https: String,
+    tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    pub client: Client,
+}
+
+impl Member {
+    pub fn start(name: &str) -> Member {
+        let tmp = tempfile::Builder::new().prefix("ferry-e2e-").tempdir().expect("tempdir");
+        let dir = tmp.path().join("ferry");
+        let port = free_port();
+        let mut m = Member {
+            name: name.into(),
+            client: Client::unix(dir.join("unix.socket")),
+            dir,
+            https: format!("127.0.0.1:{port}"),
+            tmp: Some(tmp),
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.tmp.as_ref().unwrap().path().join("ferryd.log")).unwrap();
+        let child = Command::new(bin_dir().join("ferryd"))
+            .args(["--dir", self.dir.to_str().unwrap(), "--listen", &self.https, "--name", &self.name])
+            .env("FERRY_LOG", "info,ferryd=debug,ferry_drivers=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferryd");
+        self.child = Some(child);
+        let sock = self.dir.join("unix.socket");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() || std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("ferryd exited early ({st}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "ferryd did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        let p = self.tmp.as_ref().unwrap().path().join("ferryd.log");
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Run the `ferry` CLI against this member.
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("ferry"))
+            .args(args)
+            .env("FERRY_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferry")
+    }
+
+    /// Run the CLI and require success; returns stdout.
+    pub fn ferry_ok(&self, args: &[&str]) -> String {
+        let out = self.ferry(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed ({}):\nstdout: {}\nstderr: {}\n--- ferryd log tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 40)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Send a request that creates an operation and wait for it; returns the final Operation JSON.
+    pub async fn op(&self, method: Method, path: &str, body: Value) -> Result<Value, String> {
+        match self.client.run_async(method, path, Some(&body), |_| {}).await {
+            Ok(op) => Ok(serde_json::to_value(op).unwrap()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub async fn op_ok(&self, method: Method, path: &str, body: Value) -> Value {
+        match self.op(method.clone(), path, body).await {
+            Ok(v) => v,
+            Err(e) => panic!("{method} {path} failed: {e}\n--- ferryd log tail:\n{}", tail(&self.log(), 40)),
+        }
+    }
+
+    pub async fn launch(&self, name: &str, kind: &str, image: &str, config: Value) {
+        let body = json!({"name": name, "type": kind, "source": {"type": "image", "alias": image}, "config": config, "start": true});
+        self.op_ok(Method::POST, "/1.0/instances", body).await;
+    }
+
+    pub async fn state(&self, name: &str, action: &str, stateful: bool) {
+        let body = json!({"action": action, "stateful": stateful, "force": false, "timeout": 30});
+        self.op_ok(Method::PUT, &format!("/1.0/instances/{name}/state"), body).await;
+    }
+
+    /// GET returning the raw envelope JSON and HTTP status.
+    pub async fn raw(&self, method: Method, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+        raw_unix(&self.dir.join("unix.socket"), method.as_str(), path, body).await
+    }
+
+    pub async fn instance(&self, name: &str) -> Value {
+        let (code, v) = self.raw(Method::GET, &format!("/1.0/instances/{name}?recursion=1"), None).await;
+        assert_eq!(code, 200, "{v}");
+        v["metadata"].clone()
+    }
+
+    /// Paths the daemon uses for an instance (mirrors daemon/src/core.rs).
+    pub fn spec(&self, name: &str, vm: bool) -> ferry_drivers::InstanceSpec {
+        let kind_dir = if vm { "virtual-machines" } else { "containers" };
+        ferry_drivers::InstanceSpec {
+            name: name.into(),
+            kind: if vm { ferry_drivers::InstanceType::VirtualMachine } else { ferry_drivers::InstanceType::Container },
+            image: if vm { "testvm" } else { "busybox" }.into(),
+            config: Default::default(),
+            volatile: Default::default(),
+            paths: ferry_drivers::InstancePaths {
+                volume: self.dir.join("storage-pools/default").join(kind_dir).join(name),
+                run: self.dir.join("run").join(name),
+                logs: self.dir.join("logs").join(name),
+                images: self.dir.join("images"),
+            },
+        }
+    }
+
+    /// The container's counter, read from its rootfs.
+    pub fn container_counter(&self, name: &str) -> u64 {
+        let p = self.spec(name, false).paths.volume.join("rootfs/counter");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // The writer may be mid-write: retry on an empty or partial read.
+            if let Ok(s) = std::fs::read_to_string(&p) {
+                if let Ok(n) = s.trim().parse() {
+                    return n;
+                }
+            }
+            assert!(Instant::now() < deadline, "no counter in {}", p.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn cleanup(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if child.try_wait().ok().flatten().is_none() {
+            if let Ok(list) = std::fs::read_dir(self.dir.join("storage-pools/default/containers"))
+                .into_iter()
+                .flatten()
+                .chain(std::fs::read_dir(self.dir.join("storage-pools/default/virtual-machines")).into_iter().flatten())
+                .collect::<Result<Vec<_>, _>>()
+            {
+                for e in list {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let _ = self.ferry(&["delete", "--force", &name]);
+                }
+            }
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        kill_leftovers(&self.dir);
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.cleanup();
+        if std::thread::panicking() {
+            eprintln!("--- ferryd log ({}):\n{}", self.name, tail(&self.log(), 80));
+        }
+    }
+}
+
+/// Kill processes whose pids are recorded under `DIR/run`, unmount anything
+/// mounted below DIR.
+pub fn kill_leftovers(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir.join("run")) {
+        for inst in rd.flatten() {
+            for f in std::fs::read_dir(inst.path()).into_iter().flatten().flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".pid") && name != "pid" {
+                    continue;
+                }
+                if let Some(pid) = std::fs::read_to_string(f.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                    if pid > 1 {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+    let dir_s = dir.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mine: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&dir_s)).collect();
+    mine.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mine {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Minimal raw HTTP/1.1 over the unix socket, to send malformed bodies and see exact status codes.
+pub async fn raw_unix(sock: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(sock).await.expect("connect");
+    let body = body.unwrap_or(b"");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: unix.socket\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code: u16 = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (code, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Poll `f` until it returns Some or `secs` pass.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,21 +1,295 @@
-//! Container driver: namespaces + pivot_root + cgroup v2, CRIU for state.
+//! Container driver: namespaces + pivot_root + cgroups, CRIU for state.
+//!
+//! Layout of one container:
+//! - `volume/rootfs/`: copy of the busybox template; bind-mounted onto
+//!   itself while the container runs (pivot_root and CRIU `--root` need a
+//!   mount point),
+//! - `volume/state/`: CRIU images of a stateful stop (`state.tmp/` while
+//!   dumping, renamed when complete),
+//! - `run/init.pid`: `PID STARTTIME` of the container init (host pid),
+//! - `logs/dump.log`, `logs/restore.log`: CRIU logs,
+//! - cgroup `<hierarchy>/ferry/<name>` (see [`cgroup`]).
+//!
+//! Processes: see [`forkstart`] for how an init is started, and [`procfs`] for
+//! why liveness is decided from `/proc` (who reaps the init).
+
+mod cgroup;
+mod config;
+mod criu;
+mod forkstart;
+mod image;
+mod lifecycle;
+mod mounts;
+mod procfs;
+mod state;
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 use crate::*;
+use cgroup::Cgroup;
+use procfs::InitRecord;
 
-#[derive(Debug, Clone, Default)]
-pub struct ContainerDriver {}
+pub use forkstart::forkstart_main;
+pub use image::IMAGE;
 
-impl Lifecycle for ContainerDriver {
-    fn validate(&self, _spec: &InstanceSpec) -> Result<(), DriverError> { todo!() }
-    async fn create(&self, _spec: &InstanceSpec, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
-    async fn start(&self, _spec: &InstanceSpec, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
-    async fn stop(&self, _spec: &InstanceSpec, _force: bool, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
-    async fn state(&self, _spec: &InstanceSpec) -> Result<RuntimeState, DriverError> { todo!() }
-    async fn delete(&self, _spec: &InstanceSpec) -> Result<(), DriverError> { todo!() }
+/// Time limits of the driver's steps.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    /// Grace period after SIGTERM before SIGKILL.
+    pub stop: Duration,
+    /// How long to wait for the processes to vanish after SIGKILL.
+    pub kill: Duration,
+    /// The forkstart helper.
+    pub start: Duration,
+    pub dump: Duration,
+    pub restore: Duration,
 }
 
-impl StateSave for ContainerDriver {
-    async fn save_state(&self, _spec: &InstanceSpec, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
-    async fn restore_state(&self, _spec: &InstanceSpec, _ctx: &OpCtx) -> Result<VolatileChanges, DriverError> { todo!() }
-    fn has_saved_state(&self, _spec: &InstanceSpec) -> bool { todo!() }
-    async fn discard_state(&self, _spec: &InstanceSpec) -> Result<(), DriverError> { todo!() }
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            stop: Duration::from_secs(10),
+            kill: Duration::from_secs(10),
+            start: Duration::from_secs(30),
+            dump: Duration::from_secs(300),
+            restore: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ContainerDriver {
+    /// Binary run as `<helper> forkstart ...` (ferryd itself by default).
+    helper: PathBuf,
+    pub timeouts: Timeouts,
+}
+
+impl Default for ContainerDriver {
+    fn default() -> Self {
+        let helper = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        ContainerDriver::with_helper(helper)
+    }
+}
+
+/// Where a container's files are.
+pub(crate) struct Layout {
+    pub rootfs: PathBuf,
+    pub pidfile: PathBuf,
+    pub criu_pidfile: PathBuf,
+    pub state: PathBuf,
+    pub state_tmp: PathBuf,
+    pub dump_log: PathBuf,
+    pub restore_log: PathBuf,
+}
+
+impl Layout {
+    pub fn of(spec: &InstanceSpec) -> Layout {
+        let p = &spec.paths;
+        Layout {
+            rootfs: p.volume.join("rootfs"),
+            pidfile: p.run.join("init.pid"),
+            criu_pidfile: p.run.join("criu-restore.pid"),
+            state: p.state_dir(),
+            state_tmp: p.volume.join("state.tmp"),
+            dump_log: p.logs.join("dump.log"),
+            restore_log: p.logs.join("restore.log"),
+        }
+    }
+}
+
+pub(crate) fn power(state: &str) -> VolatileChanges {
+    [(
+        "volatile.last_state.power".to_string(),
+        Some(state.to_string()),
+    )]
+    .into()
+}
+
+fn remove_if_exists(p: &Path) -> std::io::Result<()> {
+    let r = if p.is_dir() && !p.is_symlink() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    };
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+impl ContainerDriver {
+    /// A driver that runs `helper forkstart ...` to start containers; the
+    /// helper's `main` must call [`forkstart_main`] for that verb.
+    pub fn with_helper(helper: PathBuf) -> Self {
+        ContainerDriver {
+            helper,
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    pub fn helper(&self) -> &Path {
+        &self.helper
+    }
+
+    /// The recorded init, if it is alive.
+    pub(crate) fn running_record(&self, spec: &InstanceSpec) -> Option<InitRecord> {
+        InitRecord::read(&Layout::of(spec).pidfile).filter(procfs::check_running)
+    }
+
+    /// Wait until the init is gone (or a zombie); true if it is.
+    pub(crate) async fn wait_gone(rec: &InitRecord, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !procfs::check_running(rec) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM (unless `force`), wait, SIGKILL, wait.
+    pub(crate) async fn terminate(&self, rec: &InitRecord, force: bool) -> Result<(), DriverError> {
+        let pid = Pid::from_raw(rec.pid as i32);
+        if !force {
+            let _ = kill(pid, Signal::SIGTERM);
+            if Self::wait_gone(rec, self.timeouts.stop).await {
+                return Ok(());
+            }
+            tracing::warn!(pid = rec.pid, "container init ignored SIGTERM; killing it");
+        }
+        let _ = kill(pid, Signal::SIGKILL);
+        if Self::wait_gone(rec, self.timeouts.kill).await {
+            return Ok(());
+        }
+        Err(DriverError::Timeout(format!(
+            "container init {} still alive {:?} after SIGKILL",
+            rec.pid, self.timeouts.kill
+        )))
+    }
+
+    /// Create the cgroup with the configured limit. `None` when the host has
+    /// no usable hierarchy and no limit is asked for.
+    pub(crate) fn setup_cgroup(&self, spec: &InstanceSpec) -> Result<Option<Cgroup>, DriverError> {
+        let limit = config::memory_limit(&spec.config);
+        let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.volume) else {
+            if limit.is_some() {
+                return Err(DriverError::Unsupported(
+                    "apply limits.memory: no cgroup memory controller is mounted (unset limits.memory)".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        match cg.create(limit) {
+            Ok(()) => Ok(Some(cg)),
+            Err(e) if limit.is_none() => {
+                tracing::warn!(dir = %cg.dir.display(), "cannot create container cgroup, running without: {e}");
+                Ok(None)
+            }
+            Err(e) => Err(DriverError::io(format!(
+                "create cgroup {} with limits.memory",
+                cg.dir.display()
+            ))(e)),
+        }
+    }
+
+    /// Undo host-side setup: rootfs mount, cgroup, pidfiles. Idempotent.
+    pub(crate) async fn cleanup_host(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let l = Layout::of(spec);
+        if l.rootfs.exists() {
+            mounts::unmount_all(&l.rootfs).map_err(|e| {
+                DriverError::io(format!("unmount {}", l.rootfs.display()))(e.into())
+            })?;
+        }
+        if let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.volume) {
+            cg.remove().await.map_err(DriverError::io(format!(
+                "remove cgroup {}",
+                cg.dir.display()
+            )))?;
+        }
+        for f in [&l.pidfile, &l.criu_pidfile] {
+            remove_if_exists(f).map_err(DriverError::io(format!("remove {}", f.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Run `argv` inside the running container (its mount, UTS, IPC, net and
+    /// pid namespaces, root and working directory, and cgroup) with a clean
+    /// environment plus `env`; returns the exit code (128+N if killed by
+    /// signal N).
+    pub async fn exec(
+        &self,
+        spec: &InstanceSpec,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        stdout: std::fs::File,
+        stderr: std::fs::File,
+    ) -> Result<i32, DriverError> {
+        if argv.is_empty() {
+            return Err(DriverError::InvalidConfig(
+                "exec needs a command to run".into(),
+            ));
+        }
+        let rec = self.running_record(spec).ok_or_else(|| {
+            DriverError::WrongState(format!("container {} is not running", spec.name))
+        })?;
+        let nsenter = criu::find_tool("nsenter").ok_or_else(|| DriverError::MissingTool {
+            tool: "nsenter".into(),
+            detail: "not found (Debian package util-linux)".into(),
+        })?;
+        let mut cmd = tokio::process::Command::new(nsenter);
+        cmd.arg(format!("--target={}", rec.pid))
+            .args([
+                "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--",
+            ])
+            // A session of its own inside the container: a job the command
+            // leaves behind (re-parented to the init) would otherwise belong
+            // to a session led from outside the pid namespace, which CRIU
+            // refuses to dump. busybox setsid execs without forking here.
+            .args(["/bin/busybox", "setsid"])
+            .args(argv)
+            .env_clear()
+            .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
+            .env("HOME", "/root")
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(true);
+        // Join the container's cgroup between fork and exec so the command
+        // is limited and counted like the rest of the container.
+        let procs = Cgroup::for_instance(&spec.name, &spec.paths.volume)
+            .filter(Cgroup::exists)
+            .and_then(|cg| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(cg.procs_file())
+                    .ok()
+            });
+        if let Some(f) = &procs {
+            let fd = f.as_raw_fd();
+            // SAFETY: only write(2) runs in the child, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    Ok(())
+                });
+            }
+        }
+        let status = cmd.status().await.map_err(DriverError::io("run nsenter"))?;
+        drop(procs);
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
 }

@@ -1,0 +1,72 @@
+//! `/1.0/instances` endpoints.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as St};
+use axum::response::Response;
+
+use super::{async_op, parse_body, raw, sync, State};
+use crate::core::ActionError;
+
+type Q = Query<HashMap<String, String>>;
+
+fn recursion(q: &HashMap<String, String>) -> u8 {
+    q.get("recursion").and_then(|r| r.parse().ok()).unwrap_or(0)
+}
+
+pub async fn list(St(d): State, Query(q): Q) -> Result<Response, ActionError> {
+    let recs = d.db.list_instances()?;
+    let level = recursion(&q);
+    if level == 0 {
+        let urls: Vec<String> = recs.iter().map(|r| format!("/1.0/instances/{}", r.name)).collect();
+        return Ok(sync(serde_json::json!(urls)));
+    }
+    let mut out = Vec::with_capacity(recs.len());
+    for r in &recs {
+        out.push(d.instance_json(r, level >= 2).await);
+    }
+    Ok(sync(serde_json::Value::Array(out)))
+}
+
+pub async fn create(St(d): State, body: Bytes) -> Result<Response, ActionError> {
+    let req = parse_body(&body)?;
+    Ok(async_op(&d.create_instance(req)?))
+}
+
+pub async fn get_one(St(d): State, Path(name): Path<String>, Query(q): Q) -> Result<Response, ActionError> {
+    let rec = d.record(&name)?;
+    Ok(sync(d.instance_json(&rec, recursion(&q) >= 1).await))
+}
+
+pub async fn delete(St(d): State, Path(name): Path<String>) -> Result<Response, ActionError> {
+    Ok(async_op(&d.delete_instance(&name).await?))
+}
+
+pub async fn get_state(St(d): State, Path(name): Path<String>) -> Result<Response, ActionError> {
+    Ok(sync(d.instance_state_json(&name).await?))
+}
+
+pub async fn put_state(St(d): State, Path(name): Path<String>, body: Bytes) -> Result<Response, ActionError> {
+    let req = parse_body(&body)?;
+    Ok(async_op(&d.change_state(&name, req).await?))
+}
+
+pub async fn exec(St(d): State, Path(name): Path<String>, body: Bytes) -> Result<Response, ActionError> {
+    let req = parse_body(&body)?;
+    Ok(async_op(&d.exec(&name, req).await?))
+}
+
+pub async fn get_log(St(d): State, Path((name, file)): Path<(String, String)>) -> Result<Response, ActionError> {
+    let p = d.log_path(&name, &file)?;
+    let bytes = tokio::fs::read(&p)
+        .await
+        .map_err(|_| ActionError::NotFound(format!("Log file {file:?} of instance \"{name}\" not found")))?;
+    Ok(raw(bytes))
+}
+
+pub async fn get_console(St(d): State, Path(name): Path<String>) -> Result<Response, ActionError> {
+    let p = d.log_path(&name, "console.log")?;
+    // No output yet is an empty log, not an error.
+    Ok(raw(tokio::fs::read(&p).await.unwrap_or_default()))
+}

@@ -1,0 +1,75 @@
+//! `/1.0/operations` and `/1.0/events`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State as St};
+use axum::response::Response;
+use serde_json::{json, Map, Value};
+
+use super::{sync, State};
+use crate::core::ActionError;
+
+fn not_found(id: &str) -> ActionError {
+    ActionError::NotFound(format!("Operation {id} not found (finished operations are kept for 5 minutes)"))
+}
+
+pub async fn list(St(d): State, Query(q): Query<HashMap<String, String>>) -> Response {
+    let full = q.get("recursion").is_some_and(|r| r != "0");
+    let mut by_status: Map<String, Value> = Map::new();
+    for op in d.ops.all() {
+        let key = op.status().name().to_lowercase();
+        let item = if full { op.to_json() } else { json!(format!("/1.0/operations/{}", op.id)) };
+        by_status.entry(key).or_insert_with(|| json!([])).as_array_mut().unwrap().push(item);
+    }
+    sync(Value::Object(by_status))
+}
+
+pub async fn get_one(St(d): State, Path(id): Path<String>) -> Result<Response, ActionError> {
+    let op = d.ops.get(&id).ok_or_else(|| not_found(&id))?;
+    Ok(sync(op.to_json()))
+}
+
+pub async fn cancel(St(d): State, Path(id): Path<String>) -> Result<Response, ActionError> {
+    let op = d.ops.get(&id).ok_or_else(|| not_found(&id))?;
+    op.cancel().map_err(ActionError::BadRequest)?;
+    Ok(sync(json!({})))
+}
+
+pub async fn wait(St(d): State, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ActionError> {
+    let op = d.ops.get(&id).ok_or_else(|| not_found(&id))?;
+    let timeout = match q.get("timeout").map(|t| t.parse::<f64>()) {
+        None => None,
+        Some(Ok(t)) if t < 0.0 => None,
+        Some(Ok(t)) => Some(Duration::from_secs_f64(t.min(86400.0))),
+        Some(Err(_)) => return Err(ActionError::BadRequest("timeout must be a number of seconds (-1: no limit)".into())),
+    };
+    op.wait(timeout).await;
+    Ok(sync(op.to_json()))
+}
+
+/// Events websocket. The subscriber is registered before the 101 response
+/// so no event between the upgrade and the first read is lost.
+pub async fn events(St(d): State, ws: WebSocketUpgrade) -> Response {
+    let rx = d.events.subscribe();
+    ws.on_upgrade(move |socket| pump(socket, rx))
+}
+
+async fn pump(mut socket: WebSocket, mut rx: tokio::sync::broadcast::Receiver<String>) {
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(text) => if socket.send(Message::Text(text.into())).await.is_err() { break },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "events subscriber too slow");
+                }
+                Err(_) => break,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
+            },
+        }
+    }
+}

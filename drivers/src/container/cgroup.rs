@@ -1,0 +1,272 @@
+//! The container's cgroup: memory limit, process count, memory usage, and a
+//! way to kill everything left over.
+//!
+//! Preference order:
+//! 1. cgroup v2 with the `memory` controller (unified mode, `/sys/fs/cgroup`
+//!    or the hybrid `/sys/fs/cgroup/unified` if it carries `memory`):
+//!    `<mnt>/ferry/<name>-<key>`, `memory.max`, `memory.current`.
+//! 2. cgroup v1 `memory` hierarchy (hybrid/legacy hosts):
+//!    `<mnt>/ferry/<name>-<key>`, `memory.limit_in_bytes`, `memory.usage_in_bytes`.
+//! 3. none: no limit can be applied (a `limits.memory` then fails to start),
+//!    processes are counted by walking the init's descendants.
+//!
+//! The cgroup is created before the container is started or restored and
+//! removed when it stops. CRIU records the tasks' cgroup paths at dump and, in
+//! its default `soft` mode, puts the restored tasks back into the same paths;
+//! the driver pre-creates the cgroup (with the limit) before restoring and
+//! re-attaches the restored tree afterwards, so the result does not depend on
+//! CRIU's cgroup handling.
+//!
+//! `<key>` is a hash of the instance's volume path: several members of a test
+//! cluster may share one host (and its cgroup tree) while the same-named
+//! instance runs on two of them during a move; each must only ever touch its
+//! own cgroup. A task restored from another member's dump lands (CRIU soft
+//! mode) in that member's cgroup path; re-attaching moves it into ours and
+//! the emptied foreign cgroup is removed if no one uses it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupKind {
+    V2,
+    V1Memory,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    pub kind: CgroupKind,
+    /// The hierarchy's mount point.
+    pub mount: PathBuf,
+    /// `<mount>/ferry/<name>-<key>`.
+    pub dir: PathBuf,
+}
+
+/// A cgroup mount found in mountinfo: (fstype, mount point, super options).
+type CgMount = (String, PathBuf, String);
+
+/// Parse `/proc/self/mountinfo` for cgroup and cgroup2 mounts.
+pub fn parse_cgroup_mounts(mountinfo: &str) -> Vec<CgMount> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mnt) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let (Some(fstype), Some(_src), Some(opts)) = (r.next(), r.next(), r.next()) else {
+            continue;
+        };
+        if fstype == "cgroup" || fstype == "cgroup2" {
+            out.push((
+                fstype.to_string(),
+                PathBuf::from(super::mounts::unescape(mnt)),
+                opts.to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// Choose the hierarchy from the mounts; `has_memory_v2` tells whether a
+/// cgroup2 mount point offers the memory controller.
+pub fn choose(
+    mounts: &[CgMount],
+    has_memory_v2: impl Fn(&Path) -> bool,
+) -> Option<(CgroupKind, PathBuf)> {
+    if let Some((_, m, _)) = mounts
+        .iter()
+        .find(|(t, m, _)| t == "cgroup2" && has_memory_v2(m))
+    {
+        return Some((CgroupKind::V2, m.clone()));
+    }
+    mounts
+        .iter()
+        .find(|(t, _, o)| t == "cgroup" && o.split(',').any(|x| x == "memory"))
+        .map(|(_, m, _)| (CgroupKind::V1Memory, m.clone()))
+}
+
+fn v2_has_memory(m: &Path) -> bool {
+    std::fs::read_to_string(m.join("cgroup.controllers"))
+        .map(|s| s.split_whitespace().any(|c| c == "memory"))
+        .unwrap_or(false)
+}
+
+impl Cgroup {
+    /// The cgroup this host would use for container `name` whose volume is
+    /// at `key` (not created).
+    pub fn for_instance(name: &str, key: &Path) -> Option<Cgroup> {
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let (kind, mount) = choose(&parse_cgroup_mounts(&mi), v2_has_memory)?;
+        let dir = mount.join("ferry").join(dir_name(name, key));
+        Some(Cgroup { kind, mount, dir })
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dir.is_dir()
+    }
+
+    /// Create the cgroup and apply the memory limit.
+    pub fn create(&self, memory_limit: Option<u64>) -> io::Result<()> {
+        let parent = self.mount.join("ferry");
+        if self.kind == CgroupKind::V2 {
+            // Delegate the memory controller down to ferry/<name>.
+            let _ = std::fs::write(self.mount.join("cgroup.subtree_control"), "+memory");
+            std::fs::create_dir_all(&parent)?;
+            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        if let Some(limit) = memory_limit {
+            let file = match self.kind {
+                CgroupKind::V2 => "memory.max",
+                CgroupKind::V1Memory => "memory.limit_in_bytes",
+            };
+            std::fs::write(self.dir.join(file), limit.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The directory, in this cgroup's hierarchy, that `pid` belongs to.
+    pub fn current_of(&self, pid: u32) -> Option<PathBuf> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let rel = cgroup_path_in(&text, self.kind)?;
+        Some(self.mount.join(rel.trim_start_matches('/')))
+    }
+
+    pub fn procs_file(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.procs_file())
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn memory_usage(&self) -> Option<i64> {
+        let file = match self.kind {
+            CgroupKind::V2 => "memory.current",
+            CgroupKind::V1Memory => "memory.usage_in_bytes",
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn attach(&self, pid: u32) -> io::Result<()> {
+        std::fs::write(self.procs_file(), pid.to_string())
+    }
+
+    /// SIGKILL every process still in the cgroup.
+    pub fn kill_all(&self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// Kill leftovers and remove the cgroup; retries while exiting tasks drain.
+    pub async fn remove(&self) -> io::Result<()> {
+        if !self.exists() {
+            return Ok(());
+        }
+        let mut last = None;
+        for _ in 0..50 {
+            self.kill_all();
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("cgroup busy")))
+    }
+}
+
+/// `<name>-<8 hex digits of FNV-1a(key)>`: stable across ferry versions.
+pub fn dir_name(name: &str, key: &Path) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    format!("{name}-{h:08x}")
+}
+
+/// The path in `/proc/<pid>/cgroup` for the memory hierarchy (v1) or the
+/// unified one (v2).
+pub fn cgroup_path_in(proc_cgroup: &str, kind: CgroupKind) -> Option<&str> {
+    proc_cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_id, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        let hit = match kind {
+            CgroupKind::V2 => ctrls.is_empty(),
+            CgroupKind::V1Memory => ctrls.split(',').any(|c| c == "memory"),
+        };
+        hit.then_some(path)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+40 31 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+
+    #[test]
+    fn hybrid_without_v2_memory_uses_v1() {
+        let m = parse_cgroup_mounts(HYBRID);
+        assert_eq!(m.len(), 3);
+        let c = choose(&m, |_| false).unwrap();
+        assert_eq!(
+            c,
+            (CgroupKind::V1Memory, PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+    }
+
+    #[test]
+    fn v2_with_memory_preferred() {
+        let m = parse_cgroup_mounts(HYBRID);
+        let c = choose(&m, |p| p == Path::new("/sys/fs/cgroup/unified")).unwrap();
+        assert_eq!(c, (CgroupKind::V2, PathBuf::from("/sys/fs/cgroup/unified")));
+        let unified = "27 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate";
+        let c = choose(&parse_cgroup_mounts(unified), |_| true).unwrap();
+        assert_eq!(c.1, PathBuf::from("/sys/fs/cgroup"));
+    }
+
+    #[test]
+    fn names_and_proc_cgroup() {
+        let a = dir_name("c1", Path::new("/var/lib/ferry/m1/c1"));
+        assert!(a.starts_with("c1-") && a.len() == 11, "{a}");
+        assert_eq!(a, dir_name("c1", Path::new("/var/lib/ferry/m1/c1")));
+        assert_ne!(a, dir_name("c1", Path::new("/var/lib/ferry/m2/c1")));
+        let pc = "9:name=systemd:/\n4:memory:/ferry/c1-0badcafe\n1:cpu,cpuacct:/\n0::/x";
+        assert_eq!(
+            cgroup_path_in(pc, CgroupKind::V1Memory),
+            Some("/ferry/c1-0badcafe")
+        );
+        assert_eq!(cgroup_path_in(pc, CgroupKind::V2), Some("/x"));
+        assert_eq!(cgroup_path_in("1:cpu:/", CgroupKind::V2), None);
+    }
+
+    #[test]
+    fn no_cgroups() {
+        assert_eq!(
+            choose(
+                &parse_cgroup_mounts("27 1 0:26 / / rw - ext4 /dev/vda rw"),
+                |_| true
+            ),
+            None
+        );
+    }
+}

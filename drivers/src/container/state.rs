@@ -1,0 +1,259 @@
+//! Stateful stop and start with CRIU.
+//!
+//! Dump: `criu dump --tree <init>` into `volume/state.tmp`, renamed to
+//! `volume/state` once complete, so a partial dump never looks like a saved
+//! state. CRIU kills the tree after a successful dump and resumes it after a
+//! failed one; the driver then checks which of the two happened.
+//!
+//! Restore: cgroup re-created (with its limit), rootfs bind-mounted onto
+//! itself, `criu restore --restore-detached --root <rootfs> --pidfile ...`
+//! bounded by a timeout and the operation's cancellation; on any failure the
+//! restored pids are killed and the host set-up undone, the saved state kept.
+//! The restored tree is re-attached to the cgroup, and the state removed.
+
+use std::time::Instant;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::cgroup::Cgroup;
+use super::criu::{self, Outcome};
+use super::procfs::{self, InitRecord};
+use super::{mounts, power, remove_if_exists, ContainerDriver, Layout};
+use crate::*;
+
+fn mkdirs(dirs: &[&std::path::Path]) -> Result<(), DriverError> {
+    for d in dirs {
+        std::fs::create_dir_all(d).map_err(DriverError::io(format!("create {}", d.display())))?;
+    }
+    Ok(())
+}
+
+impl StateSave for ContainerDriver {
+    async fn save_state(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
+        let l = Layout::of(spec);
+        let rec = self.running_record(spec).ok_or_else(|| {
+            DriverError::WrongState(format!("container {} is not running", spec.name))
+        })?;
+        let bin = criu::checked_criu().await?;
+        let strays = procfs::outside_tree(rec.pid);
+        if !strays.is_empty() {
+            return Err(DriverError::WrongState(format!(
+                "container {} runs processes outside its init's tree (exec sessions, host pids {strays:?}); \
+                 CRIU would not save them: wait for them to end, or stop the container statelessly",
+                spec.name
+            )));
+        }
+        ctx.progress("stage", "preparing checkpoint");
+        remove_if_exists(&l.state_tmp)
+            .map_err(DriverError::io(format!("remove {}", l.state_tmp.display())))?;
+        mkdirs(&[&l.state_tmp, &spec.paths.logs])?;
+        if ctx.is_cancelled() {
+            let _ = remove_if_exists(&l.state_tmp);
+            return Err(DriverError::Cancelled(
+                "stateful stop (the container is still running)".into(),
+            ));
+        }
+        ctx.progress("stage", "dumping container state");
+        let t0 = Instant::now();
+        let args = criu::dump_args(rec.pid, &l.state_tmp, &l.dump_log);
+        // The dump is the irreversible step: it is not interrupted by cancel.
+        if let Err((_, e)) = criu::run(&bin, &args, &l.dump_log, self.timeouts.dump, None).await {
+            let _ = remove_if_exists(&l.state_tmp);
+            let alive = procfs::check_running(&rec);
+            let what = if alive {
+                "the container is still running"
+            } else {
+                "the container is no longer running"
+            };
+            tracing::warn!(container = %spec.name, "criu dump failed, {what}: {e}");
+            return Err(match e {
+                DriverError::Command { program, detail } => DriverError::Command {
+                    program,
+                    detail: format!("{detail}\n{what}"),
+                },
+                other => other,
+            });
+        }
+        tracing::info!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, "container state dumped");
+        remove_if_exists(&l.state)
+            .map_err(DriverError::io(format!("remove old {}", l.state.display())))?;
+        std::fs::rename(&l.state_tmp, &l.state).map_err(DriverError::io(format!(
+            "rename dump to {}",
+            l.state.display()
+        )))?;
+        ctx.progress("stage", "state saved; cleaning up");
+        if !Self::wait_gone(&rec, self.timeouts.kill).await {
+            self.terminate(&rec, true).await?;
+        }
+        self.cleanup_host(spec).await?;
+        Ok(power("STOPPED"))
+    }
+
+    async fn restore_state(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
+        let l = Layout::of(spec);
+        if !self.has_saved_state(spec) {
+            return Err(DriverError::WrongState(format!(
+                "container {} has no saved state",
+                spec.name
+            )));
+        }
+        if let Some(rec) = self.running_record(spec) {
+            return Err(DriverError::WrongState(format!(
+                "container {} is already running (pid {})",
+                spec.name, rec.pid
+            )));
+        }
+        if !l.rootfs.is_dir() {
+            return Err(DriverError::WrongState(format!(
+                "container {} has no root filesystem",
+                spec.name
+            )));
+        }
+        let bin = criu::checked_criu().await?;
+        ctx.check_cancelled("stateful start (nothing was done)")?;
+        ctx.progress("stage", "preparing restore");
+        self.cleanup_host(spec).await?;
+        mkdirs(&[&spec.paths.run, &spec.paths.logs])?;
+        let cg = self.setup_cgroup(spec)?;
+        match self.run_restore(spec, &l, &bin, cg.as_ref(), ctx).await {
+            Ok(rec) => {
+                tracing::info!(container = %spec.name, pid = rec.pid, "container restored");
+                if let Err(e) = remove_if_exists(&l.state) {
+                    tracing::warn!("cannot remove restored state {}: {e}", l.state.display());
+                }
+                Ok(power("RUNNING"))
+            }
+            Err(e) => {
+                self.kill_partial_restore(&l, cg.as_ref()).await;
+                let _ = self.cleanup_host(spec).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn has_saved_state(&self, spec: &InstanceSpec) -> bool {
+        Layout::of(spec).state.join("inventory.img").is_file()
+    }
+
+    async fn discard_state(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let l = Layout::of(spec);
+        for d in [&l.state, &l.state_tmp] {
+            remove_if_exists(d).map_err(DriverError::io(format!("remove {}", d.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// Move the restored tree into our cgroup. CRIU (soft mode) restores tasks
+/// into the cgroup paths recorded at dump: ours when dumped here (then this
+/// is a no-op), another member's when the dump came from elsewhere; an
+/// emptied foreign ferry cgroup is removed (rmdir fails harmlessly if used).
+fn reattach(cg: &Cgroup, init: u32) {
+    let foreign = cg
+        .current_of(init)
+        .filter(|d| *d != cg.dir && d.starts_with(cg.mount.join("ferry")));
+    for p in procfs::tree_pids(init) {
+        if let Err(e) = cg.attach(p) {
+            tracing::debug!(
+                pid = p,
+                "cannot attach restored task to {}: {e}",
+                cg.dir.display()
+            );
+        }
+    }
+    if let Some(dir) = foreign {
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+impl ContainerDriver {
+    async fn run_restore(
+        &self,
+        spec: &InstanceSpec,
+        l: &Layout,
+        bin: &std::path::Path,
+        cg: Option<&Cgroup>,
+        ctx: &OpCtx,
+    ) -> Result<InitRecord, DriverError> {
+        mounts::bind_self(&l.rootfs)
+            .map_err(|e| DriverError::io(format!("bind-mount {}", l.rootfs.display()))(e.into()))?;
+        let root = l
+            .rootfs
+            .canonicalize()
+            .map_err(DriverError::io(format!("resolve {}", l.rootfs.display())))?;
+        let pidfile =
+            std::path::absolute(&l.criu_pidfile).map_err(DriverError::io("resolve pidfile"))?;
+        ctx.check_cancelled("stateful start (nothing was restored; the state is kept)")?;
+        ctx.progress("stage", "restoring container state");
+        let t0 = Instant::now();
+        let args = criu::restore_args(&l.state, &root, &pidfile, &l.restore_log);
+        match criu::run(
+            bin,
+            &args,
+            &l.restore_log,
+            self.timeouts.restore,
+            Some(ctx.cancel_token()),
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err((Outcome::Cancelled, _)) => {
+                return Err(DriverError::Cancelled(
+                    "stateful start (the container is stopped; its state is kept)".into(),
+                ))
+            }
+            Err((_, e)) => return Err(e),
+        }
+        let pid = InitRecord::read(&l.criu_pidfile)
+            .ok_or_else(|| {
+                DriverError::WrongState(format!(
+                    "criu restore wrote no pidfile at {}",
+                    pidfile.display()
+                ))
+            })?
+            .pid;
+        let rec = InitRecord::of_pid(pid).ok_or_else(|| {
+            DriverError::WrongState(format!("restored init {pid} exited right away"))
+        })?;
+        rec.write(&l.pidfile)
+            .map_err(DriverError::io(format!("write {}", l.pidfile.display())))?;
+        let _ = std::fs::remove_file(&l.criu_pidfile);
+        tracing::info!(container = %spec.name, ms = t0.elapsed().as_millis() as u64, pid, "criu restore done");
+        if let Some(cg) = cg {
+            reattach(cg, pid);
+        }
+        if !procfs::check_running(&rec) {
+            return Err(DriverError::WrongState(format!(
+                "restored init {pid} died; see {}",
+                l.restore_log.display()
+            )));
+        }
+        Ok(rec)
+    }
+
+    /// After a failed or interrupted restore: kill whatever was restored.
+    async fn kill_partial_restore(&self, l: &Layout, cg: Option<&Cgroup>) {
+        // criu's pidfile holds a bare pid written moments ago; ours has a start time.
+        let recs = [&l.pidfile, &l.criu_pidfile]
+            .into_iter()
+            .filter_map(|f| InitRecord::read(f));
+        for rec in recs {
+            if procfs::check_running(&rec) {
+                let _ = kill(Pid::from_raw(rec.pid as i32), Signal::SIGKILL);
+                let _ = Self::wait_gone(&rec, self.timeouts.kill).await;
+            }
+        }
+        if let Some(cg) = cg {
+            cg.kill_all();
+        }
+    }
+}
