@@ -234,7 +234,9 @@ impl Leases {
     }
 }
 
-/// Body of `POST /1.0/instances`.
+/// Body of `POST /1.0/instances`. Fields ferry does not use yet are accepted
+/// (and ignored) so that Incus clients' requests parse.
+#[allow(dead_code)]
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
@@ -263,6 +265,7 @@ pub struct CreateRequest {
     pub stateful: bool,
 }
 
+#[allow(dead_code)]
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct Source {
     #[serde(rename = "type", default)]
@@ -273,7 +276,9 @@ pub struct Source {
     pub other: BTreeMap<String, Value>,
 }
 
-/// Body of `PUT /1.0/instances/<name>/state`.
+/// Body of `PUT /1.0/instances/<name>/state`. `timeout` is accepted for Incus
+/// compatibility; drivers apply their own bounded timeouts.
+#[allow(dead_code)]
 #[derive(Debug, serde::Deserialize)]
 pub struct StateRequest {
     pub action: String,
@@ -289,7 +294,8 @@ fn default_timeout() -> i64 {
     30
 }
 
-/// Body of `POST /1.0/instances/<name>/exec`.
+/// Body of `POST /1.0/instances/<name>/exec`. Output is always recorded.
+#[allow(dead_code)]
 #[derive(Debug, serde::Deserialize)]
 pub struct ExecRequest {
     pub command: Vec<String>,
