@@ -86,6 +86,15 @@ impl Member {
         }
     }
 
+    /// Stop ferryd with SIGTERM (instances keep running) and start it again on the same dir.
+    pub fn restart_daemon(&mut self) {
+        let mut child = self.child.take().expect("ferryd running");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let st = child.wait().expect("wait ferryd");
+        assert!(st.success(), "ferryd exited with {st} on SIGTERM");
+        self.spawn();
+    }
+
     pub fn log(&self) -> String {
         let p = self.tmp.as_ref().unwrap().path().join("ferryd.log");
         std::fs::read_to_string(p).unwrap_or_default()

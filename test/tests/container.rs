@@ -27,7 +27,7 @@ async fn container_lifecycle_over_rest_and_cli() {
     if !need_root("container_lifecycle_over_rest_and_cli") {
         return;
     }
-    let m = Member::start("m1");
+    let mut m = Member::start("m1");
     m.launch("c1", "container", "busybox", json!({"limits.memory": "64MiB"})).await;
     let inst = m.instance("c1").await;
     assert_eq!(inst["status"], "Running", "{inst}");
@@ -95,7 +95,14 @@ async fn container_lifecycle_over_rest_and_cli() {
     let table = m.ferry_ok(&["list"]);
     assert!(table.contains("c1") && table.contains("RUNNING"), "{table}");
 
+    // The container outlives a daemon restart, and the new daemon finds it.
     let pid = m.instance("c1").await["state"]["pid"].as_i64().unwrap();
+    m.restart_daemon();
+    let inst = m.instance("c1").await;
+    assert_eq!(inst["status"], "Running");
+    assert_eq!(inst["state"]["pid"].as_i64().unwrap(), pid);
+    advancing(&m, "c1");
+
     m.ferry_ok(&["delete", "--force", "c1"]);
     assert!(!pid_alive(pid));
     assert!(!m.spec("c1", false).paths.volume.exists(), "volume left behind");
