@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything ferry needs on a fresh Debian (bookworm) machine, as root.
 # Idempotent: each step checks first and is skipped when already done.
+# The mirror may serve snapshots whose Release files are past Valid-Until, so
+# our extra sources say Check-Valid-Until: no.
 #   QEMU 10.0 + SeaBIOS from bookworm-backports (7.2 from main also works)
 #   CRIU 4.2.1 built from Debian's upstream tarball into /usr/local/sbin
 #   busybox-static (container image), nasm (test VM guest), nftables (CRIU network lock)
@@ -19,12 +21,14 @@ URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+Check-Valid-Until: no
 
 Types: deb-src
 URIs: $mirror
 Suites: forky sid trixie
 Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg"
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+Check-Valid-Until: no"
 updated=0
 if [ "$(cat "$src" 2>/dev/null)" != "$want_src" ]; then
   log "adding apt sources (bookworm-backports; deb-src for the CRIU tarball)"
