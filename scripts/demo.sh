@@ -5,6 +5,7 @@
 # cleans up. Run as root on Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/real-root.sh; ferry_ensure_real_root "$0" "$@"
 bash scripts/setup.sh
 echo "== building ferry" >&2
 cargo build --workspace --locked -q

@@ -73,6 +73,27 @@ if ! criu_ok; then
   hash -r
   criu_ok || { log "criu build did not produce $CRIU_VERSION"; exit 1; }
 fi
+# Debian main's QEMU 7.2, unpacked beside the system's 10.0 (not installed), so
+# tests and mixed-version members can run it with FERRY_QEMU=$QEMU72.
+QEMU72=/opt/ferry/qemu-7.2/usr/bin/qemu-system-x86_64
+if [ ! -x "$QEMU72" ]; then
+  [ $updated = 1 ] || { apt-get update -q >/dev/null; updated=1; }
+  v72=$(apt-cache madison qemu-system-x86 | awk '$3 ~ /^1:7\.2/ {print $3; exit}')
+  if [ -n "$v72" ]; then
+    log "unpacking QEMU $v72 into /opt/ferry/qemu-7.2"
+    tmp=$(mktemp -d); (cd "$tmp" && apt-get download -q "qemu-system-x86=$v72" >/dev/null 2>&1) || true
+    if ls "$tmp"/qemu-system-x86_*.deb >/dev/null 2>&1; then
+      rm -rf /opt/ferry/qemu-7.2; mkdir -p /opt/ferry/qemu-7.2/usr/lib
+      dpkg -x "$tmp"/qemu-system-x86_*.deb /opt/ferry/qemu-7.2
+      # QEMU looks for firmware relative to its binary: point it at the system's.
+      ln -sfn /usr/share/qemu /opt/ferry/qemu-7.2/usr/share/qemu
+      ln -sfn /usr/share/seabios /opt/ferry/qemu-7.2/usr/share/seabios
+      ln -sfn /usr/lib/ipxe /opt/ferry/qemu-7.2/usr/lib/ipxe
+    fi
+    rm -rf "$tmp"
+  fi
+  "$QEMU72" --version >/dev/null 2>&1 || log "note: QEMU 7.2 is not available; the QEMU 7.2 test will be skipped"
+fi
 mkdir -p /etc/criu
 grep -qs '^network-lock nftables' /etc/criu/default.conf || echo 'network-lock nftables' >> /etc/criu/default.conf
 # lazy-pages (post-copy) needs big pipes

@@ -3,6 +3,7 @@
 # end-to-end tests (real ferryd, real CRIU, real QEMU/KVM). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/real-root.sh; ferry_ensure_real_root "$0" "$@"
 bash scripts/setup.sh
 echo "== build" >&2
 cargo build --workspace --all-targets --locked

@@ -44,11 +44,17 @@ pub struct Member {
     pub https: String,
     tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
+    env: Vec<(String, String)>,
     pub client: Client,
 }
 
 impl Member {
     pub fn start(name: &str) -> Member {
+        Member::start_with_env(name, &[])
+    }
+
+    /// Start with extra environment for ferryd (e.g. `FERRY_QEMU`).
+    pub fn start_with_env(name: &str, env: &[(&str, &str)]) -> Member {
         let tmp = tempfile::Builder::new().prefix("ferry-e2e-").tempdir().expect("tempdir");
         let dir = tmp.path().join("ferry");
         let port = free_port();
@@ -59,6 +65,7 @@ impl Member {
             https: format!("127.0.0.1:{port}"),
             tmp: Some(tmp),
             child: None,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         m.spawn();
         m
@@ -69,6 +76,7 @@ impl Member {
         let child = Command::new(bin_dir().join("ferryd"))
             .args(["--dir", self.dir.to_str().unwrap(), "--listen", &self.https, "--name", &self.name])
             .env("FERRY_LOG", "info,ferryd=debug,ferry_drivers=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -149,3 +149,31 @@ async fn cancelled_stateful_stop_leaves_the_vm_running() {
     let ops = m.client.operations().await.unwrap();
     assert!(ops.iter().all(|o| o.status_code >= 200), "{ops:?}");
 }
+
+/// QEMU 7.2 (Debian main's, unpacked by scripts/setup.sh beside 10.0) must
+/// work too: launch, stateful stop and start, the counter continues.
+#[tokio::test]
+async fn vm_stateful_stop_start_on_qemu_7_2() {
+    if !need_root("vm_stateful_stop_start_on_qemu_7_2") {
+        return;
+    }
+    let q72 = "/opt/ferry/qemu-7.2/usr/bin/qemu-system-x86_64";
+    if !std::path::Path::new(q72).exists() {
+        eprintln!("SKIP vm_stateful_stop_start_on_qemu_7_2: {q72} missing (scripts/setup.sh unpacks it)");
+        return;
+    }
+    let m = Member::start_with_env("m1", &[("FERRY_QEMU", q72)]);
+    m.launch("v72", "virtual-machine", "testvm", json!({})).await;
+    let pid = m.instance("v72").await["state"]["pid"].as_i64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).starts_with(q72), "not running QEMU 7.2");
+    wait_for(30, "the guest's first counter line", || console_counter(&m, "v72"));
+    advancing(&m, "v72").await;
+    m.state("v72", "stop", true).await;
+    let at_save = console_counter(&m, "v72").unwrap();
+    m.state("v72", "start", false).await;
+    let after = qmp_counter(&m, "v72").await;
+    assert!(after >= at_save, "guest counter reset by restore on QEMU 7.2: {after} < {at_save}");
+    advancing(&m, "v72").await;
+    m.ferry_ok(&["delete", "--force", "v72"]);
+}

@@ -13,6 +13,12 @@ use super::config::VmConfig;
 use crate::{DriverError, InstanceSpec};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// The QEMU binary to run: `$FERRY_QEMU` if set (e.g. to run a member on
+/// Debian's QEMU 7.2 beside 10.0), else `qemu-system-x86_64` from PATH.
+pub fn qemu_binary() -> String {
+    std::env::var("FERRY_QEMU").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| QEMU_BINARY.to_string())
+}
 /// Versioned machine type known to QEMU 7.2 and newer: the guest ABI (and the
 /// migration stream) stays the same whichever QEMU a member runs.
 pub const MACHINE: &str = "pc-i440fx-7.2";
@@ -140,8 +146,9 @@ pub async fn qemu_version() -> Result<(u32, u32, u32), DriverError> {
     if let Some(v) = VERSION.get() {
         return Ok(*v);
     }
-    let missing = |detail: String| DriverError::MissingTool { tool: QEMU_BINARY.into(), detail };
-    let out = Command::new(QEMU_BINARY).arg("--version").output().await.map_err(|e| missing(e.to_string()))?;
+    let bin = qemu_binary();
+    let missing = |detail: String| DriverError::MissingTool { tool: bin.clone(), detail };
+    let out = Command::new(&bin).arg("--version").output().await.map_err(|e| missing(e.to_string()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let v = parse_version(&text).ok_or_else(|| missing(format!("cannot read its version from {:?}", text.trim())))?;
     if (v.0, v.1) < MIN_VERSION {
@@ -175,20 +182,21 @@ pub async fn launch(l: &Launch, f: &VmFiles) -> Result<u32, DriverError> {
     let _ = std::fs::remove_file(&f.pidfile);
     let _ = std::fs::remove_file(&f.qmp);
     let args = build_args(l, f);
-    tracing::debug!("starting {QEMU_BINARY} {}", args.join(" "));
-    let cmd = Command::new(QEMU_BINARY).args(&args).stdin(std::process::Stdio::null()).output();
+    let bin = qemu_binary();
+    tracing::debug!("starting {bin} {}", args.join(" "));
+    let cmd = Command::new(&bin).args(&args).stdin(std::process::Stdio::null()).output();
     let out = tokio::time::timeout(Duration::from_secs(60), cmd)
         .await
-        .map_err(|_| DriverError::Timeout(format!("{QEMU_BINARY} did not daemonize within 60 s")))?
-        .map_err(|e| DriverError::MissingTool { tool: QEMU_BINARY.into(), detail: e.to_string() })?;
+        .map_err(|_| DriverError::Timeout(format!("{bin} did not daemonize within 60 s")))?
+        .map_err(|e| DriverError::MissingTool { tool: bin.clone(), detail: e.to_string() })?;
     if !out.status.success() {
         return Err(DriverError::Command {
-            program: QEMU_BINARY.into(),
+            program: bin.clone(),
             detail: format!("{} ({})", String::from_utf8_lossy(&out.stderr).trim(), out.status),
         });
     }
     read_pid(&f.pidfile).ok_or_else(|| DriverError::Command {
-        program: QEMU_BINARY.into(),
+        program: bin.clone(),
         detail: format!("started but wrote no pid to {}", f.pidfile.display()),
     })
 }
