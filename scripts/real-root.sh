@@ -9,8 +9,8 @@ ferry_ensure_real_root() {
   [ -z "${FERRY_REAL_ROOT:-}" ] || { echo "cannot make / a mount point" >&2; exit 1; }
   echo "note: / is not a mount point (a chroot?): re-running in a mount namespace rooted at a bind mount" >&2
   local script; script=$(readlink -f "$1"); shift
-  exec unshare --mount --propagation private -- env FERRY_REAL_ROOT=1 bash -c '
-    set -e; mkdir -p /run/ferry-root; mount --rbind / /run/ferry-root
+  exec unshare --mount --propagation unchanged -- env FERRY_REAL_ROOT=1 bash -c '
+    set -e; mkdir -p /run/ferry-root; mount --rbind / /run/ferry-root; mount --make-rprivate /run/ferry-root
     cd /run/ferry-root; exec chroot /run/ferry-root bash -c "cd \"$1\" && shift && exec bash \"\$@\"" bash "$@"' \
     bash "$PWD" "$script" "$@"
 }
