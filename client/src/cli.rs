@@ -95,6 +95,9 @@ pub enum Command {
     /// Manage background operations
     #[command(subcommand)]
     Operation(OperationCommand),
+    /// Manage the cluster: enable, add, join, list, remove
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +115,9 @@ pub struct LaunchArgs {
     /// Create the instance without starting it
     #[arg(long)]
     pub no_start: bool,
+    /// Cluster member to place the instance on (default: the online member with the most free memory)
+    #[arg(long)]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -268,4 +274,18 @@ mod tests {
         assert_eq!(a.timeout, Some(-1));
         assert!(a.stateful);
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Turn this member into the first member of a new cluster
+    Enable { name: String },
+    /// Print a one-time join token for a new member
+    Add { name: String },
+    /// Join the cluster a token was issued by (run on the new member)
+    Join { token: String },
+    /// List the cluster's members
+    List,
+    /// Remove a member (it must have no instances)
+    Remove { name: String },
 }

@@ -40,9 +40,13 @@ pub async fn launch(ctx: &Ctx, args: &LaunchArgs) -> Result<i32> {
     };
     eprintln!("{verb} {}", args.name);
     let what = format!("{verb} {}", args.name);
+    let path = match &args.target {
+        Some(t) => format!("/1.0/instances?target={t}"),
+        None => "/1.0/instances".to_string(),
+    };
     ctx.run_op(
         Method::POST,
-        "/1.0/instances",
+        &path,
         Some(&launch_body(args)),
         &what,
     )

@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd_instance;
+mod cmd_cluster;
 mod cmd_operation;
 mod ctx;
 mod output;
@@ -42,5 +43,6 @@ async fn run(cli: &Cli) -> Result<i32> {
         Command::Exec(a) => cmd_instance::exec(&ctx, a).await,
         Command::Console(a) => cmd_instance::console(&ctx, a).await,
         Command::Operation(c) => cmd_operation::run(&ctx, c).await,
+        Command::Cluster(c) => cmd_cluster::run(&ctx, c).await,
     }
 }

@@ -92,13 +92,19 @@ fn generate(common_name: &str, names: &[String]) -> Result<(String, String), Ide
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
+/// Write `data` to `path` atomically (temporary file, fsync, rename) with `mode`.
+pub(crate) fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
     let err = |source| IdentityError::Io { path: path.to_path_buf(), source };
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(err)?;
     }
-    let tmp = path.with_extension("tmp");
+    // `a.crt` -> `a.crt.tmp`, so a certificate and its key never share a temporary file.
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let mut f = fs::OpenOptions::new().create(true).truncate(true).write(true).mode(mode).open(&tmp).map_err(err)?;
+    // A stale temporary file keeps its old mode on open: set it explicitly.
+    f.set_permissions(<fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode)).map_err(err)?;
     f.write_all(data).map_err(err)?;
     f.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)

@@ -41,10 +41,14 @@ impl From<ferry_db::DbError> for ActionError {
 }
 
 pub struct Daemon {
+    pub tls: crate::tls::TlsState,
     pub dir: PathBuf,
     pub member: String,
-    pub db: Arc<Db>,
-    pub writer: Writer,
+    /// HTTPS address (also this member's cluster address).
+    pub listen: Option<std::net::SocketAddr>,
+    db: std::sync::RwLock<Arc<Db>>,
+    writer: Writer,
+    cluster: std::sync::RwLock<Option<Arc<crate::cluster::Cluster>>>,
     pub ops: Operations,
     pub events: EventBus,
     leases: Leases,
@@ -53,7 +57,7 @@ pub struct Daemon {
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 impl Daemon {
-    pub fn open(dir: PathBuf, member: String) -> anyhow::Result<Arc<Daemon>> {
+    pub async fn open(dir: PathBuf, member: String, listen: Option<std::net::SocketAddr>) -> anyhow::Result<Arc<Daemon>> {
         for sub in ["", "run", "logs", "images", "trust", "storage-pools/default"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
@@ -61,15 +65,56 @@ impl Daemon {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
         let db = Arc::new(Db::open(&dir.join("ferry.db"))?);
         let events = EventBus::with_location(member.clone());
-        Ok(Arc::new(Daemon {
+        let trust = ferry_cluster::TrustStore::new(dir.join("trust"));
+        let mode = match ferry_cluster::ClusterCert::load(&dir)? {
+            Some(c) => crate::tls::TlsMode::Cluster(c),
+            None => crate::tls::TlsMode::Standalone(ferry_cluster::Identity::load_or_generate(
+                &dir.join("server.crt"),
+                &dir.join("server.key"),
+                &member,
+                &[member.clone(), "localhost".into()],
+            )?),
+        };
+        let d = Arc::new(Daemon {
+            tls: crate::tls::TlsState::new(mode, trust)?,
+            listen,
+            cluster: std::sync::RwLock::new(None),
             writer: Writer::Local(db.clone()),
             ops: Operations::new(events.clone(), member.clone()),
             events,
-            db,
+            db: std::sync::RwLock::new(db),
             dir,
             member,
             leases: Leases::default(),
-        }))
+        });
+        if let (Some(cfg), Some(cert)) = (crate::cluster::ClusterConfig::load(&d.dir), ferry_cluster::ClusterCert::load(&d.dir)?) {
+            anyhow::ensure!(cfg.name == d.member, "this member joined its cluster as \"{}\": start ferryd with --name {}", cfg.name, cfg.name);
+            d.start_cluster(cfg, cert).await?;
+            tracing::info!("clustered: raft node started");
+        }
+        Ok(d)
+    }
+
+    /// The DB holding instance records (the replicated one once clustered).
+    pub fn db(&self) -> Arc<Db> {
+        self.db.read().unwrap().clone()
+    }
+
+    pub fn cluster(&self) -> Option<Arc<crate::cluster::Cluster>> {
+        self.cluster.read().unwrap().clone()
+    }
+
+    pub fn set_cluster(&self, c: Arc<crate::cluster::Cluster>) {
+        *self.db.write().unwrap() = c.db.clone();
+        *self.cluster.write().unwrap() = Some(c);
+    }
+
+    /// The write path: local apply, or raft commit once clustered.
+    pub async fn submit(&self, cmd: Command) -> Result<u64, ferry_db::DbError> {
+        match self.cluster() {
+            Some(c) => c.write(cmd).await,
+            None => self.writer.submit(cmd).await,
+        }
     }
 
     fn paths(&self, name: &str, kind: InstanceType, pool: &str) -> InstancePaths {
@@ -99,7 +144,7 @@ impl Daemon {
     }
 
     pub fn record(&self, name: &str) -> Result<InstanceRecord, ActionError> {
-        self.db
+        self.db()
             .get_instance(name)?
             .ok_or_else(|| ActionError::NotFound(format!("Instance \"{name}\" not found")))
     }
@@ -121,8 +166,15 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => return json!({"name": rec.name, "status": "Error", "status_code": 112, "description": e.to_string()}),
         };
-        let rt = self.runtime(&spec).await;
-        let stateful = Driver::for_type(spec.kind).has_saved_state(&spec);
+        // An instance on another member: its state is known there; show the
+        // last status it recorded (a direct GET is forwarded to its member).
+        let remote = rec.member != self.member;
+        let rt = if remote {
+            RuntimeState { running: rec.status == "Running", ..Default::default() }
+        } else {
+            self.runtime(&spec).await
+        };
+        let stateful = !remote && Driver::for_type(spec.kind).has_saved_state(&spec);
         let (status, code) = if rt.running { ("Running", 103) } else { ("Stopped", 102) };
         let mut config: Map<String, Value> = rec.config.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         config.insert("image.alias".into(), json!(rec.image));
@@ -160,7 +212,7 @@ impl Daemon {
         if changes.is_empty() {
             return Ok(());
         }
-        self.writer.submit(Command::UpdateVolatile { name: name.into(), changes }).await.map(|_| ())
+        self.submit(Command::UpdateVolatile { name: name.into(), changes }).await.map(|_| ())
     }
 
     async fn set_status(&self, name: &str, status: &str) -> Result<(), ferry_db::DbError> {
@@ -201,6 +253,15 @@ pub fn validate_name(name: &str) -> Result<(), ActionError> {
             "Instance name {name:?} is invalid: use 1-63 letters, digits and dashes, starting with a letter and not ending with a dash"
         )))
     }
+}
+
+/// Member names follow the instance name rule.
+pub fn validate_member_name(name: &str) -> Result<(), ActionError> {
+    validate_name(name).map_err(|_| {
+        ActionError::BadRequest(format!(
+            "Member name {name:?} is invalid: use 1-63 letters, digits and dashes, starting with a letter and not ending with a dash"
+        ))
+    })
 }
 
 /// Exclusive per-instance leases: one lifecycle operation at a time.
@@ -360,7 +421,7 @@ impl Daemon {
         let spec = self.spec_for(&rec)?;
         let driver = Driver::for_type(kind);
         driver.validate(&spec).map_err(|e| ActionError::BadRequest(e.to_string()))?;
-        if self.db.get_instance(&req.name)?.is_some() {
+        if self.db().get_instance(&req.name)?.is_some() {
             return Err(ActionError::Conflict(format!("Instance \"{}\" already exists", req.name)));
         }
         let lease = self.leases.acquire(&req.name, "it is being created")?;
@@ -374,7 +435,7 @@ impl Daemon {
     async fn run_create(&self, op: Arc<Op>, rec: InstanceRecord, spec: InstanceSpec, driver: Driver, start: bool) -> Outcome {
         let ctx = Self::op_ctx(&op);
         let name = rec.name.clone();
-        if let Err(e) = self.writer.submit(Command::CreateInstance { record: rec }).await {
+        if let Err(e) = self.submit(Command::CreateInstance { record: rec }).await {
             return Outcome::Failed(format!("cannot record instance: {e}"));
         }
         let created = driver.create(&spec, &ctx).await;
@@ -384,7 +445,7 @@ impl Daemon {
                 if let Err(de) = driver.delete(&spec).await {
                     tracing::warn!(instance = %name, error = %de, "cleanup after failed create");
                 }
-                let _ = self.writer.submit(Command::DeleteInstance { name: name.clone() }).await;
+                let _ = self.submit(Command::DeleteInstance { name: name.clone() }).await;
                 return outcome_of(e, "Creating the instance");
             }
         };
@@ -498,7 +559,7 @@ impl Daemon {
             if let Err(e) = Driver::for_type(spec.kind).delete(&spec).await {
                 return Outcome::Failed(format!("Deleting the instance's files failed: {e}"));
             }
-            if let Err(e) = d.writer.submit(Command::DeleteInstance { name: name.clone() }).await {
+            if let Err(e) = d.submit(Command::DeleteInstance { name: name.clone() }).await {
                 return Outcome::Failed(format!("Deleting the instance record failed: {e}"));
             }
             d.events.send_lifecycle("instance-deleted", &name);

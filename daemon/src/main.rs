@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 
 mod api;
+mod cluster;
 mod core;
 mod events;
 mod ops;
@@ -51,7 +52,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
-    let daemon = core::Daemon::open(args.dir.clone(), name)
+    let daemon = core::Daemon::open(args.dir.clone(), name, args.listen)
+        .await
         .with_context(|| format!("cannot open ferry data dir {}", args.dir.display()))?;
     server::serve(daemon, args.listen).await
 }

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use anyhow::Context;
-use ferry_cluster::{Identity, TrustStore};
+use crate::tls::Peer;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::core::Daemon;
@@ -28,18 +28,20 @@ pub async fn serve(daemon: Arc<Daemon>, listen: Option<SocketAddr>) -> anyhow::R
         let mut rx = stop_tx.subscribe();
         let app = app.clone();
         tasks.spawn(async move {
-            axum::serve(unix, app).with_graceful_shutdown(async move { let _ = rx.recv().await; }).await
+            axum::serve(unix, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(async move { let _ = rx.recv().await; }).await
         });
     }
     if let Some(addr) = listen {
-        let ip = addr.ip().to_string();
-        let id = Identity::load_or_generate(&daemon.dir.join("server.crt"), &daemon.dir.join("server.key"), &daemon.member, &[ip, "localhost".into(), daemon.member.clone()])?;
-        let cfg = crate::tls::server_config(&id, TrustStore::new(daemon.dir.join("trust")))?;
-        let listener = crate::tls::TlsListener::bind(addr, cfg).await.with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(%addr, fingerprint = %id.fingerprint()?, "HTTPS listening");
+        let listener = crate::tls::TlsListener::bind(addr, daemon.tls.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, "HTTPS listening");
         let mut rx = stop_tx.subscribe();
+        let app = app.clone();
         tasks.spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { let _ = rx.recv().await; }).await
+            axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+                .with_graceful_shutdown(async move { let _ = rx.recv().await; })
+                .await
         });
     }
     tracing::info!(socket = %sock.display(), member = %daemon.member, "ferryd ready");

@@ -1,72 +1,84 @@
-//! HTTPS listener: rustls with the member's rcgen certificate; clients must
-//! present a certificate listed in the trust store (checked at the TLS layer).
+//! HTTPS listener. Before clustering the member presents its own certificate
+//! (`server.crt`); once clustered, the shared cluster certificate. Client
+//! certificates are optional at the TLS layer but, when presented, must be the
+//! cluster certificate (a member) or a trusted client's (checked by rustls
+//! verifiers in `ferry_cluster::mtls`); each connection is classified so the
+//! API can authorize per endpoint (see `api::auth`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use ferry_cluster::{Identity, TrustStore};
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use ferry_cluster::{ClusterCert, Identity, PeerKind, TrustStore};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// Accepts only client certificates present in the trust store.
-#[derive(Debug)]
-struct TrustVerifier {
-    trust: TrustStore,
-    algs: WebPkiSupportedAlgorithms,
+/// What the TLS layer established about a connection's peer.
+#[derive(Clone, Debug)]
+pub enum Peer {
+    /// The root-only unix socket.
+    Local,
+    Remote { addr: SocketAddr, kind: PeerKind },
 }
 
-impl ClientCertVerifier for TrustVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
+/// The server's TLS mode; swapped when the member joins or creates a cluster.
+pub enum TlsMode {
+    Standalone(Identity),
+    Cluster(ClusterCert),
+}
+
+#[derive(Clone)]
+pub struct TlsState {
+    inner: Arc<RwLock<(Arc<rustls::ServerConfig>, Arc<TlsMode>)>>,
+    trust: TrustStore,
+}
+
+impl TlsState {
+    pub fn new(mode: TlsMode, trust: TrustStore) -> anyhow::Result<Self> {
+        let cfg = Self::config(&mode, &trust)?;
+        Ok(TlsState { inner: Arc::new(RwLock::new((Arc::new(cfg), Arc::new(mode)))), trust })
     }
-    fn verify_client_cert(&self, end: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
-        if self.trust.is_trusted(end) {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            tracing::warn!(fingerprint = %ferry_cluster::identity::fingerprint(end), "refused untrusted client certificate");
-            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+
+    fn config(mode: &TlsMode, trust: &TrustStore) -> anyhow::Result<rustls::ServerConfig> {
+        Ok(match mode {
+            TlsMode::Standalone(id) => ferry_cluster::mtls::standalone_server_config(id, trust.clone())?,
+            TlsMode::Cluster(c) => ferry_cluster::mtls::server_config(c, trust.clone())?,
+        })
+    }
+
+    /// Switch to the cluster certificate (new connections only).
+    pub fn set_mode(&self, mode: TlsMode) -> anyhow::Result<()> {
+        let cfg = Self::config(&mode, &self.trust)?;
+        *self.inner.write().unwrap() = (Arc::new(cfg), Arc::new(mode));
+        Ok(())
+    }
+
+    fn current(&self) -> (Arc<rustls::ServerConfig>, Arc<TlsMode>) {
+        self.inner.read().unwrap().clone()
+    }
+
+    fn classify(&self, mode: &TlsMode, certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> PeerKind {
+        match mode {
+            TlsMode::Standalone(_) => ferry_cluster::mtls::classify_standalone_peer(certs, &self.trust),
+            TlsMode::Cluster(c) => ferry_cluster::mtls::classify_peer(certs, c, &self.trust),
         }
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(m, c, d, &self.algs)
-    }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(m, c, d, &self.algs)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
 }
 
-pub fn server_config(id: &Identity, trust: TrustStore) -> anyhow::Result<rustls::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = TrustVerifier { trust, algs: provider.signature_verification_algorithms };
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(id.cert_der()?, id.key_der()?)?;
-    Ok(cfg)
-}
-
-/// A listener for axum: TCP accept + TLS handshake, handshakes run concurrently
-/// so one slow client does not hold up the others.
+/// A listener for axum: TCP accept + TLS handshake; handshakes run
+/// concurrently so one slow or garbage-sending client holds up no one.
 pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    pub async fn bind(addr: SocketAddr, cfg: rustls::ServerConfig) -> std::io::Result<TlsListener> {
+    pub async fn bind(addr: SocketAddr, state: TlsState) -> std::io::Result<TlsListener> {
         let tcp = TcpListener::bind(addr).await?;
         let local = tcp.local_addr()?;
-        let acceptor = TlsAcceptor::from(Arc::new(cfg));
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
@@ -78,12 +90,14 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (state, tx) = (state.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let hs = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await;
+                    let (cfg, mode) = state.current();
+                    let hs = tokio::time::timeout(std::time::Duration::from_secs(10), TlsAcceptor::from(cfg).accept(stream)).await;
                     match hs {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            let kind = state.classify(&mode, tls.get_ref().1.peer_certificates());
+                            let _ = tx.send((tls, Peer::Remote { addr: peer, kind })).await;
                         }
                         Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
                         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
@@ -97,7 +111,7 @@ impl TlsListener {
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.rx.recv().await {
@@ -107,9 +121,18 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(Peer::Remote { addr: self.local, kind: PeerKind::Anonymous })
     }
 }
 
-#[allow(dead_code)]
-fn _assert_provider(_: &CryptoProvider) {}
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(_: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Peer::Local
+    }
+}

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{Command, DbError, InstanceRecord};
+use crate::{apply_members, Command, DbError, InstanceRecord};
 
 pub(crate) fn command(conn: &Connection, cmd: &Command) -> Result<(), DbError> {
     match cmd {
@@ -42,6 +42,11 @@ pub(crate) fn command(conn: &Connection, cmd: &Command) -> Result<(), DbError> {
             from_member,
             to_member,
         } => move_instance(conn, name, from_member, to_member),
+        Command::AddMember { .. }
+        | Command::AddJoinToken { .. }
+        | Command::JoinMember { .. }
+        | Command::RemoveMember { .. }
+        | Command::SetMemberState { .. } => apply_members::command(conn, cmd),
     }
 }
 

@@ -3,7 +3,8 @@
 //! Commands are the only way to change the database, and (once the cluster is
 //! raft-backed) the payload of every log entry. Their JSON shape is a stored and wire
 //! format: changing it means bumping [`COMMAND_FORMAT_VERSION`] and keeping the
-//! previous version decodable. See `doc/db.md`.
+//! previous version decodable. (Version 1 is frozen by the first release that ships
+//! the raft cluster; until then commands may still be added to it.) See `doc/db.md`.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +18,7 @@ pub const COMMAND_FORMAT_VERSION: u32 = 1;
 pub const MIN_COMMAND_FORMAT_VERSION: u32 = 1;
 
 /// One instance, as stored in the database.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceRecord {
     pub name: String,
@@ -45,7 +46,7 @@ pub struct InstanceRecord {
 /// Applying a command must be deterministic (no clock, no randomness, no I/O besides
 /// the database): every raft member applies the same entries and must reach the same
 /// state. Timestamps therefore travel inside the command.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Fails with `AlreadyExists` if the name is taken.
@@ -74,6 +75,49 @@ pub enum Command {
         from_member: String,
         to_member: String,
     },
+    /// Adds a member directly, without a join token: the bootstrap member when
+    /// clustering is enabled. Fails with `AlreadyExists` if the name or node id is taken.
+    AddMember {
+        name: String,
+        /// Raft node id (at most `i64::MAX`).
+        node_id: u64,
+        /// `host:port` of the member-to-member API.
+        address: String,
+        /// The member's ferry version.
+        version: String,
+        /// RFC 3339.
+        joined_at: String,
+    },
+    /// Records a pending join for `member_name` (the SHA-256 of its one-time secret,
+    /// lowercase hex), replacing any earlier token for that name. Fails with
+    /// `AlreadyExists` (what "member") if the member exists.
+    AddJoinToken {
+        member_name: String,
+        secret_sha256: String,
+        /// Unix seconds; the token is refused when `now > expires_at`.
+        expires_at: i64,
+        /// RFC 3339.
+        created_at: String,
+    },
+    /// Redeems the join token for `name` and adds the member, atomically. The token
+    /// must exist, match `secret_sha256`, be unused and not expired at `now`.
+    JoinMember {
+        name: String,
+        node_id: u64,
+        address: String,
+        version: String,
+        /// SHA-256 of the secret the joiner presented, lowercase hex.
+        secret_sha256: String,
+        /// Unix seconds, chosen by the submitting member (apply never reads the clock).
+        now: i64,
+        /// RFC 3339.
+        joined_at: String,
+    },
+    /// Removes a member (and its join token). Fails with `Conflict` while any
+    /// instance is still on it.
+    RemoveMember { name: String },
+    /// Sets a member's state: "online" | "evacuated".
+    SetMemberState { name: String, state: String },
 }
 
 impl Command {
@@ -86,15 +130,61 @@ impl Command {
             Command::UpdateVolatile { .. } => "update_volatile",
             Command::SetInstanceConfig { .. } => "set_instance_config",
             Command::MoveInstance { .. } => "move_instance",
+            Command::AddMember { .. } => "add_member",
+            Command::AddJoinToken { .. } => "add_join_token",
+            Command::JoinMember { .. } => "join_member",
+            Command::RemoveMember { .. } => "remove_member",
+            Command::SetMemberState { .. } => "set_member_state",
         }
     }
 }
 
-/// What goes into a (future raft) log entry: a format version and the command.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What goes into a raft log entry: a format version and the command.
+///
+/// It is the raft application data (`D`), so openraft serializes it inside its own
+/// entry type. Deserializing goes through [`LogCommandWire`], which checks the version
+/// before it interprets the command: an entry from a newer ferry is refused with a
+/// clear error instead of being misread. (The command is buffered as a JSON value, so
+/// only self-describing formats work; ferry uses JSON everywhere.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "LogCommandWire")]
 pub struct LogCommand {
     pub version: u32,
     pub command: Command,
+}
+
+/// The encoded shape of a [`LogCommand`], before its version is checked.
+#[derive(Deserialize)]
+struct LogCommandWire {
+    version: u32,
+    command: serde_json::Value,
+}
+
+impl TryFrom<LogCommandWire> for LogCommand {
+    type Error = DbError;
+
+    fn try_from(wire: LogCommandWire) -> Result<LogCommand, DbError> {
+        check_version(wire.version)?;
+        // Version 1 is the only one so far. When version 2 arrives, decode version 1
+        // into its own (frozen) type here and convert it to the current `Command`.
+        let command = serde_json::from_value(wire.command)
+            .map_err(|e| DbError::Encode(format!("log command version {}: {e}", wire.version)))?;
+        Ok(LogCommand {
+            version: wire.version,
+            command,
+        })
+    }
+}
+
+fn check_version(version: u32) -> Result<(), DbError> {
+    if !(MIN_COMMAND_FORMAT_VERSION..=COMMAND_FORMAT_VERSION).contains(&version) {
+        return Err(DbError::Encode(format!(
+            "log command format version {version} is not supported (this ferry accepts {}..={}); \
+             upgrade ferry on this member",
+            MIN_COMMAND_FORMAT_VERSION, COMMAND_FORMAT_VERSION
+        )));
+    }
+    Ok(())
 }
 
 /// Only the version, read first so an unsupported entry is reported as such rather
@@ -123,17 +213,9 @@ impl LogCommand {
     pub fn decode(bytes: &[u8]) -> Result<LogCommand, DbError> {
         let probe: VersionProbe = serde_json::from_slice(bytes)
             .map_err(|e| DbError::Encode(format!("log command has no valid version: {e}")))?;
-        if !(MIN_COMMAND_FORMAT_VERSION..=COMMAND_FORMAT_VERSION).contains(&probe.version) {
-            return Err(DbError::Encode(format!(
-                "log command format version {} is not supported (this ferry accepts {}..={}); \
-                 upgrade ferry on this member",
-                probe.version, MIN_COMMAND_FORMAT_VERSION, COMMAND_FORMAT_VERSION
-            )));
-        }
-        // Version 1 is the only one so far. When version 2 arrives, decode version 1
-        // into its own (frozen) type here and convert it to the current `Command`.
-        serde_json::from_slice(bytes)
-            .map_err(|e| DbError::Encode(format!("log command version {}: {e}", probe.version)))
+        check_version(probe.version)?;
+        // The version is checked again (and the command decoded) by `LogCommandWire`.
+        serde_json::from_slice(bytes).map_err(|e| DbError::Encode(format!("log command: {e}")))
     }
 }
 
@@ -210,6 +292,48 @@ mod tests {
                 },
                 r#"{"version":1,"command":{"op":"move_instance","name":"c1","from_member":"m1","to_member":"m2"}}"#,
             ),
+            (
+                Command::AddMember {
+                    name: "m1".into(),
+                    node_id: 1,
+                    address: "10.0.0.1:8443".into(),
+                    version: "0.1.0".into(),
+                    joined_at: "2025-01-01T00:00:00Z".into(),
+                },
+                r#"{"version":1,"command":{"op":"add_member","name":"m1","node_id":1,"address":"10.0.0.1:8443","version":"0.1.0","joined_at":"2025-01-01T00:00:00Z"}}"#,
+            ),
+            (
+                Command::AddJoinToken {
+                    member_name: "m2".into(),
+                    secret_sha256: "ab".repeat(32),
+                    expires_at: 1735693200,
+                    created_at: "2025-01-01T00:00:00Z".into(),
+                },
+                r#"{"version":1,"command":{"op":"add_join_token","member_name":"m2","secret_sha256":"abababababababababababababababababababababababababababababababab","expires_at":1735693200,"created_at":"2025-01-01T00:00:00Z"}}"#,
+            ),
+            (
+                Command::JoinMember {
+                    name: "m2".into(),
+                    node_id: 2,
+                    address: "10.0.0.2:8443".into(),
+                    version: "0.1.0".into(),
+                    secret_sha256: "ab".repeat(32),
+                    now: 1735690000,
+                    joined_at: "2025-01-01T00:10:00Z".into(),
+                },
+                r#"{"version":1,"command":{"op":"join_member","name":"m2","node_id":2,"address":"10.0.0.2:8443","version":"0.1.0","secret_sha256":"abababababababababababababababababababababababababababababababab","now":1735690000,"joined_at":"2025-01-01T00:10:00Z"}}"#,
+            ),
+            (
+                Command::RemoveMember { name: "m2".into() },
+                r#"{"version":1,"command":{"op":"remove_member","name":"m2"}}"#,
+            ),
+            (
+                Command::SetMemberState {
+                    name: "m1".into(),
+                    state: "evacuated".into(),
+                },
+                r#"{"version":1,"command":{"op":"set_member_state","name":"m1","state":"evacuated"}}"#,
+            ),
         ]
     }
 
@@ -218,6 +342,10 @@ mod tests {
         for (cmd, json) in golden() {
             let encoded = LogCommand::new(cmd.clone()).encode().unwrap();
             assert_eq!(std::str::from_utf8(&encoded).unwrap(), json);
+            assert!(
+                json.contains(&format!(r#""op":"{}""#, cmd.op())),
+                "op() of {cmd:?}"
+            );
         }
     }
 
@@ -261,6 +389,20 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn plain_serde_checks_the_version_too() {
+        // openraft deserializes entries with serde, not `decode`: the version must still
+        // be checked before the command is interpreted.
+        let json = format!(
+            r#"{{"version":{},"command":{{"op":"delete_instance","name":"c1"}}}}"#,
+            COMMAND_FORMAT_VERSION + 1
+        );
+        let err = serde_json::from_str::<LogCommand>(&json).unwrap_err();
+        assert!(err.to_string().contains("not supported"), "{err}");
+        let ok: LogCommand = serde_json::from_str(golden()[1].1).unwrap();
+        assert_eq!(ok.command, Command::DeleteInstance { name: "c1".into() });
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
-use crate::{apply, schema, Command, DbError, InstanceRecord};
+use crate::{apply, members, schema, Command, DbError, InstanceRecord};
 
 /// The ferry database: one SQLite connection behind a mutex. `Send + Sync`; share it
 /// with `Arc`. Calls block on SQLite, so async callers write through [`crate::Writer`].
@@ -52,7 +52,7 @@ impl Db {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-applied command behind: an
         // unfinished transaction rolls back when dropped. So poisoning is harmless.
         self.conn
@@ -109,16 +109,19 @@ impl Db {
     }
 
     /// SHA-256 (hex) over the state machine contents — instances with their config and
-    /// volatile keys — in a canonical order. Equal contents give equal checksums on any
-    /// member, whatever the row ids or insertion order.
+    /// volatile keys, then members and join tokens — in a canonical order. Equal
+    /// contents give equal checksums on any member, whatever the row ids or insertion
+    /// order. (`meta`, with the applied index and raft bookkeeping, is left out.)
     pub fn checksum(&self) -> Result<String, DbError> {
-        let instances = list_instances(&self.lock())?;
+        let conn = self.lock();
+        let instances = list_instances(&conn)?;
         let mut hasher = Sha256::new();
         let mut field = |bytes: &[u8]| {
             hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(bytes);
         };
-        field(b"ferry-db state checksum v1");
+        // v2: members and join tokens joined (schema version 3).
+        field(b"ferry-db state checksum v2");
         field(&(instances.len() as u64).to_le_bytes());
         for r in &instances {
             for s in [
@@ -142,6 +145,7 @@ impl Db {
                 }
             }
         }
+        members::checksum_fields(&conn, &mut field)?;
         Ok(format!("{:x}", hasher.finalize()))
     }
 }

@@ -1,4 +1,5 @@
-//! ferry-db: the state machine holding the authoritative record of every instance.
+//! ferry-db: the state machine holding the authoritative record of every instance
+//! and of the cluster's members.
 //!
 //! The database is changed only by applying typed [`Command`]s, each in one SQLite
 //! transaction together with the bump of `meta.applied_index`. Today the [`Writer`]
@@ -7,8 +8,11 @@
 //! The format and schema history are documented in `doc/db.md`.
 
 mod apply;
+mod apply_members;
 mod command;
 mod db;
+mod members;
+mod replicated;
 mod schema;
 mod writer;
 
@@ -16,13 +20,15 @@ pub use command::{
     Command, InstanceRecord, LogCommand, COMMAND_FORMAT_VERSION, MIN_COMMAND_FORMAT_VERSION,
 };
 pub use db::Db;
+pub use members::{MemberRecord, MEMBER_EVACUATED, MEMBER_ONLINE};
+pub use replicated::{LogEntry, RaftMeta};
 pub use schema::SCHEMA_VERSION;
 pub use writer::Writer;
 
 /// Everything that can go wrong reading or changing the database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("{what} \"{name}\" not found")]
+    #[error("{what} \"{name}\" not found{}", not_found_hint(what, name))]
     NotFound { what: &'static str, name: String },
     #[error("{what} \"{name}\" already exists")]
     AlreadyExists { what: &'static str, name: String },
@@ -37,4 +43,15 @@ pub enum DbError {
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot encode or decode database data: {0}")]
     Encode(String),
+}
+
+/// What to do about a missing record, for the kinds where the user can act.
+fn not_found_hint(what: &str, name: &str) -> String {
+    match what {
+        "join token" => format!(
+            ": create one with `ferry cluster add {name}` on a cluster member, \
+             then join with the token it prints (the name must match)"
+        ),
+        _ => String::new(),
+    }
 }

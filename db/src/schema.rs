@@ -11,7 +11,7 @@ use crate::DbError;
 /// Version of the schema this code creates and understands: the number of updates.
 pub const SCHEMA_VERSION: u32 = UPDATES.len() as u32;
 
-const UPDATES: &[&str] = &[UPDATE_1, UPDATE_2];
+const UPDATES: &[&str] = &[UPDATE_1, UPDATE_2, UPDATE_3];
 
 /// Version 1: the initial schema.
 const UPDATE_1: &str = "
@@ -60,6 +60,27 @@ CREATE TABLE instances_volatile (
 /// Version 2: index instances by member, for evacuation and per-member listings.
 const UPDATE_2: &str = "
 CREATE INDEX instances_member ON instances (member);
+";
+
+/// Version 3: cluster membership and join tokens.
+///
+/// `members` (from version 1, never written before) gains its raft node id, ferry
+/// version, state and join time. SQLite cannot add a UNIQUE column, so `node_id`
+/// is unique through an index; rows from before this update keep a NULL node id.
+const UPDATE_3: &str = "
+ALTER TABLE members ADD COLUMN node_id INTEGER;
+ALTER TABLE members ADD COLUMN version TEXT NOT NULL DEFAULT '';
+ALTER TABLE members ADD COLUMN state TEXT NOT NULL DEFAULT 'online';
+ALTER TABLE members ADD COLUMN joined_at TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX members_node_id ON members (node_id);
+
+CREATE TABLE join_tokens (
+    member_name   TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    expires_at    INTEGER NOT NULL,
+    used          INTEGER NOT NULL DEFAULT 0,
+    created_at    TEXT NOT NULL
+);
 ";
 
 /// Brings the schema up to date. Returns the resulting version.
@@ -178,6 +199,11 @@ mod tests {
                         [],
                     )
                     .unwrap();
+                    conn.execute(
+                        "INSERT INTO members (name, address) VALUES ('m1', '10.0.0.1:8443')",
+                        [],
+                    )
+                    .unwrap();
                 }
             }
             let db = Db::open(&path).unwrap();
@@ -193,12 +219,103 @@ mod tests {
                     .unwrap()
                     .expect("row kept across updates");
                 assert_eq!(old.member, "m1");
+                let address: String = db.with_conn(|c| {
+                    c.query_row("SELECT address FROM members WHERE name = 'm1'", [], |r| {
+                        r.get(0)
+                    })
+                    .unwrap()
+                });
+                assert_eq!(address, "10.0.0.1:8443", "member row kept across updates");
             }
             db.apply(&Command::DeleteInstance {
                 name: "nope".into(),
             })
             .unwrap_err();
         }
+    }
+
+    #[test]
+    fn update_3_keeps_version_2_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            assert_eq!(update_with(&mut conn, &UPDATES[..2]).unwrap(), 2);
+            conn.execute_batch(
+                "INSERT INTO instances (name, type, member, status, storage_pool, image,
+                     description, created_at, last_used_at)
+                 VALUES ('c1', 'container', 'old', 'Running', 'default', 'busybox', 'd', 't0', 't1');
+                 INSERT INTO instances_config (instance_id, key, value) VALUES (1, 'limits.cpu', '1');
+                 INSERT INTO members (name, address) VALUES ('old', '10.0.0.9:8443');
+                 UPDATE meta SET value = '41' WHERE key = 'applied_index';",
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap(), 3);
+        assert_eq!(db.applied_index().unwrap(), 41);
+        let c1 = db.get_instance("c1").unwrap().unwrap();
+        assert_eq!(
+            (c1.member.as_str(), c1.config["limits.cpu"].as_str()),
+            ("old", "1")
+        );
+        // The version 1 member row is kept, with the new columns' defaults. It has no
+        // raft node id, so the typed reads refuse it (with a way out) ...
+        let row: (String, String, Option<i64>, String, String, String) = db.with_conn(|c| {
+            c.query_row(
+                "SELECT name, address, node_id, version, state, joined_at FROM members",
+                [],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
+            .unwrap()
+        });
+        assert_eq!(
+            row,
+            (
+                "old".into(),
+                "10.0.0.9:8443".into(),
+                None,
+                "".into(),
+                "online".into(),
+                "".into()
+            )
+        );
+        let err = db.get_member("old").unwrap_err();
+        assert!(
+            err.to_string().contains("ferry cluster remove old"),
+            "{err}"
+        );
+        db.checksum().unwrap();
+        // ... and the commands work with it: it blocks its name, and can be removed
+        // once its instance is gone.
+        assert!(matches!(
+            db.apply(&Command::AddJoinToken {
+                member_name: "old".into(),
+                secret_sha256: "0".repeat(64),
+                expires_at: 1,
+                created_at: "t".into(),
+            }),
+            Err(DbError::AlreadyExists { what: "member", .. })
+        ));
+        db.apply(&Command::DeleteInstance { name: "c1".into() })
+            .unwrap();
+        db.apply(&Command::RemoveMember { name: "old".into() })
+            .unwrap();
+        assert_eq!(db.list_members().unwrap(), vec![]);
+        // Two new members without node ids cannot collide on the unique index.
+        db.with_conn(|c| {
+            c.execute_batch("INSERT INTO members (name, address) VALUES ('a', 'x'), ('b', 'y');")
+                .unwrap()
+        });
     }
 
     #[test]

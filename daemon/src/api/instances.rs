@@ -16,7 +16,7 @@ fn recursion(q: &HashMap<String, String>) -> u8 {
 }
 
 pub async fn list(St(d): State, Query(q): Q) -> Result<Response, ActionError> {
-    let recs = d.db.list_instances()?;
+    let recs = d.db().list_instances()?;
     let level = recursion(&q);
     if level == 0 {
         let urls: Vec<String> = recs.iter().map(|r| format!("/1.0/instances/{}", r.name)).collect();

@@ -6,13 +6,16 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
 use crate::core::{ActionError, Daemon};
 use crate::ops::Op;
 
+pub mod auth;
+mod cluster;
+mod forward;
 mod instances;
 mod operations;
 
@@ -25,19 +28,31 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/1.0/instances", get(instances::list).post(instances::create))
         .route("/1.0/instances/{name}", get(instances::get_one).delete(instances::delete))
         .route("/1.0/instances/{name}/state", get(instances::get_state).put(instances::put_state))
-        .route("/1.0/instances/{name}/exec", axum::routing::post(instances::exec))
+        .route("/1.0/instances/{name}/exec", post(instances::exec))
         .route("/1.0/instances/{name}/logs/{file}", get(instances::get_log))
         .route("/1.0/instances/{name}/console", get(instances::get_console))
         .route("/1.0/operations", get(operations::list))
         .route("/1.0/operations/{id}", get(operations::get_one).delete(operations::cancel))
         .route("/1.0/operations/{id}/wait", get(operations::wait))
         .route("/1.0/events", get(operations::events))
+        .route("/1.0/cluster", get(cluster::get_cluster).put(cluster::put_cluster))
+        .route("/1.0/cluster/members", get(cluster::list_members).post(cluster::add_member))
+        .route("/1.0/cluster/members/{name}", get(cluster::get_member).delete(cluster::delete_member))
+        .route(crate::cluster::net::APPEND_PATH, post(cluster::raft_append))
+        .route(crate::cluster::net::VOTE_PATH, post(cluster::raft_vote))
+        .route(crate::cluster::net::SNAPSHOT_PATH, post(cluster::raft_snapshot))
+        .route(crate::cluster::WRITE_PATH, post(cluster::raft_write))
+        .route(crate::cluster::BARRIER_PATH, post(cluster::raft_barrier))
+        .route(crate::cluster::HEARTBEAT_PATH, post(cluster::heartbeat))
+        .route(crate::cluster::JOIN_PATH, post(cluster::join))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not found: no such API endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(daemon.clone(), forward::forward))
+        .layer(axum::middleware::from_fn(auth::authorize))
         .with_state(daemon)
 }
 
 /// API extensions this server implements (names as Incus uses them).
-const EXTENSIONS: &[&str] = &["api_filtering", "container_full", "instance_get_full", "console", "operation_wait"];
+const EXTENSIONS: &[&str] = &["api_filtering", "container_full", "instance_get_full", "console", "operation_wait", "clustering"];
 
 async fn server_info(axum::extract::State(d): State) -> Response {
     let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
@@ -53,7 +68,7 @@ async fn server_info(axum::extract::State(d): State) -> Response {
             "server": "ferry",
             "server_name": d.member,
             "server_version": crate::core::VERSION,
-            "server_clustered": false,
+            "server_clustered": d.cluster().is_some(),
             "architectures": [std::env::consts::ARCH],
             "kernel_version": kernel,
             "driver": "qemu | criu",

@@ -1,0 +1,90 @@
+//! `ferry cluster enable|add|join|list|remove`.
+
+use anyhow::Result;
+use ferry_client::Method;
+use serde_json::{json, Value};
+
+use crate::cli::ClusterCommand;
+use crate::ctx::Ctx;
+use crate::output::{print_out, render_table};
+
+pub async fn run(ctx: &Ctx, cmd: &ClusterCommand) -> Result<i32> {
+    match cmd {
+        ClusterCommand::Enable { name } => {
+            let body = json!({"server_name": name, "enabled": true});
+            ctx.run_op(Method::PUT, "/1.0/cluster", Some(&body), "Enabling clustering").await?;
+            eprintln!("Clustering enabled: member \"{name}\" is the first member");
+            Ok(0)
+        }
+        ClusterCommand::Add { name } => {
+            let body = json!({"server_name": name});
+            let op = ctx.run_op(Method::POST, "/1.0/cluster/members", Some(&body), "Requesting a join token").await?;
+            let token = op.metadata["token"].as_str().unwrap_or_default();
+            if ctx.json() {
+                ctx.print_json(&op.metadata);
+            } else {
+                eprintln!("Member {name} join token (one use, expires {}):", op.metadata["expiresAt"].as_str().unwrap_or("?"));
+                println!("{token}");
+            }
+            Ok(0)
+        }
+        ClusterCommand::Join { token } => {
+            let body = json!({"enabled": true, "cluster_token": token.trim()});
+            ctx.run_op(Method::PUT, "/1.0/cluster", Some(&body), "Joining the cluster").await?;
+            eprintln!("Joined the cluster");
+            Ok(0)
+        }
+        ClusterCommand::List => list(ctx).await,
+        ClusterCommand::Remove { name } => {
+            ctx.client.delete(&format!("/1.0/cluster/members/{name}"), None).await?;
+            eprintln!("Member {name} removed");
+            Ok(0)
+        }
+    }
+}
+
+pub fn rows(members: &[Value]) -> Vec<Vec<String>> {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    members
+        .iter()
+        .map(|m| {
+            let roles: Vec<String> = m["roles"].as_array().map(|r| r.iter().map(s).collect()).unwrap_or_default();
+            let role = if roles.iter().any(|r| r == "database-leader") {
+                "leader"
+            } else if m["database"].as_bool() == Some(true) {
+                "voter"
+            } else {
+                "standby"
+            };
+            vec![s(&m["server_name"]), s(&m["url"]), role.to_string(), s(&m["status"]).to_uppercase(), s(&m["version"])]
+        })
+        .collect()
+}
+
+async fn list(ctx: &Ctx) -> Result<i32> {
+    let env = ctx.client.get("/1.0/cluster/members?recursion=1").await?;
+    if ctx.json() {
+        ctx.print_json(&env.metadata);
+        return Ok(0);
+    }
+    let members = env.metadata.as_array().cloned().unwrap_or_default();
+    print_out(&render_table(&["NAME", "URL", "ROLE", "STATUS", "VERSION"], &rows(&members)));
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_rows() {
+        let m = vec![
+            json!({"server_name": "m1", "url": "https://127.0.0.1:1", "roles": ["database-leader"], "database": true, "status": "Online", "version": "0.1.0"}),
+            json!({"server_name": "m2", "url": "https://127.0.0.1:2", "roles": ["database"], "database": true, "status": "Offline", "version": "0.1.0"}),
+        ];
+        let r = rows(&m);
+        assert_eq!(r[0], ["m1", "https://127.0.0.1:1", "leader", "ONLINE", "0.1.0"]);
+        assert_eq!(r[1][2], "voter");
+        assert_eq!(r[1][3], "OFFLINE");
+    }
+}

@@ -1,0 +1,218 @@
+//! Clustering: a raft node per member over member-to-member mTLS, join by
+//! one-time token, heartbeats, and the replicated write path.
+//!
+//! Writes go through [`Cluster::write`]: `client_write` on the leader; a
+//! follower forwards the typed command to the leader (`/internal/raft/write`)
+//! and returns once it is committed and applied there.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_cluster::raft::{self, ApplyResult, NodeId, Raft};
+use ferry_cluster::ClusterCert;
+use ferry_db::{Command, Db, DbError, LogCommand};
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub mod actions;
+pub mod net;
+pub mod peer;
+
+use peer::PeerClient;
+
+/// The one endpoint an anonymous (certificate-less) peer may call: a joiner
+/// presenting its one-time token.
+pub const JOIN_PATH: &str = "/internal/cluster/join";
+pub const WRITE_PATH: &str = "/internal/raft/write";
+pub const BARRIER_PATH: &str = "/internal/raft/barrier";
+pub const HEARTBEAT_PATH: &str = "/internal/heartbeat";
+/// A member not heard from for this long is shown offline.
+pub const OFFLINE_AFTER: Duration = Duration::from_secs(4);
+
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("cluster certificate: {0}")]
+    Cert(#[from] ferry_cluster::CertError),
+    #[error("cluster TLS: {0}")]
+    Tls(#[from] ferry_cluster::mtls::MtlsError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("{0}")]
+    Peer(#[from] peer::PeerError),
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// `DIR/cluster.json`: who this member is in its cluster (format version 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    pub version: u32,
+    pub name: String,
+    pub node_id: NodeId,
+    pub address: String,
+}
+
+impl ClusterConfig {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("cluster.json")
+    }
+    pub fn load(dir: &Path) -> Option<ClusterConfig> {
+        let text = std::fs::read_to_string(Self::path(dir)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+    pub fn save(&self, dir: &Path) -> Result<(), ClusterError> {
+        let path = Self::path(dir);
+        let tmp = dir.join("cluster.json.tmp");
+        let io = |source| ClusterError::Io { path: path.clone(), source };
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap()).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+}
+
+/// What a member tells others in its heartbeat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub name: String,
+    pub version: String,
+    pub mem_free: u64,
+}
+
+pub struct Cluster {
+    pub config: ClusterConfig,
+    pub raft: Raft,
+    pub db: Arc<Db>,
+    pub peers: PeerClient,
+    pub cert: ClusterCert,
+    seen: Mutex<HashMap<String, (Instant, Heartbeat)>>,
+}
+
+fn raft_err(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Raft(e.to_string())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> DbError {
+    DbError::Conflict(format!("the cluster database is unavailable ({e}); retry once a leader is elected"))
+}
+
+impl Cluster {
+    /// Start this member's raft node on its storage under `dir`.
+    pub async fn start(dir: &Path, config: ClusterConfig, cert: ClusterCert, db: Arc<Db>) -> Result<Arc<Cluster>, ClusterError> {
+        let peers = PeerClient::new(ferry_cluster::mtls::member_client_config(&cert)?);
+        let network = net::Network { peers: peers.clone().with_timeout(Duration::from_secs(3)) };
+        let (raft, db) = raft::open_raft_with(config.node_id, dir, raft::default_config(), network, Some(db)).await.map_err(raft_err)?;
+        let c = Arc::new(Cluster { config, raft, db, peers, cert, seen: Mutex::new(HashMap::new()) });
+        tokio::spawn(heartbeat_loop(Arc::downgrade(&c)));
+        Ok(c)
+    }
+
+    pub fn node(&self) -> openraft::BasicNode {
+        openraft::BasicNode { addr: self.config.address.clone() }
+    }
+
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.config.node_id)
+    }
+
+    /// Commit one typed command (here or via the leader); returns once applied.
+    pub async fn write(&self, cmd: Command) -> Result<u64, DbError> {
+        let entry = LogCommand::new(cmd);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let last_err = match self.raft.client_write(entry.clone()).await {
+                Ok(resp) => return resp.data.into_result(),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_node {
+                    Some(node) => match self.peers.call::<_, ApplyResult>(&node.addr, WRITE_PATH, &entry).await {
+                        Ok(r) => return r.into_result(),
+                        Err(e) => e.to_string(),
+                    },
+                    None => "no leader yet".to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(unavailable(last_err));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Wait until this member's DB reflects every write committed before the
+    /// call (a linearizable read barrier), asking the leader when not leader.
+    pub async fn barrier(&self) -> Result<(), ClusterError> {
+        let index = match self.raft.ensure_linearizable().await {
+            Ok(id) => id.map(|l| l.index).unwrap_or(0),
+            Err(_) => {
+                let (_, addr) = self.leader().ok_or_else(|| ClusterError::Raft("no leader".into()))?;
+                self.peers.call::<_, u64>(&addr, BARRIER_PATH, &()).await?
+            }
+        };
+        self.raft
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(raft_err)?;
+        Ok(())
+    }
+
+    /// Leader side of a barrier: confirm leadership, return the read index.
+    pub async fn read_index(&self) -> Result<u64, ClusterError> {
+        let id = self.raft.ensure_linearizable().await.map_err(raft_err)?;
+        Ok(id.map(|l| l.index).unwrap_or(0))
+    }
+
+    pub fn record_heartbeat(&self, hb: Heartbeat) {
+        self.seen.lock().unwrap().insert(hb.name.clone(), (Instant::now(), hb));
+    }
+
+    /// Online status and last heartbeat of a member.
+    pub fn member_seen(&self, name: &str) -> Option<(bool, Heartbeat)> {
+        if name == self.config.name {
+            return Some((true, local_heartbeat(name)));
+        }
+        let seen = self.seen.lock().unwrap();
+        seen.get(name).map(|(t, hb)| (t.elapsed() < OFFLINE_AFTER, hb.clone()))
+    }
+}
+
+pub fn mem_free() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+pub fn local_heartbeat(name: &str) -> Heartbeat {
+    Heartbeat { name: name.to_string(), version: crate::core::VERSION.to_string(), mem_free: mem_free() }
+}
+
+/// Every second, ask every other member for its heartbeat (over mTLS).
+async fn heartbeat_loop(cluster: std::sync::Weak<Cluster>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(c) = cluster.upgrade() else { return };
+        let Ok(members) = c.db.list_members() else { continue };
+        for m in members.into_iter().filter(|m| m.name != c.config.name) {
+            let c2 = c.clone();
+            tokio::spawn(async move {
+                let peers = c2.peers.clone().with_timeout(Duration::from_secs(2));
+                if let Ok(hb) = peers.call::<_, Heartbeat>(&m.address, HEARTBEAT_PATH, &local_heartbeat(&c2.config.name)).await {
+                    c2.record_heartbeat(hb);
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! HTTP client for member-to-member calls over mutual TLS (and for a joiner
+//! dialling the cluster before it has the cluster certificate).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+#[derive(Debug, Error)]
+pub enum PeerError {
+    #[error("cannot reach member at {addr}: {detail}")]
+    Connect { addr: String, detail: String },
+    #[error("member at {addr} answered {status}: {message}")]
+    Status { addr: String, status: u16, message: String },
+    #[error("bad answer from member at {addr}: {detail}")]
+    Decode { addr: String, detail: String },
+}
+
+/// A raw response from a peer.
+pub struct PeerResponse {
+    pub status: StatusCode,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+#[derive(Clone)]
+pub struct PeerClient {
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl PeerClient {
+    pub fn new(tls: rustls::ClientConfig) -> Self {
+        PeerClient { tls: Arc::new(tls), timeout: Duration::from_secs(10), headers: vec![] }
+    }
+
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Add a header to every request.
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+
+    /// One request on a fresh connection.
+    pub async fn send(&self, addr: &str, method: Method, path: &str, body: Bytes) -> Result<PeerResponse, PeerError> {
+        tokio::time::timeout(self.timeout, self.send_inner(addr, method, path, body))
+            .await
+            .map_err(|_| PeerError::Connect { addr: addr.into(), detail: format!("no answer within {:?}", self.timeout) })?
+    }
+
+    async fn send_inner(&self, addr: &str, method: Method, path: &str, body: Bytes) -> Result<PeerResponse, PeerError> {
+        let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
+        let tcp = TcpStream::connect(addr).await.map_err(|e| conn_err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(ferry_cluster::mtls::cluster_server_name(), tcp)
+            .await
+            .map_err(|e| conn_err(format!("TLS: {e}")))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder().method(method);
+        for (k, v) in &self.headers {
+            req = req.header(*k, v.as_str());
+        }
+        let req = req
+            .uri(path)
+            .header("host", "ferry-cluster")
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .map_err(|e| conn_err(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| conn_err(e.to_string()))?;
+        let status = resp.status();
+        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let body = resp.into_body().collect().await.map_err(|e| conn_err(e.to_string()))?.to_bytes();
+        Ok(PeerResponse { status, content_type, body })
+    }
+
+    /// POST JSON, expect 200 with a JSON body of type R.
+    pub async fn call<T: Serialize, R: DeserializeOwned>(&self, addr: &str, path: &str, body: &T) -> Result<R, PeerError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| PeerError::Decode { addr: addr.into(), detail: e.to_string() })?;
+        let resp = self.send(addr, Method::POST, path, bytes.into()).await?;
+        if resp.status != StatusCode::OK {
+            let message = serde_json::from_slice::<serde_json::Value>(&resp.body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
+            return Err(PeerError::Status { addr: addr.into(), status: resp.status.as_u16(), message });
+        }
+        serde_json::from_slice(&resp.body).map_err(|e| PeerError::Decode { addr: addr.into(), detail: e.to_string() })
+    }
+}
