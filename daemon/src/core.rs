@@ -27,6 +27,8 @@ pub enum ActionError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -35,6 +37,7 @@ impl From<ferry_db::DbError> for ActionError {
         match e {
             ferry_db::DbError::NotFound { .. } => ActionError::NotFound(e.to_string()),
             ferry_db::DbError::AlreadyExists { .. } | ferry_db::DbError::Conflict(_) => ActionError::Conflict(e.to_string()),
+            ferry_db::DbError::Unavailable(m) => ActionError::Unavailable(m),
             other => ActionError::Internal(format!("database: {other}")),
         }
     }
@@ -606,6 +609,28 @@ impl Daemon {
                 Err(e) => outcome_of(e, "exec"),
             }
         }))
+    }
+
+    /// `PATCH /1.0/instances/<name>`: merge config keys (an empty value unsets
+    /// the key). Validated by the driver first; one replicated write.
+    pub async fn patch_config(&self, name: &str, changes: BTreeMap<String, String>) -> Result<(), ActionError> {
+        let rec = self.record(name)?;
+        if let Some(k) = changes.keys().find(|k| k.starts_with("volatile.")) {
+            return Err(ActionError::BadRequest(format!("Config key {k:?} is volatile and set by ferry: remove it")));
+        }
+        let _lease = self.leases.acquire(name, "its configuration is being changed")?;
+        let mut config = rec.config.clone();
+        for (k, v) in changes {
+            if v.is_empty() {
+                config.remove(&k);
+            } else {
+                config.insert(k, v);
+            }
+        }
+        let spec = self.spec_for(&InstanceRecord { config: config.clone(), ..rec })?;
+        Driver::for_type(spec.kind).validate(&spec).map_err(|e| ActionError::BadRequest(e.to_string()))?;
+        self.submit(Command::SetInstanceConfig { name: name.to_string(), config }).await?;
+        Ok(())
     }
 
     /// Path of a log file of an instance; refuses names that could escape the log dir.

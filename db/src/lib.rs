@@ -43,6 +43,9 @@ pub enum DbError {
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot encode or decode database data: {0}")]
     Encode(String),
+    /// The replicated write path cannot commit right now (no leader, no quorum).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What to do about a missing record, for the kinds where the user can act.

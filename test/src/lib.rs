@@ -17,8 +17,9 @@ use serde_json::{json, Value};
 /// Directory holding the workspace's binaries (`ferryd`, `ferry`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> -> target/debug
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    // target/debug/deps/<test> -> target/debug; a bin (target/debug/<bin>) -> target/debug
+    let parent = exe.parent().expect("target dir");
+    let dir = if parent.ends_with("deps") { parent.parent().expect("target dir") } else { parent }.to_path_buf();
     for b in ["ferryd", "ferry"] {
         assert!(dir.join(b).exists(), "{} missing: run `cargo build --workspace` first", dir.join(b).display());
     }
@@ -26,6 +27,36 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// True when running as root (the e2e tests need it); prints why a test is skipped.
+/// Form a cluster of the given members: the first enables clustering, the
+/// others join with tokens; waits until all are online voters.
+pub fn form_cluster(ms: &[Member]) {
+    ms[0].ferry_ok(&["cluster", "enable", &ms[0].name]);
+    for m in &ms[1..] {
+        let token = ms[0].ferry_ok(&["cluster", "add", &m.name]).trim().to_string();
+        m.ferry_ok(&["cluster", "join", &token]);
+    }
+    for m in ms {
+        wait_for(20, "all members online and voting", || {
+            let list = cluster_members(m);
+            let ok = list.len() == ms.len()
+                && list.iter().all(|x| x["status"] == "Online" && x["database"] == true)
+                && list.iter().filter(|x| x["roles"][0] == "database-leader").count() == 1;
+            ok.then_some(())
+        });
+    }
+}
+
+/// `ferry cluster list --format json` on `m`.
+pub fn cluster_members(m: &Member) -> Vec<Value> {
+    let out = m.ferry_ok(&["cluster", "list", "--format", "json"]);
+    serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+}
+
+/// Name of the current raft leader as `m` sees it.
+pub fn leader_name(m: &Member) -> Option<String> {
+    cluster_members(m).into_iter().find(|x| x["roles"][0] == "database-leader").and_then(|x| x["server_name"].as_str().map(str::to_string))
+}
+
 pub fn need_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
@@ -72,7 +103,11 @@ impl Member {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.tmp.as_ref().unwrap().path().join("ferryd.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.as_ref().unwrap().path().join("ferryd.log"))
+            .unwrap();
         let child = Command::new(bin_dir().join("ferryd"))
             .args(["--dir", self.dir.to_str().unwrap(), "--listen", &self.https, "--name", &self.name])
             .env("FERRY_LOG", "info,ferryd=debug,ferry_drivers=debug")
@@ -101,6 +136,27 @@ impl Member {
         let st = child.wait().expect("wait ferryd");
         assert!(st.success(), "ferryd exited with {st} on SIGTERM");
         self.spawn();
+    }
+
+    /// SIGKILL ferryd (a crash); instances keep running.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start ferryd again on the same data dir after `kill_daemon`.
+    pub fn start_daemon(&mut self) {
+        assert!(self.child.is_none(), "ferryd still running");
+        self.spawn();
+    }
+
+    /// The member's state-machine checksum and applied index (unix socket).
+    pub async fn db_checksum(&self) -> (String, u64) {
+        let (code, v) = self.raw(Method::GET, "/internal/db/checksum", None).await;
+        assert_eq!(code, 200, "{v}");
+        (v["checksum"].as_str().unwrap().to_string(), v["applied_index"].as_u64().unwrap())
     }
 
     pub fn log(&self) -> String {

@@ -4,31 +4,16 @@
 use std::time::Duration;
 
 use ferry_client::Client;
-use ferry_test::{need_root, wait_for, Member};
+use ferry_test::{cluster_members, form_cluster, need_root, wait_for, Member};
 use serde_json::Value;
 
 fn members(m: &Member) -> Vec<Value> {
-    let out = m.ferry_ok(&["cluster", "list", "--format", "json"]);
-    serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+    cluster_members(m)
 }
 
-fn form_cluster() -> Vec<Member> {
+fn form() -> Vec<Member> {
     let ms: Vec<Member> = ["m1", "m2", "m3"].iter().map(|n| Member::start(n)).collect();
-    ms[0].ferry_ok(&["cluster", "enable", "m1"]);
-    for m in &ms[1..] {
-        let token = ms[0].ferry_ok(&["cluster", "add", &m.name]).trim().to_string();
-        assert!(!token.is_empty());
-        m.ferry_ok(&["cluster", "join", &token]);
-    }
-    for m in &ms {
-        wait_for(20, "all three members online and voting", || {
-            let list = members(m);
-            let ok = list.len() == 3
-                && list.iter().all(|x| x["status"] == "Online" && x["database"] == true)
-                && list.iter().filter(|x| x["roles"][0] == "database-leader").count() == 1;
-            ok.then_some(())
-        });
-    }
+    form_cluster(&ms);
     ms
 }
 
@@ -37,7 +22,7 @@ async fn three_members_join_by_token_and_share_instances() {
     if !need_root("three_members_join_by_token_and_share_instances") {
         return;
     }
-    let ms = form_cluster();
+    let ms = form();
     let table = ms[2].ferry_ok(&["cluster", "list"]);
     assert!(table.contains("m1") && table.contains("m2") && table.contains("m3") && table.contains("leader"), "{table}");
 

@@ -7,7 +7,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, State as St};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ferry_cluster::raft::ApplyResult;
 use ferry_db::LogCommand;
 use openraft::error::{ClientWriteError, RaftError};
 use serde_json::{json, Map, Value};
@@ -127,7 +126,7 @@ pub async fn raft_write(St(d): State, body: Bytes) -> Result<Response, ActionErr
     let c = cluster_of(&d)?;
     let entry: LogCommand = parse_body(&body)?;
     match c.raft.client_write(entry).await {
-        Ok(resp) => Ok(json_reply::<ApplyResult>(&resp.data)),
+        Ok(resp) => Ok(json_reply(&crate::cluster::ForwardedWrite { result: resp.data, log_index: resp.log_id.index })),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
             Ok(error(StatusCode::SERVICE_UNAVAILABLE, "not the leader (any more): retry".into()))
         }
@@ -150,4 +149,10 @@ pub async fn heartbeat(St(d): State, body: Bytes) -> Result<Response, ActionErro
 pub async fn join(St(d): State, body: Bytes) -> Result<Response, ActionError> {
     let req: JoinRequest = parse_body(&body)?;
     Ok(json_reply(&d.handle_join(req).await?))
+}
+
+/// The state machine's checksum and applied index, to compare members.
+pub async fn checksum(St(d): State) -> Result<Response, ActionError> {
+    let db = d.db();
+    Ok(json_reply(&json!({"checksum": db.checksum()?, "applied_index": db.applied_index()?})))
 }

@@ -70,3 +70,15 @@ pub async fn get_console(St(d): State, Path(name): Path<String>) -> Result<Respo
     // No output yet is an empty log, not an error.
     Ok(raw(tokio::fs::read(&p).await.unwrap_or_default()))
 }
+
+#[derive(serde::Deserialize)]
+pub struct Patch {
+    #[serde(default)]
+    config: std::collections::BTreeMap<String, String>,
+}
+
+pub async fn patch(St(d): State, Path(name): Path<String>, body: Bytes) -> Result<Response, ActionError> {
+    let req: Patch = parse_body(&body)?;
+    d.patch_config(&name, req.config).await?;
+    Ok(sync(serde_json::json!({})))
+}

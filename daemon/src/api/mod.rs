@@ -26,7 +26,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/", get(|| async { sync(json!(["/1.0"])) }))
         .route("/1.0", get(server_info))
         .route("/1.0/instances", get(instances::list).post(instances::create))
-        .route("/1.0/instances/{name}", get(instances::get_one).delete(instances::delete))
+        .route("/1.0/instances/{name}", get(instances::get_one).delete(instances::delete).patch(instances::patch))
         .route("/1.0/instances/{name}/state", get(instances::get_state).put(instances::put_state))
         .route("/1.0/instances/{name}/exec", post(instances::exec))
         .route("/1.0/instances/{name}/logs/{file}", get(instances::get_log))
@@ -45,6 +45,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(crate::cluster::BARRIER_PATH, post(cluster::raft_barrier))
         .route(crate::cluster::HEARTBEAT_PATH, post(cluster::heartbeat))
         .route(crate::cluster::JOIN_PATH, post(cluster::join))
+        .route("/internal/db/checksum", get(cluster::checksum))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not found: no such API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(daemon.clone(), forward::forward))
         .layer(axum::middleware::from_fn(auth::authorize))
@@ -107,6 +108,7 @@ impl IntoResponse for ActionError {
             ActionError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ActionError::NotFound(_) => StatusCode::NOT_FOUND,
             ActionError::Conflict(_) => StatusCode::CONFLICT,
+            ActionError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ActionError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         error(code, self.to_string())

@@ -74,6 +74,13 @@ impl ClusterConfig {
     }
 }
 
+/// The leader's answer to a forwarded write: the outcome and its log index.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ForwardedWrite {
+    pub result: ApplyResult,
+    pub log_index: u64,
+}
+
 /// What a member tells others in its heartbeat.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -96,7 +103,7 @@ fn raft_err(e: impl std::fmt::Display) -> ClusterError {
 }
 
 fn unavailable(e: impl std::fmt::Display) -> DbError {
-    DbError::Conflict(format!("the cluster database is unavailable ({e}); retry once a leader is elected"))
+    DbError::Unavailable(format!("the cluster database is unavailable ({e}); retry once a leader is elected"))
 }
 
 impl Cluster {
@@ -104,7 +111,7 @@ impl Cluster {
     pub async fn start(dir: &Path, config: ClusterConfig, cert: ClusterCert, db: Arc<Db>) -> Result<Arc<Cluster>, ClusterError> {
         let peers = PeerClient::new(ferry_cluster::mtls::member_client_config(&cert)?);
         let network = net::Network { peers: peers.clone().with_timeout(Duration::from_secs(3)) };
-        let (raft, db) = raft::open_raft_with(config.node_id, dir, raft::default_config(), network, Some(db)).await.map_err(raft_err)?;
+        let (raft, db) = raft::open_raft_with(config.node_id, dir, raft_config(), network, Some(db)).await.map_err(raft_err)?;
         let c = Arc::new(Cluster { config, raft, db, peers, cert, seen: Mutex::new(HashMap::new()) });
         tokio::spawn(heartbeat_loop(Arc::downgrade(&c)));
         Ok(c)
@@ -125,16 +132,17 @@ impl Cluster {
         self.raft.metrics().borrow().current_leader == Some(self.config.node_id)
     }
 
-    /// Commit one typed command (here or via the leader); returns once applied.
+    /// Commit one typed command (here or via the leader); returns once it is
+    /// applied on the leader AND on this member (read-your-writes here).
     pub async fn write(&self, cmd: Command) -> Result<u64, DbError> {
         let entry = LogCommand::new(cmd);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let last_err = match self.raft.client_write(entry.clone()).await {
-                Ok(resp) => return resp.data.into_result(),
+                Ok(resp) => return self.applied_here(resp.log_id.index, resp.data).await,
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_node {
-                    Some(node) => match self.peers.call::<_, ApplyResult>(&node.addr, WRITE_PATH, &entry).await {
-                        Ok(r) => return r.into_result(),
+                    Some(node) => match self.peers.call::<_, ForwardedWrite>(&node.addr, WRITE_PATH, &entry).await {
+                        Ok(r) => return self.applied_here(r.log_index, r.result).await,
                         Err(e) => e.to_string(),
                     },
                     None => "no leader yet".to_string(),
@@ -146,6 +154,15 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    async fn applied_here(&self, log_index: u64, result: ApplyResult) -> Result<u64, DbError> {
+        self.raft
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(log_index), "local apply of own write")
+            .await
+            .map_err(|e| unavailable(format!("committed, but not applied on this member yet: {e}")))?;
+        result.into_result()
     }
 
     /// Wait until this member's DB reflects every write committed before the
@@ -184,6 +201,19 @@ impl Cluster {
         let seen = self.seen.lock().unwrap();
         seen.get(name).map(|(t, hb)| (t.elapsed() < OFFLINE_AFTER, hb.clone()))
     }
+}
+
+/// Raft settings: the defaults of `ferry_cluster::raft::default_config`, and
+/// `FERRY_RAFT_SNAPSHOT_EVERY=N` to snapshot (and purge the log) every N
+/// entries — a tuning knob, used by tests to force catch-up by snapshot.
+fn raft_config() -> openraft::Config {
+    let mut c = raft::default_config();
+    if let Some(n) = std::env::var("FERRY_RAFT_SNAPSHOT_EVERY").ok().and_then(|v| v.parse::<u64>().ok()).filter(|n| *n > 0) {
+        c.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(n);
+        c.max_in_snapshot_log_to_keep = 0;
+        c.purge_batch_size = 1;
+    }
+    c
 }
 
 pub fn mem_free() -> u64 {
