@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# ferry demo: installs what is missing, builds, starts a ferryd, launches a
-# container (CRIU) and a VM (QEMU/KVM), shows their counters advancing,
-# stateful-stops and starts both, shows that the counters continued, and
-# cleans up. Run as root on Debian.
+# ferry demo: installs what is missing, builds, starts a 3-member cluster of
+# ferryd daemons on loopback (raft-replicated DB, mTLS between members),
+# launches a container (CRIU) on member2 and a VM (QEMU/KVM) on member3, shows
+# their counters advancing, stateful-stops and starts both, shows that the
+# counters continued, and cleans up. Run as root on Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/real-root.sh; ferry_ensure_real_root "$0" "$@"
@@ -11,30 +12,47 @@ echo "== building ferry" >&2
 cargo build --workspace --locked -q
 BIN=$PWD/target/debug
 WORK=$(mktemp -d /tmp/ferry-demo.XXXXXX)
-export FERRY_DIR=$WORK/member1
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-FERRYD_PID=
+PIDS=()
 cleanup() {
   set +e
-  for i in c1 v1; do "$BIN/ferry" delete --force "$i" >/dev/null 2>&1; done
-  [ -n "$FERRYD_PID" ] && kill "$FERRYD_PID" 2>/dev/null && wait "$FERRYD_PID" 2>/dev/null
+  for i in c1 v1; do FERRY_DIR=$WORK/member1 "$BIN/ferry" delete --force "$i" >/dev/null 2>&1; done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 ferry() { echo "\$ ferry $*" >&2; "$BIN/ferry" "$@"; }
+on() { local m=$1; shift; echo "[$m] \$ ferry $*" >&2; FERRY_DIR=$WORK/$m "$BIN/ferry" "$@"; }
 step() { printf '\n== %s\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-step "starting ferryd (data dir $FERRY_DIR, HTTPS 127.0.0.1:$PORT)"
-"$BIN/ferryd" --dir "$FERRY_DIR" --listen "127.0.0.1:$PORT" --name member1 >"$WORK/ferryd.log" 2>&1 &
-FERRYD_PID=$!
-for _ in $(seq 100); do [ -S "$FERRY_DIR/unix.socket" ] && break; sleep 0.1; done
-[ -S "$FERRY_DIR/unix.socket" ] || { cat "$WORK/ferryd.log"; exit 1; }
+step "starting three members (ferryd), each with its own data dir and HTTPS port"
+for m in member1 member2 member3; do
+  port=$(free_port)
+  "$BIN/ferryd" --dir "$WORK/$m" --listen "127.0.0.1:$port" --name "$m" >"$WORK/$m.log" 2>&1 &
+  PIDS+=($!)
+  echo "$m: https://127.0.0.1:$port  (data dir $WORK/$m)"
+done
+for m in member1 member2 member3; do
+  for _ in $(seq 100); do [ -S "$WORK/$m/unix.socket" ] && break; sleep 0.1; done
+  [ -S "$WORK/$m/unix.socket" ] || { cat "$WORK/$m.log"; exit 1; }
+done
 [ -e /dev/kvm ] && echo "KVM: /dev/kvm present" || echo "KVM: /dev/kvm absent: VMs run under TCG emulation"
 
-step "launching a container and a VM"
-ferry launch busybox c1 -c limits.memory=64MiB
-ferry launch testvm v1 --vm -c limits.memory=256MiB -c testvm.dirty_mib=32
-ferry list
+step "forming the cluster: enable on member1, join the others with one-time tokens (raft over mTLS)"
+on member1 cluster enable member1
+for m in member2 member3; do
+  token=$(on member1 cluster add "$m")
+  on "$m" cluster join "$token"
+done
+sleep 2
+on member3 cluster list
+
+export FERRY_DIR=$WORK/member1
+step "launching a container on member2 and a VM on member3 (from member1: requests are forwarded)"
+ferry launch busybox c1 --target member2 -c limits.memory=64MiB
+ferry launch testvm v1 --vm --target member3 -c limits.memory=256MiB -c testvm.dirty_mib=32
+on member2 list
 
 c_counter() { "$BIN/ferry" exec c1 -- cat /counter | tr -d '[:space:]'; }
 v_counter() { "$BIN/ferry" console --show-log v1 | grep -a '^counter ' | tail -1 | awk '{print $2}'; }
@@ -49,7 +67,7 @@ echo "VM v1 serial 'counter N':  $v0 -> $v1"
 step "stateful stop (container: CRIU dump; VM: QEMU migrate to a state file)"
 t0=$(date +%s.%N); ferry stop --stateful c1; t1=$(date +%s.%N); ferry stop --stateful v1; t2=$(date +%s.%N)
 ferry list
-c_saved=$(tr -d '[:space:]' < "$FERRY_DIR/storage-pools/default/containers/c1/rootfs/counter"); v_saved=$(v_counter)
+c_saved=$(tr -d '[:space:]' < "$WORK/member2/storage-pools/default/containers/c1/rootfs/counter"); v_saved=$(v_counter)
 echo "saved: container at $c_saved, VM at $v_saved; waiting 2 s while stopped"
 sleep 2
 

@@ -98,6 +98,9 @@ pub enum Command {
     /// Manage the cluster: enable, add, join, list, remove
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Server configuration: trusted client certificates
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
 #[derive(Debug, Args)]
@@ -288,4 +291,26 @@ pub enum ClusterCommand {
     List,
     /// Remove a member (it must have no instances)
     Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Trusted client certificates (replicated to every member)
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Trust a client certificate (PEM file)
+    Add {
+        file: std::path::PathBuf,
+        /// A name for it (default: the start of its fingerprint)
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List trusted client certificates
+    List,
+    /// Stop trusting a certificate (fingerprint or unique prefix)
+    Remove { fingerprint: String },
 }

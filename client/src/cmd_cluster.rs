@@ -4,7 +4,7 @@ use anyhow::Result;
 use ferry_client::Method;
 use serde_json::{json, Value};
 
-use crate::cli::ClusterCommand;
+use crate::cli::{ClusterCommand, ConfigCommand, TrustCommand};
 use crate::ctx::Ctx;
 use crate::output::{print_out, render_table};
 
@@ -38,6 +38,43 @@ pub async fn run(ctx: &Ctx, cmd: &ClusterCommand) -> Result<i32> {
         ClusterCommand::Remove { name } => {
             ctx.client.delete(&format!("/1.0/cluster/members/{name}"), None).await?;
             eprintln!("Member {name} removed");
+            Ok(0)
+        }
+    }
+}
+
+/// `ferry config trust add|list|remove`.
+pub async fn config(ctx: &Ctx, cmd: &ConfigCommand) -> Result<i32> {
+    let ConfigCommand::Trust(t) = cmd;
+    match t {
+        TrustCommand::Add { file, name } => {
+            let pem = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let body = json!({"type": "client", "certificate": pem, "name": name.clone().unwrap_or_default()});
+            let env = ctx.client.post("/1.0/certificates", Some(&body)).await?;
+            eprintln!("Trusted certificate {}", env.metadata["fingerprint"].as_str().unwrap_or("?"));
+            Ok(0)
+        }
+        TrustCommand::List => {
+            let env = ctx.client.get("/1.0/certificates").await?;
+            if ctx.json() {
+                ctx.print_json(&env.metadata);
+                return Ok(0);
+            }
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            let rows: Vec<Vec<String>> = env
+                .metadata
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| vec![s(&c["name"]), s(&c["type"]), s(&c["fingerprint"]).chars().take(12).collect()])
+                .collect();
+            print_out(&render_table(&["NAME", "TYPE", "FINGERPRINT"], &rows));
+            Ok(0)
+        }
+        TrustCommand::Remove { fingerprint } => {
+            ctx.client.delete(&format!("/1.0/certificates/{fingerprint}"), None).await?;
+            eprintln!("Certificate {fingerprint} is no longer trusted");
             Ok(0)
         }
     }

@@ -44,5 +44,6 @@ async fn run(cli: &Cli) -> Result<i32> {
         Command::Console(a) => cmd_instance::console(&ctx, a).await,
         Command::Operation(c) => cmd_operation::run(&ctx, c).await,
         Command::Cluster(c) => cmd_cluster::run(&ctx, c).await,
+        Command::Config(c) => cmd_cluster::config(&ctx, c).await,
     }
 }

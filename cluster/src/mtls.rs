@@ -134,10 +134,16 @@ fn build_server(
 ) -> Result<ServerConfig, MtlsError> {
     let provider = provider();
     let verifier = PeerCertVerifier { member, trust, algs: provider.signature_verification_algorithms };
-    Ok(ServerConfig::builder_with_provider(provider)
+    let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(chain, key)?)
+        .with_single_cert(chain, key)?;
+    // No session resumption: a resumed handshake skips client-certificate
+    // verification, so a certificate removed from the trust store would keep
+    // working. Every connection verifies afresh.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
 }
 
 /// The cluster port of a clustered member: presents the cluster certificate;
@@ -178,7 +184,7 @@ pub fn classify_standalone_peer(conn_peer_certs: Option<&[CertificateDer<'_>]>, 
 
 fn classify_user(end: &CertificateDer<'_>, trust: &TrustStore) -> PeerKind {
     let fp = fingerprint(end);
-    if trust.fingerprints().contains(&fp) {
+    if trust.is_trusted(end) {
         PeerKind::TrustedClient(fp)
     } else {
         tracing::warn!(fingerprint = %fp, "a certificate no longer trusted reached the HTTP layer; treating the peer as anonymous");

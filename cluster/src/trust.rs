@@ -1,20 +1,36 @@
-//! Trusted client certificates: one PEM file per certificate under a directory
-//! (`DIR/trust/<fingerprint>.crt`). Read on each check, so adding a file takes
-//! effect for the next TLS handshake without a restart.
+//! Trusted client certificates, from two sources checked at each TLS
+//! handshake (so a change takes effect without a restart):
+//! - the replicated DB's `certificates` table (`ferry config trust add`, the
+//!   same on every member of a cluster);
+//! - a member-local directory, one PEM file per certificate
+//!   (`DIR/trust/<fingerprint>.crt`), for bootstrapping by hand.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::identity::fingerprint;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TrustStore {
     dir: PathBuf,
+    db: Option<std::sync::Arc<ferry_db::Db>>,
+}
+
+impl std::fmt::Debug for TrustStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustStore").field("dir", &self.dir).field("db", &self.db.is_some()).finish()
+    }
 }
 
 impl TrustStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        TrustStore { dir: dir.into() }
+        TrustStore { dir: dir.into(), db: None }
+    }
+
+    /// Also trust the certificates recorded in `db`.
+    pub fn with_db(mut self, db: std::sync::Arc<ferry_db::Db>) -> Self {
+        self.db = Some(db);
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -36,6 +52,11 @@ impl TrustStore {
 
     pub fn is_trusted(&self, der: &[u8]) -> bool {
         let fp = fingerprint(der);
+        if let Some(db) = &self.db {
+            if db.is_trusted_fingerprint(&fp).unwrap_or(false) {
+                return true;
+            }
+        }
         self.fingerprints().iter().any(|f| f == &fp)
     }
 

@@ -68,7 +68,7 @@ impl Daemon {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
         let db = Arc::new(Db::open(&dir.join("ferry.db"))?);
         let events = EventBus::with_location(member.clone());
-        let trust = ferry_cluster::TrustStore::new(dir.join("trust"));
+        let trust = ferry_cluster::TrustStore::new(dir.join("trust")).with_db(db.clone());
         let mode = match ferry_cluster::ClusterCert::load(&dir)? {
             Some(c) => crate::tls::TlsMode::Cluster(c),
             None => crate::tls::TlsMode::Standalone(ferry_cluster::Identity::load_or_generate(
@@ -221,8 +221,7 @@ impl Daemon {
     async fn set_status(&self, name: &str, status: &str) -> Result<(), ferry_db::DbError> {
         let now = now_rfc3339();
         let used = (status == "Running").then_some(now);
-        self.writer
-            .submit(Command::SetInstanceStatus { name: name.into(), status: status.into(), last_used_at: used })
+        self.submit(Command::SetInstanceStatus { name: name.into(), status: status.into(), last_used_at: used })
             .await
             .map(|_| ())
     }

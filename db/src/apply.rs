@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{apply_members, Command, DbError, InstanceRecord};
+use crate::{apply_certificates, apply_members, Command, DbError, InstanceRecord};
 
 pub(crate) fn command(conn: &Connection, cmd: &Command) -> Result<(), DbError> {
     match cmd {
@@ -47,6 +47,9 @@ pub(crate) fn command(conn: &Connection, cmd: &Command) -> Result<(), DbError> {
         | Command::JoinMember { .. }
         | Command::RemoveMember { .. }
         | Command::SetMemberState { .. } => apply_members::command(conn, cmd),
+        Command::AddCertificate { .. } | Command::RemoveCertificate { .. } => {
+            apply_certificates::command(conn, cmd)
+        }
     }
 }
 

@@ -115,11 +115,7 @@ fn add_join_token(
     expires_at: i64,
     created_at: &str,
 ) -> Result<(), DbError> {
-    if secret_sha256.len() != 64
-        || !secret_sha256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if !is_sha256_hex(secret_sha256) {
         return Err(DbError::Conflict(
             "the join token digest is not a SHA-256 in lowercase hex (64 digits)".into(),
         ));
@@ -194,6 +190,13 @@ fn remove_member(conn: &Connection, name: &str) -> Result<(), DbError> {
     // Its (used) token goes too, so the name can be added again later.
     conn.execute("DELETE FROM join_tokens WHERE member_name = ?1", [name])?;
     Ok(())
+}
+
+/// Whether `s` is a SHA-256 digest in lowercase hex (exactly 64 digits).
+pub(crate) fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Constant-time equality: the time taken depends on the lengths only (a SHA-256 hex

@@ -118,6 +118,24 @@ pub enum Command {
     RemoveMember { name: String },
     /// Sets a member's state: "online" | "evacuated".
     SetMemberState { name: String, state: String },
+    /// Trusts a client certificate. The submitting daemon parses the PEM and computes
+    /// the fingerprint; the database stores both as given. Fails with `Conflict` unless
+    /// `fingerprint` is 64 lowercase hex digits and `kind` is "client", then with
+    /// `AlreadyExists` (what "certificate") if the fingerprint is already trusted.
+    AddCertificate {
+        /// SHA-256 of the certificate's DER, lowercase hex.
+        fingerprint: String,
+        name: String,
+        /// "client".
+        #[serde(rename = "type")]
+        kind: String,
+        /// PEM.
+        certificate: String,
+        /// RFC 3339.
+        created_at: String,
+    },
+    /// Stops trusting a certificate. Fails with `NotFound` (what "certificate").
+    RemoveCertificate { fingerprint: String },
 }
 
 impl Command {
@@ -135,6 +153,8 @@ impl Command {
             Command::JoinMember { .. } => "join_member",
             Command::RemoveMember { .. } => "remove_member",
             Command::SetMemberState { .. } => "set_member_state",
+            Command::AddCertificate { .. } => "add_certificate",
+            Command::RemoveCertificate { .. } => "remove_certificate",
         }
     }
 }
@@ -334,6 +354,23 @@ mod tests {
                 },
                 r#"{"version":1,"command":{"op":"set_member_state","name":"m1","state":"evacuated"}}"#,
             ),
+            (
+                Command::AddCertificate {
+                    fingerprint: "0f".repeat(32),
+                    name: "alice".into(),
+                    kind: "client".into(),
+                    certificate: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+                        .into(),
+                    created_at: "2025-01-01T00:00:00Z".into(),
+                },
+                r#"{"version":1,"command":{"op":"add_certificate","fingerprint":"0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f","name":"alice","type":"client","certificate":"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n","created_at":"2025-01-01T00:00:00Z"}}"#,
+            ),
+            (
+                Command::RemoveCertificate {
+                    fingerprint: "0f".repeat(32),
+                },
+                r#"{"version":1,"command":{"op":"remove_certificate","fingerprint":"0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f"}}"#,
+            ),
         ]
     }
 
@@ -412,6 +449,8 @@ mod tests {
             r#"{"version":1,"command":{"op":"explode","name":"c1"}}"#,
             r#"{"version":1,"command":{"op":"delete_instance","name":"c1","force":true}}"#,
             r#"{"version":1,"command":{"op":"delete_instance"}}"#,
+            // The certificate type travels as "type", never as the Rust field name.
+            r#"{"version":1,"command":{"op":"add_certificate","fingerprint":"","name":"a","kind":"client","certificate":"","created_at":""}}"#,
         ] {
             assert!(
                 matches!(LogCommand::decode(json.as_bytes()), Err(DbError::Encode(_))),

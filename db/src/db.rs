@@ -8,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
-use crate::{apply, members, schema, Command, DbError, InstanceRecord};
+use crate::{apply, certificates, members, schema, Command, DbError, InstanceRecord};
 
 /// The ferry database: one SQLite connection behind a mutex. `Send + Sync`; share it
 /// with `Arc`. Calls block on SQLite, so async callers write through [`crate::Writer`].
@@ -109,9 +109,9 @@ impl Db {
     }
 
     /// SHA-256 (hex) over the state machine contents — instances with their config and
-    /// volatile keys, then members and join tokens — in a canonical order. Equal
-    /// contents give equal checksums on any member, whatever the row ids or insertion
-    /// order. (`meta`, with the applied index and raft bookkeeping, is left out.)
+    /// volatile keys, then members and join tokens, then trusted certificates — in a
+    /// canonical order. Equal contents give equal checksums on any member, whatever the
+    /// row ids or insertion order. (`meta`, with the applied index and raft bookkeeping, is left out.)
     pub fn checksum(&self) -> Result<String, DbError> {
         let conn = self.lock();
         let instances = list_instances(&conn)?;
@@ -120,8 +120,9 @@ impl Db {
             hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(bytes);
         };
-        // v2: members and join tokens joined (schema version 3).
-        field(b"ferry-db state checksum v2");
+        // v2: members and join tokens joined (schema version 3); v3: certificates
+        // (schema version 4).
+        field(b"ferry-db state checksum v3");
         field(&(instances.len() as u64).to_le_bytes());
         for r in &instances {
             for s in [
@@ -146,6 +147,7 @@ impl Db {
             }
         }
         members::checksum_fields(&conn, &mut field)?;
+        certificates::checksum_fields(&conn, &mut field)?;
         Ok(format!("{:x}", hasher.finalize()))
     }
 }

@@ -1,5 +1,5 @@
-//! ferry-db: the state machine holding the authoritative record of every instance
-//! and of the cluster's members.
+//! ferry-db: the state machine holding the authoritative record of every instance,
+//! of the cluster's members and of the trusted client certificates.
 //!
 //! The database is changed only by applying typed [`Command`]s, each in one SQLite
 //! transaction together with the bump of `meta.applied_index`. Today the [`Writer`]
@@ -8,7 +8,9 @@
 //! The format and schema history are documented in `doc/db.md`.
 
 mod apply;
+mod apply_certificates;
 mod apply_members;
+mod certificates;
 mod command;
 mod db;
 mod members;
@@ -16,6 +18,7 @@ mod replicated;
 mod schema;
 mod writer;
 
+pub use certificates::{CertificateRecord, CERTIFICATE_CLIENT};
 pub use command::{
     Command, InstanceRecord, LogCommand, COMMAND_FORMAT_VERSION, MIN_COMMAND_FORMAT_VERSION,
 };

@@ -174,7 +174,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::InstanceRecord;
+    use crate::{InstanceRecord, LogCommand};
 
     fn create(name: &str) -> Command {
         Command::CreateInstance {
@@ -285,6 +285,84 @@ mod tests {
         assert!(matches!(&results[2], Err(DbError::Conflict(m)) if m == "join token already used"));
         assert_eq!(db.applied_index().unwrap(), 5);
         assert_eq!(db.get_member("m2").unwrap().unwrap().node_id, 2);
+    }
+
+    #[test]
+    fn certificate_commands_through_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("a.db")).unwrap();
+        let fp = "c".repeat(64);
+        let add = Command::AddCertificate {
+            fingerprint: fp.clone(),
+            name: "alice".into(),
+            kind: "client".into(),
+            certificate: "-----BEGIN CERTIFICATE-----\nc\n-----END CERTIFICATE-----\n".into(),
+            created_at: "2025-01-01T00:00:00Z".into(),
+        };
+        let bad_type = Command::AddCertificate {
+            fingerprint: "d".repeat(64),
+            name: "bob".into(),
+            kind: "server".into(),
+            certificate: "x".into(),
+            created_at: "2025-01-01T00:00:00Z".into(),
+        };
+        let remove = Command::RemoveCertificate {
+            fingerprint: fp.clone(),
+        };
+        // Entries as they travel: encoded and decoded like openraft does.
+        let decoded: Vec<Command> = [&add, &add, &bad_type]
+            .iter()
+            .map(|cmd| {
+                let bytes = LogCommand::new((*cmd).clone()).encode().unwrap();
+                serde_json::from_slice::<LogCommand>(&bytes)
+                    .unwrap()
+                    .command
+            })
+            .collect();
+        let results = db
+            .apply_log_entries(&[
+                entry(1, "\"a\"", Some(&decoded[0])),
+                entry(2, "\"b\"", Some(&decoded[1])),
+                entry(3, "\"c\"", Some(&decoded[2])),
+            ])
+            .unwrap();
+        assert!(results[0].is_ok());
+        assert!(
+            matches!(&results[1], Err(DbError::AlreadyExists { what: "certificate", name }) if *name == fp)
+        );
+        assert!(matches!(&results[2], Err(DbError::Conflict(_))));
+        assert_eq!(db.applied_index().unwrap(), 3);
+        assert!(db.is_trusted_fingerprint(&fp).unwrap());
+        assert_eq!(db.list_certificates().unwrap().len(), 1);
+
+        // A snapshot carries the certificates.
+        let snap = dir.path().join("snap.db");
+        db.export_snapshot(&snap).unwrap();
+        let other = Db::open_in_memory().unwrap();
+        other.import_snapshot(&snap).unwrap();
+        assert_eq!(other.checksum().unwrap(), db.checksum().unwrap());
+        assert_eq!(
+            other.get_certificate(&fp).unwrap(),
+            db.get_certificate(&fp).unwrap()
+        );
+
+        let results = db
+            .apply_log_entries(&[
+                entry(4, "\"d\"", Some(&remove)),
+                entry(5, "\"e\"", Some(&remove)),
+            ])
+            .unwrap();
+        assert!(results[0].is_ok());
+        assert!(matches!(
+            &results[1],
+            Err(DbError::NotFound {
+                what: "certificate",
+                ..
+            })
+        ));
+        assert_eq!(db.applied_index().unwrap(), 5);
+        assert!(!db.is_trusted_fingerprint(&fp).unwrap());
+        assert_ne!(other.checksum().unwrap(), db.checksum().unwrap());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::DbError;
 /// Version of the schema this code creates and understands: the number of updates.
 pub const SCHEMA_VERSION: u32 = UPDATES.len() as u32;
 
-const UPDATES: &[&str] = &[UPDATE_1, UPDATE_2, UPDATE_3];
+const UPDATES: &[&str] = &[UPDATE_1, UPDATE_2, UPDATE_3, UPDATE_4];
 
 /// Version 1: the initial schema.
 const UPDATE_1: &str = "
@@ -80,6 +80,20 @@ CREATE TABLE join_tokens (
     expires_at    INTEGER NOT NULL,
     used          INTEGER NOT NULL DEFAULT 0,
     created_at    TEXT NOT NULL
+);
+";
+
+/// Version 4: trusted client certificates (Incus's `/1.0/certificates`).
+///
+/// `fingerprint` is the SHA-256 of the certificate's DER, lowercase hex, computed by
+/// the daemon (the database never parses PEM). Names need not be unique.
+const UPDATE_4: &str = "
+CREATE TABLE certificates (
+    fingerprint TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    certificate TEXT NOT NULL,
+    created_at  TEXT NOT NULL
 );
 ";
 
@@ -178,6 +192,8 @@ mod tests {
         );
     }
 
+    const CERT_FP: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
     #[test]
     fn opening_at_each_intermediate_version_upgrades() {
         let fresh = {
@@ -205,6 +221,14 @@ mod tests {
                     )
                     .unwrap();
                 }
+                if k >= 4 {
+                    conn.execute(
+                        "INSERT INTO certificates (fingerprint, name, type, certificate, created_at)
+                         VALUES (?1, 'alice', 'client', 'PEM', 't0')",
+                        [CERT_FP],
+                    )
+                    .unwrap();
+                }
             }
             let db = Db::open(&path).unwrap();
             assert_eq!(
@@ -227,6 +251,11 @@ mod tests {
                 });
                 assert_eq!(address, "10.0.0.1:8443", "member row kept across updates");
             }
+            assert_eq!(
+                db.is_trusted_fingerprint(CERT_FP).unwrap(),
+                k >= 4,
+                "certificate row kept across updates (from version {k})"
+            );
             db.apply(&Command::DeleteInstance {
                 name: "nope".into(),
             })
@@ -252,7 +281,7 @@ mod tests {
             .unwrap();
         }
         let db = Db::open(&path).unwrap();
-        assert_eq!(db.schema_version().unwrap(), 3);
+        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(db.applied_index().unwrap(), 41);
         let c1 = db.get_instance("c1").unwrap().unwrap();
         assert_eq!(
@@ -316,6 +345,74 @@ mod tests {
             c.execute_batch("INSERT INTO members (name, address) VALUES ('a', 'x'), ('b', 'y');")
                 .unwrap()
         });
+    }
+
+    #[test]
+    fn update_4_keeps_version_3_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.db");
+        let (sum, members, instances) = {
+            // The same contents written through commands at the current version, to
+            // compare the upgraded database with.
+            let db = Db::open_in_memory().unwrap();
+            db.apply(&Command::AddMember {
+                name: "m1".into(),
+                node_id: 1,
+                address: "10.0.0.1:8443".into(),
+                version: "0.1.0".into(),
+                joined_at: "t0".into(),
+            })
+            .unwrap();
+            db.apply(&Command::AddJoinToken {
+                member_name: "m2".into(),
+                secret_sha256: "a".repeat(64),
+                expires_at: 5,
+                created_at: "t0".into(),
+            })
+            .unwrap();
+            (
+                db.checksum().unwrap(),
+                db.list_members().unwrap(),
+                db.list_instances().unwrap(),
+            )
+        };
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            assert_eq!(update_with(&mut conn, &UPDATES[..3]).unwrap(), 3);
+            conn.execute_batch(&format!(
+                "INSERT INTO members (name, address, node_id, version, state, joined_at)
+                 VALUES ('m1', '10.0.0.1:8443', 1, '0.1.0', 'online', 't0');
+                 INSERT INTO join_tokens (member_name, secret_sha256, expires_at, used, created_at)
+                 VALUES ('m2', '{}', 5, 0, 't0');
+                 UPDATE meta SET value = '77' WHERE key = 'applied_index';
+                 INSERT INTO meta (key, value) VALUES ('raft_applied_log_id', '\"x\"');",
+                "a".repeat(64)
+            ))
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap(), 4);
+        assert_eq!(db.applied_index().unwrap(), 77);
+        assert_eq!(
+            db.raft_meta().unwrap().applied_log_id.as_deref(),
+            Some("\"x\"")
+        );
+        assert_eq!(db.list_members().unwrap(), members);
+        assert_eq!(db.list_instances().unwrap(), instances);
+        assert_eq!(db.checksum().unwrap(), sum);
+        // The new table starts empty and works.
+        assert_eq!(db.list_certificates().unwrap(), vec![]);
+        assert!(!db.is_trusted_fingerprint(&"f".repeat(64)).unwrap());
+        db.apply(&Command::AddCertificate {
+            fingerprint: "f".repeat(64),
+            name: "alice".into(),
+            kind: "client".into(),
+            certificate: "PEM".into(),
+            created_at: "t1".into(),
+        })
+        .unwrap();
+        assert!(db.is_trusted_fingerprint(&"f".repeat(64)).unwrap());
+        assert_eq!(db.applied_index().unwrap(), 78);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod container;
 pub mod ctx;
 pub mod error;
+pub mod storage;
 pub mod vm;
 
 use std::collections::BTreeMap;

@@ -57,6 +57,21 @@ async fn three_members_join_by_token_and_share_instances() {
     let e = rogue.get("/1.0").await.expect_err("a self-signed peer must be refused");
     eprintln!("self-signed peer refused: {e}");
 
+    // Trusting that client on one member trusts it on every member (replicated).
+    let out = ms[0].ferry_ok(&["config", "trust", "add", crt.to_str().unwrap(), "--name", "alice"]);
+    let _ = out;
+    let at_m3 = Client::https(&format!("https://{}", ms[2].https), &crt, &key, ms[2].dir.join("cluster.crt")).unwrap();
+    let env = wait_for_ok(|| async { at_m3.get("/1.0/instances").await.ok() }).await;
+    assert_eq!(env.metadata, serde_json::json!([]));
+    // A trusted client is not a member: the internal API is refused.
+    let err = at_m3.post("/internal/raft/write", Some(&serde_json::json!({}))).await.unwrap_err();
+    assert_eq!(err.api_status(), Some(403), "{err}");
+    // Listings read the local copy: m2 shows it once it applied the entry.
+    wait_for(10, "the certificate listed on m2", || ms[1].ferry_ok(&["config", "trust", "list"]).contains("alice").then_some(()));
+    let fp = ferry_client::tls::pem_file_fingerprint(&crt).unwrap();
+    ms[1].ferry_ok(&["config", "trust", "remove", &fp[..16]]);
+    wait_for_ok(|| async { at_m3.get("/1.0").await.is_err().then_some(()) }).await;
+
     // Instances launched on different members are listed everywhere with their location.
     ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m2"]);
     ms[2].ferry_ok(&["launch", "busybox", "c2"]);
@@ -68,6 +83,8 @@ async fn three_members_join_by_token_and_share_instances() {
         let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
         let loc = |n: &str| list.as_array().unwrap().iter().find(|i| i["name"] == n).map(|i| i["location"].clone());
         assert_eq!(loc("c1"), Some(Value::from("m2")), "on {}: {list}", m.name);
+        let status = list.as_array().unwrap().iter().find(|i| i["name"] == "c1").unwrap()["status"].clone();
+        assert_eq!(status, "Running", "c1's status as listed on {}: {list}", m.name);
         assert_eq!(loc("c2"), Some(Value::from(c2_member.as_str())), "on {}: {list}", m.name);
         let info = m.ferry_ok(&["info", "c1"]);
         assert!(info.contains("Location: m2") && info.to_lowercase().contains("status: running"), "{info}");
@@ -82,8 +99,23 @@ async fn three_members_join_by_token_and_share_instances() {
     ms[2].ferry_ok(&["start", "c1"]);
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
     ms[0].ferry_ok(&["delete", "--force", "c2"]);
-    let list: Value = serde_json::from_str(&ms[1].ferry_ok(&["list", "--format", "json"])).unwrap();
-    assert_eq!(list, serde_json::json!([]));
+    wait_for(10, "no instance listed on m2", || {
+        let list: Value = serde_json::from_str(&ms[1].ferry_ok(&["list", "--format", "json"])).unwrap();
+        (list == serde_json::json!([])).then_some(())
+    });
+    // Every member's state machine holds the same contents.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut sums = vec![];
+        for m in &ms {
+            sums.push(m.db_checksum().await);
+        }
+        if sums.iter().all(|s| s == &sums[0]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "members' databases differ: {sums:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
@@ -96,4 +128,19 @@ fn ferry_test_token(name: &str, addr: &str, fingerprint: &str, ttl_secs: u64) ->
     let mut t = ferry_cluster::token::JoinToken::new(name, vec![addr.to_string()], fingerprint, Duration::from_secs(ttl_secs));
     t.expires_at -= 10;
     t.encode()
+}
+
+async fn wait_for_ok<T, F, Fut>(f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "condition not reached within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -66,9 +66,9 @@ async fn placement(d: &Arc<Daemon>, query: Option<&str>) -> Result<Option<String
     if let Some(t) = target.filter(|t| !t.is_empty()) {
         return match members.iter().find(|m| m.name == t) {
             None => Err(error(StatusCode::BAD_REQUEST, format!("Member \"{t}\" is not in the cluster: see `ferry cluster list`"))),
-            Some(_) => match cluster.member_seen(&t) {
-                Some((true, _)) => Ok(Some(t)),
-                _ => Err(error(StatusCode::BAD_REQUEST, format!("Member \"{t}\" is offline: choose another --target"))),
+            Some(m) => match cluster.check_online(&t, &m.address).await {
+                true => Ok(Some(t)),
+                false => Err(error(StatusCode::BAD_REQUEST, format!("Member \"{t}\" is offline: choose another --target"))),
             },
         };
     }

@@ -14,6 +14,7 @@ use crate::core::{ActionError, Daemon};
 use crate::ops::Op;
 
 pub mod auth;
+mod certificates;
 mod cluster;
 mod forward;
 mod instances;
@@ -35,6 +36,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/1.0/operations/{id}", get(operations::get_one).delete(operations::cancel))
         .route("/1.0/operations/{id}/wait", get(operations::wait))
         .route("/1.0/events", get(operations::events))
+        .route("/1.0/certificates", get(certificates::list).post(certificates::add))
+        .route("/1.0/certificates/{fingerprint}", axum::routing::delete(certificates::remove))
         .route("/1.0/cluster", get(cluster::get_cluster).put(cluster::put_cluster))
         .route("/1.0/cluster/members", get(cluster::list_members).post(cluster::add_member))
         .route("/1.0/cluster/members/{name}", get(cluster::get_member).delete(cluster::delete_member))

@@ -193,6 +193,22 @@ impl Cluster {
         self.seen.lock().unwrap().insert(hb.name.clone(), (Instant::now(), hb));
     }
 
+    /// Is `name` online? Uses the last heartbeat; a member not heard from yet
+    /// (e.g. it just joined) is asked directly.
+    pub async fn check_online(&self, name: &str, address: &str) -> bool {
+        if let Some((true, _)) = self.member_seen(name) {
+            return true;
+        }
+        let peers = self.peers.clone().with_timeout(Duration::from_secs(2));
+        match peers.call::<_, Heartbeat>(address, HEARTBEAT_PATH, &local_heartbeat(&self.config.name)).await {
+            Ok(hb) => {
+                self.record_heartbeat(hb);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Online status and last heartbeat of a member.
     pub fn member_seen(&self, name: &str) -> Option<(bool, Heartbeat)> {
         if name == self.config.name {
