@@ -95,6 +95,8 @@ pub enum Command {
     /// Manage background operations
     #[command(subcommand)]
     Operation(OperationCommand),
+    /// Move an instance to another cluster member (live for a running instance)
+    Move(MoveArgs),
     /// Manage the cluster: enable, add, join, list, remove
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -313,4 +315,15 @@ pub enum TrustCommand {
     List,
     /// Stop trusting a certificate (fingerprint or unique prefix)
     Remove { fingerprint: String },
+}
+
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    pub name: String,
+    /// Member to move the instance to
+    #[arg(long)]
+    pub target: String,
+    /// Stop the instance, move it, start it again (no live state transfer)
+    #[arg(long)]
+    pub stateless: bool,
 }

@@ -4,7 +4,7 @@ use anyhow::Result;
 use ferry_client::Method;
 use serde_json::{json, Value};
 
-use crate::cli::{ClusterCommand, ConfigCommand, TrustCommand};
+use crate::cli::{ClusterCommand, ConfigCommand, MoveArgs, TrustCommand};
 use crate::ctx::Ctx;
 use crate::output::{print_out, render_table};
 
@@ -41,6 +41,28 @@ pub async fn run(ctx: &Ctx, cmd: &ClusterCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `ferry move NAME --target MEMBER [--stateless]`.
+pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
+    let body = json!({"migration": true, "live": !a.stateless});
+    let path = format!("/1.0/instances/{}?target={}", a.name, a.target);
+    let what = format!("Moving {} to {}", a.name, a.target);
+    let op = ctx.run_op(Method::POST, &path, Some(&body), &what).await?;
+    if ctx.json() {
+        ctx.print_json(&op.metadata);
+    } else {
+        let plan = &op.metadata["plan"];
+        let live = matches!(plan["state"]["type"].as_str(), Some("criu_page_server") | Some("vm_qemu_live"));
+        eprintln!(
+            "Moved {} to {} ({}; {} ms in all)",
+            a.name,
+            a.target,
+            if live { "live" } else { "stateless" },
+            op.metadata["total_ms"].as_u64().unwrap_or(0)
+        );
+    }
+    Ok(0)
 }
 
 /// `ferry config trust add|list|remove`.

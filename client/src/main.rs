@@ -44,6 +44,7 @@ async fn run(cli: &Cli) -> Result<i32> {
         Command::Console(a) => cmd_instance::console(&ctx, a).await,
         Command::Operation(c) => cmd_operation::run(&ctx, c).await,
         Command::Cluster(c) => cmd_cluster::run(&ctx, c).await,
+        Command::Move(a) => cmd_cluster::move_instance(&ctx, a).await,
         Command::Config(c) => cmd_cluster::config(&ctx, c).await,
     }
 }

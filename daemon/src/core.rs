@@ -29,6 +29,8 @@ pub enum ActionError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -54,6 +56,7 @@ pub struct Daemon {
     cluster: std::sync::RwLock<Option<Arc<crate::cluster::Cluster>>>,
     pub ops: Operations,
     pub events: EventBus,
+    pub pending: crate::migrate::Pending,
     leases: Leases,
 }
 
@@ -89,6 +92,7 @@ impl Daemon {
             dir,
             member,
             leases: Leases::default(),
+            pending: Default::default(),
         });
         if let (Some(cfg), Some(cert)) = (crate::cluster::ClusterConfig::load(&d.dir), ferry_cluster::ClusterCert::load(&d.dir)?) {
             anyhow::ensure!(cfg.name == d.member, "this member joined its cluster as \"{}\": start ferryd with --name {}", cfg.name, cfg.name);
@@ -96,6 +100,11 @@ impl Daemon {
             tracing::info!("clustered: raft node started");
         }
         Ok(d)
+    }
+
+    /// Take an instance's exclusive lease for a lifecycle action.
+    pub fn leases_acquire(&self, name: &str, what: &str) -> Result<Lease, ActionError> {
+        self.leases.acquire(name, what)
     }
 
     /// The DB holding instance records (the replicated one once clustered).

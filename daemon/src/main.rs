@@ -10,6 +10,7 @@ mod api;
 mod cluster;
 mod core;
 mod events;
+mod migrate;
 mod ops;
 mod server;
 mod tls;

@@ -93,7 +93,7 @@ async fn three_members_join_by_token_and_share_instances() {
     assert!(ms[1].spec("c1", false).paths.volume.join("rootfs").exists());
     assert!(!ms[0].spec("c1", false).paths.volume.exists());
     // Exec and stop/start through another member are forwarded.
-    let n: u64 = ms[0].ferry_ok(&["exec", "c1", "--", "cat", "/counter"]).trim().parse().unwrap();
+    let n: u64 = wait_for(5, "a counter read through exec", || ms[0].ferry_ok(&["exec", "c1", "--", "cat", "/counter"]).trim().parse().ok());
     assert!(n > 0);
     ms[2].ferry_ok(&["stop", "--stateful", "c1"]);
     ms[2].ferry_ok(&["start", "c1"]);

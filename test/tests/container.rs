@@ -38,7 +38,7 @@ async fn container_lifecycle_over_rest_and_cli() {
     let (_, b) = advancing(&m, "c1");
 
     // exec runs inside the container's namespaces.
-    let n: u64 = m.ferry_ok(&["exec", "c1", "--", "cat", "/counter"]).trim().parse().unwrap();
+    let n: u64 = ferry_test::wait_for(5, "a counter read through exec", || m.ferry_ok(&["exec", "c1", "--", "cat", "/counter"]).trim().parse().ok());
     assert!(n >= b);
     assert_eq!(m.ferry_ok(&["exec", "c1", "--", "hostname"]).trim(), "c1");
     let init = m.ferry_ok(&["exec", "c1", "--", "cat", "/proc/1/cmdline"]);

@@ -156,3 +156,9 @@ pub async fn checksum(St(d): State) -> Result<Response, ActionError> {
     let db = d.db();
     Ok(json_reply(&json!({"checksum": db.checksum()?, "applied_index": db.applied_index()?})))
 }
+
+pub async fn migration_sink(St(d): State, body: Bytes) -> Result<Response, ActionError> {
+    let req: crate::migrate::SinkRequest = parse_body(&body)?;
+    d.migration_sink(req).await?;
+    Ok(json_reply(&json!({})))
+}

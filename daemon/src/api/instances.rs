@@ -82,3 +82,28 @@ pub async fn patch(St(d): State, Path(name): Path<String>, body: Bytes) -> Resul
     d.patch_config(&name, req.config).await?;
     Ok(sync(serde_json::json!({})))
 }
+
+#[derive(serde::Deserialize)]
+pub struct Post {
+    #[serde(default)]
+    migration: bool,
+    #[serde(default)]
+    live: bool,
+    #[serde(default)]
+    name: String,
+}
+
+/// `POST /1.0/instances/<name>?target=M {"migration": true, "live": true}`: move.
+pub async fn post(St(d): State, Path(name): Path<String>, Query(q): Q, body: Bytes) -> Result<Response, ActionError> {
+    let req: Post = parse_body(&body)?;
+    if !req.name.is_empty() && req.name != name {
+        return Err(ActionError::BadRequest("renaming instances is not supported".into()));
+    }
+    let target = q.get("target").filter(|t| !t.is_empty()).ok_or_else(|| {
+        ActionError::BadRequest("a move needs a target member: ?target=MEMBER (ferry move NAME --target MEMBER)".into())
+    })?;
+    if !req.migration {
+        return Err(ActionError::BadRequest("set \"migration\": true to move the instance".into()));
+    }
+    Ok(async_op(&d.move_instance(&name, target, req.live).await?))
+}

@@ -27,7 +27,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/", get(|| async { sync(json!(["/1.0"])) }))
         .route("/1.0", get(server_info))
         .route("/1.0/instances", get(instances::list).post(instances::create))
-        .route("/1.0/instances/{name}", get(instances::get_one).delete(instances::delete).patch(instances::patch))
+        .route("/1.0/instances/{name}", get(instances::get_one).delete(instances::delete).patch(instances::patch).post(instances::post))
         .route("/1.0/instances/{name}/state", get(instances::get_state).put(instances::put_state))
         .route("/1.0/instances/{name}/exec", post(instances::exec))
         .route("/1.0/instances/{name}/logs/{file}", get(instances::get_log))
@@ -35,6 +35,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/1.0/operations", get(operations::list))
         .route("/1.0/operations/{id}", get(operations::get_one).delete(operations::cancel))
         .route("/1.0/operations/{id}/wait", get(operations::wait))
+        .route("/1.0/operations/{id}/websocket", get(operations::websocket))
+        .route(crate::migrate::SINK_PATH, post(cluster::migration_sink))
         .route("/1.0/events", get(operations::events))
         .route("/1.0/certificates", get(certificates::list).post(certificates::add))
         .route("/1.0/certificates/{fingerprint}", axum::routing::delete(certificates::remove))
@@ -112,6 +114,7 @@ impl IntoResponse for ActionError {
             ActionError::NotFound(_) => StatusCode::NOT_FOUND,
             ActionError::Conflict(_) => StatusCode::CONFLICT,
             ActionError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ActionError::Forbidden(_) => StatusCode::FORBIDDEN,
             ActionError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         error(code, self.to_string())

@@ -73,3 +73,13 @@ async fn pump(mut socket: WebSocket, mut rx: tokio::sync::broadcast::Receiver<St
         }
     }
 }
+
+/// `GET /1.0/operations/<id>/websocket?secret=S`: a migration channel. The
+/// secret is checked (constant time, single use) before the upgrade.
+pub async fn websocket(St(d): State, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>, ws: WebSocketUpgrade) -> Result<Response, ActionError> {
+    let secret = q.get("secret").map(String::as_str).unwrap_or("");
+    let waiter = d.pending.take(&id, secret).ok_or_else(|| ActionError::Forbidden("invalid or already used websocket secret".into()))?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        let _ = waiter.send(crate::migrate::ws::from_axum(socket));
+    }))
+}

@@ -91,6 +91,26 @@ impl PeerClient {
         Ok(PeerResponse { status, content_type, body })
     }
 
+    /// Open a websocket to a peer (the migration channels).
+    pub async fn websocket(&self, addr: &str, path: &str) -> Result<crate::migrate::ws::WsPipe, PeerError> {
+        let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
+        let tcp = TcpStream::connect(addr).await.map_err(|e| conn_err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(ferry_cluster::mtls::cluster_server_name(), tcp)
+            .await
+            .map_err(|e| conn_err(format!("TLS: {e}")))?;
+        let url = format!("wss://ferry-cluster{path}");
+        let (ws, resp) = tokio::time::timeout(self.timeout, tokio_tungstenite::client_async(url, tls))
+            .await
+            .map_err(|_| conn_err("websocket handshake timed out".into()))?
+            .map_err(|e| conn_err(format!("websocket: {e}")))?;
+        if resp.status().as_u16() != 101 {
+            return Err(PeerError::Status { addr: addr.into(), status: resp.status().as_u16(), message: "websocket refused".into() });
+        }
+        Ok(crate::migrate::ws::from_tungstenite(ws))
+    }
+
     /// POST JSON, expect 200 with a JSON body of type R.
     pub async fn call<T: Serialize, R: DeserializeOwned>(&self, addr: &str, path: &str, body: &T) -> Result<R, PeerError> {
         let bytes = serde_json::to_vec(body).map_err(|e| PeerError::Decode { addr: addr.into(), detail: e.to_string() })?;

@@ -111,6 +111,196 @@ pub fn restore_args(images: &Path, root: &Path, pidfile: &Path, log: &Path) -> V
     v
 }
 
+/// Where a dump sends its memory pages / where a page server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageEndpoint {
+    /// TCP (`--address A --port P`).
+    Tcp(std::net::SocketAddr),
+    /// An already connected stream socket inherited as this fd number
+    /// (`--ps-socket FD`): no port, and no Nagle/delayed-ACK stalls (a unix
+    /// socketpair whose other end the daemon relays).
+    Fd(i32),
+}
+
+impl PageEndpoint {
+    fn args(&self) -> Vec<OsString> {
+        match self {
+            PageEndpoint::Tcp(addr) => vec![
+                "--address".into(),
+                addr.ip().to_string().into(),
+                "--port".into(),
+                addr.port().to_string().into(),
+            ],
+            PageEndpoint::Fd(fd) => vec!["--ps-socket".into(), fd.to_string().into()],
+        }
+    }
+}
+
+/// The final `criu dump` of a live move: like [`dump_args`] but the tasks
+/// are left stopped (`--leave-stopped`) instead of killed, so a failed move
+/// can resume them; with `pages` the memory pages go to a
+/// `criu page-server` there instead of into `images`.
+pub fn migrate_dump_args(
+    pid: u32,
+    images: &Path,
+    log: &Path,
+    pages: Option<PageEndpoint>,
+) -> Vec<OsString> {
+    let mut v = dump_args(pid, images, log);
+    v.push("--leave-stopped".into());
+    if let Some(ep) = pages {
+        v.push("--page-server".into());
+        v.extend(ep.args());
+    }
+    v
+}
+
+/// `criu page-server` receiving one dump's pages into `images` (it exits
+/// when the dump's connection closes). CRIU refuses `--port 0`: the caller
+/// picks the port. With `--status-fd 3` CRIU writes one NUL byte to fd 3
+/// once it listens (or holds the socket).
+pub fn page_server_args(images: &Path, ep: PageEndpoint, log: &Path) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec!["page-server".into(), "--images-dir".into(), images.into()];
+    v.extend(ep.args());
+    v.extend([
+        "--status-fd".into(),
+        "3".into(),
+        "--log-file".into(),
+        log.into(),
+        "-v4".into(),
+    ]);
+    v
+}
+
+/// Most fds [`place_fds`] handles.
+pub const MAX_PLACED_FDS: usize = 4;
+
+/// For a child between fork and exec: make each `(src, dst)` source fd
+/// available as fd `dst` across exec (a source may be any number, even
+/// another pair's target). Only fcntl/dup2: async-signal-safe, no
+/// allocation.
+pub fn place_fds(pairs: &[(i32, i32)]) -> std::io::Result<()> {
+    let mut tmp = [-1i32; MAX_PLACED_FDS];
+    if pairs.len() > MAX_PLACED_FDS {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // Park every source above the targets first (close-on-exec copies).
+    for (i, &(src, _)) in pairs.iter().enumerate() {
+        // SAFETY: plain syscalls on fds owned by the parent.
+        tmp[i] = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 64) };
+        if tmp[i] < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (i, &(_, dst)) in pairs.iter().enumerate() {
+        // dup2 to a different number clears close-on-exec on `dst`.
+        if unsafe { libc::dup2(tmp[i], dst) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The run id CRIU prints at the top of its log (`CRIU run id = <uuid>`).
+/// With `network-lock nftables` the lock is the table `inet CRIU-<first 21
+/// characters of the dump's run id>` in the dumped network namespace
+/// (CRIU formats `"inet CRIU-%s"` into a 32-byte buffer).
+pub fn run_id_in_log(log: &str) -> Option<String> {
+    log.lines()
+        .take(50)
+        .find_map(|l| {
+            l.split_once("CRIU run id = ")
+                .map(|(_, id)| id.trim().to_string())
+        })
+        .filter(|id| !id.is_empty())
+}
+
+/// Name of the nftables table the dump with run id `run_id` locks the
+/// network with.
+pub fn nft_lock_table(run_id: &str) -> String {
+    let id: String = run_id.chars().take(21).collect();
+    format!("CRIU-{id}")
+}
+
+/// What `stats-dump` says about a dump (CRIU's `DumpStatsEntry`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DumpStats {
+    /// Time the tasks were frozen, in microseconds (field 2).
+    pub frozen_us: Option<u64>,
+    /// Memory pages written to images or to the page server (field 7).
+    pub pages_written: Option<u64>,
+}
+
+/// Parse a `stats-dump` image: 8 bytes of magic, a u32 length, then a
+/// `StatsEntry { DumpStatsEntry dump = 1; ... }` protobuf message.
+pub fn parse_dump_stats(img: &[u8]) -> Option<DumpStats> {
+    let len = u32::from_le_bytes(img.get(8..12)?.try_into().ok()?) as usize;
+    let msg = img.get(12..12 + len)?;
+    let dump = proto_fields(msg)?
+        .into_iter()
+        .find_map(|(f, v)| match (f, v) {
+            (1, ProtoVal::Bytes(b)) => Some(b),
+            _ => None,
+        })?;
+    let mut st = DumpStats::default();
+    for (f, v) in proto_fields(dump)? {
+        if let ProtoVal::Varint(n) = v {
+            match f {
+                2 => st.frozen_us = Some(n),
+                7 => st.pages_written = Some(n),
+                _ => {}
+            }
+        }
+    }
+    Some(st)
+}
+
+enum ProtoVal<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+}
+
+/// The top-level fields of a protobuf message (varint, 64/32-bit and
+/// length-delimited wire types).
+fn proto_fields(mut b: &[u8]) -> Option<Vec<(u64, ProtoVal<'_>)>> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let val = match key & 7 {
+            0 => ProtoVal::Varint(varint(&mut b)?),
+            1 => {
+                b = b.get(8..)?;
+                continue;
+            }
+            2 => {
+                let n = varint(&mut b)? as usize;
+                let v = b.get(..n)?;
+                b = &b[n..];
+                ProtoVal::Bytes(v)
+            }
+            5 => {
+                b = b.get(4..)?;
+                continue;
+            }
+            _ => return None,
+        };
+        out.push((key >> 3, val));
+    }
+    Some(out)
+}
+
 fn common_args(images: &Path, log: &Path) -> Vec<OsString> {
     vec![
         "--images-dir".into(),
@@ -141,19 +331,40 @@ pub async fn run(
     timeout: Duration,
     cancel: Option<&CancellationToken>,
 ) -> Result<(), (Outcome, DriverError)> {
-    let mut child = tokio::process::Command::new(bin)
-        .args(args)
+    run_with_fds(bin, args, log, timeout, cancel, &[]).await
+}
+
+/// [`run`], with the fds of `fds` (`(src, dst)`, see [`place_fds`])
+/// inherited by criu.
+pub async fn run_with_fds(
+    bin: &Path,
+    args: &[OsString],
+    log: &Path,
+    timeout: Duration,
+    cancel: Option<&CancellationToken>,
+    fds: &[(i32, i32)],
+) -> Result<(), (Outcome, DriverError)> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            (
-                Outcome::Exited,
-                DriverError::io(format!("run {}", bin.display()))(e),
-            )
-        })?;
+        .kill_on_drop(true);
+    if !fds.is_empty() {
+        let mut pairs = [(-1, -1); MAX_PLACED_FDS];
+        let n = fds.len().min(MAX_PLACED_FDS);
+        pairs[..n].copy_from_slice(&fds[..n]);
+        // SAFETY: place_fds only calls fcntl/dup2.
+        unsafe {
+            cmd.pre_exec(move || place_fds(&pairs[..n]));
+        }
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        (
+            Outcome::Exited,
+            DriverError::io(format!("run {}", bin.display()))(e),
+        )
+    })?;
     let never = CancellationToken::new();
     let cancel = cancel.unwrap_or(&never);
     let what = args
@@ -250,6 +461,62 @@ mod tests {
         assert!(r.contains(&"--restore-detached"));
         assert!(r.windows(2).any(|w| w == ["--root", "/v/rootfs"]));
         assert!(r.windows(2).any(|w| w == ["--pidfile", "/r/p"]));
+    }
+
+    #[test]
+    fn migrate_args() {
+        let addr: std::net::SocketAddr = "127.0.0.1:40123".parse().unwrap();
+        let d = migrate_dump_args(
+            7,
+            Path::new("/i"),
+            Path::new("/l"),
+            Some(PageEndpoint::Tcp(addr)),
+        );
+        let d: Vec<_> = d.iter().map(|s| s.to_str().unwrap()).collect();
+        assert!(d.contains(&"--leave-stopped") && d.contains(&"--page-server"));
+        assert!(d.windows(2).any(|w| w == ["--address", "127.0.0.1"]));
+        assert!(d.windows(2).any(|w| w == ["--port", "40123"]));
+        let d = migrate_dump_args(7, Path::new("/i"), Path::new("/l"), None);
+        assert!(!d.iter().any(|a| a == "--page-server"));
+        let p = page_server_args(Path::new("/i"), PageEndpoint::Tcp(addr), Path::new("/l"));
+        let p: Vec<_> = p.iter().map(|s| s.to_str().unwrap()).collect();
+        assert_eq!(p[0], "page-server");
+        assert!(p.windows(2).any(|w| w == ["--status-fd", "3"]));
+        assert!(p.windows(2).any(|w| w == ["--port", "40123"]));
+        let d = migrate_dump_args(
+            7,
+            Path::new("/i"),
+            Path::new("/l"),
+            Some(PageEndpoint::Fd(4)),
+        );
+        let d: Vec<_> = d.iter().map(|s| s.to_str().unwrap()).collect();
+        assert!(d.windows(2).any(|w| w == ["--ps-socket", "4"]) && d.contains(&"--page-server"));
+        assert!(!d.contains(&"--port"));
+    }
+
+    #[test]
+    fn run_id_and_lock_table() {
+        let log = "(00.000000) Parsing config file /etc/criu/default.conf\n\
+                   (00.000000) CRIU run id = 771bd155-dfb2-4cc4-85fe-9eb39799fa5d\n";
+        let id = run_id_in_log(log).unwrap();
+        assert_eq!(id, "771bd155-dfb2-4cc4-85fe-9eb39799fa5d");
+        assert_eq!(nft_lock_table(&id), "CRIU-771bd155-dfb2-4cc4-85");
+        assert_eq!(run_id_in_log("nothing"), None);
+    }
+
+    #[test]
+    fn dump_stats() {
+        // A real stats-dump written by criu 4.2.1.
+        let img = [
+            0x40, 0x59, 0x10, 0x55, 0x06, 0x33, 0x09, 0x57, 0x23, 0x00, 0x00, 0x00, 0x0a, 0x21,
+            0x08, 0xd7, 0x01, 0x10, 0x92, 0xb0, 0x05, 0x18, 0x82, 0x08, 0x20, 0xee, 0x01, 0x28,
+            0x6a, 0x30, 0x00, 0x38, 0x3d, 0x40, 0x00, 0x48, 0x00, 0x50, 0x0c, 0x58, 0x0c, 0x60,
+            0x00, 0x68, 0x00, 0x70, 0x00,
+        ];
+        let st = parse_dump_stats(&img).unwrap();
+        assert_eq!(st.frozen_us, Some(88082));
+        assert_eq!(st.pages_written, Some(61));
+        assert_eq!(parse_dump_stats(&img[..20]), None);
     }
 
     #[tokio::test]

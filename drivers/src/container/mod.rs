@@ -7,7 +7,10 @@
 //! - `volume/state/`: CRIU images of a stateful stop (`state.tmp/` while
 //!   dumping, renamed when complete),
 //! - `run/init.pid`: `PID STARTTIME` of the container init (host pid),
-//! - `logs/dump.log`, `logs/restore.log`: CRIU logs,
+//! - `logs/dump.log`, `logs/restore.log`: CRIU logs (`logs/page-server.log`
+//!   on the target of a move),
+//! - `run/migrate-dumped`: present while a move's dump left the tree stopped
+//!   (see [`migrate`]),
 //! - cgroup `<hierarchy>/ferry/<name>` (see [`cgroup`]).
 //!
 //! Processes: see [`forkstart`] for how an init is started, and [`procfs`] for
@@ -19,6 +22,7 @@ mod criu;
 mod forkstart;
 mod image;
 mod lifecycle;
+mod migrate;
 mod mounts;
 mod procfs;
 mod state;
@@ -39,6 +43,7 @@ use procfs::InitRecord;
 
 pub use forkstart::forkstart_main;
 pub use image::IMAGE;
+pub use migrate::{DumpInfo, PageServer, PagesTo};
 
 /// Time limits of the driver's steps.
 #[derive(Debug, Clone)]

@@ -192,7 +192,7 @@ pub fn descends_from(pid: u32, root: u32, parent: impl Fn(u32) -> Option<u32>) -
     false
 }
 
-fn pidns_of(pid: u32) -> Option<std::path::PathBuf> {
+pub fn pidns_of(pid: u32) -> Option<std::path::PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
 }
 

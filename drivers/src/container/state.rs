@@ -22,7 +22,7 @@ use super::procfs::{self, InitRecord};
 use super::{mounts, power, remove_if_exists, ContainerDriver, Layout};
 use crate::*;
 
-fn mkdirs(dirs: &[&std::path::Path]) -> Result<(), DriverError> {
+pub(super) fn mkdirs(dirs: &[&std::path::Path]) -> Result<(), DriverError> {
     for d in dirs {
         std::fs::create_dir_all(d).map_err(DriverError::io(format!("create {}", d.display())))?;
     }
@@ -124,7 +124,10 @@ impl StateSave for ContainerDriver {
         self.cleanup_host(spec).await?;
         mkdirs(&[&spec.paths.run, &spec.paths.logs])?;
         let cg = self.setup_cgroup(spec)?;
-        match self.run_restore(spec, &l, &bin, cg.as_ref(), ctx).await {
+        match self
+            .run_restore(spec, &l, &l.state, &bin, cg.as_ref(), ctx)
+            .await
+        {
             Ok(rec) => {
                 tracing::info!(container = %spec.name, pid = rec.pid, "container restored");
                 if let Err(e) = remove_if_exists(&l.state) {
@@ -171,15 +174,38 @@ fn reattach(cg: &Cgroup, init: u32) {
         }
     }
     if let Some(dir) = foreign {
+        // A task the tree forked while we listed it stayed behind. During a
+        // move on one host the foreign cgroup is the source's, which still
+        // holds the source's stopped tree (another pid namespace) and is
+        // emptied with SIGKILL when the source lets go: move every task of
+        // our pid namespace out of it.
+        let ns = procfs::pidns_of(init);
+        for _ in 0..10 {
+            let left: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .filter(|&p| ns.is_some() && procfs::pidns_of(p) == ns)
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            for p in left {
+                let _ = cg.attach(p);
+            }
+        }
         let _ = std::fs::remove_dir(&dir);
     }
 }
 
 impl ContainerDriver {
-    async fn run_restore(
+    /// Restore the images in `images` onto the rootfs of `l` and record the
+    /// restored init in the pidfile.
+    pub(super) async fn run_restore(
         &self,
         spec: &InstanceSpec,
         l: &Layout,
+        images: &std::path::Path,
         bin: &std::path::Path,
         cg: Option<&Cgroup>,
         ctx: &OpCtx,
@@ -195,7 +221,7 @@ impl ContainerDriver {
         ctx.check_cancelled("stateful start (nothing was restored; the state is kept)")?;
         ctx.progress("stage", "restoring container state");
         let t0 = Instant::now();
-        let args = criu::restore_args(&l.state, &root, &pidfile, &l.restore_log);
+        let args = criu::restore_args(images, &root, &pidfile, &l.restore_log);
         match criu::run(
             bin,
             &args,
@@ -241,7 +267,7 @@ impl ContainerDriver {
     }
 
     /// After a failed or interrupted restore: kill whatever was restored.
-    async fn kill_partial_restore(&self, l: &Layout, cg: Option<&Cgroup>) {
+    pub(super) async fn kill_partial_restore(&self, l: &Layout, cg: Option<&Cgroup>) {
         // criu's pidfile holds a bare pid written moments ago; ours has a start time.
         let recs = [&l.pidfile, &l.criu_pidfile]
             .into_iter()

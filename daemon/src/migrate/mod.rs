@@ -1,0 +1,110 @@
+//! Moving an instance between members (`ferry move c1 --target m2`).
+//!
+//! The source member owns the move: it takes the instance's lease, creates
+//! the operation, mints one random 256-bit secret per channel (control,
+//! state, fs) and asks the target (`/internal/migration/sink`) to dial
+//! `/1.0/operations/<id>/websocket?secret=…` three times over member mTLS.
+//! Secrets are single-use and compared in constant time; unlike Incus they
+//! are not published in the operation's metadata (only the target needs
+//! them). The protocol itself (`ferry-migration`) runs over those channels;
+//! see `source.rs` and `target.rs`, and doc/migration-protocol.md.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_db::InstanceRecord;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+pub mod source;
+pub mod target;
+pub mod ws;
+
+use ws::WsPipe;
+
+pub const SINK_PATH: &str = "/internal/migration/sink";
+/// How long the source waits for the target to dial the channels.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Secrets {
+    pub control: String,
+    pub state: String,
+    pub fs: String,
+}
+
+impl Secrets {
+    pub fn new() -> Secrets {
+        let s = || (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect::<String>();
+        Secrets { control: s(), state: s(), fs: s() }
+    }
+}
+
+/// The source's request to the target: become the sink of this move.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SinkRequest {
+    pub record: InstanceRecord,
+    /// The source member's name and address.
+    pub source_member: String,
+    pub source_address: String,
+    pub operation: String,
+    pub secrets: Secrets,
+    /// Start the instance on the target after a stateless transfer.
+    pub start_after: bool,
+}
+
+/// Channels the dialled side waits for, by operation id.
+#[derive(Default)]
+pub struct Pending {
+    map: Mutex<HashMap<String, Vec<(String, oneshot::Sender<WsPipe>)>>>,
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Pending {
+    /// Expect three channels for `op`; returns their receivers in order.
+    pub fn expect(&self, op: &str, secrets: &Secrets) -> [oneshot::Receiver<WsPipe>; 3] {
+        let mut v = vec![];
+        let mk = |s: &str, v: &mut Vec<(String, oneshot::Sender<WsPipe>)>| {
+            let (tx, rx) = oneshot::channel();
+            v.push((s.to_string(), tx));
+            rx
+        };
+        let rx = [mk(&secrets.control, &mut v), mk(&secrets.state, &mut v), mk(&secrets.fs, &mut v)];
+        self.map.lock().unwrap().insert(op.to_string(), v);
+        rx
+    }
+
+    /// Take (single use) the waiter for `secret` of `op`.
+    pub fn take(&self, op: &str, secret: &str) -> Option<oneshot::Sender<WsPipe>> {
+        let mut map = self.map.lock().unwrap();
+        let list = map.get_mut(op)?;
+        let i = list.iter().position(|(s, _)| ct_eq(s, secret))?;
+        Some(list.remove(i).1)
+    }
+
+    pub fn forget(&self, op: &str) {
+        self.map.lock().unwrap().remove(op);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_single_use_and_exact() {
+        let p = Pending::default();
+        let s = Secrets::new();
+        assert_eq!(s.control.len(), 64);
+        let _rx = p.expect("op1", &s);
+        assert!(p.take("op1", "nope").is_none());
+        assert!(p.take("op2", &s.control).is_none());
+        assert!(p.take("op1", &s.control).is_some());
+        assert!(p.take("op1", &s.control).is_none(), "a secret works once");
+        assert!(p.take("op1", &s.fs).is_some());
+    }
+}

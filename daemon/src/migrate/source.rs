@@ -1,0 +1,267 @@
+//! The source side of a move (the member the instance lives on).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_db::{Command, InstanceRecord, MemberRecord};
+use ferry_drivers::container::ContainerDriver;
+use ferry_drivers::storage::{write_archive, ArchiveOptions, Manifest};
+use ferry_drivers::{Driver, InstanceSpec, InstanceType, Lifecycle};
+use ferry_migration::{
+    source_handshake, ByteChannel, Compression, FsTransfer, InstanceType as MigType, LocalEnd, Message, MessageChannel,
+    MoveOptions, Offer, Plan, SourceState, StatePlan, StateTransfer, VersionRange,
+};
+use serde_json::{json, Map};
+use tokio_util::io::SyncIoBridge;
+
+use super::ws::{self, WsControl};
+use super::{Secrets, SinkRequest, DIAL_TIMEOUT, SINK_PATH};
+use crate::core::{ActionError, Daemon};
+use crate::ops::{Op, Outcome};
+
+pub fn local_end() -> LocalEnd {
+    LocalEnd::new(VersionRange::CURRENT, format!("ferry {}", crate::core::VERSION))
+}
+
+type Bridge = SyncIoBridge<tokio::io::WriteHalf<ByteChannel<tokio::io::DuplexStream>>>;
+
+/// Send one archive pass of `root` on the fs bridge (blocking, off the runtime).
+async fn send_archive(bridge: Bridge, root: std::path::PathBuf, base: Option<Manifest>, record: bool) -> Result<(Bridge, ferry_drivers::storage::ArchiveStats), String> {
+    tokio::task::spawn_blocking(move || {
+        let mut bridge = bridge;
+        let opts = ArchiveOptions { record_manifest: record, base, ..Default::default() };
+        let stats = write_archive(&root, &mut bridge, &opts).map_err(|e| format!("sending {}: {e}", root.display()))?;
+        Ok((bridge, stats))
+    })
+    .await
+    .map_err(|e| format!("archive task: {e}"))?
+}
+
+impl Daemon {
+    /// `POST /1.0/instances/<name>?target=M {"migration": true, "live": bool}`.
+    pub async fn move_instance(self: &Arc<Self>, name: &str, target: &str, live: bool) -> Result<Arc<Op>, ActionError> {
+        let cluster = self.require_cluster()?;
+        let rec = self.record(name)?;
+        if rec.member != self.member {
+            return Err(ActionError::Internal(format!("instance \"{name}\" lives on {}, not here", rec.member)));
+        }
+        if target == self.member {
+            return Err(ActionError::BadRequest(format!("Instance \"{name}\" already runs on member \"{target}\"")));
+        }
+        let spec = self.spec_for(&rec)?;
+        if spec.kind != InstanceType::Container {
+            return Err(ActionError::BadRequest(format!(
+                "Instance \"{name}\" is a virtual machine: moving VMs between members is not supported yet"
+            )));
+        }
+        let target_rec = cluster.db.get_member(target)?.ok_or_else(|| {
+            ActionError::BadRequest(format!("Member \"{target}\" is not in the cluster: see `ferry cluster list`"))
+        })?;
+        if !cluster.check_online(target, &target_rec.address).await {
+            return Err(ActionError::BadRequest(format!("Member \"{target}\" is offline: choose another --target")));
+        }
+        let lease = self.leases_acquire(name, "it is being moved")?;
+        let running = self.runtime(&spec).await.running;
+        let d = self.clone();
+        Ok(self.ops.spawn("Migrating instance", json!({"instances": [format!("/1.0/instances/{name}")]}), true, move |op| async move {
+            let _lease = lease;
+            let started = Instant::now();
+            let mut m = MoveRun { d: d.clone(), op: op.clone(), rec, spec, target: target_rec, live: live && running, running, dumped: false };
+            match m.run().await {
+                Ok(plan) => {
+                    let mut meta = Map::new();
+                    meta.insert("plan".into(), json!(plan));
+                    meta.insert("total_ms".into(), json!(started.elapsed().as_millis() as u64));
+                    Outcome::Done(meta)
+                }
+                Err(e) => {
+                    d.pending.forget(&op.id);
+                    m.recover().await;
+                    if op.cancel_token().is_cancelled() { Outcome::Cancelled(format!("move cancelled: {e}")) } else { Outcome::Failed(format!("move failed: {e}")) }
+                }
+            }
+        }))
+    }
+}
+
+struct MoveRun {
+    d: Arc<Daemon>,
+    op: Arc<Op>,
+    rec: InstanceRecord,
+    spec: InstanceSpec,
+    target: MemberRecord,
+    live: bool,
+    running: bool,
+    dumped: bool,
+}
+
+impl MoveRun {
+    fn stage(&self, s: &str) {
+        self.op.set_meta("stage", json!(s));
+    }
+
+    fn check_cancel(&self) -> Result<(), String> {
+        if self.op.cancel_token().is_cancelled() {
+            return Err("cancelled by the user".into());
+        }
+        Ok(())
+    }
+
+    fn offer(&self) -> Offer {
+        let state = if self.live { vec![StateTransfer::CriuPageServer] } else { vec![StateTransfer::None] };
+        Offer {
+            instance_type: MigType::Container,
+            fs: vec![FsTransfer::Archive { compression: vec![Compression::Zstd, Compression::None] }],
+            state,
+            state_compression: vec![Compression::None],
+            volume_size: 0,
+            snapshots: vec![],
+            stateful: self.live,
+            live: self.live,
+            options: MoveOptions::default(),
+        }
+    }
+
+    async fn run(&mut self) -> Result<Plan, String> {
+        let cluster = self.d.cluster().ok_or("this member left the cluster")?;
+        let driver = ContainerDriver::default();
+        let secrets = Secrets::new();
+        let [rc, rs, rf] = self.d.pending.expect(&self.op.id, &secrets);
+        self.stage("asking the target to receive the instance");
+        let req = SinkRequest {
+            record: self.rec.clone(),
+            source_member: self.d.member.clone(),
+            source_address: self.d.listen.map(|a| a.to_string()).unwrap_or_default(),
+            operation: self.op.id.clone(),
+            secrets,
+            start_after: self.running && !self.live,
+        };
+        cluster.peers.call::<_, serde_json::Value>(&self.target.address, SINK_PATH, &req).await.map_err(|e| e.to_string())?;
+        let wait = |rx: tokio::sync::oneshot::Receiver<ws::WsPipe>| async move {
+            tokio::time::timeout(DIAL_TIMEOUT, rx).await.map_err(|_| "the target did not connect its channels within 30 s".to_string())?.map_err(|_| "channel setup aborted".to_string())
+        };
+        let mut ctl = WsControl(wait(rc).await?);
+        let state_pipe = wait(rs).await?;
+        let fs_pipe = wait(rf).await?;
+        let st = source_handshake(&mut ctl, &local_end(), self.offer()).await.map_err(|e| e.to_string())?;
+        let plan = st.plan().cloned().ok_or("no plan after the handshake")?;
+        tracing::info!(instance = %self.rec.name, target = %self.target.name, plan = ?plan, "move plan agreed");
+        self.op.set_meta("plan", json!(plan));
+        let result = self.transfer(&mut ctl, st, &plan, state_pipe, fs_pipe, &driver).await;
+        if let Err(e) = &result {
+            let _ = ctl.send(&Message::Failure { message: e.clone() }).await;
+        }
+        result?;
+        Ok(plan)
+    }
+
+    async fn transfer(&mut self, ctl: &mut WsControl, st: SourceState, plan: &Plan, state_pipe: ws::WsPipe, fs_pipe: ws::WsPipe, driver: &ContainerDriver) -> Result<(), String> {
+        let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression()).map_err(|e| e.to_string())?;
+        let counters = fs.counters();
+        let (_r, w) = tokio::io::split(fs);
+        let bridge = SyncIoBridge::new(w);
+        let rootfs = self.spec.paths.volume.join("rootfs");
+        if self.running && !self.live {
+            self.stage("stopping the instance (stateless move)");
+            Driver::Container(driver.clone()).stop(&self.spec, false, &ferry_drivers::OpCtx::detached()).await.map_err(|e| e.to_string())?;
+        }
+        self.check_cancel()?;
+        self.stage("copying the root filesystem (instance running)");
+        let (bridge, pass1) = send_archive(bridge, rootfs.clone(), None, true).await?;
+        self.op.set_meta("fs_progress", json!(format!("{} MB", pass1.bytes / 1_000_000)));
+        self.check_cancel()?;
+        let images = self.spec.paths.volume.join("migration.tmp");
+        let _ = std::fs::remove_dir_all(&images);
+        std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
+        let mut bridge = bridge;
+        let mut st = st;
+        if matches!(plan.state, StatePlan::CriuPageServer { .. }) {
+            self.op.set_cancellable(false);
+            self.stage("checkpointing (CRIU dump, memory streamed to the target)");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let state_stream = ws::into_stream(state_pipe);
+            let relay = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+                ferry_migration::relay(tcp, state_stream).await.map_err(|e| e.to_string())
+            });
+            let frozen = Instant::now();
+            let ctx = ferry_drivers::OpCtx::detached();
+            driver.migrate_dump(&self.spec, &images, Some(addr), &ctx).await.map_err(|e| format!("checkpoint failed: {e}"))?;
+            self.dumped = true;
+            match tokio::time::timeout(Duration::from_secs(60), relay).await {
+                Ok(Ok(Ok(stats))) => self.op.set_meta("state_progress", json!(format!("{} MB of memory", stats.a_to_b / 1_000_000))),
+                Ok(Ok(Err(e))) => return Err(format!("memory stream: {e}")),
+                _ => return Err("memory stream did not finish".into()),
+            }
+            self.stage("final sync of the root filesystem and checkpoint images");
+            let manifest = pass1.manifest.clone();
+            let (b, _pass2) = send_archive(bridge, rootfs, manifest, false).await?;
+            let (b, _img) = send_archive(b, images.clone(), None, false).await?;
+            bridge = b;
+            self.op.set_meta("frozen_ms_at_handover", json!(frozen.elapsed().as_millis() as u64));
+        }
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            bridge.flush()?;
+            bridge.shutdown()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("closing the fs stream: {e}"))?;
+        ctl.send(&Message::FsDone { bytes: counters.sent.get() }).await.map_err(|e| e.to_string())?;
+        st = st.fs_sent().map_err(|e| e.to_string())?;
+        if plan.is_stateful() {
+            ctl.send(&Message::StateReady {}).await.map_err(|e| e.to_string())?;
+            st = st.state_sent().map_err(|e| e.to_string())?;
+        }
+        self.stage("waiting for the target to restore");
+        loop {
+            let msg = ctl.recv().await.map_err(|e| format!("control channel: {e}"))?;
+            if let Message::Progress(p) = &msg {
+                self.op.set_meta("target_progress", json!(format!("{:?}", p.stage)));
+            }
+            let fail = if let Message::Failure { message } = &msg { Some(message.clone()) } else { None };
+            st = st.on_message(msg).map_err(|e| e.to_string())?;
+            if let Some(m) = fail {
+                return Err(format!("the target failed: {m}"));
+            }
+            if st.is_terminal() {
+                break;
+            }
+        }
+        // The target runs it: one replicated write moves the record.
+        self.d
+            .submit(Command::MoveInstance { name: self.rec.name.clone(), from_member: self.d.member.clone(), to_member: self.target.name.clone() })
+            .await
+            .map_err(|e| format!("recording the new location: {e}"))?;
+        self.dumped = false;
+        self.stage("cleaning up the source");
+        let ctx = ferry_drivers::OpCtx::detached();
+        if self.live {
+            if let Err(e) = driver.migrate_finish_source(&self.spec, &ctx).await {
+                tracing::warn!(error = %e, "source cleanup after move");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&images);
+        if let Err(e) = Driver::Container(driver.clone()).delete(&self.spec).await {
+            tracing::warn!(error = %e, "deleting the source volume after move");
+        }
+        self.d.events.send_lifecycle("instance-migrated", &self.rec.name);
+        Ok(())
+    }
+
+    /// After a failure: the instance runs on the source exactly as before.
+    async fn recover(&mut self) {
+        let driver = ContainerDriver::default();
+        let ctx = ferry_drivers::OpCtx::detached();
+        if self.dumped {
+            if let Err(e) = driver.migrate_resume_source(&self.spec, &ctx).await {
+                tracing::error!(instance = %self.rec.name, error = %e, "could not resume the instance on the source after a failed move");
+            }
+        } else if self.running && !self.live && !self.d.runtime(&self.spec).await.running {
+            let _ = Driver::Container(driver.clone()).start(&self.spec, &ctx).await;
+        }
+        let _ = std::fs::remove_dir_all(self.spec.paths.volume.join("migration.tmp"));
+    }
+}

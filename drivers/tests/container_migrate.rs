@@ -1,0 +1,636 @@
+//! Live-move primitives of the container driver, end to end on one host:
+//! two "members" are two directory trees; the rootfs travels as a streamed
+//! archive (full pass while running, incremental pass after the dump), the
+//! memory through a real `criu page-server` on loopback (or as files), and
+//! the container is restored on the other member. Needs root, criu 4.2.x,
+//! busybox-static and nft; skips otherwise.
+//!
+//! `harness = false`: the driver re-executes this binary as
+//! `container_migrate forkstart ...`, which `main` dispatches like ferryd.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use ferry_drivers::container::{forkstart_main, ContainerDriver, PagesTo};
+use ferry_drivers::storage::{
+    read_archive, write_archive, ArchiveOptions, ArchiveStats, ExtractOptions, Manifest,
+};
+use ferry_drivers::{DriverError, InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx};
+
+type TestResult = Result<(), String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)+)));
+        }
+    };
+}
+
+fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |err| format!("{what}: {err}")
+}
+
+/// The spec of container `name` on the member whose data dir is `member`.
+fn spec(member: &Path, name: &str) -> InstanceSpec {
+    InstanceSpec {
+        name: name.to_string(),
+        kind: InstanceType::Container,
+        image: "busybox".into(),
+        config: [("limits.memory".to_string(), "128MiB".to_string())].into(),
+        volatile: BTreeMap::new(),
+        paths: InstancePaths {
+            volume: member.join("volumes").join(name),
+            run: member.join("run").join(name),
+            logs: member.join("logs").join(name),
+            images: member.join("images"),
+        },
+    }
+}
+
+/// Kills and unmounts whatever a test left behind, even when it failed.
+struct Cleanup(Vec<InstanceSpec>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            let p = &s.paths;
+            for f in ["init.pid", "criu-restore.pid"] {
+                if let Some(pid) = std::fs::read_to_string(p.run.join(f))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for s in &self.0 {
+            for _ in 0..4 {
+                let _ = nix::mount::umount2(
+                    &s.paths.volume.join("rootfs"),
+                    nix::mount::MntFlags::MNT_DETACH,
+                );
+            }
+            for dir in ferry_cgroups(&s.name) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+fn counter(s: &InstanceSpec) -> Option<u64> {
+    // The init rewrites the file; an empty read is a write in progress.
+    for _ in 0..20 {
+        if let Some(n) = std::fs::read_to_string(s.paths.volume.join("rootfs/counter"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return Some(n);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn proc_state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn pid_gone(pid: u32) -> bool {
+    matches!(proc_state(pid), None | Some('Z'))
+}
+
+/// The ferry cgroups of instance `name` (`ferry/<name>-<hash>`) on any hierarchy.
+fn ferry_cgroups(name: &str) -> Vec<PathBuf> {
+    let prefix = format!("{name}-");
+    [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/memory",
+    ]
+    .iter()
+    .filter_map(|h| std::fs::read_dir(Path::new(h).join("ferry")).ok())
+    .flatten()
+    .filter_map(|e| e.ok())
+    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    .map(|e| e.path())
+    .collect()
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let Ok(p) = p.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == p)
+}
+
+/// `nft list tables` inside the network namespace of `pid`.
+fn nft_tables(pid: u32) -> Result<String, String> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["nft", "list", "tables"])
+        .output()
+        .map_err(e("nsenter nft"))?;
+    ensure!(
+        out.status.success(),
+        "nft list tables: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One rootfs pass from `src` to `dst` through a pipe, as the daemon does
+/// over the filesystem channel.
+fn copy_rootfs(src: &Path, dst: &Path, base: Option<Manifest>) -> Result<ArchiveStats, String> {
+    let (rd, wr) = std::io::pipe().map_err(e("pipe"))?;
+    let src = src.to_path_buf();
+    let writer = std::thread::spawn(move || {
+        let opts = ArchiveOptions {
+            record_manifest: base.is_none(),
+            base,
+            ..Default::default()
+        };
+        write_archive(&src, wr, &opts)
+    });
+    let opts = ExtractOptions {
+        allow_devices: true,
+        sync: false,
+        ..Default::default()
+    };
+    let read = read_archive(BufReader::new(rd), dst, &opts);
+    let written = writer
+        .join()
+        .map_err(|_| "archive writer panicked".to_string())?;
+    let stats = written.map_err(e("write archive"))?;
+    read.map_err(e("read archive"))?;
+    Ok(stats)
+}
+
+/// Copy the dump's images from the source's directory into the target's,
+/// leaving alone what the page server already put there.
+fn ship_images(src: &Path, dst: &Path) -> Result<(u64, usize), String> {
+    std::fs::create_dir_all(dst).map_err(e("mkdir images"))?;
+    let (mut bytes, mut skipped) = (0, 0);
+    for ent in std::fs::read_dir(src).map_err(e("read images"))? {
+        let ent = ent.map_err(e("read images"))?;
+        let to = dst.join(ent.file_name());
+        if to.exists() {
+            skipped += 1;
+            continue;
+        }
+        bytes += std::fs::copy(ent.path(), &to).map_err(e("copy image"))?;
+    }
+    Ok((bytes, skipped))
+}
+
+fn has_pages(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        })
+        .unwrap_or(false)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// How the memory pages travel in a move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pages {
+    /// Files in the images dir, shipped with the metadata.
+    Files,
+    /// `criu page-server` on loopback TCP, the dump connects directly.
+    Tcp,
+    /// Unix socketpairs at both ends (`--ps-socket`), a relay task copies
+    /// between them as the daemon will over its state channel.
+    Relay,
+}
+
+/// Move a running container from member A to member B.
+async fn move_between_members(base: PathBuf, mode: Pages) -> TestResult {
+    let d = ContainerDriver::default();
+    let name = format!("mv{}-{}", mode as u8, std::process::id());
+    let (a, b) = (spec(&base.join("a"), &name), spec(&base.join("b"), &name));
+    let _g = Cleanup(vec![a.clone(), b.clone()]);
+    let ctx = OpCtx::detached();
+    d.create(&a, &ctx).await.map_err(e("create on A"))?;
+    // Older than storage's "racy" window (2 s) at pass 1, as a rootfs
+    // normally is: pass 2 then sends only what the container changed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    d.start(&a, &ctx).await.map_err(e("start on A"))?;
+    let pid_a = d.state(&a).await.map_err(e("state"))?.pid;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // Filesystem pass 1, while the container runs.
+    let (root_a, root_b) = (a.paths.volume.join("rootfs"), b.paths.volume.join("rootfs"));
+    std::fs::create_dir_all(&b.paths.volume).map_err(e("mkdir B volume"))?;
+    let t = Instant::now();
+    let pass1 = copy_rootfs(&root_a, &root_b, None)?;
+    println!(
+        "  rootfs pass 1: {} entries, {} bytes in {}",
+        pass1.entries,
+        pass1.bytes,
+        ms(t.elapsed())
+    );
+
+    let images_a = base.join("a/migrate-images");
+    let images_b = base.join("b/migrate-images");
+    let (server, pages, relay) = match mode {
+        Pages::Files => (None, PagesTo::Files, None),
+        Pages::Tcp => {
+            let ps = d
+                .page_server(&images_b, &ctx)
+                .await
+                .map_err(e("page_server"))?;
+            let addr = ps.addr().ok_or("TCP page server without an address")?;
+            println!("  page server on {addr}");
+            (Some(ps), PagesTo::PageServer(addr), None)
+        }
+        Pages::Relay => {
+            use std::os::unix::net::UnixStream;
+            let (src_criu, src_relay) = UnixStream::pair().map_err(e("socketpair"))?;
+            let (dst_criu, dst_relay) = UnixStream::pair().map_err(e("socketpair"))?;
+            let ps = d
+                .page_server_on_socket(&images_b, dst_criu.into(), &ctx)
+                .await
+                .map_err(e("page_server_on_socket"))?;
+            let relay = tokio::spawn(async move {
+                src_relay.set_nonblocking(true)?;
+                dst_relay.set_nonblocking(true)?;
+                let mut s = tokio::net::UnixStream::from_std(src_relay)?;
+                let mut t = tokio::net::UnixStream::from_std(dst_relay)?;
+                tokio::io::copy_bidirectional(&mut s, &mut t).await
+            });
+            (Some(ps), PagesTo::Socket(src_criu.into()), Some(relay))
+        }
+    };
+
+    // Freeze: the final dump.
+    let info = d
+        .migrate_dump_with(&a, &images_a, pages, &ctx)
+        .await
+        .map_err(e("migrate_dump"))?;
+    let at_dump = counter(&a).ok_or("no counter after dump")?;
+    ensure!(
+        proc_state(pid_a) == Some('T'),
+        "init on A not stopped after the dump: {:?}",
+        proc_state(pid_a)
+    );
+    let lock = info
+        .network_lock
+        .clone()
+        .ok_or("no network lock reported")?;
+    let tables_a = nft_tables(pid_a)?;
+    ensure!(
+        tables_a.contains(&lock),
+        "network lock {lock} not in A's netns: {tables_a:?}"
+    );
+    if let Some(ps) = server {
+        tokio::time::timeout(Duration::from_secs(10), ps.wait())
+            .await
+            .map_err(|_| "page server did not exit after the dump".to_string())?
+            .map_err(e("page server"))?;
+        ensure!(
+            has_pages(&images_b),
+            "no pages arrived through the page server"
+        );
+        ensure!(
+            !has_pages(&images_a),
+            "pages written locally despite the page server"
+        );
+    }
+    if let Some(relay) = relay {
+        let (up, down) = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .map_err(|_| "relay did not end after the dump".to_string())?
+            .map_err(e("relay task"))?
+            .map_err(e("relay"))?;
+        println!("  relayed {up} bytes to the page server, {down} back");
+    }
+    let dumped = info.frozen_at.elapsed();
+
+    // Filesystem pass 2 (what changed since pass 1), images to B.
+    let t = Instant::now();
+    let pass2 = copy_rootfs(&root_a, &root_b, pass1.manifest.clone())?;
+    let fs2 = t.elapsed();
+    let t = Instant::now();
+    let (shipped, skipped) = ship_images(&images_a, &images_b)?;
+    let ship = t.elapsed();
+
+    let t = Instant::now();
+    d.migrate_restore(&b, &images_b, &ctx)
+        .await
+        .map_err(e("migrate_restore"))?;
+    let restore = t.elapsed();
+    let frozen = info.frozen_at.elapsed();
+    println!(
+        "  dump {} (criu frozen {:?}, {} pages, {} image bytes), rootfs pass 2 {} ({} entries, {} deleted), \
+         images shipped {} B in {} ({} already on B), restore {}",
+        ms(info.dump_time),
+        info.criu_frozen.map(ms),
+        info.pages_written.unwrap_or(0),
+        info.image_bytes,
+        ms(fs2),
+        pass2.entries,
+        pass2.deleted,
+        shipped,
+        ms(ship),
+        skipped,
+        ms(restore),
+    );
+    println!(
+        "  FROZEN (dump start -> restore done, pages {mode:?}): {} (dump done at {})",
+        ms(frozen),
+        ms(dumped)
+    );
+    ensure!(!images_b.exists(), "images dir kept after restore");
+    let st_b = d.state(&b).await.map_err(e("state B"))?;
+    ensure!(
+        st_b.running && st_b.pid != pid_a,
+        "B after restore: {st_b:?}"
+    );
+    let after = counter(&b).ok_or("no counter on B")?;
+    ensure!(after >= at_dump, "counter reset on B: {after} < {at_dump}");
+    let tables_b = nft_tables(st_b.pid)?;
+    ensure!(
+        !tables_b.contains("CRIU-"),
+        "network lock left in B's netns: {tables_b:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = counter(&b).ok_or("no counter on B")?;
+    println!("  counter at dump {at_dump}, right after restore {after}, 600ms later {later}");
+    ensure!(later > after, "counter stuck on B: {after} -> {later}");
+    ensure!(counter(&a) == Some(at_dump), "counter moved on A");
+    ensure!(
+        proc_state(pid_a) == Some('T'),
+        "A's tree not stopped any more"
+    );
+    ensure!(
+        ferry_cgroups(&name).len() >= 2,
+        "expected A's and B's cgroups, found {:?}",
+        ferry_cgroups(&name)
+    );
+
+    // The move succeeded: the source lets go.
+    d.migrate_finish_source(&a, &ctx)
+        .await
+        .map_err(e("migrate_finish_source"))?;
+    ensure!(pid_gone(pid_a), "A's init {pid_a} still alive");
+    ensure!(
+        !d.state(&a).await.map_err(e("state A"))?.running,
+        "A still running"
+    );
+    ensure!(!is_mounted(&root_a), "A's rootfs still mounted");
+    let cgs = ferry_cgroups(&name);
+    ensure!(cgs.len() == 1, "cgroups after finish: {cgs:?}");
+    ensure!(
+        d.state(&b).await.map_err(e("state B"))?.running,
+        "B stopped by A's finish"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let later2 = counter(&b).ok_or("no counter on B")?;
+    ensure!(later2 > later, "B stuck after finish: {later} -> {later2}");
+    d.delete(&a).await.map_err(e("delete on A"))?;
+    d.stop(&b, false, &ctx).await.map_err(e("stop on B"))?;
+    ensure!(ferry_cgroups(&name).is_empty(), "cgroup left after stop");
+    d.delete(&b).await.map_err(e("delete on B"))?;
+    Ok(())
+}
+
+async fn move_page_server(base: PathBuf) -> TestResult {
+    move_between_members(base, Pages::Tcp).await
+}
+
+async fn move_relayed(base: PathBuf) -> TestResult {
+    move_between_members(base, Pages::Relay).await
+}
+
+async fn move_files(base: PathBuf) -> TestResult {
+    move_between_members(base, Pages::Files).await
+}
+
+/// A dump is refused during an exec session; a dump left stopped resumes
+/// on the source as the same process, network unlocked.
+async fn dump_then_resume(base: PathBuf) -> TestResult {
+    let d = ContainerDriver::default();
+    let a = spec(&base.join("a"), &format!("rs-{}", std::process::id()));
+    let _g = Cleanup(vec![a.clone()]);
+    let ctx = OpCtx::detached();
+    d.create(&a, &ctx).await.map_err(e("create"))?;
+    d.start(&a, &ctx).await.map_err(e("start"))?;
+    let pid = d.state(&a).await.map_err(e("state"))?.pid;
+    let images = base.join("a/migrate-images");
+
+    let (d2, a2) = (d.clone(), a.clone());
+    let bg = tokio::spawn(async move {
+        let out = tempfile::tempfile().unwrap();
+        let argv = ["sleep", "2"].map(String::from);
+        d2.exec(&a2, &argv, &BTreeMap::new(), out.try_clone().unwrap(), out)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = d.migrate_dump(&a, &images, None, &ctx).await;
+    ensure!(
+        matches!(r, Err(DriverError::WrongState(_))),
+        "dump during exec not refused: {:?}",
+        r.map(|_| ())
+    );
+    bg.await.map_err(e("join"))?.map_err(e("exec"))?;
+    ensure!(proc_state(pid) != Some('T'), "stopped by a refused dump");
+
+    // A dump that fails (no page server there) leaves it running, unlocked.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(e("port"))?;
+    let r = d.migrate_dump(&a, &images, Some(nobody), &ctx).await;
+    println!(
+        "  dump to a missing page server: {}",
+        r.as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or("")
+    );
+    ensure!(r.is_err(), "dump to a missing page server succeeded");
+    let c1 = counter(&a).ok_or("no counter")?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    ensure!(
+        counter(&a).is_some_and(|c2| c2 > c1) && proc_state(pid) != Some('T'),
+        "not running after a failed dump"
+    );
+    ensure!(
+        !nft_tables(pid)?.contains("CRIU-"),
+        "lock table left by a failed dump"
+    );
+    let _ = std::fs::remove_dir_all(&images);
+
+    let info = d
+        .migrate_dump(&a, &images, None, &ctx)
+        .await
+        .map_err(e("migrate_dump"))?;
+    ensure!(has_pages(&images), "no pages in the images dir");
+    let at_dump = counter(&a).ok_or("no counter")?;
+    let lock = info
+        .network_lock
+        .clone()
+        .ok_or("no network lock reported")?;
+    println!(
+        "  dump {} (criu frozen {:?}), lock table {lock}",
+        ms(info.dump_time),
+        info.criu_frozen.map(ms)
+    );
+    ensure!(
+        nft_tables(pid)?.contains(&lock),
+        "no lock table in the netns"
+    );
+    let r = d.migrate_dump(&a, &images, None, &ctx).await;
+    ensure!(
+        matches!(r, Err(DriverError::WrongState(_))),
+        "second dump of a stopped tree not refused"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(counter(&a) == Some(at_dump), "counter moved while stopped");
+    ensure!(
+        d.state(&a).await.map_err(e("state"))?.running,
+        "stopped tree not reported as present"
+    );
+
+    let t = Instant::now();
+    d.migrate_resume_source(&a, &ctx)
+        .await
+        .map_err(e("migrate_resume_source"))?;
+    println!(
+        "  resume {} (FROZEN dump start -> resumed: {}, of which 500 ms waiting in the test)",
+        ms(t.elapsed()),
+        ms(info.frozen_at.elapsed())
+    );
+    let st = d.state(&a).await.map_err(e("state"))?;
+    ensure!(
+        st.running && st.pid == pid,
+        "not the same init: {st:?} vs {pid}"
+    );
+    ensure!(proc_state(pid) != Some('T'), "init still stopped");
+    let tables = nft_tables(pid)?;
+    ensure!(!tables.contains("CRIU-"), "lock table left: {tables:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = counter(&a).ok_or("no counter")?;
+    println!("  counter at dump {at_dump}, 500ms after resume {later}");
+    ensure!(later > at_dump, "counter stuck after resume");
+    // Network works again inside: loopback ping through the unlocked netns.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--target={pid}"))
+        .args([
+            "--net",
+            "--mount",
+            "--root",
+            "/bin/busybox",
+            "ping",
+            "-c1",
+            "-W2",
+            "127.0.0.1",
+        ])
+        .output()
+        .map_err(e("ping"))?;
+    ensure!(
+        out.status.success(),
+        "loopback ping in the resumed container failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // And it can move again after that.
+    let _ = std::fs::remove_dir_all(&images);
+    d.migrate_dump(&a, &images, None, &ctx)
+        .await
+        .map_err(e("second migrate_dump"))?;
+    d.migrate_resume_source(&a, &ctx)
+        .await
+        .map_err(e("second resume"))?;
+    d.stop(&a, false, &ctx).await.map_err(e("stop"))?;
+    d.delete(&a).await.map_err(e("delete"))?;
+    Ok(())
+}
+
+type TestFn = fn(PathBuf) -> Pin<Box<dyn Future<Output = TestResult>>>;
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("forkstart") {
+        std::process::exit(forkstart_main(&argv[2..]));
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("container migrate e2e: SKIPPED (needs root)\n0 passed, 0 failed");
+        return;
+    }
+    let criu_ok = std::process::Command::new("criu")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("Version: 4.2"))
+        .unwrap_or(false);
+    let nft_ok = std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !criu_ok || !nft_ok || !Path::new("/bin/busybox").exists() {
+        println!("container migrate e2e: SKIPPED (needs criu 4.2.x, nft and busybox-static; run scripts/setup.sh)\n0 passed, 0 failed");
+        return;
+    }
+    let filter = argv.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
+    let tests: [(&str, TestFn); 4] = [
+        ("move_page_server", |b| Box::pin(move_page_server(b))),
+        ("move_relayed", |b| Box::pin(move_relayed(b))),
+        ("dump_then_resume", |b| Box::pin(dump_then_resume(b))),
+        ("move_files", |b| Box::pin(move_files(b))),
+    ];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, f) in tests {
+        if filter.as_deref().is_some_and(|flt| !name.contains(flt)) {
+            continue;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-mv-")
+            .tempdir()
+            .unwrap();
+        println!("test {name} ...");
+        let r = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(120), f(dir.path().to_path_buf()))
+                .await
+                .unwrap_or_else(|_| Err("timed out after 120s".into()))
+        });
+        match r {
+            Ok(()) => {
+                println!("test {name} ... ok");
+                passed += 1;
+            }
+            Err(msg) => {
+                println!("test {name} ... FAILED: {msg}");
+                println!("  logs kept in {}", dir.keep().display());
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,92 @@
+//! Moving a running container between members: real ferryd processes,
+//! real CRIU (page server streamed over ferry's state websocket), the rootfs
+//! as a streamed archive over the fs websocket, one DB write.
+
+use std::time::Duration;
+
+use ferry_test::{form_cluster, need_root, wait_for, Member};
+use serde_json::Value;
+
+fn pid_alive(pid: i64) -> bool {
+    pid > 0
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true))
+            .unwrap_or(false)
+}
+
+fn location(m: &Member, name: &str) -> Option<String> {
+    let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
+    list.as_array().unwrap().iter().filter(|i| i["name"] == name).map(|i| i["location"].as_str().unwrap().to_string()).next()
+}
+
+#[tokio::test]
+async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
+    if !need_root("live_container_move_keeps_the_counter_and_moves_the_record_once") {
+        return;
+    }
+    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
+    let src_pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let before = ms[0].container_counter("c1");
+    assert!(before > 0);
+
+    // A move the target refuses (it already holds files for c1) changes nothing.
+    let blocker = ms[1].spec("c1", false).paths.volume;
+    std::fs::create_dir_all(&blocker).unwrap();
+    let out = ms[0].ferry(&["move", "c1", "--target", "m2"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds files"), "{out:?}");
+    assert_eq!(ms[0].instance("c1").await["state"]["pid"].as_i64(), Some(src_pid), "the instance was disturbed");
+    assert_eq!(location(&ms[1], "c1").as_deref(), Some("m1"));
+    let a = ms[0].container_counter("c1");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(ms[0].container_counter("c1") > a, "the source stopped counting after a refused move");
+    let ops = ms[0].client.operations().await.unwrap();
+    assert!(ops.iter().all(|o| o.status_code >= 200), "an operation is stuck: {ops:?}");
+    std::fs::remove_dir_all(&blocker).unwrap();
+
+    let out = ms[1].ferry_ok(&["move", "c1", "--target", "m2", "--format", "json"]);
+    let meta: Value = serde_json::from_str(&out).unwrap();
+    eprintln!("move result: {meta}");
+    assert_eq!(meta["plan"]["state"]["type"], "criu_page_server", "{meta}");
+
+    // It runs on m2 now, continuing its counter; the source process is gone.
+    let inst = ms[1].instance("c1").await;
+    assert_eq!(inst["location"], "m2");
+    assert_eq!(inst["status"], "Running");
+    let dst_pid = inst["state"]["pid"].as_i64().unwrap();
+    assert!(pid_alive(dst_pid));
+    assert!(!pid_alive(src_pid), "the source container still runs");
+    let after = ms[1].container_counter("c1");
+    assert!(after >= before, "counter reset by the move: {after} < {before}");
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(ms[1].container_counter("c1") > after, "counter does not advance on the target");
+    // The record moved once: same name, one row, location m2 everywhere; the source's files are gone.
+    for m in &ms {
+        wait_for(10, "location m2 on every member", || (location(m, "c1").as_deref() == Some("m2")).then_some(()));
+        let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
+        assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    }
+    assert!(!ms[0].spec("c1", false).paths.volume.exists(), "source volume left behind");
+    // exec reaches it on its new member.
+    // (/counter is rewritten ten times a second: a read can land between truncate and write.)
+    let n: u64 = wait_for(5, "a counter read through exec", || ms[0].ferry_ok(&["exec", "c1", "--", "cat", "/counter"]).trim().parse().ok());
+    assert!(n >= after);
+
+    // And back, stateless this time: stopped, moved, started (counter restarts).
+    ms[0].ferry_ok(&["move", "c1", "--target", "m1", "--stateless"]);
+    wait_for(10, "location m1", || (location(&ms[1], "c1").as_deref() == Some("m1")).then_some(()));
+    assert_eq!(ms[0].instance("c1").await["status"], "Running");
+    assert!(!ms[1].spec("c1", false).paths.volume.exists());
+
+    // Bad input changes nothing.
+    let out = ms[0].ferry(&["move", "c1", "--target", "nowhere"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the cluster"), "{out:?}");
+    let out = ms[0].ferry(&["move", "c1", "--target", "m1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already runs"), "{out:?}");
+    assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
+    ms[0].ferry_ok(&["delete", "--force", "c1"]);
+}
