@@ -82,6 +82,15 @@ verdict() { if [ "$2" -ge "$1" ]; then echo "continued from $1 (now $2): state k
 secs() { awk "BEGIN{printf \"%.2f\", $2 - $1}"; }
 echo "container c1: $(verdict "$c_saved" "$c2")  [stateful stop $(secs "$t0" "$t1")s, start $(secs "$t3" "$t4")s]"
 echo "VM v1:        $(verdict "$v_saved" "$v2")  [stateful stop $(secs "$t1" "$t2")s, start $(secs "$t4" "$t5")s]"
+step "live move: container c1 from member2 to member3 (CRIU over ferry's websockets)"
+c_before=$(c_counter)
+ferry move c1 --target member3
+c_after=$(c_counter)
+sleep 1
+c_later=$(c_counter)
+on member2 list
+echo "container c1: $c_before before the move -> $c_after right after -> $c_later a second later (on member3)"
+[ "$c_after" -ge "$c_before" ] && echo "  counter continued: the running state moved" || echo "  RESET: the counter restarted"
 ferry operation list
 step "cleaning up"
 ferry delete --force c1

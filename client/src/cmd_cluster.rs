@@ -54,8 +54,9 @@ pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
     } else {
         let plan = &op.metadata["plan"];
         let live = matches!(plan["state"]["type"].as_str(), Some("criu_page_server") | Some("vm_qemu_live"));
+        let downtime = op.metadata["downtime_ms"].as_u64().map(|d| format!(", {d} ms frozen")).unwrap_or_default();
         eprintln!(
-            "Moved {} to {} ({}; {} ms in all)",
+            "Moved {} to {} ({}; {} ms in all{downtime})",
             a.name,
             a.target,
             if live { "live" } else { "stateless" },

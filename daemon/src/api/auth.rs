@@ -31,6 +31,9 @@ pub async fn authorize(ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next:
     if allowed(&peer, req.method(), req.uri().path()) {
         return next.run(req).await;
     }
+    if let Peer::Remote { addr, kind } = &peer {
+        tracing::info!(%addr, ?kind, path = %req.uri().path(), "request refused: not authorized");
+    }
     let msg = match &peer {
         Peer::Remote { kind: PeerKind::TrustedClient(_), .. } => "not authorized: this endpoint is for cluster members only".to_string(),
         _ => "not authorized: connect with a trusted client certificate (copy it to the server's DIR/trust/<fingerprint>.crt) or use the local unix socket".to_string(),

@@ -66,7 +66,7 @@ impl Daemon {
         Ok(self.ops.spawn("Migrating instance", json!({"instances": [format!("/1.0/instances/{name}")]}), true, move |op| async move {
             let _lease = lease;
             let started = Instant::now();
-            let mut m = MoveRun { d: d.clone(), op: op.clone(), rec, spec, target: target_rec, live: live && running, running, dumped: false };
+            let mut m = MoveRun { d: d.clone(), op: op.clone(), rec, spec, target: target_rec, live: live && running, running, dumped: false, frozen: None };
             match m.run().await {
                 Ok(plan) => {
                     let mut meta = Map::new();
@@ -93,6 +93,7 @@ struct MoveRun {
     live: bool,
     running: bool,
     dumped: bool,
+    frozen: Option<Instant>,
 }
 
 impl MoveRun {
@@ -178,16 +179,19 @@ impl MoveRun {
         if matches!(plan.state, StatePlan::CriuPageServer { .. }) {
             self.op.set_cancellable(false);
             self.stage("checkpointing (CRIU dump, memory streamed to the target)");
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            // CRIU writes pages into one end of a socketpair; ferry relays the
+            // other end over the state channel (no TCP port, no Nagle stalls).
+            let (criu_end, ours) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+            ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
             let state_stream = ws::into_stream(state_pipe);
-            let relay = tokio::spawn(async move {
-                let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
-                ferry_migration::relay(tcp, state_stream).await.map_err(|e| e.to_string())
-            });
+            let relay = tokio::spawn(async move { ferry_migration::relay(ours, state_stream).await.map_err(|e| e.to_string()) });
             let frozen = Instant::now();
+            self.frozen = Some(frozen);
             let ctx = ferry_drivers::OpCtx::detached();
-            driver.migrate_dump(&self.spec, &images, Some(addr), &ctx).await.map_err(|e| format!("checkpoint failed: {e}"))?;
+            let pages = ferry_drivers::container::PagesTo::Socket(std::os::fd::OwnedFd::from(criu_end));
+            let dump = driver.migrate_dump_with(&self.spec, &images, pages, &ctx).await.map_err(|e| format!("checkpoint failed: {e}"))?;
+            self.op.set_meta("criu_dump_ms", json!(dump.dump_time.as_millis() as u64));
             self.dumped = true;
             match tokio::time::timeout(Duration::from_secs(60), relay).await {
                 Ok(Ok(Ok(stats))) => self.op.set_meta("state_progress", json!(format!("{} MB of memory", stats.a_to_b / 1_000_000))),
@@ -220,6 +224,10 @@ impl MoveRun {
             let msg = ctl.recv().await.map_err(|e| format!("control channel: {e}"))?;
             if let Message::Progress(p) = &msg {
                 self.op.set_meta("target_progress", json!(format!("{:?}", p.stage)));
+            }
+            if let (Message::Resumed {}, Some(t)) = (&msg, self.frozen) {
+                // Downtime as ferry sees it: freeze on the source → running on the target.
+                self.op.set_meta("downtime_ms", json!(t.elapsed().as_millis() as u64));
             }
             let fail = if let Message::Failure { message } = &msg { Some(message.clone()) } else { None };
             st = st.on_message(msg).map_err(|e| e.to_string())?;

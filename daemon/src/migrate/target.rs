@@ -101,13 +101,12 @@ impl Daemon {
         std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
         // Memory pages: a CRIU page server fed by the state channel.
         let page_server = if matches!(plan.state, StatePlan::CriuPageServer { .. }) {
-            let ps = driver.page_server(&images, &ctx).await.map_err(|e| e.to_string())?;
-            let addr = ps.addr().ok_or("the page server has no TCP address")?;
+            let (criu_end, ours) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+            ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+            let ps = driver.page_server_on_socket(&images, std::os::fd::OwnedFd::from(criu_end), &ctx).await.map_err(|e| e.to_string())?;
             let state_stream = ws::into_stream(state_pipe);
-            let relay = tokio::spawn(async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-                ferry_migration::relay(state_stream, tcp).await.map_err(|e| e.to_string())
-            });
+            let relay = tokio::spawn(async move { ferry_migration::relay(state_stream, ours).await.map_err(|e| e.to_string()) });
             Some((ps, relay))
         } else {
             None

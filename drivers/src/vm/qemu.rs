@@ -2,7 +2,8 @@
 //! ferryd), liveness from the pidfile and `/proc`, and killing.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -70,6 +71,10 @@ pub struct Launch {
     pub accel: Accel,
     /// Wait for `migrate-incoming` (`-incoming defer`) and stay paused (`-S`).
     pub incoming: bool,
+    /// With `incoming`: leave out `-S`, so QEMU resumes the guest by itself as
+    /// soon as the incoming migration completes (or switches to post-copy),
+    /// if it was running on the source. Used by live migration.
+    pub autostart: bool,
 }
 
 impl Launch {
@@ -81,6 +86,7 @@ impl Launch {
             cpus: cfg.cpus,
             accel,
             incoming: false,
+            autostart: false,
         }
     }
 }
@@ -127,7 +133,10 @@ pub fn build_args(l: &Launch, f: &VmFiles) -> Vec<String> {
         "-daemonize".into(),
     ];
     if l.incoming {
-        a.extend(["-incoming".into(), "defer".into(), "-S".into()]);
+        a.extend(["-incoming".into(), "defer".into()]);
+        if !l.autostart {
+            a.push("-S".into());
+        }
     }
     a
 }
@@ -140,13 +149,14 @@ pub fn parse_version(out: &str) -> Option<(u32, u32, u32)> {
     Some((it.next()??, it.next().flatten().unwrap_or(0), it.next().flatten().unwrap_or(0)))
 }
 
-/// The installed QEMU's version (asked once per process).
+/// The installed QEMU's version (asked once per process and binary).
 pub async fn qemu_version() -> Result<(u32, u32, u32), DriverError> {
-    static VERSION: OnceLock<(u32, u32, u32)> = OnceLock::new();
-    if let Some(v) = VERSION.get() {
+    static VERSIONS: OnceLock<Mutex<HashMap<String, (u32, u32, u32)>>> = OnceLock::new();
+    let bin = qemu_binary();
+    let cache = VERSIONS.get_or_init(Default::default);
+    if let Some(v) = cache.lock().unwrap().get(&bin) {
         return Ok(*v);
     }
-    let bin = qemu_binary();
     let missing = |detail: String| DriverError::MissingTool { tool: bin.clone(), detail };
     let out = Command::new(&bin).arg("--version").output().await.map_err(|e| missing(e.to_string()))?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -154,7 +164,8 @@ pub async fn qemu_version() -> Result<(u32, u32, u32), DriverError> {
     if (v.0, v.1) < MIN_VERSION {
         return Err(missing(format!("version {}.{}.{} is older than {}.{}", v.0, v.1, v.2, MIN_VERSION.0, MIN_VERSION.1)));
     }
-    Ok(*VERSION.get_or_init(|| v))
+    cache.lock().unwrap().insert(bin, v);
+    Ok(v)
 }
 
 /// KVM when /dev/kvm can be opened, else TCG (with a warning: much slower).
@@ -302,7 +313,15 @@ mod tests {
 
     #[test]
     fn command_line() {
-        let l = Launch { name: "v1".into(), machine: MACHINE.into(), memory_mib: 512, cpus: 2, accel: Accel::Kvm, incoming: false };
+        let l = Launch {
+            name: "v1".into(),
+            machine: MACHINE.into(),
+            memory_mib: 512,
+            cpus: 2,
+            accel: Accel::Kvm,
+            incoming: false,
+            autostart: false,
+        };
         let a = build_args(&l, &files());
         let s = a.join(" ");
         assert!(s.contains("-machine pc-i440fx-7.2 -accel kvm -m 512M -smp 2 -nodefaults"), "{s}");
@@ -311,9 +330,11 @@ mod tests {
         assert!(s.contains("-chardev socket,id=qmp,path=/r/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control"));
         assert!(s.contains("-pidfile /r/qemu.pid -daemonize"));
         assert!(!s.contains("-incoming"));
-        let inc = build_args(&Launch { incoming: true, accel: Accel::Tcg, ..l }, &files());
+        let inc = build_args(&Launch { incoming: true, accel: Accel::Tcg, ..l.clone() }, &files());
         assert!(inc.join(" ").ends_with("-incoming defer -S"));
         assert!(inc.join(" ").contains("-accel tcg"));
+        let live = build_args(&Launch { incoming: true, autostart: true, ..l.clone() }, &files());
+        assert!(live.join(" ").ends_with("-daemonize -incoming defer"), "{live:?}");
         // Identical devices apart from the incoming flags.
         assert_eq!(&inc[..inc.len() - 3].iter().filter(|x| *x != "tcg").collect::<Vec<_>>(),
                    &a.iter().filter(|x| *x != "kvm").collect::<Vec<_>>());

@@ -149,6 +149,14 @@ pub struct MigrateInfo {
     pub remaining: Option<u64>,
     pub total: Option<u64>,
     pub error: Option<String>,
+    /// Bitmap syncs so far: 1 during the first pass, 2+ once it ended.
+    pub dirty_sync_count: Option<u64>,
+    /// Auto-converge's current vCPU throttle.
+    pub cpu_throttle_percent: Option<u64>,
+    /// QEMU's own transfer rate estimate (megabits/s).
+    pub mbps: Option<f64>,
+    pub setup_time_ms: Option<u64>,
+    pub expected_downtime_ms: Option<u64>,
 }
 
 impl MigrateInfo {
@@ -163,6 +171,11 @@ impl MigrateInfo {
             remaining: ram_u("remaining"),
             total: ram_u("total"),
             error: v.get("error-desc").and_then(Value::as_str).map(str::to_string),
+            dirty_sync_count: ram_u("dirty-sync-count"),
+            cpu_throttle_percent: v.get("cpu-throttle-percentage").and_then(Value::as_u64),
+            mbps: ram.and_then(|r| r.get("mbps")).and_then(Value::as_f64),
+            setup_time_ms: v.get("setup-time").and_then(Value::as_u64),
+            expected_downtime_ms: v.get("expected-downtime").and_then(Value::as_u64),
         }
     }
 }
@@ -285,6 +298,11 @@ impl Qmp {
         self.execute(cmd).await.map(|_| ())
     }
 
+    /// Switch a running pre-copy migration (with `postcopy-ram`) to post-copy.
+    pub async fn migrate_start_postcopy(&mut self) -> Result<(), DriverError> {
+        self.execute(qmp::migrate_start_postcopy {}).await.map(|_| ())
+    }
+
     pub async fn migrate_cancel(&mut self) -> Result<(), DriverError> {
         self.execute(qmp::migrate_cancel {}).await.map(|_| ())
     }
@@ -316,6 +334,11 @@ impl Qmp {
     /// Next event, waiting at most `timeout`; `None` on timeout or closed connection.
     pub async fn next_event(&mut self, timeout: Duration) -> Option<QmpEvent> {
         tokio::time::timeout(timeout, self.events.recv()).await.ok().flatten()
+    }
+
+    /// Whether the connection to QEMU is gone (the event pump ended).
+    pub fn is_closed(&self) -> bool {
+        self.pump.is_finished()
     }
 
     /// Events received so far, without waiting.
