@@ -98,6 +98,7 @@ impl Daemon {
             anyhow::ensure!(cfg.name == d.member, "this member joined its cluster as \"{}\": start ferryd with --name {}", cfg.name, cfg.name);
             d.start_cluster(cfg, cert).await?;
             tracing::info!("clustered: raft node started");
+            d.clean_partial_receives();
         }
         Ok(d)
     }

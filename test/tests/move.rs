@@ -90,3 +90,79 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
 }
+
+/// Cancelling a move, or losing the target's daemon, during the first
+/// filesystem pass leaves the container running on the source undisturbed,
+/// the record unchanged, nothing on the target, and no operation stuck.
+#[tokio::test]
+async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
+    if !need_root("cancelled_or_broken_move_leaves_the_container_on_the_source") {
+        return;
+    }
+    let mut ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
+    // Make the first pass take a while: 300 MB that zstd cannot shrink.
+    ms[0].ferry_ok(&["exec", "c1", "--", "dd", "if=/dev/urandom", "of=/big", "bs=1M", "count=300"]);
+    let pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
+
+    let undisturbed = |ms: &[Member]| {
+        let a = ms[0].container_counter("c1");
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(ms[0].container_counter("c1") > a, "the container stopped counting on the source");
+        assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
+    };
+    let start_move = |m: &Member| {
+        let m_dir = m.dir.clone();
+        async move {
+            let c = ferry_client::Client::unix(m_dir.join("unix.socket"));
+            let env = c.post("/1.0/instances/c1?target=m2", Some(&serde_json::json!({"migration": true, "live": true}))).await.unwrap();
+            (c, env.metadata["id"].as_str().unwrap().to_string())
+        }
+    };
+    let wait_stage = |c: &ferry_client::Client, id: &str| {
+        let (c, id) = (c.clone(), id.to_string());
+        async move {
+            for _ in 0..200 {
+                let op = c.operation(&id).await.unwrap();
+                if op.metadata["stage"].as_str().is_some_and(|s| s.contains("root filesystem")) {
+                    return;
+                }
+                assert!(op.status_code < 200, "move ended before the fs pass was seen: {op:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("never saw the fs pass");
+        }
+    };
+
+    // 1. Cancel.
+    let (c, id) = start_move(&ms[0]).await;
+    wait_stage(&c, &id).await;
+    c.cancel_operation(&id).await.unwrap();
+    let fin = c.wait_operation(&id, |_| {}).await;
+    eprintln!("cancelled move: {fin:?}");
+    let op = c.operation(&id).await.unwrap();
+    assert_eq!(op.status, "Cancelled", "{op:?}");
+    assert_eq!(ms[0].instance("c1").await["state"]["pid"].as_i64(), Some(pid));
+    undisturbed(&ms);
+    let target_vol = ms[1].spec("c1", false).paths.volume;
+    wait_for(10, "the target to clean up", || (!target_vol.exists()).then_some(()));
+
+    // 2. The target's daemon dies mid-transfer.
+    let (c, id) = start_move(&ms[0]).await;
+    wait_stage(&c, &id).await;
+    ms[1].kill_daemon();
+    let _ = c.wait_operation(&id, |_| {}).await;
+    let op = c.operation(&id).await.unwrap();
+    assert_eq!(op.status, "Failure", "{op:?}");
+    assert_eq!(ms[0].instance("c1").await["state"]["pid"].as_i64(), Some(pid));
+    undisturbed(&ms);
+    // Back up, the target drops what it half received; a move then succeeds.
+    ms[1].start_daemon();
+    wait_for(10, "the partial receive removed", || (!target_vol.exists()).then_some(()));
+    ms[0].ferry_ok(&["move", "c1", "--target", "m2"]);
+    assert_eq!(ms[1].instance("c1").await["status"], "Running");
+    let ops = ms[0].client.operations().await.unwrap();
+    assert!(ops.iter().all(|o| o.status_code >= 200), "{ops:?}");
+    ms[0].ferry_ok(&["delete", "--force", "c1"]);
+}

@@ -25,12 +25,38 @@ pub fn local_end() -> LocalEnd {
 
 type Bridge = SyncIoBridge<tokio::io::WriteHalf<ByteChannel<tokio::io::DuplexStream>>>;
 
+/// Writes to the fs bridge, failing as soon as the move is cancelled (so a
+/// long first pass stops at once instead of running to its end).
+struct Cancellable<'a> {
+    inner: &'a mut Bridge,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl std::io::Write for Cancellable<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            return Err(std::io::Error::other("the move was cancelled"));
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Send one archive pass of `root` on the fs bridge (blocking, off the runtime).
-async fn send_archive(bridge: Bridge, root: std::path::PathBuf, base: Option<Manifest>, record: bool) -> Result<(Bridge, ferry_drivers::storage::ArchiveStats), String> {
+async fn send_archive(
+    bridge: Bridge,
+    root: std::path::PathBuf,
+    base: Option<Manifest>,
+    record: bool,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<(Bridge, ferry_drivers::storage::ArchiveStats), String> {
     tokio::task::spawn_blocking(move || {
         let mut bridge = bridge;
         let opts = ArchiveOptions { record_manifest: record, base, ..Default::default() };
-        let stats = write_archive(&root, &mut bridge, &opts).map_err(|e| format!("sending {}: {e}", root.display()))?;
+        let mut w = Cancellable { inner: &mut bridge, cancel };
+        let stats = write_archive(&root, &mut w, &opts).map_err(|e| format!("sending {}: {e}", root.display()))?;
         Ok((bridge, stats))
     })
     .await
@@ -168,7 +194,7 @@ impl MoveRun {
         }
         self.check_cancel()?;
         self.stage("copying the root filesystem (instance running)");
-        let (bridge, pass1) = send_archive(bridge, rootfs.clone(), None, true).await?;
+        let (bridge, pass1) = send_archive(bridge, rootfs.clone(), None, true, self.op.cancel_token()).await?;
         self.op.set_meta("fs_progress", json!(format!("{} MB", pass1.bytes / 1_000_000)));
         self.check_cancel()?;
         let images = self.spec.paths.volume.join("migration.tmp");
@@ -200,8 +226,8 @@ impl MoveRun {
             }
             self.stage("final sync of the root filesystem and checkpoint images");
             let manifest = pass1.manifest.clone();
-            let (b, _pass2) = send_archive(bridge, rootfs, manifest, false).await?;
-            let (b, _img) = send_archive(b, images.clone(), None, false).await?;
+            let (b, _pass2) = send_archive(bridge, rootfs, manifest, false, Default::default()).await?;
+            let (b, _img) = send_archive(b, images.clone(), None, false, Default::default()).await?;
             bridge = b;
             self.op.set_meta("frozen_ms_at_handover", json!(frozen.elapsed().as_millis() as u64));
         }

@@ -97,6 +97,9 @@ impl Daemon {
         let driver = ContainerDriver::default();
         let ctx = OpCtx::detached();
         std::fs::create_dir_all(&spec.paths.volume).map_err(|e| e.to_string())?;
+        // Marks a partial receive: removed on success; a ferryd that died
+        // mid-receive deletes such volumes when it starts again.
+        std::fs::write(receiving_marker(spec), b"").map_err(|e| e.to_string())?;
         let images = spec.paths.volume.join("migration.tmp");
         std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
         // Memory pages: a CRIU page server fed by the state channel.
@@ -153,9 +156,29 @@ impl Daemon {
                 tracing::warn!(error = %e, "recording volatile keys of the moved instance");
             }
         }
+        let _ = std::fs::remove_file(receiving_marker(spec));
         let _st = st.succeed().map_err(|e| e.to_string())?;
         ctl.send(&Message::Success {}).await.map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+pub fn receiving_marker(spec: &InstanceSpec) -> PathBuf {
+    spec.paths.volume.join(".ferry-receiving")
+}
+
+impl Daemon {
+    /// At start: delete volumes left by a receive this member never finished
+    /// (the instance's record does not place it here).
+    pub fn clean_partial_receives(&self) {
+        let Ok(recs) = self.db().list_instances() else { return };
+        for rec in recs.iter().filter(|r| r.member != self.member) {
+            let Ok(spec) = self.spec_for(rec) else { continue };
+            if receiving_marker(&spec).exists() {
+                tracing::warn!(instance = %rec.name, "removing the files of a move this member never finished receiving");
+                let _ = std::fs::remove_dir_all(&spec.paths.volume);
+            }
+        }
     }
 }
 
