@@ -47,6 +47,8 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     assert!(ops.iter().all(|o| o.status_code >= 200), "an operation is stuck: {ops:?}");
     std::fs::remove_dir_all(&blocker).unwrap();
 
+    let src_cgroup = ms[0].instance("c1").await["config"]["volatile.cgroup"].as_str().map(str::to_string);
+
     let out = ms[1].ferry_ok(&["move", "c1", "--target", "m2", "--format", "json"]);
     let meta: Value = serde_json::from_str(&out).unwrap();
     eprintln!("move result: {meta}");
@@ -70,6 +72,17 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
         assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     }
     assert!(!ms[0].spec("c1", false).paths.volume.exists(), "source volume left behind");
+    // Volatile keys: the DB holds the target's (its own cgroup), and each
+    // member cleaned up its own: the source's cgroup is gone, the target's is in use.
+    let memory_cgroups = std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains("memory");
+    assert!(src_cgroup.is_some() || !memory_cgroups, "volatile.cgroup not recorded for a running container");
+    if let Some(src_cg) = src_cgroup {
+        let dst_cg = ms[1].instance("c1").await["config"]["volatile.cgroup"].as_str().unwrap().to_string();
+        assert_ne!(dst_cg, src_cg, "the DB still holds the source's volatile cgroup");
+        assert!(!std::path::Path::new(&src_cg).exists(), "the source's cgroup {src_cg} was not cleaned up");
+        let procs = std::fs::read_to_string(std::path::Path::new(&dst_cg).join("cgroup.procs")).unwrap();
+        assert!(procs.split_whitespace().any(|p| p == dst_pid.to_string()), "the target's container is not in {dst_cg}: {procs}");
+    }
     // exec reaches it on its new member.
     // (/counter is rewritten ten times a second: a read can land between truncate and write.)
     let n: u64 = wait_for(5, "a counter read through exec", || ms[0].ferry_ok(&["exec", "c1", "--", "cat", "/counter"]).trim().parse().ok());

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use super::cgroup::Cgroup;
 use super::forkstart::ForkstartArgs;
 use super::procfs::{self, InitRecord};
-use super::{config, image, mounts, power, remove_if_exists, ContainerDriver, Layout};
+use super::{config, image, mounts, remove_if_exists, ContainerDriver, Layout};
 use crate::*;
 
 impl Lifecycle for ContainerDriver {
@@ -68,7 +68,7 @@ impl Lifecycle for ContainerDriver {
                 "create (the copied rootfs was removed)".into(),
             ));
         }
-        Ok(power("STOPPED"))
+        Ok(super::stopped())
     }
 
     async fn start(
@@ -101,7 +101,7 @@ impl Lifecycle for ContainerDriver {
         match self.spawn_init(spec, &l, cg.as_ref(), ctx).await {
             Ok(rec) => {
                 tracing::info!(container = %spec.name, pid = rec.pid, "container started");
-                Ok(power("RUNNING"))
+                Ok(super::running(spec))
             }
             Err(e) => {
                 if let Some(rec) = InitRecord::read(&l.pidfile).filter(procfs::check_running) {
@@ -133,7 +133,7 @@ impl Lifecycle for ContainerDriver {
         }
         ctx.progress("stage", "cleaning up");
         self.cleanup_host(spec).await?;
-        Ok(power("STOPPED"))
+        Ok(super::stopped())
     }
 
     async fn state(&self, spec: &InstanceSpec) -> Result<RuntimeState, DriverError> {

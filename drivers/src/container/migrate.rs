@@ -59,7 +59,7 @@ use nix::unistd::Pid;
 use super::criu::{self, Outcome, PageEndpoint};
 use super::procfs::{self, InitRecord};
 use super::state::mkdirs;
-use super::{power, remove_if_exists, ContainerDriver, Layout};
+use super::{remove_if_exists, ContainerDriver, Layout};
 use crate::*;
 
 /// File in the run dir while the tree is left stopped by a move's dump;
@@ -429,7 +429,7 @@ impl ContainerDriver {
                 if let Err(e) = remove_if_exists(images_dir) {
                     tracing::warn!("cannot remove {}: {e}", images_dir.display());
                 }
-                Ok(power("RUNNING"))
+                Ok(super::running(spec))
             }
             Err(e) => {
                 self.kill_partial_restore(&l, cg.as_ref()).await;

@@ -118,6 +118,22 @@ pub(crate) fn power(state: &str) -> VolatileChanges {
     .into()
 }
 
+/// Volatile keys of a running container on this member: its power state and
+/// the cgroup it runs in here (member-specific, like Incus's device keys).
+pub(crate) fn running(spec: &InstanceSpec) -> VolatileChanges {
+    let mut v = power("RUNNING");
+    let cg = Cgroup::for_instance(&spec.name, &spec.paths.volume).map(|c| c.dir.display().to_string());
+    v.insert("volatile.cgroup".to_string(), cg);
+    v
+}
+
+/// Volatile keys of a stopped container: power state; no cgroup.
+pub(crate) fn stopped() -> VolatileChanges {
+    let mut v = power("STOPPED");
+    v.insert("volatile.cgroup".to_string(), None);
+    v
+}
+
 fn remove_if_exists(p: &Path) -> std::io::Result<()> {
     let r = if p.is_dir() && !p.is_symlink() {
         std::fs::remove_dir_all(p)

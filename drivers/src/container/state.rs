@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use super::cgroup::Cgroup;
 use super::criu::{self, Outcome};
 use super::procfs::{self, InitRecord};
-use super::{mounts, power, remove_if_exists, ContainerDriver, Layout};
+use super::{mounts, remove_if_exists, ContainerDriver, Layout};
 use crate::*;
 
 pub(super) fn mkdirs(dirs: &[&std::path::Path]) -> Result<(), DriverError> {
@@ -91,7 +91,7 @@ impl StateSave for ContainerDriver {
             self.terminate(&rec, true).await?;
         }
         self.cleanup_host(spec).await?;
-        Ok(power("STOPPED"))
+        Ok(super::stopped())
     }
 
     async fn restore_state(
@@ -133,7 +133,7 @@ impl StateSave for ContainerDriver {
                 if let Err(e) = remove_if_exists(&l.state) {
                     tracing::warn!("cannot remove restored state {}: {e}", l.state.display());
                 }
-                Ok(power("RUNNING"))
+                Ok(super::running(spec))
             }
             Err(e) => {
                 self.kill_partial_restore(&l, cg.as_ref()).await;
