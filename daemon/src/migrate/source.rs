@@ -67,6 +67,8 @@ impl Daemon {
     /// `POST /1.0/instances/<name>?target=M {"migration": true, "live": bool}`.
     pub async fn move_instance(self: &Arc<Self>, name: &str, target: &str, live: bool) -> Result<Arc<Op>, ActionError> {
         let cluster = self.require_cluster()?;
+        // A move decides on the record and the target: read them linearizably.
+        cluster.barrier().await.map_err(|e| ActionError::Unavailable(format!("cannot read the cluster state: {e}")))?;
         let rec = self.record(name)?;
         if rec.member != self.member {
             return Err(ActionError::Internal(format!("instance \"{name}\" lives on {}, not here", rec.member)));
