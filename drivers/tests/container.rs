@@ -4,10 +4,9 @@
 //! `harness = false`: the driver re-executes this binary as
 //! `container forkstart ...`, which `main` dispatches like ferryd does.
 
+mod common;
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use ferry_drivers::container::{forkstart_main, ContainerDriver};
@@ -15,7 +14,6 @@ use ferry_drivers::{
     DriverError, InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx, StateSave,
 };
 
-type TestResult = Result<(), String>;
 
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)+) => {
@@ -441,7 +439,7 @@ async fn errors_and_cancel(base: PathBuf) -> TestResult {
     Ok(())
 }
 
-type TestFn = fn(PathBuf) -> Pin<Box<dyn Future<Output = TestResult>>>;
+use common::{TestFn, TestResult};
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
@@ -469,40 +467,5 @@ fn main() {
         }),
         ("errors_and_cancel", |b| Box::pin(errors_and_cancel(b))),
     ];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (mut passed, mut failed) = (0, 0);
-    for (name, f) in tests {
-        if filter.as_deref().is_some_and(|flt| !name.contains(flt)) {
-            continue;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-ct-")
-            .tempdir()
-            .unwrap();
-        println!("test {name} ...");
-        let r = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(120), f(dir.path().to_path_buf()))
-                .await
-                .unwrap_or_else(|_| Err("timed out after 120s".into()))
-        });
-        match r {
-            Ok(()) => {
-                println!("test {name} ... ok");
-                passed += 1;
-            }
-            Err(msg) => {
-                println!("test {name} ... FAILED: {msg}");
-                println!("  logs kept in {}", dir.keep().display());
-                failed += 1;
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    common::run(&tests, filter.as_deref(), "ferry-ct-");
 }

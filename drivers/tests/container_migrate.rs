@@ -8,11 +8,10 @@
 //! `harness = false`: the driver re-executes this binary as
 //! `container_migrate forkstart ...`, which `main` dispatches like ferryd.
 
+mod common;
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use ferry_drivers::container::{forkstart_main, ContainerDriver, PagesTo};
@@ -21,7 +20,6 @@ use ferry_drivers::storage::{
 };
 use ferry_drivers::{DriverError, InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx};
 
-type TestResult = Result<(), String>;
 
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)+) => {
@@ -566,7 +564,7 @@ async fn dump_then_resume(base: PathBuf) -> TestResult {
     Ok(())
 }
 
-type TestFn = fn(PathBuf) -> Pin<Box<dyn Future<Output = TestResult>>>;
+use common::{TestFn, TestResult};
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
@@ -597,40 +595,5 @@ fn main() {
         ("dump_then_resume", |b| Box::pin(dump_then_resume(b))),
         ("move_files", |b| Box::pin(move_files(b))),
     ];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (mut passed, mut failed) = (0, 0);
-    for (name, f) in tests {
-        if filter.as_deref().is_some_and(|flt| !name.contains(flt)) {
-            continue;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-mv-")
-            .tempdir()
-            .unwrap();
-        println!("test {name} ...");
-        let r = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(120), f(dir.path().to_path_buf()))
-                .await
-                .unwrap_or_else(|_| Err("timed out after 120s".into()))
-        });
-        match r {
-            Ok(()) => {
-                println!("test {name} ... ok");
-                passed += 1;
-            }
-            Err(msg) => {
-                println!("test {name} ... FAILED: {msg}");
-                println!("  logs kept in {}", dir.keep().display());
-                failed += 1;
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    common::run(&tests, filter.as_deref(), "ferry-mv-");
 }

@@ -62,12 +62,7 @@ impl PeerClient {
 
     async fn send_inner(&self, addr: &str, method: Method, path: &str, body: Bytes) -> Result<PeerResponse, PeerError> {
         let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
-        let tcp = TcpStream::connect(addr).await.map_err(|e| conn_err(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(self.tls.clone())
-            .connect(ferry_cluster::mtls::cluster_server_name(), tcp)
-            .await
-            .map_err(|e| conn_err(format!("TLS: {e}")))?;
+        let tls = self.connect(addr).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
             .map_err(|e| conn_err(e.to_string()))?;
@@ -91,15 +86,21 @@ impl PeerClient {
         Ok(PeerResponse { status, content_type, body })
     }
 
-    /// Open a websocket to a peer (the migration channels).
-    pub async fn websocket(&self, addr: &str, path: &str) -> Result<crate::migrate::ws::WsPipe, PeerError> {
+    /// TCP + TLS (pinned to the cluster certificate) to a peer.
+    async fn connect(&self, addr: &str) -> Result<tokio_rustls::client::TlsStream<TcpStream>, PeerError> {
         let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
         let tcp = TcpStream::connect(addr).await.map_err(|e| conn_err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(self.tls.clone())
+        TlsConnector::from(self.tls.clone())
             .connect(ferry_cluster::mtls::cluster_server_name(), tcp)
             .await
-            .map_err(|e| conn_err(format!("TLS: {e}")))?;
+            .map_err(|e| conn_err(format!("TLS: {e}")))
+    }
+
+    /// Open a websocket to a peer (the migration channels).
+    pub async fn websocket(&self, addr: &str, path: &str) -> Result<crate::migrate::ws::WsPipe, PeerError> {
+        let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
+        let tls = self.connect(addr).await?;
         let url = format!("wss://ferry-cluster{path}");
         let (ws, resp) = tokio::time::timeout(self.timeout, tokio_tungstenite::client_async(url, tls))
             .await
