@@ -19,6 +19,7 @@
 pub mod config;
 pub mod guest;
 pub mod image;
+pub mod migrate;
 pub mod qemu;
 pub mod qmp;
 pub mod state;

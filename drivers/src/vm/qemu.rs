@@ -151,7 +151,8 @@ pub fn parse_version(out: &str) -> Option<(u32, u32, u32)> {
 
 /// The installed QEMU's version (asked once per process and binary).
 pub async fn qemu_version() -> Result<(u32, u32, u32), DriverError> {
-    static VERSIONS: OnceLock<Mutex<HashMap<String, (u32, u32, u32)>>> = OnceLock::new();
+    type Cache = Mutex<HashMap<String, (u32, u32, u32)>>;
+    static VERSIONS: OnceLock<Cache> = OnceLock::new();
     let bin = qemu_binary();
     let cache = VERSIONS.get_or_init(Default::default);
     if let Some(v) = cache.lock().unwrap().get(&bin) {

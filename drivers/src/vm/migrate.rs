@@ -1,0 +1,872 @@
+//! Live migration of a running VM from one QEMU to another over a byte stream
+//! the daemon relays (the state websocket between two members).
+//!
+//! ```text
+//!  source member                  daemon relay                 target member
+//!  ─────────────                  ────────────                 ─────────────
+//!  launch_config(spec) ──────── (control channel) ───────────▶ migrate_incoming(spec, cfg, params, fd_b)
+//!                                                                QEMU -incoming defer (no -S)
+//!                                                                caps; getfd; migrate-incoming fd:
+//!  migrate_outgoing(spec, params, fd_a)                          IncomingVm::wait()
+//!    caps; params; getfd; migrate fd:   fd_a ⇄ websocket ⇄ fd_b  (both directions: post-copy
+//!    query-migrate every 50 ms,                                   needs the return path)
+//!    progress every second
+//!    [post-copy: migrate-start-postcopy after the first pass]
+//!    STOP (source) ─────────── final RAM + device state ───────▶ RESUME (target runs the guest)
+//!    completed → OutgoingStats                                   completed + running → IncomingStats
+//!  migrate_finish_source(spec): quit the paused source QEMU
+//! ```
+//!
+//! Both QEMUs get one end of a socketpair by `getfd` (SCM_RIGHTS on QMP); the
+//! driver then closes its own copy, so QEMU's close is the stream's EOF.
+//!
+//! Failure semantics:
+//! - pre-copy (cancel, stall, broken stream, target gone): the source keeps
+//!   running in the same QEMU (`migrate_cancel`; `cont` if QEMU left it
+//!   paused); the target QEMU is killed and its runtime files removed.
+//! - post-copy (after `migrate-start-postcopy` was issued): neither side can
+//!   go back. Cancellation requests are refused (reported as progress) and the
+//!   move is driven to completion; if the stream breaks, the guest's RAM is
+//!   split between both QEMUs and the error says so. Both QEMUs are left as
+//!   they are (QEMU parks them in `postcopy-paused`), never killed by us.
+//! - A cancel that races with completion: if QEMU reports `completed`, the
+//!   source returns `Ok` — the VM runs on the target.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qapi::qmp::{MigrateSetParameters, MigrationCapability as Cap};
+use serde::{Deserialize, Serialize};
+
+use super::config::VmConfig;
+use super::qemu::{self, Launch, VmFiles};
+use super::qmp::{MigrateInfo, Qmp, QmpEvent};
+use super::state::{self, LaunchRecord};
+use super::VmDriver;
+use crate::{DriverError, InstanceSpec, OpCtx};
+
+/// Name under which both QEMUs receive their end of the stream.
+pub const STREAM_FD: &str = "ferry-migrate";
+/// `max-bandwidth` used for "unlimited" (QEMU has no 0 = unlimited here).
+pub const UNLIMITED_BANDWIDTH: u64 = 1 << 40;
+/// QEMU refuses a downtime-limit above 2000 s.
+const MAX_DOWNTIME_MS: u64 = 2_000_000;
+const QMP_CONNECT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(50);
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Pre-copy with no byte moving for this long is cancelled (stuck relay).
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The target may take this long after `completed` to report the run state.
+const RESUME_GRACE: Duration = Duration::from_secs(5);
+
+/// How to migrate. Part of the negotiated plan: both sides get the same value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MigrateParams {
+    /// Throttle the guest's vCPUs when it dirties RAM faster than it is sent.
+    pub auto_converge: bool,
+    /// XBZRLE delta compression of re-sent pages (source-side cache).
+    pub xbzrle: bool,
+    /// Switch to post-copy after the first pass. A broken stream during
+    /// post-copy loses the VM.
+    pub postcopy: bool,
+    /// Bytes/s; `None` = unlimited (QEMU's own default would be 128 MiB/s).
+    pub max_bandwidth: Option<u64>,
+    /// Longest acceptable pause of the guest at switchover.
+    pub downtime_limit_ms: u64,
+}
+
+impl Default for MigrateParams {
+    fn default() -> Self {
+        MigrateParams { auto_converge: true, xbzrle: false, postcopy: false, max_bandwidth: None, downtime_limit_ms: 300 }
+    }
+}
+
+impl MigrateParams {
+    pub fn validate(&self) -> Result<(), DriverError> {
+        if let Some(b) = self.max_bandwidth {
+            if b == 0 || b > UNLIMITED_BANDWIDTH {
+                return Err(DriverError::InvalidConfig(format!(
+                    "migration bandwidth {b} bytes/s: must be from 1 to {UNLIMITED_BANDWIDTH} (or unset for unlimited)"
+                )));
+            }
+        }
+        if self.downtime_limit_ms == 0 || self.downtime_limit_ms > MAX_DOWNTIME_MS {
+            return Err(DriverError::InvalidConfig(format!(
+                "migration downtime limit {} ms: must be from 1 to {MAX_DOWNTIME_MS} ms",
+                self.downtime_limit_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// Capabilities, all set explicitly (a QEMU keeps them across migrations).
+    fn capabilities(&self) -> Vec<(Cap, bool)> {
+        vec![
+            (Cap::events, true),
+            (Cap::auto_converge, self.auto_converge),
+            (Cap::xbzrle, self.xbzrle),
+            (Cap::postcopy_ram, self.postcopy),
+            // Only needed with a block mirror (not done yet).
+            (Cap::pause_before_switchover, false),
+        ]
+    }
+}
+
+/// How the source's QEMU was started: the target starts its QEMU the same way.
+pub type LaunchConfig = LaunchRecord;
+
+/// Progress of an outgoing migration, reported once a second.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// QEMU's status (`setup`, `active`, `postcopy-active`, `device`, ...).
+    pub status: String,
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    /// Bytes/s over the last report interval.
+    pub rate: u64,
+    /// Passes over guest RAM so far.
+    pub dirty_sync_count: u64,
+    pub cpu_throttle_percent: u64,
+    /// `remaining / rate`; ignores re-dirtied pages, so a lower bound.
+    pub eta: Option<Duration>,
+    pub elapsed: Duration,
+}
+
+impl MigrationProgress {
+    /// "X MiB remaining (Y MiB/s) (Z% CPU throttle)".
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} MiB remaining ({} MiB/s), pass {}", self.remaining >> 20, self.rate >> 20, self.dirty_sync_count);
+        if self.cpu_throttle_percent > 0 {
+            s.push_str(&format!(" ({}% CPU throttle)", self.cpu_throttle_percent));
+        }
+        s
+    }
+}
+
+/// Result of a completed outgoing migration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutgoingStats {
+    /// QEMU's total time (source).
+    pub total_time_ms: u64,
+    /// QEMU's downtime (source's view: stop → completion).
+    pub downtime_ms: u64,
+    pub setup_time_ms: u64,
+    /// RAM bytes sent.
+    pub transferred: u64,
+    pub dirty_sync_count: u64,
+    /// Highest auto-converge throttle seen.
+    pub max_throttle_percent: u64,
+    /// Whether the migration switched to post-copy.
+    pub postcopy: bool,
+    /// QEMU's timestamp (µs since the epoch) of the source's STOP event;
+    /// ferry's downtime is target RESUME minus this (same clock domain needed).
+    pub stop_event_us: Option<u64>,
+    /// Wall time of migrate_outgoing from `migrate` to completion.
+    pub wall_ms: u64,
+}
+
+/// Result of a completed incoming migration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IncomingStats {
+    /// QEMU's timestamp (µs since the epoch) of the target's RESUME event.
+    pub resume_event_us: Option<u64>,
+    /// From `migrate-incoming` to the guest running (or completion).
+    pub wall_ms: u64,
+    /// The guest runs on the target (false if it was paused on the source).
+    pub running: bool,
+    /// The target saw post-copy.
+    pub postcopy: bool,
+}
+
+/// Ask a running outgoing migration to switch to post-copy now (it does so
+/// by itself after the first pass when `postcopy` is set).
+#[derive(Debug, Clone, Default)]
+pub struct PostcopyTrigger(Arc<AtomicBool>);
+
+impl PostcopyTrigger {
+    pub fn fire(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    fn fired(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn migration_error(detail: String) -> DriverError {
+    DriverError::Command { program: "QEMU live migration".into(), detail }
+}
+
+/// Statuses in which a migration is still under way on the source.
+fn in_progress(status: &str) -> bool {
+    matches!(
+        status,
+        "setup" | "active" | "device" | "pre-switchover" | "cancelling" | "wait-unplug" | "colo"
+    ) || status.starts_with("postcopy")
+}
+
+async fn set_caps(qmp: &mut Qmp, params: &MigrateParams) -> Result<(), DriverError> {
+    qmp.set_capabilities(&params.capabilities()).await
+}
+
+async fn set_source_parameters(qmp: &mut Qmp, params: &MigrateParams) -> Result<(), DriverError> {
+    qmp.set_parameters(MigrateSetParameters {
+        max_bandwidth: Some(params.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH)),
+        // 0 = unlimited; a cap applies to post-copy as well.
+        max_postcopy_bandwidth: Some(params.max_bandwidth.unwrap_or(0)),
+        downtime_limit: Some(params.downtime_limit_ms),
+        ..Default::default()
+    })
+    .await
+}
+
+impl VmDriver {
+    /// How this VM's QEMU runs (machine, RAM, vCPUs, QEMU version): the
+    /// target of a live migration must start its QEMU identically.
+    pub fn launch_config(&self, spec: &InstanceSpec) -> Result<LaunchConfig, DriverError> {
+        let f = VmFiles::of(spec);
+        if qemu::running_pid(&f).is_none() {
+            return Err(DriverError::WrongState(format!("VM {} is not running: nothing to migrate live", spec.name)));
+        }
+        if let Some(r) = state::read_record(&state::launch_record_path(spec)) {
+            return Ok(r);
+        }
+        let cfg = VmConfig::from_spec(spec)?;
+        let l = Launch::new(spec, &cfg, qemu::pick_accel());
+        Ok(LaunchRecord { version: 1, machine: l.machine, memory_mib: l.memory_mib, cpus: l.cpus, qemu_version: String::new() })
+    }
+
+    /// Target side: start QEMU waiting for the stream on `stream_fd`. The
+    /// disk must already be at the target spec's volume path. Returns once
+    /// QEMU listens; [`IncomingVm::wait`] then follows the migration.
+    pub async fn migrate_incoming(
+        &self,
+        spec: &InstanceSpec,
+        source: &LaunchConfig,
+        params: &MigrateParams,
+        stream_fd: OwnedFd,
+        ctx: &OpCtx,
+    ) -> Result<IncomingVm, DriverError> {
+        params.validate()?;
+        VmConfig::from_spec(spec)?;
+        let f = VmFiles::of(spec);
+        if let Some(pid) = qemu::running_pid(&f) {
+            return Err(DriverError::WrongState(format!("VM {} already runs on this member (QEMU pid {pid})", spec.name)));
+        }
+        if !f.disk.exists() {
+            return Err(DriverError::WrongState(format!(
+                "VM {} has no disk at {}: transfer the volume before the live migration",
+                spec.name,
+                f.disk.display()
+            )));
+        }
+        let version = qemu::qemu_version().await?;
+        let launch = Launch {
+            name: spec.name.clone(),
+            machine: source.machine.clone(),
+            memory_mib: source.memory_mib,
+            cpus: source.cpus,
+            accel: qemu::pick_accel(),
+            incoming: true,
+            autostart: true,
+        };
+        ctx.check_cancelled("live migration (target)")?;
+        ctx.progress("stage", "starting QEMU for the incoming migration");
+        let pid = qemu::launch(&launch, &f).await?;
+        let setup = async {
+            let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
+            set_caps(&mut qmp, params).await?;
+            qmp.send_fd(STREAM_FD, stream_fd.as_fd()).await?;
+            qmp.migrate_incoming(&format!("fd:{STREAM_FD}")).await?;
+            Ok::<_, DriverError>(qmp)
+        };
+        let qmp = match setup.await {
+            Ok(q) => q,
+            Err(e) => {
+                cleanup_target(spec, &f, pid).await;
+                return Err(e);
+            }
+        };
+        // QEMU has its own copy: ours must go so QEMU's close ends the stream.
+        drop(stream_fd);
+        Ok(IncomingVm {
+            spec: spec.clone(),
+            files: f,
+            pid,
+            qmp: Some(qmp),
+            record: LaunchRecord::of(&launch, version),
+            started: Instant::now(),
+            postcopy: params.postcopy,
+        })
+    }
+
+    /// Source side: migrate the running VM into `stream_fd`. See the module
+    /// doc for what failure and cancellation leave behind.
+    pub async fn migrate_outgoing(
+        &self,
+        spec: &InstanceSpec,
+        params: &MigrateParams,
+        stream_fd: OwnedFd,
+        progress: impl Fn(MigrationProgress) + Send,
+        ctx: &OpCtx,
+    ) -> Result<OutgoingStats, DriverError> {
+        self.migrate_outgoing_with(spec, params, stream_fd, &PostcopyTrigger::default(), progress, ctx).await
+    }
+
+    /// [`migrate_outgoing`](Self::migrate_outgoing) with a handle to switch
+    /// to post-copy on demand (needs `params.postcopy`).
+    pub async fn migrate_outgoing_with(
+        &self,
+        spec: &InstanceSpec,
+        params: &MigrateParams,
+        stream_fd: OwnedFd,
+        trigger: &PostcopyTrigger,
+        progress: impl Fn(MigrationProgress) + Send,
+        ctx: &OpCtx,
+    ) -> Result<OutgoingStats, DriverError> {
+        params.validate()?;
+        let f = VmFiles::of(spec);
+        let pid = qemu::running_pid(&f)
+            .ok_or_else(|| DriverError::WrongState(format!("VM {} is not running: nothing to migrate live", spec.name)))?;
+        let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
+        let status = qmp.status().await?;
+        let prior = qmp.query_migrate().await?;
+        if in_progress(&prior.status) {
+            return Err(DriverError::WrongState(format!(
+                "VM {} already has a migration in progress ({})",
+                spec.name, prior.status
+            )));
+        }
+        if status == "postmigrate" {
+            return Err(DriverError::WrongState(format!(
+                "VM {} was already migrated away from this member (its QEMU is paused in postmigrate)",
+                spec.name
+            )));
+        }
+        let was_running = status == "running";
+        ctx.check_cancelled("live migration")?;
+        set_caps(&mut qmp, params).await?;
+        set_source_parameters(&mut qmp, params).await?;
+        qmp.drain_events();
+        qmp.send_fd(STREAM_FD, stream_fd.as_fd()).await?;
+        if let Err(e) = qmp.migrate(&format!("fd:{STREAM_FD}")).await {
+            let _ = qmp.close_fd(STREAM_FD).await;
+            return Err(e);
+        }
+        drop(stream_fd);
+        ctx.progress("stage", "migrating the VM's memory");
+        let mut w = OutgoingWatch::new(params, trigger, ctx);
+        match w.run(&mut qmp, &progress).await {
+            Ok(stats) => Ok(stats),
+            Err(Failure::PostCopy(e)) => Err(e),
+            Err(Failure::PreCopy(e)) => match recover_source(&mut qmp, was_running).await {
+                Ok(()) => Err(e),
+                Err(r) => Err(migration_error(format!(
+                    "{e}; and resuming the VM on the source (QEMU pid {pid}) afterwards failed: {r}"
+                ))),
+            },
+        }
+    }
+
+    /// After a completed migration: quit the paused source QEMU and clean its
+    /// runtime files. Refuses to end a QEMU whose guest still runs here.
+    pub async fn migrate_finish_source(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let f = VmFiles::of(spec);
+        let Some(pid) = qemu::running_pid(&f) else {
+            clean_run_dir(spec, &f);
+            return Ok(());
+        };
+        let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
+        let status = qmp.status().await?;
+        let mig = qmp.query_migrate().await?;
+        if status == "running" || mig.status != "completed" {
+            return Err(DriverError::WrongState(format!(
+                "VM {} is {status} on this member (migration {}): it was not migrated away, refusing to stop it",
+                spec.name, mig.status
+            )));
+        }
+        let _ = qmp.quit().await;
+        drop(qmp);
+        if !qemu::wait_exit(&f, pid, Duration::from_secs(10)).await {
+            qemu::kill_and_clean(&f, pid).await?;
+        }
+        clean_run_dir(spec, &f);
+        Ok(())
+    }
+
+    /// After a completed migration whose target then failed: run the guest
+    /// on the source again (`cont` from `postmigrate`).
+    pub async fn migrate_resume_source(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let f = VmFiles::of(spec);
+        if qemu::running_pid(&f).is_none() {
+            return Err(DriverError::WrongState(format!("VM {} has no QEMU on this member to resume", spec.name)));
+        }
+        let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
+        match qmp.status().await?.as_str() {
+            "running" => Ok(()),
+            _ => {
+                qmp.cont().await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Why an outgoing migration ended without completing.
+enum Failure {
+    /// Before post-copy: the source still holds the whole VM.
+    PreCopy(DriverError),
+    /// During post-copy: the VM is split, nothing to roll back.
+    PostCopy(DriverError),
+}
+
+/// State of the source-side watch loop.
+struct OutgoingWatch<'a> {
+    params: &'a MigrateParams,
+    trigger: &'a PostcopyTrigger,
+    ctx: &'a OpCtx,
+    started: Instant,
+    stop_event_us: Option<u64>,
+    postcopy_requested: bool,
+    cancel_sent: bool,
+    cancel_refused: bool,
+    max_throttle: u64,
+    last_report: Instant,
+    last_reported_bytes: u64,
+    last_change: Instant,
+    last_bytes: u64,
+}
+
+impl<'a> OutgoingWatch<'a> {
+    fn new(params: &'a MigrateParams, trigger: &'a PostcopyTrigger, ctx: &'a OpCtx) -> Self {
+        let now = Instant::now();
+        OutgoingWatch {
+            params,
+            trigger,
+            ctx,
+            started: now,
+            stop_event_us: None,
+            postcopy_requested: false,
+            cancel_sent: false,
+            cancel_refused: false,
+            max_throttle: 0,
+            last_report: now,
+            last_reported_bytes: 0,
+            last_change: now,
+            last_bytes: 0,
+        }
+    }
+
+    fn note_events(&mut self, events: Vec<QmpEvent>) {
+        for ev in events {
+            if ev.name == "STOP" && self.stop_event_us.is_none() {
+                self.stop_event_us = Some(ev.timestamp_us);
+            }
+        }
+    }
+
+    fn report(&mut self, info: &MigrateInfo, progress: &(impl Fn(MigrationProgress) + Send)) {
+        let now = Instant::now();
+        let transferred = info.transferred.unwrap_or(0);
+        let secs = now.duration_since(self.last_report).as_secs_f64().max(1e-3);
+        let rate = (transferred.saturating_sub(self.last_reported_bytes) as f64 / secs) as u64;
+        let remaining = info.remaining.unwrap_or(0);
+        let p = MigrationProgress {
+            status: info.status.clone(),
+            transferred,
+            remaining,
+            total: info.total.unwrap_or(0),
+            rate,
+            dirty_sync_count: info.dirty_sync_count.unwrap_or(0),
+            cpu_throttle_percent: info.cpu_throttle_percent.unwrap_or(0),
+            eta: (rate > 0).then(|| Duration::from_secs_f64(remaining as f64 / rate as f64)),
+            elapsed: self.started.elapsed(),
+        };
+        self.ctx.progress("state_progress", &p.summary());
+        progress(p);
+        self.last_report = now;
+        self.last_reported_bytes = transferred;
+    }
+
+    async fn run(&mut self, qmp: &mut Qmp, progress: &(impl Fn(MigrationProgress) + Send)) -> Result<OutgoingStats, Failure> {
+        loop {
+            let info = match qmp.query_migrate().await {
+                Ok(i) => i,
+                Err(e) => return Err(self.lost_source(e)),
+            };
+            self.note_events(qmp.drain_events());
+            self.max_throttle = self.max_throttle.max(info.cpu_throttle_percent.unwrap_or(0));
+            match info.status.as_str() {
+                "completed" => {
+                    let stats = self.completed(qmp, info).await;
+                    if let Ok(last) = qmp.query_migrate().await {
+                        self.report(&last, progress);
+                    }
+                    return Ok(stats);
+                }
+                "failed" | "cancelled" => return Err(self.failed(&info)),
+                s if s.starts_with("postcopy-") && s != "postcopy-active" => {
+                    return Err(Failure::PostCopy(migration_error(format!(
+                        "the stream broke during post-copy (QEMU status {s}): the VM's memory is split between \
+                         the source QEMU (paused, on this member) and the target QEMU; the VM is lost unless \
+                         the stream is re-established (QEMU migrate-recover, not supported by ferry yet)"
+                    ))))
+                }
+                _ => {}
+            }
+            if info.status == "postcopy-active" {
+                self.postcopy_requested = true;
+            }
+            self.maybe_switch_postcopy(qmp, &info).await;
+            self.handle_cancel_and_stall(qmp, &info).await?;
+            if self.last_report.elapsed() >= REPORT_EVERY {
+                self.report(&info, progress);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn lost_source(&self, e: DriverError) -> Failure {
+        let e = migration_error(format!("lost the source QEMU's monitor during the migration: {e}"));
+        if self.postcopy_requested {
+            Failure::PostCopy(e)
+        } else {
+            Failure::PreCopy(e)
+        }
+    }
+
+    fn failed(&self, info: &MigrateInfo) -> Failure {
+        let why = info.error.as_deref().unwrap_or("no error description");
+        if self.postcopy_requested {
+            return Failure::PostCopy(migration_error(format!(
+                "post-copy migration {}: {why}; the VM's memory was split between source and target: the VM is lost",
+                info.status
+            )));
+        }
+        if self.cancel_sent && info.status == "cancelled" {
+            let what = if self.ctx.is_cancelled() { "live migration" } else { "live migration (stalled)" };
+            return Failure::PreCopy(if self.ctx.is_cancelled() {
+                DriverError::Cancelled(format!("{what}: the VM keeps running on the source"))
+            } else {
+                DriverError::Timeout(format!(
+                    "{what}: no data moved for {STALL_TIMEOUT:?}; cancelled, the VM keeps running on the source"
+                ))
+            });
+        }
+        Failure::PreCopy(migration_error(format!(
+            "migration {}: {why} (the VM keeps running on the source)",
+            info.status
+        )))
+    }
+
+    async fn maybe_switch_postcopy(&mut self, qmp: &mut Qmp, info: &MigrateInfo) {
+        if !self.params.postcopy || self.postcopy_requested || self.cancel_sent || info.status != "active" {
+            return;
+        }
+        if info.dirty_sync_count.unwrap_or(0) < 2 && !self.trigger.fired() {
+            return;
+        }
+        self.ctx.progress("stage", "switching to post-copy");
+        match qmp.migrate_start_postcopy().await {
+            Ok(()) => self.postcopy_requested = true,
+            // e.g. the migration completed meanwhile; the next poll tells.
+            Err(e) => tracing::warn!("migrate-start-postcopy: {e}"),
+        }
+    }
+
+    async fn handle_cancel_and_stall(&mut self, qmp: &mut Qmp, info: &MigrateInfo) -> Result<(), Failure> {
+        let bytes = info.transferred.unwrap_or(0);
+        if bytes != self.last_bytes {
+            self.last_bytes = bytes;
+            self.last_change = Instant::now();
+        }
+        let stalled = !self.postcopy_requested && self.last_change.elapsed() >= STALL_TIMEOUT;
+        if self.ctx.is_cancelled() || stalled {
+            if self.postcopy_requested {
+                if !self.cancel_refused {
+                    self.cancel_refused = true;
+                    self.ctx.progress(
+                        "stage",
+                        "cannot cancel during post-copy (the guest already runs on the target): finishing the move",
+                    );
+                }
+            } else if !self.cancel_sent {
+                self.ctx.progress("stage", "cancelling the migration");
+                if let Err(e) = qmp.migrate_cancel().await {
+                    return Err(Failure::PreCopy(e));
+                }
+                self.cancel_sent = true;
+            }
+        }
+        Ok(())
+    }
+
+    async fn completed(&mut self, qmp: &mut Qmp, mut info: MigrateInfo) -> OutgoingStats {
+        // QEMU 7.2 may report completion before the timings are filled in.
+        for _ in 0..20 {
+            if info.total_time_ms.unwrap_or(0) != 0 && info.downtime_ms.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match qmp.query_migrate().await {
+                Ok(i) => info = i,
+                Err(_) => break,
+            }
+        }
+        self.note_events(qmp.drain_events());
+        if self.stop_event_us.is_none() {
+            // The STOP event may trail the completed status by a moment.
+            if let Some(ev) = wait_event(qmp, "STOP", Duration::from_millis(200)).await {
+                self.stop_event_us = Some(ev.timestamp_us);
+            }
+        }
+        OutgoingStats {
+            total_time_ms: info.total_time_ms.unwrap_or(0),
+            downtime_ms: info.downtime_ms.unwrap_or(0),
+            setup_time_ms: info.setup_time_ms.unwrap_or(0),
+            transferred: info.transferred.unwrap_or(0),
+            dirty_sync_count: info.dirty_sync_count.unwrap_or(0),
+            max_throttle_percent: self.max_throttle,
+            postcopy: self.postcopy_requested,
+            stop_event_us: self.stop_event_us,
+            wall_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+async fn wait_event(qmp: &mut Qmp, name: &str, timeout: Duration) -> Option<QmpEvent> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let ev = qmp.next_event(left).await?;
+        if ev.name == name {
+            return Some(ev);
+        }
+    }
+}
+
+/// After a pre-copy failure or cancel: wait for QEMU to settle, then make
+/// sure the guest runs as it did before.
+async fn recover_source(qmp: &mut Qmp, was_running: bool) -> Result<(), DriverError> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        match qmp.query_migrate().await?.status.as_str() {
+            s if in_progress(s) => tokio::time::sleep(POLL).await,
+            _ => break,
+        }
+    }
+    let _ = qmp.close_fd(STREAM_FD).await;
+    if was_running && qmp.status().await? != "running" {
+        qmp.cont().await?;
+    }
+    Ok(())
+}
+
+fn clean_run_dir(spec: &InstanceSpec, f: &VmFiles) {
+    qemu::clean_runtime(f);
+    let _ = std::fs::remove_file(state::launch_record_path(spec));
+    let _ = std::fs::remove_dir(&spec.paths.run);
+}
+
+async fn cleanup_target(spec: &InstanceSpec, f: &VmFiles, pid: u32) {
+    if let Err(e) = qemu::kill_and_clean(f, pid).await {
+        tracing::warn!("cleaning up the target QEMU of {}: {e}", spec.name);
+    }
+    clean_run_dir(spec, f);
+}
+
+/// A target QEMU waiting for (or receiving) a live migration. Dropping it
+/// without [`wait`](Self::wait) kills that QEMU.
+pub struct IncomingVm {
+    spec: InstanceSpec,
+    files: VmFiles,
+    pid: u32,
+    qmp: Option<Qmp>,
+    record: LaunchRecord,
+    started: Instant,
+    postcopy: bool,
+}
+
+impl IncomingVm {
+    /// The target QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Follow the migration until the guest runs on the target. On failure
+    /// or cancel (before post-copy) the target QEMU is killed and its
+    /// runtime files removed.
+    pub async fn wait(mut self, ctx: &OpCtx) -> Result<IncomingStats, DriverError> {
+        let mut qmp = self.qmp.take().expect("IncomingVm waited twice");
+        let r = self.follow(&mut qmp, ctx).await;
+        drop(qmp);
+        match r {
+            Ok(stats) => {
+                state::write_record(&state::launch_record_path(&self.spec), &self.record)?;
+                self.pid = 0;
+                Ok(stats)
+            }
+            Err(Failure::PreCopy(e)) => {
+                cleanup_target(&self.spec, &self.files, self.pid).await;
+                self.pid = 0;
+                Err(e)
+            }
+            Err(Failure::PostCopy(e)) => {
+                // Holds the guest's CPU state and part of its RAM: left alone.
+                self.pid = 0;
+                Err(e)
+            }
+        }
+    }
+
+    async fn follow(&self, qmp: &mut Qmp, ctx: &OpCtx) -> Result<IncomingStats, Failure> {
+        let mut resume_us = None;
+        let mut postcopy_seen = false;
+        let mut completed_at: Option<Instant> = None;
+        let mut cancel_refused = false;
+        let mut last_query = Instant::now() - Duration::from_secs(1);
+        let mut status = String::from("setup");
+        loop {
+            for ev in qmp.drain_events() {
+                match ev.name.as_str() {
+                    "RESUME" => resume_us = resume_us.or(Some(ev.timestamp_us)),
+                    "MIGRATION" => status = ev.migration_status().unwrap_or("").to_string(),
+                    _ => {}
+                }
+            }
+            if last_query.elapsed() >= Duration::from_millis(250) || status == "completed" {
+                last_query = Instant::now();
+                match qmp.query_migrate().await {
+                    Ok(i) => status = i.status,
+                    Err(e) => return Err(self.target_gone(format!("{e}"), postcopy_seen)),
+                }
+            }
+            if status == "postcopy-active" {
+                postcopy_seen = true;
+            }
+            match status.as_str() {
+                "failed" | "cancelled" if postcopy_seen => {
+                    return Err(Failure::PostCopy(migration_error(format!(
+                        "incoming post-copy migration {status} on the target (QEMU pid {}): the VM is lost",
+                        self.pid
+                    ))))
+                }
+                "failed" | "cancelled" => {
+                    return Err(Failure::PreCopy(migration_error(format!("incoming migration {status} on the target"))))
+                }
+                s if s.starts_with("postcopy-") && s != "postcopy-active" => {
+                    return Err(Failure::PostCopy(migration_error(format!(
+                        "the stream broke during post-copy (target QEMU pid {} is {s}): the guest runs here but part of \
+                         its memory is still on the source; the VM is lost unless the stream is re-established \
+                         (QEMU migrate-recover, not supported by ferry yet). Both QEMUs are left paused.",
+                        self.pid
+                    ))))
+                }
+                "completed" => {
+                    let at = *completed_at.get_or_insert_with(Instant::now);
+                    let run = qmp.status().await.map_err(|e| self.target_gone(format!("{e}"), postcopy_seen))?;
+                    if run == "running" || at.elapsed() >= RESUME_GRACE {
+                        // The RESUME event was read before the status reply.
+                        for ev in qmp.drain_events() {
+                            if ev.name == "RESUME" {
+                                resume_us = resume_us.or(Some(ev.timestamp_us));
+                            }
+                        }
+                        if resume_us.is_none() && run == "running" {
+                            resume_us = wait_event(qmp, "RESUME", Duration::from_millis(100)).await.map(|e| e.timestamp_us);
+                        }
+                        return Ok(IncomingStats {
+                            resume_event_us: resume_us,
+                            wall_ms: self.started.elapsed().as_millis() as u64,
+                            running: run == "running",
+                            postcopy: postcopy_seen,
+                        });
+                    }
+                }
+                _ => {}
+            }
+            if qemu::running_pid(&self.files).is_none() {
+                return Err(self.target_gone("QEMU exited".into(), postcopy_seen));
+            }
+            if ctx.is_cancelled() {
+                if postcopy_seen || (self.postcopy && status.starts_with("postcopy")) {
+                    if !cancel_refused {
+                        cancel_refused = true;
+                        ctx.progress("stage", "cannot cancel during post-copy (the guest runs here): finishing the move");
+                    }
+                } else {
+                    return Err(Failure::PreCopy(DriverError::Cancelled(
+                        "incoming live migration: the target QEMU was stopped".into(),
+                    )));
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn target_gone(&self, why: String, postcopy: bool) -> Failure {
+        if postcopy {
+            return Failure::PostCopy(migration_error(format!(
+                "the target QEMU (pid {}) failed during post-copy ({why}): the VM is lost",
+                self.pid
+            )));
+        }
+        Failure::PreCopy(migration_error(format!(
+            "the target QEMU (pid {}) failed during the incoming migration ({why}); the source keeps the VM",
+            self.pid
+        )))
+    }
+}
+
+impl Drop for IncomingVm {
+    fn drop(&mut self) {
+        if self.pid != 0 {
+            qemu::signal(&self.files, self.pid, nix::sys::signal::Signal::SIGKILL);
+            qemu::clean_runtime(&self.files);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_defaults_and_validation() {
+        let p = MigrateParams::default();
+        assert!(p.auto_converge && !p.postcopy && !p.xbzrle);
+        assert_eq!((p.max_bandwidth, p.downtime_limit_ms), (None, 300));
+        p.validate().unwrap();
+        assert!(MigrateParams { max_bandwidth: Some(0), ..p.clone() }.validate().is_err());
+        assert!(MigrateParams { downtime_limit_ms: 0, ..p.clone() }.validate().is_err());
+        let caps = MigrateParams { postcopy: true, ..p.clone() }.capabilities();
+        assert!(caps.contains(&(Cap::postcopy_ram, true)) && caps.contains(&(Cap::events, true)));
+        let parsed: MigrateParams = serde_json::from_str(r#"{"postcopy": true}"#).unwrap();
+        assert!(parsed.postcopy && parsed.auto_converge && parsed.downtime_limit_ms == 300);
+    }
+
+    #[test]
+    fn progress_summary() {
+        let p = MigrationProgress {
+            remaining: 64 << 20,
+            rate: 32 << 20,
+            dirty_sync_count: 3,
+            cpu_throttle_percent: 40,
+            ..Default::default()
+        };
+        assert_eq!(p.summary(), "64 MiB remaining (32 MiB/s), pass 3 (40% CPU throttle)");
+    }
+
+    #[test]
+    fn statuses() {
+        for s in ["setup", "active", "device", "postcopy-active", "postcopy-paused", "cancelling"] {
+            assert!(in_progress(s), "{s}");
+        }
+        for s in ["none", "completed", "failed", "cancelled"] {
+            assert!(!in_progress(s), "{s}");
+        }
+    }
+}
