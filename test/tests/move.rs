@@ -179,3 +179,47 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
     assert!(ops.iter().all(|o| o.status_code >= 200), "{ops:?}");
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
 }
+
+/// A running VM moves live QEMU-to-QEMU (stream relayed over the state
+/// websocket): the guest's counter continues on the target, the source QEMU
+/// is gone, the record moved once; and back again.
+#[tokio::test]
+async fn live_vm_move_keeps_the_guest_running() {
+    if !need_root("live_vm_move_keeps_the_guest_running") {
+        return;
+    }
+    use ferry_drivers::vm::VmDriver;
+    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "testvm", "v1", "--vm", "--target", "m1", "-c", "limits.memory=256MiB"]);
+    let console = |m: &Member| -> Option<u64> {
+        let out = m.ferry_ok(&["console", "--show-log", "v1"]);
+        out.lines().rev().find_map(|l| l.strip_prefix("counter ").and_then(|n| n.trim().parse().ok()))
+    };
+    wait_for(30, "the guest's first counter line", || console(&ms[0]));
+    let src_pid = ms[0].instance("v1").await["state"]["pid"].as_i64().unwrap();
+    let before = VmDriver::default().read_counter(&ms[0].spec("v1", true)).await.unwrap();
+
+    let out = ms[1].ferry_ok(&["move", "v1", "--target", "m2", "--format", "json"]);
+    let meta: Value = serde_json::from_str(&out).unwrap();
+    eprintln!("VM move result: {meta}");
+    assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
+    let inst = ms[1].instance("v1").await;
+    assert_eq!(inst["location"], "m2");
+    assert_eq!(inst["status"], "Running");
+    assert!(!pid_alive(src_pid), "the source QEMU still runs");
+    let dst = ms[1].spec("v1", true);
+    let after = VmDriver::default().read_counter(&dst).await.unwrap();
+    assert!(after >= before, "guest counter reset by the move: {after} < {before}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(VmDriver::default().read_counter(&dst).await.unwrap() > after, "the guest does not run on the target");
+    assert!(!ms[0].spec("v1", true).paths.volume.exists(), "source volume left behind");
+    wait_for(10, "location m2 on m1", || (location(&ms[0], "v1").as_deref() == Some("m2")).then_some(()));
+
+    // And back to m1, live.
+    ms[0].ferry_ok(&["move", "v1", "--target", "m1"]);
+    let back = VmDriver::default().read_counter(&ms[0].spec("v1", true)).await.unwrap();
+    assert!(back >= after);
+    assert_eq!(ms[0].instance("v1").await["location"], "m1");
+    ms[0].ferry_ok(&["delete", "--force", "v1"]);
+}

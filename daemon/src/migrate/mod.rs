@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 pub mod source;
 pub mod target;
+pub mod vm;
 pub mod ws;
 
 use ws::WsPipe;
@@ -52,6 +53,9 @@ pub struct SinkRequest {
     pub secrets: Secrets,
     /// Start the instance on the target after a stateless transfer.
     pub start_after: bool,
+    /// A VM's launch record (machine, memory, vCPUs) for a live move.
+    #[serde(default)]
+    pub launch: Option<serde_json::Value>,
 }
 
 /// Channels the dialled side waits for, by operation id.

@@ -9,7 +9,7 @@ use ferry_drivers::storage::{write_archive, ArchiveOptions, Manifest};
 use ferry_drivers::{Driver, InstanceSpec, InstanceType, Lifecycle};
 use ferry_migration::{
     source_handshake, ByteChannel, Compression, FsTransfer, InstanceType as MigType, LocalEnd, Message, MessageChannel,
-    MoveOptions, Offer, Plan, SourceState, StatePlan, StateTransfer, VersionRange,
+    MoveOptions, Offer, Plan, QemuFeature, SourceState, StatePlan, StateTransfer, VersionRange,
 };
 use serde_json::{json, Map};
 use tokio_util::io::SyncIoBridge;
@@ -23,7 +23,7 @@ pub fn local_end() -> LocalEnd {
     LocalEnd::new(VersionRange::CURRENT, format!("ferry {}", crate::core::VERSION))
 }
 
-type Bridge = SyncIoBridge<tokio::io::WriteHalf<ByteChannel<tokio::io::DuplexStream>>>;
+pub(super) type Bridge = SyncIoBridge<tokio::io::WriteHalf<ByteChannel<tokio::io::DuplexStream>>>;
 
 /// Writes to the fs bridge, failing as soon as the move is cancelled (so a
 /// long first pass stops at once instead of running to its end).
@@ -45,7 +45,7 @@ impl std::io::Write for Cancellable<'_> {
 }
 
 /// Send one archive pass of `root` on the fs bridge (blocking, off the runtime).
-async fn send_archive(
+pub(super) async fn send_archive(
     bridge: Bridge,
     root: std::path::PathBuf,
     base: Option<Manifest>,
@@ -77,11 +77,6 @@ impl Daemon {
             return Err(ActionError::BadRequest(format!("Instance \"{name}\" already runs on member \"{target}\"")));
         }
         let spec = self.spec_for(&rec)?;
-        if spec.kind != InstanceType::Container {
-            return Err(ActionError::BadRequest(format!(
-                "Instance \"{name}\" is a virtual machine: moving VMs between members is not supported yet"
-            )));
-        }
         let target_rec = cluster.db.get_member(target)?.ok_or_else(|| {
             ActionError::BadRequest(format!("Member \"{target}\" is not in the cluster: see `ferry cluster list`"))
         })?;
@@ -94,7 +89,7 @@ impl Daemon {
         Ok(self.ops.spawn("Migrating instance", json!({"instances": [format!("/1.0/instances/{name}")]}), true, move |op| async move {
             let _lease = lease;
             let started = Instant::now();
-            let mut m = MoveRun { d: d.clone(), op: op.clone(), rec, spec, target: target_rec, live: live && running, running, dumped: false, frozen: None };
+            let mut m = MoveRun { d: d.clone(), op: op.clone(), rec, spec, target: target_rec, live: live && running, running, dumped: false, frozen: None, vm_migrated: false };
             match m.run().await {
                 Ok(plan) => {
                     let mut meta = Map::new();
@@ -112,24 +107,26 @@ impl Daemon {
     }
 }
 
-struct MoveRun {
-    d: Arc<Daemon>,
-    op: Arc<Op>,
-    rec: InstanceRecord,
-    spec: InstanceSpec,
-    target: MemberRecord,
-    live: bool,
-    running: bool,
-    dumped: bool,
-    frozen: Option<Instant>,
+pub(super) struct MoveRun {
+    pub(super) d: Arc<Daemon>,
+    pub(super) op: Arc<Op>,
+    pub(super) rec: InstanceRecord,
+    pub(super) spec: InstanceSpec,
+    pub(super) target: MemberRecord,
+    pub(super) live: bool,
+    pub(super) running: bool,
+    pub(super) dumped: bool,
+    pub(super) frozen: Option<Instant>,
+    /// A VM whose QEMU migration completed (its source QEMU is paused).
+    pub(super) vm_migrated: bool,
 }
 
 impl MoveRun {
-    fn stage(&self, s: &str) {
+    pub(super) fn stage(&self, s: &str) {
         self.op.set_meta("stage", json!(s));
     }
 
-    fn check_cancel(&self) -> Result<(), String> {
+    pub(super) fn check_cancel(&self) -> Result<(), String> {
         if self.op.cancel_token().is_cancelled() {
             return Err("cancelled by the user".into());
         }
@@ -137,9 +134,14 @@ impl MoveRun {
     }
 
     fn offer(&self) -> Offer {
-        let state = if self.live { vec![StateTransfer::CriuPageServer] } else { vec![StateTransfer::None] };
+        let vm = self.spec.kind == InstanceType::VirtualMachine;
+        let state = match (self.live, vm) {
+            (false, _) => vec![StateTransfer::None],
+            (true, false) => vec![StateTransfer::CriuPageServer],
+            (true, true) => vec![StateTransfer::VmQemuLive { features: vec![QemuFeature::AutoConverge] }],
+        };
         Offer {
-            instance_type: MigType::Container,
+            instance_type: if vm { MigType::Vm } else { MigType::Container },
             fs: vec![FsTransfer::Archive { compression: vec![Compression::Zstd, Compression::None] }],
             state,
             state_compression: vec![Compression::None],
@@ -164,6 +166,13 @@ impl MoveRun {
             operation: self.op.id.clone(),
             secrets,
             start_after: self.running && !self.live,
+            launch: match (self.spec.kind, self.live) {
+                (InstanceType::VirtualMachine, true) => Some(
+                    serde_json::to_value(ferry_drivers::vm::VmDriver::default().launch_config(&self.spec).map_err(|e| e.to_string())?)
+                        .map_err(|e| e.to_string())?,
+                ),
+                _ => None,
+            },
         };
         cluster.peers.call::<_, serde_json::Value>(&self.target.address, SINK_PATH, &req).await.map_err(|e| e.to_string())?;
         let wait = |rx: tokio::sync::oneshot::Receiver<ws::WsPipe>| async move {
@@ -176,7 +185,11 @@ impl MoveRun {
         let plan = st.plan().cloned().ok_or("no plan after the handshake")?;
         tracing::info!(instance = %self.rec.name, target = %self.target.name, plan = ?plan, "move plan agreed");
         self.op.set_meta("plan", json!(plan));
-        let result = self.transfer(&mut ctl, st, &plan, state_pipe, fs_pipe, &driver).await;
+        let result = if self.spec.kind == InstanceType::VirtualMachine {
+            self.transfer_vm(&mut ctl, st, &plan, state_pipe, fs_pipe).await
+        } else {
+            self.transfer(&mut ctl, st, &plan, state_pipe, fs_pipe, &driver).await
+        };
         if let Err(e) = &result {
             let _ = ctl.send(&Message::Failure { message: e.clone() }).await;
         }
@@ -247,30 +260,8 @@ impl MoveRun {
             ctl.send(&Message::StateReady {}).await.map_err(|e| e.to_string())?;
             st = st.state_sent().map_err(|e| e.to_string())?;
         }
-        self.stage("waiting for the target to restore");
-        loop {
-            let msg = ctl.recv().await.map_err(|e| format!("control channel: {e}"))?;
-            if let Message::Progress(p) = &msg {
-                self.op.set_meta("target_progress", json!(format!("{:?}", p.stage)));
-            }
-            if let (Message::Resumed {}, Some(t)) = (&msg, self.frozen) {
-                // Downtime as ferry sees it: freeze on the source → running on the target.
-                self.op.set_meta("downtime_ms", json!(t.elapsed().as_millis() as u64));
-            }
-            let fail = if let Message::Failure { message } = &msg { Some(message.clone()) } else { None };
-            st = st.on_message(msg).map_err(|e| e.to_string())?;
-            if let Some(m) = fail {
-                return Err(format!("the target failed: {m}"));
-            }
-            if st.is_terminal() {
-                break;
-            }
-        }
-        // The target runs it: one replicated write moves the record.
-        self.d
-            .submit(Command::MoveInstance { name: self.rec.name.clone(), from_member: self.d.member.clone(), to_member: self.target.name.clone() })
-            .await
-            .map_err(|e| format!("recording the new location: {e}"))?;
+        self.await_target(ctl, st).await?;
+        self.commit_location().await?;
         self.dumped = false;
         self.stage("cleaning up the source");
         let ctx = ferry_drivers::OpCtx::detached();
@@ -287,10 +278,46 @@ impl MoveRun {
         Ok(())
     }
 
+    /// Wait for the target's Resumed/Success (recording ferry's downtime).
+    pub(super) async fn await_target(&mut self, ctl: &mut WsControl, st: SourceState) -> Result<(), String> {
+        self.stage("waiting for the target to resume the instance");
+        let mut st = st;
+        loop {
+            let msg = ctl.recv().await.map_err(|e| format!("control channel: {e}"))?;
+            if let (Message::Resumed {}, Some(t)) = (&msg, self.frozen) {
+                // Downtime as ferry sees it: freeze on the source → running on the target.
+                self.op.set_meta("downtime_ms", json!(t.elapsed().as_millis() as u64));
+            }
+            let fail = if let Message::Failure { message } = &msg { Some(message.clone()) } else { None };
+            st = st.on_message(msg).map_err(|e| e.to_string())?;
+            if let Some(m) = fail {
+                return Err(format!("the target failed: {m}"));
+            }
+            if st.is_terminal() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The target runs it: one replicated write moves the record.
+    pub(super) async fn commit_location(&mut self) -> Result<(), String> {
+        self.d
+            .submit(Command::MoveInstance { name: self.rec.name.clone(), from_member: self.d.member.clone(), to_member: self.target.name.clone() })
+            .await
+            .map_err(|e| format!("recording the new location: {e}"))?;
+        self.dumped = false;
+        self.vm_migrated = false;
+        Ok(())
+    }
+
     /// After a failure: the instance runs on the source exactly as before.
     async fn recover(&mut self) {
         let driver = ContainerDriver::default();
         let ctx = ferry_drivers::OpCtx::detached();
+        if self.spec.kind == InstanceType::VirtualMachine {
+            self.recover_vm().await;
+            return;
+        }
         if self.dumped {
             if let Err(e) = driver.migrate_resume_source(&self.spec, &ctx).await {
                 tracing::error!(instance = %self.rec.name, error = %e, "could not resume the instance on the source after a failed move");

@@ -9,7 +9,7 @@ use ferry_drivers::storage::{read_archive, ExtractOptions};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx};
 use ferry_migration::{
     target_handshake, ByteChannel, Capabilities, Compression, FsTransfer, Message, MessageChannel, Plan, StatePlan,
-    StateTransfer, TargetState,
+    QemuFeature, StateTransfer, TargetState,
 };
 use ferry_db::Command;
 use tokio_util::io::SyncIoBridge;
@@ -21,7 +21,7 @@ use crate::core::{ActionError, Daemon};
 
 type ReadBridge = SyncIoBridge<tokio::io::ReadHalf<ByteChannel<tokio::io::DuplexStream>>>;
 
-async fn recv_archive(bridge: ReadBridge, dest: PathBuf, allow_existing: bool) -> Result<ReadBridge, String> {
+pub(super) async fn recv_archive(bridge: ReadBridge, dest: PathBuf, allow_existing: bool) -> Result<ReadBridge, String> {
     tokio::task::spawn_blocking(move || {
         let mut bridge = bridge;
         if !allow_existing {
@@ -57,8 +57,8 @@ impl Daemon {
             if let Err(e) = d.run_sink(&cluster, req, &spec).await {
                 tracing::warn!(instance = %name, error = %e, "receiving a moved instance failed; cleaning up");
                 let driver = Driver::for_type(spec.kind);
-                if let Driver::Container(c) = &driver {
-                    let _ = c.stop(&spec, true, &OpCtx::detached()).await;
+                if driver.state(&spec).await.map(|s| s.running).unwrap_or(false) {
+                    let _ = driver.stop(&spec, true, &OpCtx::detached()).await;
                 }
                 let _ = driver.delete(&spec).await;
             }
@@ -78,14 +78,22 @@ impl Daemon {
         let fs_pipe = dial(&req.secrets.fs).await?;
         let caps = Capabilities {
             fs: vec![FsTransfer::Archive { compression: vec![Compression::Zstd, Compression::None] }],
-            state: vec![StateTransfer::CriuPageServer, StateTransfer::None],
+            state: vec![
+                StateTransfer::CriuPageServer,
+                StateTransfer::VmQemuLive { features: vec![QemuFeature::AutoConverge, QemuFeature::Postcopy] },
+                StateTransfer::None,
+            ],
             state_compression: vec![Compression::None],
             free_bytes: None,
         };
         let st = target_handshake(&mut ctl, &local_end(), caps).await.map_err(|e| e.to_string())?;
         let plan = st.plan().cloned().ok_or("no plan after the handshake")?;
         tracing::info!(instance = %req.record.name, source = %req.source_member, plan = ?plan, "receiving a moved instance");
-        let res = self.receive(&mut ctl, st, &plan, spec, state_pipe, fs_pipe, req.start_after).await;
+        let res = if spec.kind == ferry_drivers::InstanceType::VirtualMachine {
+            self.receive_vm(&mut ctl, st, &plan, spec, state_pipe, fs_pipe, req.launch.clone(), req.start_after).await
+        } else {
+            self.receive(&mut ctl, st, &plan, spec, state_pipe, fs_pipe, req.start_after).await
+        };
         if let Err(e) = &res {
             let _ = ctl.send(&Message::Failure { message: e.clone() }).await;
         }
