@@ -2,8 +2,9 @@
 # ferry demo: installs what is missing, builds, starts a 3-member cluster of
 # ferryd daemons on loopback (raft-replicated DB, mTLS between members),
 # launches a container (CRIU) on member2 and a VM (QEMU/KVM) on member3, shows
-# their counters advancing, stateful-stops and starts both, shows that the
-# counters continued, and cleans up. Run as root on Debian.
+# their counters advancing, stateful-stops and starts both, moves both live to
+# other members, shows that the counters continued, and cleans up. Run as
+# root on Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/real-root.sh; ferry_ensure_real_root "$0" "$@"
@@ -91,6 +92,14 @@ c_later=$(c_counter)
 on member2 list
 echo "container c1: $c_before before the move -> $c_after right after -> $c_later a second later (on member3)"
 [ "$c_after" -ge "$c_before" ] && echo "  counter continued: the running state moved" || echo "  RESET: the counter restarted"
+step "live move: VM v1 from member3 to member1 (QEMU-to-QEMU over ferry's websockets)"
+v_before=$(v_counter)
+ferry move v1 --target member1
+sleep 1
+v_after=$(v_counter)
+on member3 list
+echo "VM v1: serial counter $v_before before the move -> $v_after a second after (now on member1)"
+[ "$v_after" -ge "$v_before" ] && echo "  counter continued: the running guest moved" || echo "  RESET: the guest restarted"
 ferry operation list
 step "cleaning up"
 ferry delete --force c1
