@@ -131,3 +131,40 @@ async fn garbage_on_the_cluster_port_and_malformed_raft_messages_are_refused() {
     converged(&refs).await;
     ms[0].ferry_ok(&["delete", "after"]);
 }
+
+/// With two of three members dead, a write fails with a clear "no quorum"
+/// error within a bounded time instead of hanging; once they are back, the
+/// cluster recovers and writes succeed again.
+#[tokio::test]
+async fn losing_quorum_fails_writes_clearly_and_recovers() {
+    if !need_root("losing_quorum_fails_writes_clearly_and_recovers") {
+        return;
+    }
+    let mut ms: Vec<Member> = ["m1", "m2", "m3"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "busybox", "w", "--no-start", "--target", "m1"]);
+    assert!(patch(&ms[0], "user.a", "1").await);
+    ms[1].kill_daemon();
+    ms[2].kill_daemon();
+    let started = Instant::now();
+    let body = json!({"config": {"user.b": "2"}}).to_string();
+    let sock = ms[0].dir.join("unix.socket");
+    let (code, v) = tokio::time::timeout(Duration::from_secs(30), raw_unix(&sock, "PATCH", "/1.0/instances/w", Some(body.as_bytes())))
+        .await
+        .expect("the write hung instead of failing");
+    let took = started.elapsed();
+    eprintln!("write without quorum: {code} after {took:?}: {v}");
+    assert_eq!(code, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("quorum"), "{v}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    ms[1].start_daemon();
+    ms[2].start_daemon();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !patch(&ms[0], "user.c", "3").await {
+        assert!(Instant::now() < deadline, "the cluster did not recover");
+    }
+    let refs: Vec<&Member> = ms.iter().collect();
+    converged(&refs).await;
+    assert_eq!(ms[2].instance("w").await["config"]["user.c"], "3");
+    ms[0].ferry_ok(&["delete", "w"]);
+}

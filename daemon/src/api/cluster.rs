@@ -125,7 +125,11 @@ pub async fn raft_snapshot(St(d): State, body: Bytes) -> Result<Response, Action
 pub async fn raft_write(St(d): State, body: Bytes) -> Result<Response, ActionError> {
     let c = cluster_of(&d)?;
     let entry: LogCommand = parse_body(&body)?;
-    match c.raft.client_write(entry).await {
+    let attempt = tokio::time::timeout(crate::cluster::WRITE_TIMEOUT, c.raft.client_write(entry)).await;
+    let Ok(attempt) = attempt else {
+        return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "no quorum: the leader could not commit the write".into()));
+    };
+    match attempt {
         Ok(resp) => Ok(json_reply(&crate::cluster::ForwardedWrite { result: resp.data, log_index: resp.log_id.index })),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
             Ok(error(StatusCode::SERVICE_UNAVAILABLE, "not the leader (any more): retry".into()))

@@ -29,6 +29,8 @@ pub const JOIN_PATH: &str = "/internal/cluster/join";
 pub const WRITE_PATH: &str = "/internal/raft/write";
 pub const BARRIER_PATH: &str = "/internal/raft/barrier";
 pub const HEARTBEAT_PATH: &str = "/internal/heartbeat";
+/// A write that cannot be committed within this time fails (no quorum).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A member not heard from for this long is shown offline.
 pub const OFFLINE_AFTER: Duration = Duration::from_secs(4);
 
@@ -136,20 +138,26 @@ impl Cluster {
     /// applied on the leader AND on this member (read-your-writes here).
     pub async fn write(&self, cmd: Command) -> Result<u64, DbError> {
         let entry = LogCommand::new(cmd);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + WRITE_TIMEOUT;
         loop {
-            let last_err = match self.raft.client_write(entry.clone()).await {
-                Ok(resp) => return self.applied_here(resp.log_id.index, resp.data).await,
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match f.leader_node {
-                    Some(node) => match self.peers.call::<_, ForwardedWrite>(&node.addr, WRITE_PATH, &entry).await {
-                        Ok(r) => return self.applied_here(r.log_index, r.result).await,
-                        Err(e) => e.to_string(),
-                    },
-                    None => "no leader yet".to_string(),
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = tokio::time::timeout(left, self.raft.client_write(entry.clone())).await;
+            let last_err = match attempt {
+                Err(_) => format!("no quorum: a majority of the cluster's voters did not confirm the write within {} s — check `ferry cluster list` for offline members; writes resume once a majority is back", WRITE_TIMEOUT.as_secs()),
+                Ok(Ok(resp)) => return self.applied_here(resp.log_id.index, resp.data).await,
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_node {
+                    Some(node) => {
+                        let peers = self.peers.clone().with_timeout(left.max(Duration::from_millis(100)));
+                        match peers.call::<_, ForwardedWrite>(&node.addr, WRITE_PATH, &entry).await {
+                            Ok(r) => return self.applied_here(r.log_index, r.result).await,
+                            Err(e) => format!("no quorum or no reachable leader ({e})"),
+                        }
+                    }
+                    None => "no leader elected (no quorum?)".to_string(),
                 },
-                Err(e) => e.to_string(),
+                Ok(Err(e)) => e.to_string(),
             };
-            if Instant::now() > deadline {
+            if Instant::now() + Duration::from_millis(200) >= deadline {
                 return Err(unavailable(last_err));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
