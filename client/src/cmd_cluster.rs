@@ -45,7 +45,14 @@ pub async fn run(ctx: &Ctx, cmd: &ClusterCommand) -> Result<i32> {
 
 /// `ferry move NAME --target MEMBER [--stateless]`.
 pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
-    let body = json!({"migration": true, "live": !a.stateless});
+    let bandwidth = match &a.bandwidth {
+        None => None,
+        Some(b) => Some(parse_bytes(b).ok_or_else(|| anyhow::anyhow!("--bandwidth {b:?}: use a size per second like 64MiB or 100MB"))?),
+    };
+    if a.postcopy {
+        eprintln!("Warning: with --postcopy the VM runs on the target before all its memory arrived; if the link breaks during the move, the VM is lost.");
+    }
+    let body = json!({"migration": true, "live": !a.stateless, "bandwidth": bandwidth, "max_downtime_ms": a.max_downtime, "postcopy": a.postcopy});
     let path = format!("/1.0/instances/{}?target={}", a.name, a.target);
     let what = format!("Moving {} to {}", a.name, a.target);
     let op = ctx.run_op(Method::POST, &path, Some(&body), &what).await?;
@@ -64,6 +71,25 @@ pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// `64MiB`, `100MB`, `1GiB`, `4096` → bytes.
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim().trim_end_matches("/s");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mul).filter(|v| *v > 0)
 }
 
 /// `ferry config trust add|list|remove`.
@@ -135,6 +161,14 @@ async fn list(ctx: &Ctx) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("64MiB"), Some(64 << 20));
+        assert_eq!(parse_bytes("100MB/s"), Some(100_000_000));
+        assert_eq!(parse_bytes("0"), None);
+        assert_eq!(parse_bytes("fast"), None);
+    }
 
     #[test]
     fn member_rows() {

@@ -216,8 +216,14 @@ async fn live_vm_move_keeps_the_guest_running() {
     assert!(!ms[0].spec("v1", true).paths.volume.exists(), "source volume left behind");
     wait_for(10, "location m2 on m1", || (location(&ms[0], "v1").as_deref() == Some("m2")).then_some(()));
 
-    // And back to m1, live.
-    ms[0].ferry_ok(&["move", "v1", "--target", "m1"]);
+    // And back to m1, live, post-copy with a bandwidth cap and a downtime limit.
+    let out = ms[0].ferry_ok(&["move", "v1", "--target", "m1", "--postcopy", "--bandwidth", "256MiB", "--max-downtime", "100", "--format", "json"]);
+    let meta: Value = serde_json::from_str(&out).unwrap();
+    eprintln!("VM post-copy move result: {meta}");
+    assert!(meta["plan"]["state"]["features"].as_array().unwrap().contains(&Value::from("postcopy")), "{meta}");
+    assert_eq!(meta["qemu_params"]["postcopy"], true, "{meta}");
+    assert_eq!(meta["qemu_params"]["max_bandwidth"], 256u64 << 20, "{meta}");
+    assert_eq!(meta["qemu_params"]["downtime_limit_ms"], 100, "{meta}");
     let back = VmDriver::default().read_counter(&ms[0].spec("v1", true)).await.unwrap();
     assert!(back >= after);
     assert_eq!(ms[0].instance("v1").await["location"], "m1");

@@ -91,6 +91,13 @@ pub struct Post {
     live: bool,
     #[serde(default)]
     name: String,
+    /// Bytes per second for a VM's memory stream (absent: unlimited).
+    #[serde(default)]
+    bandwidth: Option<u64>,
+    #[serde(default)]
+    max_downtime_ms: Option<u64>,
+    #[serde(default)]
+    postcopy: bool,
 }
 
 /// `POST /1.0/instances/<name>?target=M {"migration": true, "live": true}`: move.
@@ -105,5 +112,12 @@ pub async fn post(St(d): State, Path(name): Path<String>, Query(q): Q, body: Byt
     if !req.migration {
         return Err(ActionError::BadRequest("set \"migration\": true to move the instance".into()));
     }
-    Ok(async_op(&d.move_instance(&name, target, req.live).await?))
+    if req.bandwidth == Some(0) {
+        return Err(ActionError::BadRequest("\"bandwidth\" must be a positive number of bytes per second (omit it for unlimited)".into()));
+    }
+    if req.max_downtime_ms == Some(0) {
+        return Err(ActionError::BadRequest("\"max_downtime_ms\" must be positive (default 300)".into()));
+    }
+    let options = ferry_migration::MoveOptions { bandwidth: req.bandwidth, max_downtime_ms: req.max_downtime_ms, postcopy: req.postcopy };
+    Ok(async_op(&d.move_instance(&name, target, req.live, options).await?))
 }

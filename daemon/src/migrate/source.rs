@@ -65,7 +65,7 @@ pub(super) async fn send_archive(
 
 impl Daemon {
     /// `POST /1.0/instances/<name>?target=M {"migration": true, "live": bool}`.
-    pub async fn move_instance(self: &Arc<Self>, name: &str, target: &str, live: bool) -> Result<Arc<Op>, ActionError> {
+    pub async fn move_instance(self: &Arc<Self>, name: &str, target: &str, live: bool, options: MoveOptions) -> Result<Arc<Op>, ActionError> {
         let cluster = self.require_cluster()?;
         // A move decides on the record and the target: read them linearizably.
         cluster.barrier().await.map_err(|e| ActionError::Unavailable(format!("cannot read the cluster state: {e}")))?;
@@ -89,7 +89,7 @@ impl Daemon {
         Ok(self.ops.spawn("Migrating instance", json!({"instances": [format!("/1.0/instances/{name}")]}), true, move |op| async move {
             let _lease = lease;
             let started = Instant::now();
-            let mut m = MoveRun { d: d.clone(), op: op.clone(), rec, spec, target: target_rec, live: live && running, running, dumped: false, frozen: None, vm_migrated: false };
+            let mut m = MoveRun { d: d.clone(), op: op.clone(), rec, spec, target: target_rec, live: live && running, running, dumped: false, frozen: None, vm_migrated: false, options };
             match m.run().await {
                 Ok(plan) => {
                     let mut meta = Map::new();
@@ -119,6 +119,8 @@ pub(super) struct MoveRun {
     pub(super) frozen: Option<Instant>,
     /// A VM whose QEMU migration completed (its source QEMU is paused).
     pub(super) vm_migrated: bool,
+    /// --bandwidth / --max-downtime / --postcopy of this move.
+    pub(super) options: MoveOptions,
 }
 
 impl MoveRun {
@@ -138,7 +140,7 @@ impl MoveRun {
         let state = match (self.live, vm) {
             (false, _) => vec![StateTransfer::None],
             (true, false) => vec![StateTransfer::CriuPageServer],
-            (true, true) => vec![StateTransfer::VmQemuLive { features: vec![QemuFeature::AutoConverge] }],
+            (true, true) => vec![StateTransfer::VmQemuLive { features: vec![QemuFeature::AutoConverge, QemuFeature::Postcopy] }],
         };
         Offer {
             instance_type: if vm { MigType::Vm } else { MigType::Container },
@@ -149,7 +151,7 @@ impl MoveRun {
             snapshots: vec![],
             stateful: self.live,
             live: self.live,
-            options: MoveOptions::default(),
+            options: self.options.clone(),
         }
     }
 

@@ -17,6 +17,16 @@ use super::source::{send_archive, MoveRun};
 use super::ws::{self, WsControl, WsPipe};
 use crate::core::Daemon;
 
+/// QEMU parameters from the agreed plan (the same on both sides).
+fn params(plan: &Plan) -> MigrateParams {
+    MigrateParams {
+        postcopy: plan.is_postcopy(),
+        max_bandwidth: plan.options.bandwidth,
+        downtime_limit_ms: plan.options.max_downtime_ms.unwrap_or(MigrateParams::default().downtime_limit_ms),
+        ..MigrateParams::default()
+    }
+}
+
 /// A connected socketpair: one end for QEMU (an fd), one for our relay.
 fn socketpair() -> Result<(OwnedFd, tokio::net::UnixStream), String> {
     let (qemu_end, ours) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
@@ -56,12 +66,13 @@ impl MoveRun {
             let ctx = OpCtx::new(|_, _| {}, self.op.cancel_token());
             let started = Instant::now();
             let stats = vm
-                .migrate_outgoing(&self.spec, &MigrateParams::default(), qemu_fd, move |p| op.set_meta("state_progress", json!(p.summary())), &ctx)
+                .migrate_outgoing(&self.spec, &params(plan), qemu_fd, move |p| op.set_meta("state_progress", json!(p.summary())), &ctx)
                 .await
                 .map_err(|e| format!("QEMU migration: {e}"))?;
             // QEMU completed: the source is paused, the target runs or is about to.
             self.vm_migrated = true;
             self.frozen = Some(started + std::time::Duration::from_millis(stats.total_time_ms.saturating_sub(stats.downtime_ms)));
+            self.op.set_meta("qemu_params", json!(params(plan)));
             self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent}));
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), relay).await;
         }
@@ -110,7 +121,7 @@ impl Daemon {
         let incoming = if matches!(plan.state, StatePlan::VmQemuLive { .. }) {
             let launch: LaunchConfig = serde_json::from_value(launch.ok_or("the source sent no launch configuration")?).map_err(|e| e.to_string())?;
             let (qemu_fd, ours) = socketpair()?;
-            let incoming = vm.migrate_incoming(spec, &launch, &MigrateParams::default(), qemu_fd, &ctx).await.map_err(|e| e.to_string())?;
+            let incoming = vm.migrate_incoming(spec, &launch, &params(plan), qemu_fd, &ctx).await.map_err(|e| e.to_string())?;
             let state_stream = ws::into_stream(state_pipe);
             tokio::spawn(async move { ferry_migration::relay(state_stream, ours).await });
             Some(incoming)
