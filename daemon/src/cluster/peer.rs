@@ -35,11 +35,18 @@ pub struct PeerClient {
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
     headers: Vec<(&'static str, String)>,
+    /// Idle kept-alive connections per peer address (shared by clones): a
+    /// fresh TCP + mTLS handshake per request cost ~2.6 ms of CPU per
+    /// replicated write (doc/benchmarks.md).
+    pool: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<Sender>>>>,
 }
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+const POOL_PER_PEER: usize = 8;
 
 impl PeerClient {
     pub fn new(tls: rustls::ClientConfig) -> Self {
-        PeerClient { tls: Arc::new(tls), timeout: Duration::from_secs(10), headers: vec![] }
+        PeerClient { tls: Arc::new(tls), timeout: Duration::from_secs(10), headers: vec![], pool: Default::default() }
     }
 
     pub fn with_timeout(mut self, t: Duration) -> Self {
@@ -53,7 +60,7 @@ impl PeerClient {
         self
     }
 
-    /// One request on a fresh connection.
+    /// One request, on a kept-alive connection to `addr` if one is idle.
     pub async fn send(&self, addr: &str, method: Method, path: &str, body: Bytes) -> Result<PeerResponse, PeerError> {
         tokio::time::timeout(self.timeout, self.send_inner(addr, method, path, body))
             .await
@@ -62,13 +69,7 @@ impl PeerClient {
 
     async fn send_inner(&self, addr: &str, method: Method, path: &str, body: Bytes) -> Result<PeerResponse, PeerError> {
         let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
-        let tls = self.connect(addr).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut sender = self.sender(addr).await?;
         let mut req = Request::builder().method(method);
         for (k, v) in &self.headers {
             req = req.header(*k, v.as_str());
@@ -83,7 +84,34 @@ impl PeerClient {
         let status = resp.status();
         let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = resp.into_body().collect().await.map_err(|e| conn_err(e.to_string()))?.to_bytes();
+        if !sender.is_closed() {
+            let mut pool = self.pool.lock().unwrap();
+            let idle = pool.entry(addr.to_string()).or_default();
+            if idle.len() < POOL_PER_PEER {
+                idle.push(sender);
+            }
+        }
         Ok(PeerResponse { status, content_type, body })
+    }
+
+    /// An idle pooled connection that is still usable, else a new one.
+    /// (A request is never retried once sent: callers decide about retries.)
+    async fn sender(&self, addr: &str) -> Result<Sender, PeerError> {
+        loop {
+            let pooled = self.pool.lock().unwrap().get_mut(addr).and_then(Vec::pop);
+            let Some(mut s) = pooled else { break };
+            if !s.is_closed() && s.ready().await.is_ok() {
+                return Ok(s);
+            }
+        }
+        let tls = self.connect(addr).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| PeerError::Connect { addr: addr.into(), detail: e.to_string() })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
     }
 
     /// TCP + TLS (pinned to the cluster certificate) to a peer.
