@@ -148,9 +148,20 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
         }
     };
 
-    // 1. Cancel.
+    // 1. Cancel (after the operation showed the first pass's progress).
     let (c, id) = start_move(&ms[0]).await;
     wait_stage(&c, &id).await;
+    let mut shown = None;
+    for _ in 0..100 {
+        let op = c.operation(&id).await.unwrap();
+        if let Some(p) = op.metadata["fs_progress"].as_str() {
+            shown = Some(p.to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shown = shown.expect("no fs_progress in the operation during the first pass");
+    assert!(shown.ends_with("MB sent"), "{shown}");
     c.cancel_operation(&id).await.unwrap();
     let fin = c.wait_operation(&id, |_| {}).await;
     eprintln!("cancelled move: {fin:?}");

@@ -44,23 +44,39 @@ impl std::io::Write for Cancellable<'_> {
     }
 }
 
-/// Send one archive pass of `root` on the fs bridge (blocking, off the runtime).
+/// Send one archive pass of `root` on the fs bridge (blocking, off the
+/// runtime); with `op`, its `fs_progress` shows the bytes sent twice a second.
 pub(super) async fn send_archive(
     bridge: Bridge,
     root: std::path::PathBuf,
     base: Option<Manifest>,
     record: bool,
     cancel: tokio_util::sync::CancellationToken,
+    op: Option<Arc<Op>>,
 ) -> Result<(Bridge, ferry_drivers::storage::ArchiveStats), String> {
-    tokio::task::spawn_blocking(move || {
+    let progress = Arc::new(ferry_drivers::storage::Progress::default());
+    let ticker = op.map(|op| {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                op.set_meta("fs_progress", json!(format!("{:.1} MB sent", progress.bytes() as f64 / 1e6)));
+            }
+        })
+    });
+    let res = tokio::task::spawn_blocking(move || {
         let mut bridge = bridge;
-        let opts = ArchiveOptions { record_manifest: record, base, ..Default::default() };
+        let opts = ArchiveOptions { record_manifest: record, base, progress: Some(progress), ..Default::default() };
         let mut w = Cancellable { inner: &mut bridge, cancel };
         let stats = write_archive(&root, &mut w, &opts).map_err(|e| format!("sending {}: {e}", root.display()))?;
         Ok((bridge, stats))
     })
     .await
-    .map_err(|e| format!("archive task: {e}"))?
+    .map_err(|e| format!("archive task: {e}"));
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    res?
 }
 
 impl Daemon {
@@ -211,8 +227,8 @@ impl MoveRun {
         }
         self.check_cancel()?;
         self.stage("copying the root filesystem (instance running)");
-        let (bridge, pass1) = send_archive(bridge, rootfs.clone(), None, true, self.op.cancel_token()).await?;
-        self.op.set_meta("fs_progress", json!(format!("{} MB", pass1.bytes / 1_000_000)));
+        let (bridge, pass1) = send_archive(bridge, rootfs.clone(), None, true, self.op.cancel_token(), Some(self.op.clone())).await?;
+        self.op.set_meta("fs_progress", json!(format!("{:.1} MB sent", pass1.bytes as f64 / 1e6)));
         self.check_cancel()?;
         let images = self.spec.paths.volume.join("migration.tmp");
         let _ = std::fs::remove_dir_all(&images);
@@ -243,8 +259,8 @@ impl MoveRun {
             }
             self.stage("final sync of the root filesystem and checkpoint images");
             let manifest = pass1.manifest.clone();
-            let (b, _pass2) = send_archive(bridge, rootfs, manifest, false, Default::default()).await?;
-            let (b, _img) = send_archive(b, images.clone(), None, false, Default::default()).await?;
+            let (b, _pass2) = send_archive(bridge, rootfs, manifest, false, Default::default(), None).await?;
+            let (b, _img) = send_archive(b, images.clone(), None, false, Default::default(), None).await?;
             bridge = b;
             self.op.set_meta("frozen_ms_at_handover", json!(frozen.elapsed().as_millis() as u64));
         }

@@ -47,7 +47,7 @@ impl MoveRun {
         }
         self.check_cancel()?;
         self.stage("copying the VM's disk");
-        let (mut bridge, _) = send_archive(SyncIoBridge::new(w), self.spec.paths.volume.clone(), None, false, self.op.cancel_token()).await?;
+        let (mut bridge, _) = send_archive(SyncIoBridge::new(w), self.spec.paths.volume.clone(), None, false, self.op.cancel_token(), Some(self.op.clone())).await?;
         tokio::task::spawn_blocking(move || {
             use std::io::Write;
             bridge.flush()?;
