@@ -12,31 +12,55 @@ pub async fn run(ctx: &Ctx, cmd: &ClusterCommand) -> Result<i32> {
     match cmd {
         ClusterCommand::Enable { name } => {
             let body = json!({"server_name": name, "enabled": true});
-            ctx.run_op(Method::PUT, "/1.0/cluster", Some(&body), "Enabling clustering").await?;
+            ctx.run_op(
+                Method::PUT,
+                "/1.0/cluster",
+                Some(&body),
+                "Enabling clustering",
+            )
+            .await?;
             eprintln!("Clustering enabled: member \"{name}\" is the first member");
             Ok(0)
         }
         ClusterCommand::Add { name } => {
             let body = json!({"server_name": name});
-            let op = ctx.run_op(Method::POST, "/1.0/cluster/members", Some(&body), "Requesting a join token").await?;
+            let op = ctx
+                .run_op(
+                    Method::POST,
+                    "/1.0/cluster/members",
+                    Some(&body),
+                    "Requesting a join token",
+                )
+                .await?;
             let token = op.metadata["token"].as_str().unwrap_or_default();
             if ctx.json() {
                 ctx.print_json(&op.metadata);
             } else {
-                eprintln!("Member {name} join token (one use, expires {}):", op.metadata["expiresAt"].as_str().unwrap_or("?"));
+                eprintln!(
+                    "Member {name} join token (one use, expires {}):",
+                    op.metadata["expiresAt"].as_str().unwrap_or("?")
+                );
                 println!("{token}");
             }
             Ok(0)
         }
         ClusterCommand::Join { token } => {
             let body = json!({"enabled": true, "cluster_token": token.trim()});
-            ctx.run_op(Method::PUT, "/1.0/cluster", Some(&body), "Joining the cluster").await?;
+            ctx.run_op(
+                Method::PUT,
+                "/1.0/cluster",
+                Some(&body),
+                "Joining the cluster",
+            )
+            .await?;
             eprintln!("Joined the cluster");
             Ok(0)
         }
         ClusterCommand::List => list(ctx).await,
         ClusterCommand::Remove { name } => {
-            ctx.client.delete(&format!("/1.0/cluster/members/{name}"), None).await?;
+            ctx.client
+                .delete(&format!("/1.0/cluster/members/{name}"), None)
+                .await?;
             eprintln!("Member {name} removed");
             Ok(0)
         }
@@ -47,7 +71,9 @@ pub async fn run(ctx: &Ctx, cmd: &ClusterCommand) -> Result<i32> {
 pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
     let bandwidth = match &a.bandwidth {
         None => None,
-        Some(b) => Some(parse_bytes(b).ok_or_else(|| anyhow::anyhow!("--bandwidth {b:?}: use a size per second like 64MiB or 100MB"))?),
+        Some(b) => Some(parse_bytes(b).ok_or_else(|| {
+            anyhow::anyhow!("--bandwidth {b:?}: use a size per second like 64MiB or 100MB")
+        })?),
     };
     if a.postcopy {
         eprintln!("Warning: with --postcopy the VM runs on the target before all its memory arrived; if the link breaks during the move, the VM is lost.");
@@ -60,8 +86,14 @@ pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
         ctx.print_json(&op.metadata);
     } else {
         let plan = &op.metadata["plan"];
-        let live = matches!(plan["state"]["type"].as_str(), Some("criu_page_server") | Some("vm_qemu_live"));
-        let downtime = op.metadata["downtime_ms"].as_u64().map(|d| format!(", {d} ms frozen")).unwrap_or_default();
+        let live = matches!(
+            plan["state"]["type"].as_str(),
+            Some("criu_page_server") | Some("vm_qemu_live")
+        );
+        let downtime = op.metadata["downtime_ms"]
+            .as_u64()
+            .map(|d| format!(", {d} ms frozen"))
+            .unwrap_or_default();
         eprintln!(
             "Moved {} to {} ({}; {} ms in all{downtime})",
             a.name,
@@ -97,10 +129,14 @@ pub async fn config(ctx: &Ctx, cmd: &ConfigCommand) -> Result<i32> {
     let ConfigCommand::Trust(t) = cmd;
     match t {
         TrustCommand::Add { file, name } => {
-            let pem = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let pem = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let body = json!({"type": "client", "certificate": pem, "name": name.clone().unwrap_or_default()});
             let env = ctx.client.post("/1.0/certificates", Some(&body)).await?;
-            eprintln!("Trusted certificate {}", env.metadata["fingerprint"].as_str().unwrap_or("?"));
+            eprintln!(
+                "Trusted certificate {}",
+                env.metadata["fingerprint"].as_str().unwrap_or("?")
+            );
             Ok(0)
         }
         TrustCommand::List => {
@@ -116,13 +152,21 @@ pub async fn config(ctx: &Ctx, cmd: &ConfigCommand) -> Result<i32> {
                 .cloned()
                 .unwrap_or_default()
                 .iter()
-                .map(|c| vec![s(&c["name"]), s(&c["type"]), s(&c["fingerprint"]).chars().take(12).collect()])
+                .map(|c| {
+                    vec![
+                        s(&c["name"]),
+                        s(&c["type"]),
+                        s(&c["fingerprint"]).chars().take(12).collect(),
+                    ]
+                })
                 .collect();
             print_out(&render_table(&["NAME", "TYPE", "FINGERPRINT"], &rows));
             Ok(0)
         }
         TrustCommand::Remove { fingerprint } => {
-            ctx.client.delete(&format!("/1.0/certificates/{fingerprint}"), None).await?;
+            ctx.client
+                .delete(&format!("/1.0/certificates/{fingerprint}"), None)
+                .await?;
             eprintln!("Certificate {fingerprint} is no longer trusted");
             Ok(0)
         }
@@ -134,7 +178,10 @@ pub fn rows(members: &[Value]) -> Vec<Vec<String>> {
     members
         .iter()
         .map(|m| {
-            let roles: Vec<String> = m["roles"].as_array().map(|r| r.iter().map(s).collect()).unwrap_or_default();
+            let roles: Vec<String> = m["roles"]
+                .as_array()
+                .map(|r| r.iter().map(s).collect())
+                .unwrap_or_default();
             let role = if roles.iter().any(|r| r == "database-leader") {
                 "leader"
             } else if m["database"].as_bool() == Some(true) {
@@ -142,7 +189,13 @@ pub fn rows(members: &[Value]) -> Vec<Vec<String>> {
             } else {
                 "standby"
             };
-            vec![s(&m["server_name"]), s(&m["url"]), role.to_string(), s(&m["status"]).to_uppercase(), s(&m["version"])]
+            vec![
+                s(&m["server_name"]),
+                s(&m["url"]),
+                role.to_string(),
+                s(&m["status"]).to_uppercase(),
+                s(&m["version"]),
+            ]
         })
         .collect()
 }
@@ -154,7 +207,10 @@ async fn list(ctx: &Ctx) -> Result<i32> {
         return Ok(0);
     }
     let members = env.metadata.as_array().cloned().unwrap_or_default();
-    print_out(&render_table(&["NAME", "URL", "ROLE", "STATUS", "VERSION"], &rows(&members)));
+    print_out(&render_table(
+        &["NAME", "URL", "ROLE", "STATUS", "VERSION"],
+        &rows(&members),
+    ));
     Ok(0)
 }
 
@@ -177,7 +233,10 @@ mod tests {
             json!({"server_name": "m2", "url": "https://127.0.0.1:2", "roles": ["database"], "database": true, "status": "Offline", "version": "0.1.0"}),
         ];
         let r = rows(&m);
-        assert_eq!(r[0], ["m1", "https://127.0.0.1:1", "leader", "ONLINE", "0.1.0"]);
+        assert_eq!(
+            r[0],
+            ["m1", "https://127.0.0.1:1", "leader", "ONLINE", "0.1.0"]
+        );
         assert_eq!(r[1][2], "voter");
         assert_eq!(r[1][3], "OFFLINE");
     }

@@ -44,13 +44,8 @@ pub async fn launch(ctx: &Ctx, args: &LaunchArgs) -> Result<i32> {
         Some(t) => format!("/1.0/instances?target={t}"),
         None => "/1.0/instances".to_string(),
     };
-    ctx.run_op(
-        Method::POST,
-        &path,
-        Some(&launch_body(args)),
-        &what,
-    )
-    .await?;
+    ctx.run_op(Method::POST, &path, Some(&launch_body(args)), &what)
+        .await?;
     Ok(OK)
 }
 

@@ -1,8 +1,8 @@
 //! `ferry`: command line client of `ferryd`.
 
 mod cli;
-mod cmd_instance;
 mod cmd_cluster;
+mod cmd_instance;
 mod cmd_operation;
 mod ctx;
 mod output;

@@ -26,7 +26,10 @@ pub const KEY_FILE: &str = "cluster.key";
 #[derive(Debug, Error)]
 pub enum CertError {
     #[error("cannot read or write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot generate the cluster certificate: {0}")]
     Generate(String),
     #[error("the cluster {what} is not usable PEM ({detail})")]
@@ -74,7 +77,9 @@ impl Clone for ClusterCert {
 /// Never prints the key.
 impl fmt::Debug for ClusterCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterCert").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+        f.debug_struct("ClusterCert")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,20 +90,32 @@ impl ClusterCert {
     pub fn generate(sans: &[String]) -> Result<ClusterCert, CertError> {
         let gen = |e: rcgen::Error| CertError::Generate(e.to_string());
         let mut names: Vec<String> = Vec::new();
-        for n in sans.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).chain([CLUSTER_SAN]) {
+        for n in sans
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .chain([CLUSTER_SAN])
+        {
             if !names.iter().any(|x| x == n) {
                 names.push(n.to_string());
             }
         }
         let mut params = rcgen::CertificateParams::new(names).map_err(gen)?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, CLUSTER_SAN);
-        params.distinguished_name.push(rcgen::DnType::OrganizationName, "ferry");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, CLUSTER_SAN);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "ferry");
         // Members pin this certificate by its exact bytes, so validity dates are
         // not what protects the cluster; keep them wide so nothing expires under it.
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2074, 1, 1);
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
         let cert = params.self_signed(&key).map_err(gen)?;
         ClusterCert::from_pem(&cert.pem(), &key.serialize_pem())
@@ -124,14 +141,32 @@ impl ClusterCert {
         let (c, k) = (cert_path(dir), key_path(dir));
         match (c.exists(), k.exists()) {
             (false, false) => return Ok(None),
-            (true, false) => return Err(CertError::Incomplete { present: c, missing: k }),
-            (false, true) => return Err(CertError::Incomplete { present: k, missing: c }),
+            (true, false) => {
+                return Err(CertError::Incomplete {
+                    present: c,
+                    missing: k,
+                })
+            }
+            (false, true) => {
+                return Err(CertError::Incomplete {
+                    present: k,
+                    missing: c,
+                })
+            }
             (true, true) => {}
         }
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|source| CertError::Io { path: p.to_path_buf(), source });
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| CertError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
         let (cert_pem, key_pem) = (read(&c)?, read(&k)?);
         let cert = ClusterCert::from_pem(&cert_pem, &key_pem).map_err(|e| match e {
-            CertError::BadPem { what, detail } => CertError::BadPem { what, detail: format!("{detail}; in {}", dir.display()) },
+            CertError::BadPem { what, detail } => CertError::BadPem {
+                what,
+                detail: format!("{detail}; in {}", dir.display()),
+            },
             other => other,
         })?;
         Ok(Some(cert))
@@ -144,24 +179,58 @@ impl ClusterCert {
         let mut certs = rustls_pemfile::certs(&mut reader);
         let cert_der = match certs.next() {
             Some(Ok(c)) => c,
-            Some(Err(e)) => return Err(CertError::BadPem { what: "certificate", detail: e.to_string() }),
-            None => return Err(CertError::BadPem { what: "certificate", detail: "no CERTIFICATE block found".into() }),
+            Some(Err(e)) => {
+                return Err(CertError::BadPem {
+                    what: "certificate",
+                    detail: e.to_string(),
+                })
+            }
+            None => {
+                return Err(CertError::BadPem {
+                    what: "certificate",
+                    detail: "no CERTIFICATE block found".into(),
+                })
+            }
         };
         if certs.next().is_some() {
-            return Err(CertError::BadPem { what: "certificate", detail: "expected exactly one certificate".into() });
+            return Err(CertError::BadPem {
+                what: "certificate",
+                detail: "expected exactly one certificate".into(),
+            });
         }
         let key_der = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
             Ok(Some(k)) => k,
-            Ok(None) => return Err(CertError::BadPem { what: "key", detail: "no PRIVATE KEY block found".into() }),
-            Err(e) => return Err(CertError::BadPem { what: "key", detail: e.to_string() }),
+            Ok(None) => {
+                return Err(CertError::BadPem {
+                    what: "key",
+                    detail: "no PRIVATE KEY block found".into(),
+                })
+            }
+            Err(e) => {
+                return Err(CertError::BadPem {
+                    what: "key",
+                    detail: e.to_string(),
+                })
+            }
         };
         let provider = rustls::crypto::ring::default_provider();
-        let ck = rustls::sign::CertifiedKey::from_der(vec![cert_der.clone()], key_der.clone_key(), &provider)
-            .map_err(|e| CertError::KeyMismatch(e.to_string()))?;
+        let ck = rustls::sign::CertifiedKey::from_der(
+            vec![cert_der.clone()],
+            key_der.clone_key(),
+            &provider,
+        )
+        .map_err(|e| CertError::KeyMismatch(e.to_string()))?;
         // from_der tolerates "unknown" consistency; insist on a positive match.
-        ck.keys_match().map_err(|e| CertError::KeyMismatch(e.to_string()))?;
+        ck.keys_match()
+            .map_err(|e| CertError::KeyMismatch(e.to_string()))?;
         let fingerprint = fingerprint(&cert_der);
-        Ok(ClusterCert { cert_pem: cert_pem.to_string(), key_pem: key_pem.to_string(), cert_der, key_der, fingerprint })
+        Ok(ClusterCert {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            cert_der,
+            key_der,
+            fingerprint,
+        })
     }
 
     /// Write `DIR/cluster.crt` (0644) and `DIR/cluster.key` (0600) atomically,
@@ -202,7 +271,10 @@ impl ClusterCert {
         if want == self.fingerprint {
             Ok(())
         } else {
-            Err(CertError::FingerprintMismatch { got: self.fingerprint.clone(), want })
+            Err(CertError::FingerprintMismatch {
+                got: self.fingerprint.clone(),
+                want,
+            })
         }
     }
 
@@ -237,10 +309,19 @@ mod tests {
         let b = ClusterCert::load(dir.path()).unwrap().unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.key_pem(), b.key_pem());
-        let mode = |f| std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        let mode = |f| {
+            std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
         assert_eq!(mode(KEY_FILE), 0o600);
         assert_eq!(mode(CERT_FILE), 0o644);
-        assert!(!format!("{a:?}").contains("PRIVATE"), "Debug must not print the key");
+        assert!(
+            !format!("{a:?}").contains("PRIVATE"),
+            "Debug must not print the key"
+        );
     }
 
     #[test]
@@ -249,7 +330,10 @@ mod tests {
         ClusterCert::create(dir.path(), &[]).unwrap();
         let e = ClusterCert::create(dir.path(), &[]).unwrap_err();
         assert!(matches!(e, CertError::AlreadyExists(_)), "{e}");
-        assert!(e.to_string().contains("already has a cluster certificate"), "{e}");
+        assert!(
+            e.to_string().contains("already has a cluster certificate"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -263,7 +347,12 @@ mod tests {
 
     #[test]
     fn sans_include_cluster_name_and_ips() {
-        let c = ClusterCert::generate(&["127.0.0.1".into(), "node.local".into(), "ferry-cluster".into()]).unwrap();
+        let c = ClusterCert::generate(&[
+            "127.0.0.1".into(),
+            "node.local".into(),
+            "ferry-cluster".into(),
+        ])
+        .unwrap();
         // DER contains the DNS names verbatim and the IP as 4 raw bytes.
         let der = c.cert_der();
         let has = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
@@ -279,13 +368,29 @@ mod tests {
         let e = ClusterCert::from_pem(a.cert_pem(), b.key_pem()).unwrap_err();
         assert!(matches!(e, CertError::KeyMismatch(_)), "{e}");
         let e = ClusterCert::from_pem("garbage", a.key_pem()).unwrap_err();
-        assert!(matches!(e, CertError::BadPem { what: "certificate", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                CertError::BadPem {
+                    what: "certificate",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = ClusterCert::from_pem(a.cert_pem(), "garbage").unwrap_err();
         assert!(matches!(e, CertError::BadPem { what: "key", .. }), "{e}");
         assert!(ClusterCert::from_pem(a.cert_pem(), a.key_pem()).is_ok());
         assert!(a.is(&a.cert_der()) && !a.is(&b.cert_der()));
-        a.check_fingerprint(&a.fingerprint().to_uppercase()).unwrap();
-        let e = a.check_fingerprint(b.fingerprint()).unwrap_err().to_string();
-        assert!(e.contains("not the join token's") && e.contains("ferry cluster add"), "{e}");
+        a.check_fingerprint(&a.fingerprint().to_uppercase())
+            .unwrap();
+        let e = a
+            .check_fingerprint(b.fingerprint())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not the join token's") && e.contains("ferry cluster add"),
+            "{e}"
+        );
     }
 }

@@ -13,7 +13,10 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum IdentityError {
     #[error("cannot read or write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot generate a certificate: {0}")]
     Generate(String),
     #[error("{path} holds no usable PEM {what}: delete it to have a new one generated")]
@@ -32,7 +35,12 @@ pub struct Identity {
 impl Identity {
     /// Load `cert_path`/`key_path`, generating both first if either is missing.
     /// `names` become the certificate's subject alternative names.
-    pub fn load_or_generate(cert_path: &Path, key_path: &Path, common_name: &str, names: &[String]) -> Result<Identity, IdentityError> {
+    pub fn load_or_generate(
+        cert_path: &Path,
+        key_path: &Path,
+        common_name: &str,
+        names: &[String],
+    ) -> Result<Identity, IdentityError> {
         if !cert_path.exists() || !key_path.exists() {
             let (cert, key) = generate(common_name, names)?;
             write_file(key_path, key.as_bytes(), 0o600)?;
@@ -45,16 +53,26 @@ impl Identity {
         };
         let cert_pem = fs::read_to_string(cert_path).map_err(io(cert_path))?;
         let key_pem = fs::read_to_string(key_path).map_err(io(key_path))?;
-        let id = Identity { cert_pem, key_pem, cert_path: cert_path.into(), key_path: key_path.into() };
+        let id = Identity {
+            cert_pem,
+            key_pem,
+            cert_path: cert_path.into(),
+            key_path: key_path.into(),
+        };
         id.cert_der()?;
         id.key_der()?;
         Ok(id)
     }
 
     pub fn cert_der(&self) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-        let certs: Vec<_> = rustls_pemfile::certs(&mut self.cert_pem.as_bytes()).filter_map(Result::ok).collect();
+        let certs: Vec<_> = rustls_pemfile::certs(&mut self.cert_pem.as_bytes())
+            .filter_map(Result::ok)
+            .collect();
         if certs.is_empty() {
-            return Err(IdentityError::BadPem { path: self.cert_path.clone(), what: "certificate" });
+            return Err(IdentityError::BadPem {
+                path: self.cert_path.clone(),
+                what: "certificate",
+            });
         }
         Ok(certs)
     }
@@ -62,7 +80,10 @@ impl Identity {
     pub fn key_der(&self) -> Result<PrivateKeyDer<'static>, IdentityError> {
         match rustls_pemfile::private_key(&mut self.key_pem.as_bytes()) {
             Ok(Some(k)) => Ok(k),
-            _ => Err(IdentityError::BadPem { path: self.key_path.clone(), what: "private key" }),
+            _ => Err(IdentityError::BadPem {
+                path: self.key_path.clone(),
+                what: "private key",
+            }),
         }
     }
 
@@ -74,7 +95,10 @@ impl Identity {
 
 /// SHA-256 of a DER certificate, lowercase hex, as Incus prints fingerprints.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn generate(common_name: &str, names: &[String]) -> Result<(String, String), IdentityError> {
@@ -82,19 +106,29 @@ fn generate(common_name: &str, names: &[String]) -> Result<(String, String), Ide
     if sans.is_empty() {
         sans.push(common_name.to_string());
     }
-    let mut params = rcgen::CertificateParams::new(sans).map_err(|e| IdentityError::Generate(e.to_string()))?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
-    params.distinguished_name.push(rcgen::DnType::OrganizationName, "ferry");
+    let mut params =
+        rcgen::CertificateParams::new(sans).map_err(|e| IdentityError::Generate(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "ferry");
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Generate(e.to_string()))?;
-    let cert = params.self_signed(&key).map_err(|e| IdentityError::Generate(e.to_string()))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| IdentityError::Generate(e.to_string()))?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Write `data` to `path` atomically (temporary file, fsync, rename) with `mode`.
 pub(crate) fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let err = |source| IdentityError::Io { path: path.to_path_buf(), source };
+    let err = |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(err)?;
     }
@@ -102,9 +136,16 @@ pub(crate) fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), Iden
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
-    let mut f = fs::OpenOptions::new().create(true).truncate(true).write(true).mode(mode).open(&tmp).map_err(err)?;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
     // A stale temporary file keeps its old mode on open: set it explicitly.
-    f.set_permissions(<fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode)).map_err(err)?;
+    f.set_permissions(<fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode))
+        .map_err(err)?;
     f.write_all(data).map_err(err)?;
     f.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)
@@ -118,12 +159,16 @@ mod tests {
     fn generates_once_and_reloads() {
         let dir = tempfile::tempdir().unwrap();
         let (c, k) = (dir.path().join("a.crt"), dir.path().join("a.key"));
-        let a = Identity::load_or_generate(&c, &k, "m1", &["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let a = Identity::load_or_generate(&c, &k, "m1", &["127.0.0.1".into(), "localhost".into()])
+            .unwrap();
         let b = Identity::load_or_generate(&c, &k, "m1", &[]).unwrap();
         assert_eq!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
         assert_eq!(a.fingerprint().unwrap().len(), 64);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]
@@ -132,7 +177,9 @@ mod tests {
         let (c, k) = (dir.path().join("a.crt"), dir.path().join("a.key"));
         fs::write(&c, "nope").unwrap();
         fs::write(&k, "nope").unwrap();
-        let e = Identity::load_or_generate(&c, &k, "m1", &[]).unwrap_err().to_string();
+        let e = Identity::load_or_generate(&c, &k, "m1", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("delete it"), "{e}");
     }
 }

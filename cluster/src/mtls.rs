@@ -20,10 +20,15 @@ use std::fmt;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
+    SignatureScheme,
+};
 use thiserror::Error;
 
 use crate::cert::{ClusterCert, CLUSTER_SAN};
@@ -101,8 +106,18 @@ impl ClientCertVerifier for PeerCertVerifier {
         &[]
     }
 
-    fn verify_client_cert(&self, end: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
-        if self.member.as_ref().is_some_and(|m| m.as_ref() == end.as_ref()) || self.trust.is_trusted(end) {
+    fn verify_client_cert(
+        &self,
+        end: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self
+            .member
+            .as_ref()
+            .is_some_and(|m| m.as_ref() == end.as_ref())
+            || self.trust.is_trusted(end)
+        {
             return Ok(ClientCertVerified::assertion());
         }
         let fp = fingerprint(end);
@@ -110,14 +125,26 @@ impl ClientCertVerifier for PeerCertVerifier {
         let msg = format!(
             "client certificate {fp} is neither the cluster certificate nor trusted: add it with `ferry config trust add`, or connect without a certificate"
         );
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(RefusedClient(msg))))))
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(RefusedClient(msg))),
+        )))
     }
 
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(m, c, d, &self.algs)
     }
 
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(m, c, d, &self.algs)
     }
 
@@ -133,7 +160,11 @@ fn build_server(
     trust: TrustStore,
 ) -> Result<ServerConfig, MtlsError> {
     let provider = provider();
-    let verifier = PeerCertVerifier { member, trust, algs: provider.signature_verification_algorithms };
+    let verifier = PeerCertVerifier {
+        member,
+        trust,
+        algs: provider.signature_verification_algorithms,
+    };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -149,12 +180,20 @@ fn build_server(
 /// The cluster port of a clustered member: presents the cluster certificate;
 /// accepts members (cluster certificate), trusted users, and anonymous peers.
 pub fn server_config(cluster: &ClusterCert, trust: TrustStore) -> Result<ServerConfig, MtlsError> {
-    build_server(vec![cluster.cert_der()], cluster.key_der(), Some(cluster.cert_der()), trust)
+    build_server(
+        vec![cluster.cert_der()],
+        cluster.key_der(),
+        Some(cluster.cert_der()),
+        trust,
+    )
 }
 
 /// A member that is not (yet) clustered: presents its own identity
 /// (`server.crt`); accepts trusted users and anonymous peers.
-pub fn standalone_server_config(id: &Identity, trust: TrustStore) -> Result<ServerConfig, MtlsError> {
+pub fn standalone_server_config(
+    id: &Identity,
+    trust: TrustStore,
+) -> Result<ServerConfig, MtlsError> {
     build_server(id.cert_der()?, id.key_der()?, None, trust)
 }
 
@@ -166,7 +205,11 @@ pub fn standalone_server_config(id: &Identity, trust: TrustStore) -> Result<Serv
 /// get past the handshake; should one reach here anyway (e.g. the trust store
 /// changed since), it is treated as [`PeerKind::Anonymous`], the least
 /// privileged kind.
-pub fn classify_peer(conn_peer_certs: Option<&[CertificateDer<'_>]>, cluster: &ClusterCert, trust: &TrustStore) -> PeerKind {
+pub fn classify_peer(
+    conn_peer_certs: Option<&[CertificateDer<'_>]>,
+    cluster: &ClusterCert,
+    trust: &TrustStore,
+) -> PeerKind {
     match conn_peer_certs.and_then(|c| c.first()) {
         Some(end) if cluster.is(end) => PeerKind::Member,
         Some(end) => classify_user(end, trust),
@@ -175,7 +218,10 @@ pub fn classify_peer(conn_peer_certs: Option<&[CertificateDer<'_>]>, cluster: &C
 }
 
 /// [`classify_peer`] for a [`standalone_server_config`] port (never `Member`).
-pub fn classify_standalone_peer(conn_peer_certs: Option<&[CertificateDer<'_>]>, trust: &TrustStore) -> PeerKind {
+pub fn classify_standalone_peer(
+    conn_peer_certs: Option<&[CertificateDer<'_>]>,
+    trust: &TrustStore,
+) -> PeerKind {
     match conn_peer_certs.and_then(|c| c.first()) {
         Some(end) => classify_user(end, trust),
         None => PeerKind::Anonymous,
@@ -224,7 +270,14 @@ impl fmt::Display for PinMismatch {
 impl std::error::Error for PinMismatch {}
 
 impl ServerCertVerifier for PinnedServer {
-    fn verify_server_cert(&self, end: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        end: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         let msg = match &self.pin {
             Pin::Der(want) if want.as_ref() == end.as_ref() => return Ok(ServerCertVerified::assertion()),
             Pin::Der(_) => format!("the server presented certificate {}, which is not this cluster's certificate: it is not a member of this cluster", fingerprint(end)),
@@ -239,14 +292,26 @@ impl ServerCertVerifier for PinnedServer {
             }
         };
         tracing::warn!("{msg}");
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch(msg))))))
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(PinMismatch(msg))),
+        )))
     }
 
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(m, c, d, &self.algs)
     }
 
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(m, c, d, &self.algs)
     }
 
@@ -255,9 +320,14 @@ impl ServerCertVerifier for PinnedServer {
     }
 }
 
-fn pinned_builder(pin: Pin) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, MtlsError> {
+fn pinned_builder(
+    pin: Pin,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, MtlsError> {
     let provider = provider();
-    let verifier = PinnedServer { pin, algs: provider.signature_verification_algorithms };
+    let verifier = PinnedServer {
+        pin,
+        algs: provider.signature_verification_algorithms,
+    };
     Ok(ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -267,7 +337,8 @@ fn pinned_builder(pin: Pin) -> Result<rustls::ConfigBuilder<ClientConfig, rustls
 /// Member to member: presents the cluster certificate and accepts only a
 /// server presenting exactly the cluster certificate.
 pub fn member_client_config(cluster: &ClusterCert) -> Result<ClientConfig, MtlsError> {
-    Ok(pinned_builder(Pin::Der(cluster.cert_der()))?.with_client_auth_cert(vec![cluster.cert_der()], cluster.key_der())?)
+    Ok(pinned_builder(Pin::Der(cluster.cert_der()))?
+        .with_client_auth_cert(vec![cluster.cert_der()], cluster.key_der())?)
 }
 
 /// A joiner (which has no certificate yet): presents none and accepts only a

@@ -83,7 +83,12 @@ struct Wire {
 
 impl JoinToken {
     /// A new token with a fresh random secret, valid for `ttl` from now.
-    pub fn new(member_name: impl Into<String>, addresses: Vec<String>, fingerprint: impl Into<String>, ttl: Duration) -> JoinToken {
+    pub fn new(
+        member_name: impl Into<String>,
+        addresses: Vec<String>,
+        fingerprint: impl Into<String>,
+        ttl: Duration,
+    ) -> JoinToken {
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         JoinToken {
             member_name: member_name.into(),
@@ -96,7 +101,11 @@ impl JoinToken {
 
     /// The printable token: URL-safe base64 (no padding) of versioned JSON.
     pub fn encode(&self) -> String {
-        let wire = Wire { kind: TOKEN_KIND.into(), version: TOKEN_VERSION, token: self.clone() };
+        let wire = Wire {
+            kind: TOKEN_KIND.into(),
+            version: TOKEN_VERSION,
+            token: self.clone(),
+        };
         let json = serde_json::to_vec(&wire).expect("a JoinToken always serializes");
         URL_SAFE_NO_PAD.encode(json)
     }
@@ -119,8 +128,11 @@ impl JoinToken {
         if cleaned.is_empty() {
             return Err(TokenError::NotAToken);
         }
-        let json = URL_SAFE_NO_PAD.decode(cleaned.as_bytes()).map_err(|_| TokenError::NotAToken)?;
-        let value: serde_json::Value = serde_json::from_slice(&json).map_err(|_| TokenError::NotAToken)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(cleaned.as_bytes())
+            .map_err(|_| TokenError::NotAToken)?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&json).map_err(|_| TokenError::NotAToken)?;
         if value.get("kind").and_then(|k| k.as_str()) != Some(TOKEN_KIND) {
             return Err(TokenError::NotAToken);
         }
@@ -130,7 +142,8 @@ impl JoinToken {
             Some(None) => return Err(TokenError::Malformed("version is not a number".into())),
             None => return Err(TokenError::Malformed("no version".into())),
         }
-        let wire: Wire = serde_json::from_value(value).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let wire: Wire =
+            serde_json::from_value(value).map_err(|e| TokenError::Malformed(e.to_string()))?;
         let mut token = wire.token;
         token.fingerprint = normalize_fingerprint(&token.fingerprint);
         token.validate()?;
@@ -139,8 +152,16 @@ impl JoinToken {
 
     fn validate(&self) -> Result<(), TokenError> {
         let bad = |m: String| Err(TokenError::Malformed(m));
-        if self.member_name.is_empty() || self.member_name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
-            return bad(format!("member name {:?} is not a valid name", self.member_name));
+        if self.member_name.is_empty()
+            || self
+                .member_name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+        {
+            return bad(format!(
+                "member name {:?} is not a valid name",
+                self.member_name
+            ));
         }
         if self.addresses.is_empty() {
             return bad("no member address".into());
@@ -154,7 +175,10 @@ impl JoinToken {
             return bad("the certificate fingerprint is not 64 hex digits".into());
         }
         if self.secret.len() < SECRET_BYTES * 2 || !is_lower_hex(&self.secret) {
-            return bad(format!("the secret is not at least {} hex digits", SECRET_BYTES * 2));
+            return bad(format!(
+                "the secret is not at least {} hex digits",
+                SECRET_BYTES * 2
+            ));
         }
         Ok(())
     }
@@ -216,7 +240,10 @@ impl PendingJoin {
 /// Constant-time comparison of two secrets: compares their SHA-256 digests,
 /// so neither the content nor the length of `expected` leaks through timing.
 pub fn secret_matches(expected: &str, given: &str) -> bool {
-    ct_eq(&Sha256::digest(expected.as_bytes()), &Sha256::digest(given.as_bytes()))
+    ct_eq(
+        &Sha256::digest(expected.as_bytes()),
+        &Sha256::digest(given.as_bytes()),
+    )
 }
 
 /// SHA-256 of a secret, lowercase hex (what [`PendingJoin`] stores).
@@ -226,7 +253,10 @@ pub fn secret_digest(secret: &str) -> String {
 
 /// Constant-time check of `given` against a stored [`secret_digest`].
 pub fn digest_matches(stored_sha256_hex: &str, given: &str) -> bool {
-    ct_eq(stored_sha256_hex.as_bytes(), secret_digest(given).as_bytes())
+    ct_eq(
+        stored_sha256_hex.as_bytes(),
+        secret_digest(given).as_bytes(),
+    )
 }
 
 /// Byte equality without early exit. Lengths are compared openly; callers
@@ -249,7 +279,10 @@ fn new_secret() -> String {
 }
 
 pub(crate) fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -257,16 +290,23 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn is_lower_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Lowercase, without `:` separators (accepts `AB:CD:...` as printed by openssl).
 pub fn normalize_fingerprint(fp: &str) -> String {
-    fp.trim().chars().filter(|c| *c != ':').map(|c| c.to_ascii_lowercase()).collect()
+    fp.trim()
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 fn valid_host_port(a: &str) -> bool {
-    let Some((host, port)) = a.rsplit_once(':') else { return false };
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return false;
+    };
     let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         inner.parse::<std::net::Ipv6Addr>().is_ok()
     } else {
@@ -280,7 +320,12 @@ mod tests {
     use super::*;
 
     fn token() -> JoinToken {
-        JoinToken::new("m2", vec!["127.0.0.1:8443".into(), "[::1]:8443".into()], "AB".repeat(32), Duration::from_secs(600))
+        JoinToken::new(
+            "m2",
+            vec!["127.0.0.1:8443".into(), "[::1]:8443".into()],
+            "AB".repeat(32),
+            Duration::from_secs(600),
+        )
     }
 
     fn raw(json: serde_json::Value) -> String {
@@ -290,18 +335,28 @@ mod tests {
     #[test]
     fn round_trip() {
         let t = token();
-        assert_eq!(t.fingerprint, "ab".repeat(32), "fingerprint normalized to lowercase");
+        assert_eq!(
+            t.fingerprint,
+            "ab".repeat(32),
+            "fingerprint normalized to lowercase"
+        );
         assert_eq!(t.secret.len(), 64);
         let enc = t.encode();
-        assert!(enc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{enc}");
+        assert!(
+            enc.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{enc}"
+        );
         assert_eq!(JoinToken::decode(&enc).unwrap(), t);
         // Line-wrapped copy-paste and the standard alphabet still decode.
         let wrapped = format!("  {}\n{}  \n", &enc[..20], &enc[20..]);
         assert_eq!(JoinToken::decode(&wrapped).unwrap(), t);
-        let std_b64 = base64::engine::general_purpose::STANDARD.encode(URL_SAFE_NO_PAD.decode(&enc).unwrap());
+        let std_b64 =
+            base64::engine::general_purpose::STANDARD.encode(URL_SAFE_NO_PAD.decode(&enc).unwrap());
         assert_eq!(JoinToken::decode(&std_b64).unwrap(), t);
         // The JSON says what it is and which version.
-        let json: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&enc).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&enc).unwrap()).unwrap();
         assert_eq!(json["version"], 1);
         assert_eq!(json["kind"], TOKEN_KIND);
     }
@@ -315,7 +370,15 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_token() {
-        for g in ["", "   ", "hello world!", "%%%%", &URL_SAFE_NO_PAD.encode(b"not json"), &raw(serde_json::json!({"a": 1})), &raw(serde_json::json!([1, 2]))] {
+        for g in [
+            "",
+            "   ",
+            "hello world!",
+            "%%%%",
+            &URL_SAFE_NO_PAD.encode(b"not json"),
+            &raw(serde_json::json!({"a": 1})),
+            &raw(serde_json::json!([1, 2])),
+        ] {
             let e = JoinToken::decode(g).unwrap_err();
             assert_eq!(e, TokenError::NotAToken, "{g:?}");
             assert!(e.to_string().contains("ferry cluster add"), "{e}");
@@ -331,7 +394,10 @@ mod tests {
         assert_eq!(e, TokenError::UnsupportedVersion { found: 2 });
         assert!(e.to_string().contains("version 2"), "{e}");
         v.as_object_mut().unwrap().remove("version");
-        assert!(matches!(JoinToken::decode(&raw(v)).unwrap_err(), TokenError::Malformed(_)));
+        assert!(matches!(
+            JoinToken::decode(&raw(v)).unwrap_err(),
+            TokenError::Malformed(_)
+        ));
     }
 
     #[test]
@@ -350,14 +416,20 @@ mod tests {
             v["version"] = 1.into();
             v[field] = val;
             let e = JoinToken::decode(&raw(v)).unwrap_err();
-            assert!(matches!(&e, TokenError::Malformed(m) if m.contains(want)), "{field}: {e}");
+            assert!(
+                matches!(&e, TokenError::Malformed(m) if m.contains(want)),
+                "{field}: {e}"
+            );
         }
         let mut v = serde_json::to_value(token()).unwrap();
         v["kind"] = TOKEN_KIND.into();
         v["version"] = 1.into();
         v.as_object_mut().unwrap().remove("secret");
         let e = JoinToken::decode(&raw(v)).unwrap_err();
-        assert!(matches!(&e, TokenError::Malformed(m) if m.contains("secret")), "{e}");
+        assert!(
+            matches!(&e, TokenError::Malformed(m) if m.contains("secret")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -371,7 +443,10 @@ mod tests {
         // Expired tokens still decode (the joiner gets the clear Expired error from check_expiry).
         let back = JoinToken::decode(&old.encode()).unwrap();
         let e = back.check_expiry(now_unix()).unwrap_err();
-        assert!(e.to_string().contains("expired") && e.to_string().contains("ferry cluster add"), "{e}");
+        assert!(
+            e.to_string().contains("expired") && e.to_string().contains("ferry cluster add"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -382,7 +457,10 @@ mod tests {
         assert!(!secret_matches(&t.secret, ""));
         let mut flipped = t.secret.clone().into_bytes();
         flipped[0] = if flipped[0] == b'0' { b'1' } else { b'0' };
-        assert!(!secret_matches(&t.secret, std::str::from_utf8(&flipped).unwrap()));
+        assert!(!secret_matches(
+            &t.secret,
+            std::str::from_utf8(&flipped).unwrap()
+        ));
         assert!(ct_eq(b"abc", b"abc") && !ct_eq(b"abc", b"abd") && !ct_eq(b"abc", b"ab"));
     }
 
@@ -392,10 +470,16 @@ mod tests {
         let mut p = PendingJoin::from_token(&t);
         assert!(!p.secret_sha256.contains(&t.secret));
         assert_eq!(p.check(&t.secret, t.expires_at - 1), Ok(()));
-        assert_eq!(p.check("00".repeat(32).as_str(), t.expires_at - 1), Err(TokenError::WrongSecret));
+        assert_eq!(
+            p.check("00".repeat(32).as_str(), t.expires_at - 1),
+            Err(TokenError::WrongSecret)
+        );
         assert_eq!(p.check(&t.secret, t.expires_at), Err(TokenError::Expired));
         // A wrong secret says nothing about expiry or use.
-        assert_eq!(p.check("nope", t.expires_at + 100), Err(TokenError::WrongSecret));
+        assert_eq!(
+            p.check("nope", t.expires_at + 100),
+            Err(TokenError::WrongSecret)
+        );
         p.used = true;
         let e = p.check(&t.secret, t.expires_at - 1).unwrap_err();
         assert_eq!(e, TokenError::AlreadyUsed);
@@ -407,7 +491,15 @@ mod tests {
         for ok in ["127.0.0.1:8443", "[::1]:1", "m1.example:65535", "host:80"] {
             assert!(valid_host_port(ok), "{ok}");
         }
-        for bad in ["127.0.0.1", ":80", "host:0", "host:99999", "::1:80", "[zz]:80", "a b:80"] {
+        for bad in [
+            "127.0.0.1",
+            ":80",
+            "host:0",
+            "host:99999",
+            "::1:80",
+            "[zz]:80",
+            "a b:80",
+        ] {
             assert!(!valid_host_port(bad), "{bad}");
         }
     }

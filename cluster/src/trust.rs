@@ -18,13 +18,19 @@ pub struct TrustStore {
 
 impl std::fmt::Debug for TrustStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustStore").field("dir", &self.dir).field("db", &self.db.is_some()).finish()
+        f.debug_struct("TrustStore")
+            .field("dir", &self.dir)
+            .field("db", &self.db.is_some())
+            .finish()
     }
 }
 
 impl TrustStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        TrustStore { dir: dir.into(), db: None }
+        TrustStore {
+            dir: dir.into(),
+            db: None,
+        }
     }
 
     /// Also trust the certificates recorded in `db`.
@@ -39,10 +45,14 @@ impl TrustStore {
 
     /// Fingerprints of all trusted certificates.
     pub fn fingerprints(&self) -> Vec<String> {
-        let Ok(rd) = fs::read_dir(&self.dir) else { return vec![] };
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return vec![];
+        };
         let mut out = vec![];
         for entry in rd.flatten() {
-            let Ok(pem) = fs::read(entry.path()) else { continue };
+            let Ok(pem) = fs::read(entry.path()) else {
+                continue;
+            };
             for der in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
                 out.push(fingerprint(&der));
             }
@@ -65,7 +75,9 @@ impl TrustStore {
         let der = rustls_pemfile::certs(&mut pem.as_bytes())
             .next()
             .and_then(Result::ok)
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no PEM certificate found"))?;
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "no PEM certificate found")
+            })?;
         let fp = fingerprint(&der);
         fs::create_dir_all(&self.dir)?;
         fs::write(self.dir.join(format!("{fp}.crt")), pem)?;

@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ferry_db::{Command, Db, InstanceRecord, Writer};
-use ferry_drivers::{Driver, InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx, RuntimeState, StateSave, VolatileChanges};
+use ferry_drivers::{
+    Driver, InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx, RuntimeState, StateSave,
+    VolatileChanges,
+};
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
@@ -38,7 +41,9 @@ impl From<ferry_db::DbError> for ActionError {
     fn from(e: ferry_db::DbError) -> Self {
         match e {
             ferry_db::DbError::NotFound { .. } => ActionError::NotFound(e.to_string()),
-            ferry_db::DbError::AlreadyExists { .. } | ferry_db::DbError::Conflict(_) => ActionError::Conflict(e.to_string()),
+            ferry_db::DbError::AlreadyExists { .. } | ferry_db::DbError::Conflict(_) => {
+                ActionError::Conflict(e.to_string())
+            }
             ferry_db::DbError::Unavailable(m) => ActionError::Unavailable(m),
             other => ActionError::Internal(format!("database: {other}")),
         }
@@ -63,8 +68,19 @@ pub struct Daemon {
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 impl Daemon {
-    pub async fn open(dir: PathBuf, member: String, listen: Option<std::net::SocketAddr>) -> anyhow::Result<Arc<Daemon>> {
-        for sub in ["", "run", "logs", "images", "trust", "storage-pools/default"] {
+    pub async fn open(
+        dir: PathBuf,
+        member: String,
+        listen: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<Arc<Daemon>> {
+        for sub in [
+            "",
+            "run",
+            "logs",
+            "images",
+            "trust",
+            "storage-pools/default",
+        ] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         use std::os::unix::fs::PermissionsExt;
@@ -94,8 +110,16 @@ impl Daemon {
             leases: Leases::default(),
             pending: Default::default(),
         });
-        if let (Some(cfg), Some(cert)) = (crate::cluster::ClusterConfig::load(&d.dir), ferry_cluster::ClusterCert::load(&d.dir)?) {
-            anyhow::ensure!(cfg.name == d.member, "this member joined its cluster as \"{}\": start ferryd with --name {}", cfg.name, cfg.name);
+        if let (Some(cfg), Some(cert)) = (
+            crate::cluster::ClusterConfig::load(&d.dir),
+            ferry_cluster::ClusterCert::load(&d.dir)?,
+        ) {
+            anyhow::ensure!(
+                cfg.name == d.member,
+                "this member joined its cluster as \"{}\": start ferryd with --name {}",
+                cfg.name,
+                cfg.name
+            );
             d.start_cluster(cfg, cert).await?;
             tracing::info!("clustered: raft node started");
             d.clean_partial_receives();
@@ -136,7 +160,12 @@ impl Daemon {
             InstanceType::VirtualMachine => "virtual-machines",
         };
         InstancePaths {
-            volume: self.dir.join("storage-pools").join(pool).join(kind_dir).join(name),
+            volume: self
+                .dir
+                .join("storage-pools")
+                .join(pool)
+                .join(kind_dir)
+                .join(name),
             run: self.dir.join("run").join(name),
             logs: self.dir.join("logs").join(name),
             images: self.dir.join("images"),
@@ -144,8 +173,12 @@ impl Daemon {
     }
 
     pub fn spec_for(&self, rec: &InstanceRecord) -> Result<InstanceSpec, ActionError> {
-        let kind = InstanceType::parse(&rec.kind)
-            .ok_or_else(|| ActionError::Internal(format!("instance {} has unknown type {:?}", rec.name, rec.kind)))?;
+        let kind = InstanceType::parse(&rec.kind).ok_or_else(|| {
+            ActionError::Internal(format!(
+                "instance {} has unknown type {:?}",
+                rec.name, rec.kind
+            ))
+        })?;
         Ok(InstanceSpec {
             name: rec.name.clone(),
             kind,
@@ -177,19 +210,32 @@ impl Daemon {
     pub async fn instance_json(&self, rec: &InstanceRecord, full: bool) -> Value {
         let spec = match self.spec_for(rec) {
             Ok(s) => s,
-            Err(e) => return json!({"name": rec.name, "status": "Error", "status_code": 112, "description": e.to_string()}),
+            Err(e) => {
+                return json!({"name": rec.name, "status": "Error", "status_code": 112, "description": e.to_string()})
+            }
         };
         // An instance on another member: its state is known there; show the
         // last status it recorded (a direct GET is forwarded to its member).
         let remote = rec.member != self.member;
         let rt = if remote {
-            RuntimeState { running: rec.status == "Running", ..Default::default() }
+            RuntimeState {
+                running: rec.status == "Running",
+                ..Default::default()
+            }
         } else {
             self.runtime(&spec).await
         };
         let stateful = !remote && Driver::for_type(spec.kind).has_saved_state(&spec);
-        let (status, code) = if rt.running { ("Running", 103) } else { ("Stopped", 102) };
-        let mut config: Map<String, Value> = rec.config.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let (status, code) = if rt.running {
+            ("Running", 103)
+        } else {
+            ("Stopped", 102)
+        };
+        let mut config: Map<String, Value> = rec
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
         config.insert("image.alias".into(), json!(rec.image));
         for (k, v) in &rec.volatile {
             config.insert(k.clone(), json!(v));
@@ -221,24 +267,41 @@ impl Daemon {
         OpCtx::new(move |k, v| op2.set_meta(k, json!(v)), op.cancel_token())
     }
 
-    async fn store_volatile(&self, name: &str, changes: VolatileChanges) -> Result<(), ferry_db::DbError> {
+    async fn store_volatile(
+        &self,
+        name: &str,
+        changes: VolatileChanges,
+    ) -> Result<(), ferry_db::DbError> {
         if changes.is_empty() {
             return Ok(());
         }
-        self.submit(Command::UpdateVolatile { name: name.into(), changes }).await.map(|_| ())
+        self.submit(Command::UpdateVolatile {
+            name: name.into(),
+            changes,
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn set_status(&self, name: &str, status: &str) -> Result<(), ferry_db::DbError> {
         let now = now_rfc3339();
         let used = (status == "Running").then_some(now);
-        self.submit(Command::SetInstanceStatus { name: name.into(), status: status.into(), last_used_at: used })
-            .await
-            .map(|_| ())
+        self.submit(Command::SetInstanceStatus {
+            name: name.into(),
+            status: status.into(),
+            last_used_at: used,
+        })
+        .await
+        .map(|_| ())
     }
 }
 
 fn state_json(rt: &RuntimeState) -> Value {
-    let (status, code) = if rt.running { ("Running", 103) } else { ("Stopped", 102) };
+    let (status, code) = if rt.running {
+        ("Running", 103)
+    } else {
+        ("Stopped", 102)
+    };
     json!({
         "status": status, "status_code": code, "pid": rt.pid, "processes": rt.processes,
         "cpu": {"usage": 0},
@@ -303,7 +366,10 @@ impl Leases {
             )));
         }
         held.insert(name.to_string(), what.to_string());
-        Ok(Lease { name: name.to_string(), held: self.held.clone() })
+        Ok(Lease {
+            name: name.to_string(),
+            held: self.held.clone(),
+        })
     }
 }
 
@@ -388,7 +454,9 @@ fn resources(name: &str) -> Value {
 
 fn outcome_of(e: ferry_drivers::DriverError, what: &str) -> Outcome {
     match e {
-        ferry_drivers::DriverError::Cancelled(m) => Outcome::Cancelled(format!("{what} cancelled: {m}")),
+        ferry_drivers::DriverError::Cancelled(m) => {
+            Outcome::Cancelled(format!("{what} cancelled: {m}"))
+        }
         other => Outcome::Failed(format!("{what} failed: {other}")),
     }
 }
@@ -397,7 +465,10 @@ impl Daemon {
     pub fn create_instance(self: &Arc<Self>, req: CreateRequest) -> Result<Arc<Op>, ActionError> {
         validate_name(&req.name)?;
         let kind = InstanceType::parse(&req.kind).ok_or_else(|| {
-            ActionError::BadRequest(format!("Unknown instance type {:?}: use \"container\" or \"virtual-machine\"", req.kind))
+            ActionError::BadRequest(format!(
+                "Unknown instance type {:?}: use \"container\" or \"virtual-machine\"",
+                req.kind
+            ))
         })?;
         if !matches!(req.source.kind.as_str(), "" | "image") {
             return Err(ActionError::BadRequest(format!(
@@ -414,7 +485,9 @@ impl Daemon {
             req.source.alias.clone()
         };
         if let Some(k) = req.config.keys().find(|k| k.starts_with("volatile.")) {
-            return Err(ActionError::BadRequest(format!("Config key {k:?} is volatile and set by ferry: remove it")));
+            return Err(ActionError::BadRequest(format!(
+                "Config key {k:?} is volatile and set by ferry: remove it"
+            )));
         }
         let now = now_rfc3339();
         let rec = InstanceRecord {
@@ -432,19 +505,36 @@ impl Daemon {
         };
         let spec = self.spec_for(&rec)?;
         let driver = Driver::for_type(kind);
-        driver.validate(&spec).map_err(|e| ActionError::BadRequest(e.to_string()))?;
+        driver
+            .validate(&spec)
+            .map_err(|e| ActionError::BadRequest(e.to_string()))?;
         if self.db().get_instance(&req.name)?.is_some() {
-            return Err(ActionError::Conflict(format!("Instance \"{}\" already exists", req.name)));
+            return Err(ActionError::Conflict(format!(
+                "Instance \"{}\" already exists",
+                req.name
+            )));
         }
         let lease = self.leases.acquire(&req.name, "it is being created")?;
         let (d, start) = (self.clone(), req.start);
-        Ok(self.ops.spawn("Creating instance", resources(&req.name), true, move |op| async move {
-            let _lease = lease;
-            d.run_create(op, rec, spec, driver, start).await
-        }))
+        Ok(self.ops.spawn(
+            "Creating instance",
+            resources(&req.name),
+            true,
+            move |op| async move {
+                let _lease = lease;
+                d.run_create(op, rec, spec, driver, start).await
+            },
+        ))
     }
 
-    async fn run_create(&self, op: Arc<Op>, rec: InstanceRecord, spec: InstanceSpec, driver: Driver, start: bool) -> Outcome {
+    async fn run_create(
+        &self,
+        op: Arc<Op>,
+        rec: InstanceRecord,
+        spec: InstanceSpec,
+        driver: Driver,
+        start: bool,
+    ) -> Outcome {
         let ctx = Self::op_ctx(&op);
         let name = rec.name.clone();
         if let Err(e) = self.submit(Command::CreateInstance { record: rec }).await {
@@ -457,7 +547,9 @@ impl Daemon {
                 if let Err(de) = driver.delete(&spec).await {
                     tracing::warn!(instance = %name, error = %de, "cleanup after failed create");
                 }
-                let _ = self.submit(Command::DeleteInstance { name: name.clone() }).await;
+                let _ = self
+                    .submit(Command::DeleteInstance { name: name.clone() })
+                    .await;
                 return outcome_of(e, "Creating the instance");
             }
         };
@@ -479,33 +571,57 @@ impl Daemon {
         }
     }
 
-    async fn do_start(&self, spec: &InstanceSpec, driver: &Driver, ctx: &OpCtx) -> Result<(), Outcome> {
+    async fn do_start(
+        &self,
+        spec: &InstanceSpec,
+        driver: &Driver,
+        ctx: &OpCtx,
+    ) -> Result<(), Outcome> {
         let res = if driver.has_saved_state(spec) {
             driver.restore_state(spec, ctx).await
         } else {
             driver.start(spec, ctx).await
         };
         let vol = res.map_err(|e| outcome_of(e, "Starting the instance"))?;
-        self.store_volatile(&spec.name, vol).await.map_err(|e| Outcome::Failed(e.to_string()))?;
-        self.set_status(&spec.name, "Running").await.map_err(|e| Outcome::Failed(e.to_string()))?;
+        self.store_volatile(&spec.name, vol)
+            .await
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
+        self.set_status(&spec.name, "Running")
+            .await
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
         self.events.send_lifecycle("instance-started", &spec.name);
         Ok(())
     }
 
-    async fn do_stop(&self, spec: &InstanceSpec, driver: &Driver, stateful: bool, force: bool, ctx: &OpCtx) -> Result<(), Outcome> {
+    async fn do_stop(
+        &self,
+        spec: &InstanceSpec,
+        driver: &Driver,
+        stateful: bool,
+        force: bool,
+        ctx: &OpCtx,
+    ) -> Result<(), Outcome> {
         let res = if stateful {
             driver.save_state(spec, ctx).await
         } else {
             driver.stop(spec, force, ctx).await
         };
         let vol = res.map_err(|e| outcome_of(e, "Stopping the instance"))?;
-        self.store_volatile(&spec.name, vol).await.map_err(|e| Outcome::Failed(e.to_string()))?;
-        self.set_status(&spec.name, "Stopped").await.map_err(|e| Outcome::Failed(e.to_string()))?;
+        self.store_volatile(&spec.name, vol)
+            .await
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
+        self.set_status(&spec.name, "Stopped")
+            .await
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
         self.events.send_lifecycle("instance-stopped", &spec.name);
         Ok(())
     }
 
-    pub async fn change_state(self: &Arc<Self>, name: &str, req: StateRequest) -> Result<Arc<Op>, ActionError> {
+    pub async fn change_state(
+        self: &Arc<Self>,
+        name: &str,
+        req: StateRequest,
+    ) -> Result<Arc<Op>, ActionError> {
         let rec = self.record(name)?;
         let spec = self.spec_for(&rec)?;
         let driver = Driver::for_type(spec.kind);
@@ -519,17 +635,28 @@ impl Daemon {
                 )))
             }
         };
-        let lease = self.leases.acquire(name, &format!("{} is in progress", desc.to_lowercase()))?;
+        let lease = self
+            .leases
+            .acquire(name, &format!("{} is in progress", desc.to_lowercase()))?;
         let running = self.runtime(&spec).await.running;
         match (req.action.as_str(), running) {
-            ("start", true) => return Err(ActionError::BadRequest(format!("Instance \"{name}\" is already running"))),
+            ("start", true) => {
+                return Err(ActionError::BadRequest(format!(
+                    "Instance \"{name}\" is already running"
+                )))
+            }
             ("stop" | "restart", false) => {
-                return Err(ActionError::BadRequest(format!("Instance \"{name}\" is not running: nothing to {}", req.action)))
+                return Err(ActionError::BadRequest(format!(
+                    "Instance \"{name}\" is not running: nothing to {}",
+                    req.action
+                )))
             }
             _ => {}
         }
         if req.stateful && req.action == "restart" {
-            return Err(ActionError::BadRequest("A restart cannot be stateful: use stop --stateful, then start".into()));
+            return Err(ActionError::BadRequest(
+                "A restart cannot be stateful: use stop --stateful, then start".into(),
+            ));
         }
         if req.stateful && req.action == "start" && !driver.has_saved_state(&spec) {
             return Err(ActionError::BadRequest(format!(
@@ -537,22 +664,27 @@ impl Daemon {
             )));
         }
         let d = self.clone();
-        Ok(self.ops.spawn(desc, resources(name), true, move |op| async move {
-            let _lease = lease;
-            let ctx = Self::op_ctx(&op);
-            let res = match req.action.as_str() {
-                "start" => d.do_start(&spec, &driver, &ctx).await,
-                "stop" => d.do_stop(&spec, &driver, req.stateful, req.force, &ctx).await,
-                _ => match d.do_stop(&spec, &driver, false, req.force, &ctx).await {
-                    Ok(()) => d.do_start(&spec, &driver, &ctx).await,
-                    Err(o) => Err(o),
-                },
-            };
-            match res {
-                Ok(()) => Outcome::Done(Map::new()),
-                Err(o) => o,
-            }
-        }))
+        Ok(self
+            .ops
+            .spawn(desc, resources(name), true, move |op| async move {
+                let _lease = lease;
+                let ctx = Self::op_ctx(&op);
+                let res = match req.action.as_str() {
+                    "start" => d.do_start(&spec, &driver, &ctx).await,
+                    "stop" => {
+                        d.do_stop(&spec, &driver, req.stateful, req.force, &ctx)
+                            .await
+                    }
+                    _ => match d.do_stop(&spec, &driver, false, req.force, &ctx).await {
+                        Ok(()) => d.do_start(&spec, &driver, &ctx).await,
+                        Err(o) => Err(o),
+                    },
+                };
+                match res {
+                    Ok(()) => Outcome::Done(Map::new()),
+                    Err(o) => o,
+                }
+            }))
     }
 
     pub async fn delete_instance(self: &Arc<Self>, name: &str) -> Result<Arc<Op>, ActionError> {
@@ -566,20 +698,32 @@ impl Daemon {
         }
         let d = self.clone();
         let name = name.to_string();
-        Ok(self.ops.spawn("Deleting instance", resources(&name), false, move |_op| async move {
-            let _lease = lease;
-            if let Err(e) = Driver::for_type(spec.kind).delete(&spec).await {
-                return Outcome::Failed(format!("Deleting the instance's files failed: {e}"));
-            }
-            if let Err(e) = d.submit(Command::DeleteInstance { name: name.clone() }).await {
-                return Outcome::Failed(format!("Deleting the instance record failed: {e}"));
-            }
-            d.events.send_lifecycle("instance-deleted", &name);
-            Outcome::Done(Map::new())
-        }))
+        Ok(self.ops.spawn(
+            "Deleting instance",
+            resources(&name),
+            false,
+            move |_op| async move {
+                let _lease = lease;
+                if let Err(e) = Driver::for_type(spec.kind).delete(&spec).await {
+                    return Outcome::Failed(format!("Deleting the instance's files failed: {e}"));
+                }
+                if let Err(e) = d
+                    .submit(Command::DeleteInstance { name: name.clone() })
+                    .await
+                {
+                    return Outcome::Failed(format!("Deleting the instance record failed: {e}"));
+                }
+                d.events.send_lifecycle("instance-deleted", &name);
+                Outcome::Done(Map::new())
+            },
+        ))
     }
 
-    pub async fn exec(self: &Arc<Self>, name: &str, req: ExecRequest) -> Result<Arc<Op>, ActionError> {
+    pub async fn exec(
+        self: &Arc<Self>,
+        name: &str,
+        req: ExecRequest,
+    ) -> Result<Arc<Op>, ActionError> {
         let rec = self.record(name)?;
         let spec = self.spec_for(&rec)?;
         let Driver::Container(driver) = Driver::for_type(spec.kind) else {
@@ -588,7 +732,9 @@ impl Daemon {
             )));
         };
         if req.command.is_empty() {
-            return Err(ActionError::BadRequest("\"command\" is empty: give the program to run and its arguments".into()));
+            return Err(ActionError::BadRequest(
+                "\"command\" is empty: give the program to run and its arguments".into(),
+            ));
         }
         if req.wait_for_websocket || req.interactive {
             return Err(ActionError::BadRequest(
@@ -596,38 +742,66 @@ impl Daemon {
             ));
         }
         if !self.runtime(&spec).await.running {
-            return Err(ActionError::BadRequest(format!("Instance \"{name}\" is not running: start it first")));
+            return Err(ActionError::BadRequest(format!(
+                "Instance \"{name}\" is not running: start it first"
+            )));
         }
         let name = name.to_string();
-        Ok(self.ops.spawn("Executing command", resources(&name), false, move |op| async move {
-            let logs = spec.paths.logs.clone();
-            let files = ["stdout", "stderr"].map(|s| logs.join(format!("exec_{}.{s}", op.id)));
-            let open = |p: &PathBuf| std::fs::create_dir_all(&logs).and_then(|_| std::fs::File::create(p));
-            let (out, err) = match (open(&files[0]), open(&files[1])) {
-                (Ok(o), Ok(e)) => (o, e),
-                (Err(e), _) | (_, Err(e)) => return Outcome::Failed(format!("cannot create exec output files: {e}")),
-            };
-            match driver.exec(&spec, &req.command, &req.environment, out, err).await {
-                Ok(code) => {
-                    let mut m = Map::new();
-                    m.insert("return".into(), json!(code));
-                    let url = |i: usize| format!("/1.0/instances/{name}/logs/exec_{}.{}", op.id, ["stdout", "stderr"][i]);
-                    m.insert("output".into(), json!({"1": url(0), "2": url(1)}));
-                    Outcome::Done(m)
+        Ok(self.ops.spawn(
+            "Executing command",
+            resources(&name),
+            false,
+            move |op| async move {
+                let logs = spec.paths.logs.clone();
+                let files = ["stdout", "stderr"].map(|s| logs.join(format!("exec_{}.{s}", op.id)));
+                let open = |p: &PathBuf| {
+                    std::fs::create_dir_all(&logs).and_then(|_| std::fs::File::create(p))
+                };
+                let (out, err) = match (open(&files[0]), open(&files[1])) {
+                    (Ok(o), Ok(e)) => (o, e),
+                    (Err(e), _) | (_, Err(e)) => {
+                        return Outcome::Failed(format!("cannot create exec output files: {e}"))
+                    }
+                };
+                match driver
+                    .exec(&spec, &req.command, &req.environment, out, err)
+                    .await
+                {
+                    Ok(code) => {
+                        let mut m = Map::new();
+                        m.insert("return".into(), json!(code));
+                        let url = |i: usize| {
+                            format!(
+                                "/1.0/instances/{name}/logs/exec_{}.{}",
+                                op.id,
+                                ["stdout", "stderr"][i]
+                            )
+                        };
+                        m.insert("output".into(), json!({"1": url(0), "2": url(1)}));
+                        Outcome::Done(m)
+                    }
+                    Err(e) => outcome_of(e, "exec"),
                 }
-                Err(e) => outcome_of(e, "exec"),
-            }
-        }))
+            },
+        ))
     }
 
     /// `PATCH /1.0/instances/<name>`: merge config keys (an empty value unsets
     /// the key). Validated by the driver first; one replicated write.
-    pub async fn patch_config(&self, name: &str, changes: BTreeMap<String, String>) -> Result<(), ActionError> {
+    pub async fn patch_config(
+        &self,
+        name: &str,
+        changes: BTreeMap<String, String>,
+    ) -> Result<(), ActionError> {
         let rec = self.record(name)?;
         if let Some(k) = changes.keys().find(|k| k.starts_with("volatile.")) {
-            return Err(ActionError::BadRequest(format!("Config key {k:?} is volatile and set by ferry: remove it")));
+            return Err(ActionError::BadRequest(format!(
+                "Config key {k:?} is volatile and set by ferry: remove it"
+            )));
         }
-        let _lease = self.leases.acquire(name, "its configuration is being changed")?;
+        let _lease = self
+            .leases
+            .acquire(name, "its configuration is being changed")?;
         let mut config = rec.config.clone();
         for (k, v) in changes {
             if v.is_empty() {
@@ -636,9 +810,18 @@ impl Daemon {
                 config.insert(k, v);
             }
         }
-        let spec = self.spec_for(&InstanceRecord { config: config.clone(), ..rec })?;
-        Driver::for_type(spec.kind).validate(&spec).map_err(|e| ActionError::BadRequest(e.to_string()))?;
-        self.submit(Command::SetInstanceConfig { name: name.to_string(), config }).await?;
+        let spec = self.spec_for(&InstanceRecord {
+            config: config.clone(),
+            ..rec
+        })?;
+        Driver::for_type(spec.kind)
+            .validate(&spec)
+            .map_err(|e| ActionError::BadRequest(e.to_string()))?;
+        self.submit(Command::SetInstanceConfig {
+            name: name.to_string(),
+            config,
+        })
+        .await?;
         Ok(())
     }
 
@@ -647,7 +830,9 @@ impl Daemon {
         let rec = self.record(name)?;
         let spec = self.spec_for(&rec)?;
         if file.is_empty() || file.contains('/') || file.starts_with('.') {
-            return Err(ActionError::BadRequest(format!("Invalid log file name {file:?}")));
+            return Err(ActionError::BadRequest(format!(
+                "Invalid log file name {file:?}"
+            )));
         }
         Ok(spec.paths.logs.join(file))
     }
@@ -662,7 +847,17 @@ mod tests {
         for ok in ["c1", "a", "web-01", &"a".repeat(63)] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", "1abc", "-a", "a-", "a_b", "a.b", "a b", &"a".repeat(64), "../x"] {
+        for bad in [
+            "",
+            "1abc",
+            "-a",
+            "a-",
+            "a_b",
+            "a.b",
+            "a b",
+            &"a".repeat(64),
+            "../x",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -20,7 +20,10 @@ impl EventBus {
         Self::with_location(String::new())
     }
     pub fn with_location(location: String) -> Self {
-        EventBus { tx: broadcast::channel(1024).0, location }
+        EventBus {
+            tx: broadcast::channel(1024).0,
+            location,
+        }
     }
     pub fn subscribe(&self) -> broadcast::Receiver<String> {
         self.tx.subscribe()
@@ -40,10 +43,13 @@ impl EventBus {
     }
     /// Instance lifecycle event, e.g. `instance-started`.
     pub fn send_lifecycle(&self, action: &str, instance: &str) {
-        self.send("lifecycle", &json!({
-            "action": action,
-            "source": format!("/1.0/instances/{instance}"),
-            "context": {},
-        }))
+        self.send(
+            "lifecycle",
+            &json!({
+                "action": action,
+                "source": format!("/1.0/instances/{instance}"),
+                "context": {},
+            }),
+        )
     }
 }

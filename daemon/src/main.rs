@@ -16,7 +16,11 @@ mod server;
 mod tls;
 
 #[derive(Parser, Debug)]
-#[command(name = "ferryd", version, about = "ferry daemon: manages and moves containers and VMs")]
+#[command(
+    name = "ferryd",
+    version,
+    about = "ferry daemon: manages and moves containers and VMs"
+)]
 struct Args {
     /// Data directory: database, instances, logs, certificates and `unix.socket`.
     #[arg(long, env = "FERRY_DIR", default_value = "/var/lib/ferry")]
@@ -41,10 +45,14 @@ fn main() -> anyhow::Result<()> {
     }
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?,
+        )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(args))
 }
 

@@ -107,7 +107,11 @@ impl Op {
 
     /// Set one metadata key (progress); publishes an event.
     pub fn set_meta(&self, key: &str, value: Value) {
-        self.data.lock().unwrap().metadata.insert(key.to_string(), value);
+        self.data
+            .lock()
+            .unwrap()
+            .metadata
+            .insert(key.to_string(), value);
         self.changed();
     }
 
@@ -138,10 +142,17 @@ impl Op {
         {
             let mut d = self.data.lock().unwrap();
             if d.status.is_final() {
-                return Err(format!("operation {} has already finished ({})", self.id, d.status.name()));
+                return Err(format!(
+                    "operation {} has already finished ({})",
+                    self.id,
+                    d.status.name()
+                ));
             }
             if !d.may_cancel {
-                return Err(format!("operation {} ({}) cannot be cancelled at this stage", self.id, d.description));
+                return Err(format!(
+                    "operation {} ({}) cannot be cancelled at this stage",
+                    self.id, d.description
+                ));
             }
             d.status = OpStatus::Cancelling;
         }
@@ -192,7 +203,11 @@ const KEEP_FINISHED: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Operations {
     pub fn new(events: EventBus, location: String) -> Self {
-        Operations { map: Default::default(), events, location }
+        Operations {
+            map: Default::default(),
+            events,
+            location,
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Op>> {
@@ -207,7 +222,13 @@ impl Operations {
 
     /// Create an operation and run `work` for it on a task. `work` gets the Op
     /// (for progress and the cancel token).
-    pub fn spawn<F, Fut>(&self, description: &str, resources: Value, may_cancel: bool, work: F) -> Arc<Op>
+    pub fn spawn<F, Fut>(
+        &self,
+        description: &str,
+        resources: Value,
+        may_cancel: bool,
+        work: F,
+    ) -> Arc<Op>
     where
         F: FnOnce(Arc<Op>) -> Fut + Send + 'static,
         Fut: Future<Output = Outcome> + Send + 'static,

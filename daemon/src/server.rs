@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use anyhow::Context;
 use crate::tls::Peer;
+use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::core::Daemon;
@@ -15,11 +15,15 @@ pub async fn serve(daemon: Arc<Daemon>, listen: Option<SocketAddr>) -> anyhow::R
     let sock = daemon.dir.join("unix.socket");
     if sock.exists() {
         if tokio::net::UnixStream::connect(&sock).await.is_ok() {
-            anyhow::bail!("another ferryd is already serving {}: stop it first or use another --dir", sock.display());
+            anyhow::bail!(
+                "another ferryd is already serving {}: stop it first or use another --dir",
+                sock.display()
+            );
         }
         std::fs::remove_file(&sock)?;
     }
-    let unix = tokio::net::UnixListener::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
+    let unix = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("cannot bind {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     let shutdown = shutdown_signal();
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
@@ -28,7 +32,11 @@ pub async fn serve(daemon: Arc<Daemon>, listen: Option<SocketAddr>) -> anyhow::R
         let mut rx = stop_tx.subscribe();
         let app = app.clone();
         tasks.spawn(async move {
-            axum::serve(unix, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(async move { let _ = rx.recv().await; }).await
+            axum::serve(unix, app.into_make_service_with_connect_info::<Peer>())
+                .with_graceful_shutdown(async move {
+                    let _ = rx.recv().await;
+                })
+                .await
         });
     }
     if let Some(addr) = listen {
@@ -40,7 +48,9 @@ pub async fn serve(daemon: Arc<Daemon>, listen: Option<SocketAddr>) -> anyhow::R
         let app = app.clone();
         tasks.spawn(async move {
             axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-                .with_graceful_shutdown(async move { let _ = rx.recv().await; })
+                .with_graceful_shutdown(async move {
+                    let _ = rx.recv().await;
+                })
                 .await
         });
     }
@@ -50,7 +60,10 @@ pub async fn serve(daemon: Arc<Daemon>, listen: Option<SocketAddr>) -> anyhow::R
         r = tasks.join_next() => tracing::error!(?r, "a listener stopped"),
     }
     let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     let _ = std::fs::remove_file(&sock);
     Ok(())
 }

@@ -21,7 +21,10 @@ use tokio_rustls::TlsAcceptor;
 pub enum Peer {
     /// The root-only unix socket.
     Local,
-    Remote { addr: SocketAddr, kind: PeerKind },
+    Remote {
+        addr: SocketAddr,
+        kind: PeerKind,
+    },
 }
 
 /// The server's TLS mode; swapped when the member joins or creates a cluster.
@@ -39,12 +42,17 @@ pub struct TlsState {
 impl TlsState {
     pub fn new(mode: TlsMode, trust: TrustStore) -> anyhow::Result<Self> {
         let cfg = Self::config(&mode, &trust)?;
-        Ok(TlsState { inner: Arc::new(RwLock::new((Arc::new(cfg), Arc::new(mode)))), trust })
+        Ok(TlsState {
+            inner: Arc::new(RwLock::new((Arc::new(cfg), Arc::new(mode)))),
+            trust,
+        })
     }
 
     fn config(mode: &TlsMode, trust: &TrustStore) -> anyhow::Result<rustls::ServerConfig> {
         Ok(match mode {
-            TlsMode::Standalone(id) => ferry_cluster::mtls::standalone_server_config(id, trust.clone())?,
+            TlsMode::Standalone(id) => {
+                ferry_cluster::mtls::standalone_server_config(id, trust.clone())?
+            }
             TlsMode::Cluster(c) => ferry_cluster::mtls::server_config(c, trust.clone())?,
         })
     }
@@ -60,9 +68,15 @@ impl TlsState {
         self.inner.read().unwrap().clone()
     }
 
-    fn classify(&self, mode: &TlsMode, certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> PeerKind {
+    fn classify(
+        &self,
+        mode: &TlsMode,
+        certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    ) -> PeerKind {
         match mode {
-            TlsMode::Standalone(_) => ferry_cluster::mtls::classify_standalone_peer(certs, &self.trust),
+            TlsMode::Standalone(_) => {
+                ferry_cluster::mtls::classify_standalone_peer(certs, &self.trust)
+            }
             TlsMode::Cluster(c) => ferry_cluster::mtls::classify_peer(certs, c, &self.trust),
         }
     }
@@ -93,7 +107,11 @@ impl TlsListener {
                 let (state, tx) = (state.clone(), tx.clone());
                 tokio::spawn(async move {
                     let (cfg, mode) = state.current();
-                    let hs = tokio::time::timeout(std::time::Duration::from_secs(10), TlsAcceptor::from(cfg).accept(stream)).await;
+                    let hs = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        TlsAcceptor::from(cfg).accept(stream),
+                    )
+                    .await;
                     match hs {
                         Ok(Ok(tls)) => {
                             let kind = state.classify(&mode, tls.get_ref().1.peer_certificates());
@@ -121,7 +139,10 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(Peer::Remote { addr: self.local, kind: PeerKind::Anonymous })
+        Ok(Peer::Remote {
+            addr: self.local,
+            kind: PeerKind::Anonymous,
+        })
     }
 }
 

@@ -20,13 +20,21 @@ pub struct OpCtx {
 
 impl std::fmt::Debug for OpCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpCtx").field("cancelled", &self.cancel.is_cancelled()).finish()
+        f.debug_struct("OpCtx")
+            .field("cancelled", &self.cancel.is_cancelled())
+            .finish()
     }
 }
 
 impl OpCtx {
-    pub fn new(progress: impl Fn(&str, &str) + Send + Sync + 'static, cancel: CancellationToken) -> Self {
-        OpCtx { progress: Arc::new(progress), cancel }
+    pub fn new(
+        progress: impl Fn(&str, &str) + Send + Sync + 'static,
+        cancel: CancellationToken,
+    ) -> Self {
+        OpCtx {
+            progress: Arc::new(progress),
+            cancel,
+        }
     }
     /// A context that reports nowhere and is never cancelled (tests, internal use).
     pub fn detached() -> Self {

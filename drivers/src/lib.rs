@@ -105,11 +105,21 @@ pub trait Lifecycle {
     /// Validate the image name and config for this driver. Must not touch disk.
     fn validate(&self, spec: &InstanceSpec) -> Result<(), DriverError>;
     /// Create the instance's volume from its image (rootfs / disk).
-    async fn create(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError>;
+    async fn create(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError>;
     /// Start the instance from scratch (a cold boot).
-    async fn start(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError>;
+    async fn start(&self, spec: &InstanceSpec, ctx: &OpCtx)
+        -> Result<VolatileChanges, DriverError>;
     /// Stop: clean shutdown, or kill at once when `force`.
-    async fn stop(&self, spec: &InstanceSpec, force: bool, ctx: &OpCtx) -> Result<VolatileChanges, DriverError>;
+    async fn stop(
+        &self,
+        spec: &InstanceSpec,
+        force: bool,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError>;
     /// Live state from the host (processes, pidfiles, QMP).
     async fn state(&self, spec: &InstanceSpec) -> Result<RuntimeState, DriverError>;
     /// Remove the volume, runtime and log files. The instance must be stopped.
@@ -121,9 +131,17 @@ pub trait Lifecycle {
 pub trait StateSave {
     /// Save the running instance's full runtime state under `paths.state_dir()`
     /// and stop it (CRIU dump / QEMU migrate-to-file).
-    async fn save_state(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError>;
+    async fn save_state(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError>;
     /// Start the instance from its saved state; removes the state afterwards.
-    async fn restore_state(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError>;
+    async fn restore_state(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError>;
     /// True when a saved state exists that `restore_state` can use.
     fn has_saved_state(&self, spec: &InstanceSpec) -> bool;
     /// Remove a saved state (a stateless start discards it).
@@ -159,13 +177,26 @@ impl Lifecycle for Driver {
     fn validate(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
         dispatch!(self, d => d.validate(spec))
     }
-    async fn create(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn create(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         dispatch!(self, d => d.create(spec, ctx).await)
     }
-    async fn start(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn start(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         dispatch!(self, d => d.start(spec, ctx).await)
     }
-    async fn stop(&self, spec: &InstanceSpec, force: bool, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn stop(
+        &self,
+        spec: &InstanceSpec,
+        force: bool,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         dispatch!(self, d => d.stop(spec, force, ctx).await)
     }
     async fn state(&self, spec: &InstanceSpec) -> Result<RuntimeState, DriverError> {
@@ -177,10 +208,18 @@ impl Lifecycle for Driver {
 }
 
 impl StateSave for Driver {
-    async fn save_state(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn save_state(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         dispatch!(self, d => d.save_state(spec, ctx).await)
     }
-    async fn restore_state(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn restore_state(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         dispatch!(self, d => d.restore_state(spec, ctx).await)
     }
     fn has_saved_state(&self, spec: &InstanceSpec) -> bool {

@@ -5,84 +5,13 @@
 //! `container forkstart ...`, which `main` dispatches like ferryd does.
 
 mod common;
+use common::{counter, e, ensure, ferry_cgroups, pid_gone, spec, Cleanup, TestFn, TestResult};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_drivers::container::{forkstart_main, ContainerDriver};
-use ferry_drivers::{
-    DriverError, InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx, StateSave,
-};
-
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)+)));
-        }
-    };
-}
-
-fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |err| format!("{what}: {err}")
-}
-
-fn spec(base: &Path, name: &str) -> InstanceSpec {
-    InstanceSpec {
-        name: name.to_string(),
-        kind: InstanceType::Container,
-        image: "busybox".into(),
-        config: [("limits.memory".to_string(), "128MiB".to_string())].into(),
-        volatile: BTreeMap::new(),
-        paths: InstancePaths {
-            volume: base.join("volumes").join(name),
-            run: base.join("run").join(name),
-            logs: base.join("logs").join(name),
-            images: base.join("images"),
-        },
-    }
-}
-
-/// Kills and unmounts whatever a test left behind, even when it failed.
-struct Cleanup(InstanceSpec);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let p = &self.0.paths;
-        for f in ["init.pid", "criu-restore.pid"] {
-            if let Some(pid) = std::fs::read_to_string(p.run.join(f))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        for _ in 0..4 {
-            let _ = nix::mount::umount2(&p.volume.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
-        }
-        for dir in ferry_cgroups(&self.0.name) {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
-fn counter(s: &InstanceSpec) -> Option<u64> {
-    // The init rewrites the file; an empty read is a write in progress.
-    for _ in 0..20 {
-        if let Some(n) = std::fs::read_to_string(s.paths.volume.join("rootfs/counter"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-        {
-            return Some(n);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
-}
+use ferry_drivers::{DriverError, InstanceSpec, Lifecycle, OpCtx, StateSave};
 
 async fn exec_out(
     d: &ContainerDriver,
@@ -115,33 +44,6 @@ async fn exec_out(
     Ok((code, text))
 }
 
-fn pid_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rsplit_once(')')
-            .map(|(_, r)| r.trim_start().starts_with('Z'))
-            .unwrap_or(true),
-    }
-}
-
-/// The ferry cgroups of instance `name` (`ferry/<name>-<hash>`) on any hierarchy.
-fn ferry_cgroups(name: &str) -> Vec<PathBuf> {
-    let prefix = format!("{name}-");
-    [
-        "/sys/fs/cgroup",
-        "/sys/fs/cgroup/unified",
-        "/sys/fs/cgroup/memory",
-    ]
-    .iter()
-    .filter_map(|h| std::fs::read_dir(Path::new(h).join("ferry")).ok())
-    .flatten()
-    .filter_map(|e| e.ok())
-    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-    .map(|e| e.path())
-    .collect()
-}
-
 fn ferry_cgroup_exists(name: &str) -> bool {
     !ferry_cgroups(name).is_empty()
 }
@@ -149,7 +51,7 @@ fn ferry_cgroup_exists(name: &str) -> bool {
 async fn lifecycle_and_criu(base: PathBuf) -> TestResult {
     let d = ContainerDriver::default();
     let s = spec(&base, &format!("ft-{}", std::process::id()));
-    let _g = Cleanup(s.clone());
+    let _g = Cleanup(vec![s.clone()]);
     let ctx = OpCtx::detached();
     d.validate(&s).map_err(e("validate"))?;
     let t = Instant::now();
@@ -190,7 +92,15 @@ async fn lifecycle_and_criu(base: PathBuf) -> TestResult {
     println!("  counter {c1} -> {c2}");
     ensure!(c2 > c1, "counter does not advance: {c1} -> {c2}");
 
-    let (code, out) = exec_out(&d, &s, &["cat", "/counter"], &[]).await?;
+    // /counter is rewritten ten times a second: a read can land between the
+    // truncate and the write, so allow a few tries for a non-empty value.
+    let (mut code, mut out) = exec_out(&d, &s, &["cat", "/counter"], &[]).await?;
+    for _ in 0..5 {
+        if code != 0 || !out.trim().is_empty() {
+            break;
+        }
+        (code, out) = exec_out(&d, &s, &["cat", "/counter"], &[]).await?;
+    }
     ensure!(
         code == 0 && out.trim().parse::<u64>().is_ok(),
         "exec cat: {code} {out:?}"
@@ -280,7 +190,15 @@ async fn lifecycle_and_criu(base: PathBuf) -> TestResult {
         later > after && later > at_dump,
         "counter stuck after restore: {after} -> {later}"
     );
-    let (code, out) = exec_out(&d, &s, &["cat", "/counter"], &[]).await?;
+    // /counter is rewritten ten times a second: a read can land between the
+    // truncate and the write, so allow a few tries for a non-empty value.
+    let (mut code, mut out) = exec_out(&d, &s, &["cat", "/counter"], &[]).await?;
+    for _ in 0..5 {
+        if code != 0 || !out.trim().is_empty() {
+            break;
+        }
+        (code, out) = exec_out(&d, &s, &["cat", "/counter"], &[]).await?;
+    }
     ensure!(
         code == 0
             && out
@@ -320,7 +238,7 @@ async fn lifecycle_and_criu(base: PathBuf) -> TestResult {
 async fn failed_dump_keeps_running(base: PathBuf) -> TestResult {
     let d = ContainerDriver::default();
     let s = spec(&base, &format!("fd-{}", std::process::id()));
-    let _g = Cleanup(s.clone());
+    let _g = Cleanup(vec![s.clone()]);
     let ctx = OpCtx::detached();
     d.create(&s, &ctx).await.map_err(e("create"))?;
     d.start(&s, &ctx).await.map_err(e("start"))?;
@@ -392,7 +310,7 @@ fn first_line<T>(r: &Result<T, DriverError>) -> String {
 async fn errors_and_cancel(base: PathBuf) -> TestResult {
     let d = ContainerDriver::default();
     let mut s = spec(&base, &format!("er-{}", std::process::id()));
-    let _g = Cleanup(s.clone());
+    let _g = Cleanup(vec![s.clone()]);
     let ctx = OpCtx::detached();
     s.image = "alpine".into();
     ensure!(
@@ -438,8 +356,6 @@ async fn errors_and_cancel(base: PathBuf) -> TestResult {
     d.delete(&s).await.map_err(e("delete"))?;
     Ok(())
 }
-
-use common::{TestFn, TestResult};
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();

@@ -9,6 +9,9 @@
 //! `container_migrate forkstart ...`, which `main` dispatches like ferryd.
 
 mod common;
+use common::{
+    counter, e, ensure, ferry_cgroups, pid_gone, proc_state, spec, Cleanup, TestFn, TestResult,
+};
 use std::collections::BTreeMap;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -18,111 +21,7 @@ use ferry_drivers::container::{forkstart_main, ContainerDriver, PagesTo};
 use ferry_drivers::storage::{
     read_archive, write_archive, ArchiveOptions, ArchiveStats, ExtractOptions, Manifest,
 };
-use ferry_drivers::{DriverError, InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx};
-
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)+)));
-        }
-    };
-}
-
-fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |err| format!("{what}: {err}")
-}
-
-/// The spec of container `name` on the member whose data dir is `member`.
-fn spec(member: &Path, name: &str) -> InstanceSpec {
-    InstanceSpec {
-        name: name.to_string(),
-        kind: InstanceType::Container,
-        image: "busybox".into(),
-        config: [("limits.memory".to_string(), "128MiB".to_string())].into(),
-        volatile: BTreeMap::new(),
-        paths: InstancePaths {
-            volume: member.join("volumes").join(name),
-            run: member.join("run").join(name),
-            logs: member.join("logs").join(name),
-            images: member.join("images"),
-        },
-    }
-}
-
-/// Kills and unmounts whatever a test left behind, even when it failed.
-struct Cleanup(Vec<InstanceSpec>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for s in &self.0 {
-            let p = &s.paths;
-            for f in ["init.pid", "criu-restore.pid"] {
-                if let Some(pid) = std::fs::read_to_string(p.run.join(f))
-                    .ok()
-                    .and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok())
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        for s in &self.0 {
-            for _ in 0..4 {
-                let _ = nix::mount::umount2(
-                    &s.paths.volume.join("rootfs"),
-                    nix::mount::MntFlags::MNT_DETACH,
-                );
-            }
-            for dir in ferry_cgroups(&s.name) {
-                let _ = std::fs::remove_dir(dir);
-            }
-        }
-    }
-}
-
-fn counter(s: &InstanceSpec) -> Option<u64> {
-    // The init rewrites the file; an empty read is a write in progress.
-    for _ in 0..20 {
-        if let Some(n) = std::fs::read_to_string(s.paths.volume.join("rootfs/counter"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-        {
-            return Some(n);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
-}
-
-fn proc_state(pid: u32) -> Option<char> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-fn pid_gone(pid: u32) -> bool {
-    matches!(proc_state(pid), None | Some('Z'))
-}
-
-/// The ferry cgroups of instance `name` (`ferry/<name>-<hash>`) on any hierarchy.
-fn ferry_cgroups(name: &str) -> Vec<PathBuf> {
-    let prefix = format!("{name}-");
-    [
-        "/sys/fs/cgroup",
-        "/sys/fs/cgroup/unified",
-        "/sys/fs/cgroup/memory",
-    ]
-    .iter()
-    .filter_map(|h| std::fs::read_dir(Path::new(h).join("ferry")).ok())
-    .flatten()
-    .filter_map(|e| e.ok())
-    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-    .map(|e| e.path())
-    .collect()
-}
+use ferry_drivers::{DriverError, Lifecycle, OpCtx};
 
 fn is_mounted(p: &Path) -> bool {
     let Ok(p) = p.canonicalize() else {
@@ -563,8 +462,6 @@ async fn dump_then_resume(base: PathBuf) -> TestResult {
     d.delete(&a).await.map_err(e("delete"))?;
     Ok(())
 }
-
-use common::{TestFn, TestResult};
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();

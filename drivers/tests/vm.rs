@@ -2,74 +2,13 @@
 //! its counter (QMP and console), stateful stop, restore (the counter must
 //! continue), stateless stop, delete. Needs root and /dev/kvm; skips otherwise.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+mod vmcommon;
+use vmcommon::{is_qemu, skip_reason, spec, wait_for, KillOnDrop};
+
 use std::time::{Duration, Instant};
 
 use ferry_drivers::vm::VmDriver;
-use ferry_drivers::{InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx, StateSave};
-
-fn spec(root: &Path, name: &str, config: &[(&str, &str)]) -> InstanceSpec {
-    InstanceSpec {
-        name: name.into(),
-        kind: InstanceType::VirtualMachine,
-        image: "testvm".into(),
-        config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-        volatile: BTreeMap::new(),
-        paths: InstancePaths {
-            volume: root.join("vol").join(name),
-            run: root.join("run").join(name),
-            logs: root.join("logs").join(name),
-            images: root.join("images"),
-        },
-    }
-}
-
-/// Kills the VM's QEMU by pid when the test ends, even on a panic.
-struct KillOnDrop(std::path::PathBuf);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.0).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains("qemu") {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
-}
-
-fn is_qemu(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    !zombie && String::from_utf8_lossy(&cmdline).contains("qemu")
-}
-
-fn skip_reason() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root".into());
-    }
-    if !Path::new("/dev/kvm").exists() {
-        return Some("needs /dev/kvm".into());
-    }
-    for tool in ["qemu-system-x86_64", "nasm"] {
-        if std::process::Command::new(tool).arg("--version").output().is_err() {
-            return Some(format!("needs {tool}"));
-        }
-    }
-    None
-}
-
-async fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use ferry_drivers::{Lifecycle, OpCtx, StateSave};
 
 fn progress_ctx() -> OpCtx {
     OpCtx::new(|k, v| eprintln!("  progress {k}: {v}"), Default::default())
@@ -81,8 +20,15 @@ async fn testvm_lifecycle_and_stateful_stop() {
         eprintln!("SKIPPED testvm_lifecycle_and_stateful_stop: {why}");
         return;
     }
-    let dir = tempfile::Builder::new().prefix("fvm").tempdir_in("/tmp").unwrap();
-    let s = spec(dir.path(), "v1", &[("limits.memory", "256MiB"), ("testvm.dirty_mib", "16")]);
+    let dir = tempfile::Builder::new()
+        .prefix("fvm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let s = spec(
+        dir.path(),
+        "v1",
+        &[("limits.memory", "256MiB"), ("testvm.dirty_mib", "16")],
+    );
     let _guard = KillOnDrop(s.paths.run.join("qemu.pid"));
     let d = VmDriver::default();
     let ctx = progress_ctx();
@@ -96,20 +42,29 @@ async fn testvm_lifecycle_and_stateful_stop() {
     assert!(st.running && st.pid > 0, "{st:?}");
     assert_eq!(st.processes, 1, "{st:?}");
     assert!(st.memory_usage > 0, "{st:?}");
-    wait_for(60, "the first counter line", || d.console_counter(&s).unwrap()).await;
+    wait_for(60, "the first counter line", || {
+        d.console_counter(&s).unwrap()
+    })
+    .await;
     let boot = t.elapsed();
     let a = d.read_counter(&s).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let b = d.read_counter(&s).await.unwrap();
     assert!(b > a, "counter does not advance over QMP: {a} then {b}");
-    let c1 = wait_for(5, "a counter line > 0", || d.console_counter(&s).unwrap().filter(|n| *n > 0)).await;
+    let c1 = wait_for(5, "a counter line > 0", || {
+        d.console_counter(&s).unwrap().filter(|n| *n > 0)
+    })
+    .await;
 
     // Stateful stop: QEMU gone, state kept.
     let pid = st.pid;
     let t = Instant::now();
     d.save_state(&s, &ctx).await.unwrap();
     let save = t.elapsed();
-    assert!(!is_qemu(pid), "QEMU {pid} still alive after the stateful stop");
+    assert!(
+        !is_qemu(pid),
+        "QEMU {pid} still alive after the stateful stop"
+    );
     assert!(!d.state(&s).await.unwrap().running);
     assert!(d.has_saved_state(&s));
     assert!(s.paths.state_dir().join("memory.state").exists());
@@ -122,11 +77,19 @@ async fn testvm_lifecycle_and_stateful_stop() {
     let restore = t.elapsed();
     assert!(!d.has_saved_state(&s), "state not removed after restore");
     let after = d.read_counter(&s).await.unwrap();
-    assert!(after >= b, "counter reset by restore: {after} < {b} (last value read before the save)");
+    assert!(
+        after >= b,
+        "counter reset by restore: {after} < {b} (last value read before the save)"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let later = d.read_counter(&s).await.unwrap();
-    assert!(later > after, "counter does not advance after restore: {after} then {later}");
-    wait_for(5, "a console line after the restore", || d.console_counter(&s).unwrap().filter(|n| *n > at_save))
+    assert!(
+        later > after,
+        "counter does not advance after restore: {after} then {later}"
+    );
+    wait_for(5, "a console line after the restore", || {
+        d.console_counter(&s).unwrap().filter(|n| *n > at_save)
+    })
     .await;
 
     // Stateless stop, then delete.
@@ -151,8 +114,19 @@ async fn delete_refuses_running_vm_and_force_stop_kills() {
         eprintln!("SKIPPED delete_refuses_running_vm_and_force_stop_kills: {why}");
         return;
     }
-    let dir = tempfile::Builder::new().prefix("fvm").tempdir_in("/tmp").unwrap();
-    let s = spec(dir.path(), "v2", &[("limits.memory", "64MiB"), ("testvm.dirty_mib", "8"), ("limits.cpu", "2")]);
+    let dir = tempfile::Builder::new()
+        .prefix("fvm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let s = spec(
+        dir.path(),
+        "v2",
+        &[
+            ("limits.memory", "64MiB"),
+            ("testvm.dirty_mib", "8"),
+            ("limits.cpu", "2"),
+        ],
+    );
     let _guard = KillOnDrop(s.paths.run.join("qemu.pid"));
     let d = VmDriver::default();
     let ctx = OpCtx::detached();
@@ -161,7 +135,10 @@ async fn delete_refuses_running_vm_and_force_stop_kills() {
     assert!(d.start(&s, &ctx).await.is_err(), "second start must fail");
     let st = d.state(&s).await.unwrap();
     assert_eq!(st.processes, 2, "{st:?}");
-    assert!(d.delete(&s).await.is_err(), "delete of a running VM must fail");
+    assert!(
+        d.delete(&s).await.is_err(),
+        "delete of a running VM must fail"
+    );
     d.stop(&s, true, &ctx).await.unwrap();
     assert!(!d.state(&s).await.unwrap().running);
     d.delete(&s).await.unwrap();
@@ -175,13 +152,23 @@ async fn cancelled_save_leaves_vm_running() {
         eprintln!("SKIPPED cancelled_save_leaves_vm_running: {why}");
         return;
     }
-    let dir = tempfile::Builder::new().prefix("fvm").tempdir_in("/tmp").unwrap();
-    let s = spec(dir.path(), "v3", &[("limits.memory", "1GiB"), ("testvm.dirty_mib", "768")]);
+    let dir = tempfile::Builder::new()
+        .prefix("fvm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let s = spec(
+        dir.path(),
+        "v3",
+        &[("limits.memory", "1GiB"), ("testvm.dirty_mib", "768")],
+    );
     let _guard = KillOnDrop(s.paths.run.join("qemu.pid"));
     let d = VmDriver::default();
     d.create(&s, &OpCtx::detached()).await.unwrap();
     d.start(&s, &OpCtx::detached()).await.unwrap();
-    wait_for(60, "the first counter line > 0", || d.console_counter(&s).unwrap().filter(|n| *n > 0)).await;
+    wait_for(60, "the first counter line > 0", || {
+        d.console_counter(&s).unwrap().filter(|n| *n > 0)
+    })
+    .await;
     let pid = d.state(&s).await.unwrap().pid;
 
     let token = tokio_util::sync::CancellationToken::new();
@@ -197,8 +184,14 @@ async fn cancelled_save_leaves_vm_running() {
     match r {
         Err(ferry_drivers::DriverError::Cancelled(_)) => {
             let st = d.state(&s).await.unwrap();
-            assert!(st.running && st.pid == pid, "VM not left running in the same QEMU: {st:?}");
-            assert!(!d.has_saved_state(&s), "a cancelled save left a state behind");
+            assert!(
+                st.running && st.pid == pid,
+                "VM not left running in the same QEMU: {st:?}"
+            );
+            assert!(
+                !d.has_saved_state(&s),
+                "a cancelled save left a state behind"
+            );
             assert!(!s.paths.state_dir().join("memory.state.tmp").exists());
             let a = d.read_counter(&s).await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -225,25 +218,42 @@ async fn big_vm_save_restore_times() {
         eprintln!("SKIPPED big_vm_save_restore_times: {why}");
         return;
     }
-    let dir = tempfile::Builder::new().prefix("fvm").tempdir_in("/tmp").unwrap();
-    let s = spec(dir.path(), "v4", &[("limits.memory", "1GiB"), ("testvm.dirty_mib", "768")]);
+    let dir = tempfile::Builder::new()
+        .prefix("fvm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let s = spec(
+        dir.path(),
+        "v4",
+        &[("limits.memory", "1GiB"), ("testvm.dirty_mib", "768")],
+    );
     let _guard = KillOnDrop(s.paths.run.join("qemu.pid"));
     let d = VmDriver::default();
     let ctx = progress_ctx();
     d.create(&s, &ctx).await.unwrap();
     d.start(&s, &ctx).await.unwrap();
-    wait_for(60, "a counter line > 1", || d.console_counter(&s).unwrap().filter(|n| *n > 1)).await;
+    wait_for(60, "a counter line > 1", || {
+        d.console_counter(&s).unwrap().filter(|n| *n > 1)
+    })
+    .await;
     let before = d.read_counter(&s).await.unwrap();
     let t = Instant::now();
     d.save_state(&s, &ctx).await.unwrap();
     let save = t.elapsed();
-    let size = std::fs::metadata(s.paths.state_dir().join("memory.state")).unwrap().len();
+    let size = std::fs::metadata(s.paths.state_dir().join("memory.state"))
+        .unwrap()
+        .len();
     let t = Instant::now();
     d.restore_state(&s, &ctx).await.unwrap();
     let restore = t.elapsed();
     let after = d.read_counter(&s).await.unwrap();
     assert!(after >= before);
-    eprintln!("TIMES 1GiB/768MiB: save {:.3} s ({} MiB), restore {:.3} s", save.as_secs_f64(), size >> 20, restore.as_secs_f64());
+    eprintln!(
+        "TIMES 1GiB/768MiB: save {:.3} s ({} MiB), restore {:.3} s",
+        save.as_secs_f64(),
+        size >> 20,
+        restore.as_secs_f64()
+    );
     d.stop(&s, true, &ctx).await.unwrap();
     d.delete(&s).await.unwrap();
 }

@@ -8,80 +8,20 @@
 //! -p ferry-drivers --test vm_migrate live_move_basic -- --nocapture`
 //! (the test sets `FERRY_QEMU` around each side's launch).
 
-use std::collections::BTreeMap;
+mod vmcommon;
+use vmcommon::{is_qemu, skip_reason, spec, wait_for, KillOnDrop};
+
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_drivers::vm::migrate::{IncomingStats, MigrateParams, MigrationProgress, OutgoingStats};
 use ferry_drivers::vm::VmDriver;
-use ferry_drivers::{DriverError, InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx};
+use ferry_drivers::{DriverError, InstanceSpec, Lifecycle, OpCtx};
 use tokio_util::sync::CancellationToken;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const MIB: u64 = 1 << 20;
-
-fn spec(root: &Path, name: &str, config: &[(&str, &str)]) -> InstanceSpec {
-    InstanceSpec {
-        name: name.into(),
-        kind: InstanceType::VirtualMachine,
-        image: "testvm".into(),
-        config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-        volatile: BTreeMap::new(),
-        paths: InstancePaths {
-            volume: root.join("vol").join(name),
-            run: root.join("run").join(name),
-            logs: root.join("logs").join(name),
-            images: root.join("images"),
-        },
-    }
-}
-
-/// Kills whatever QEMU the pidfile names when the test ends, even on a panic.
-struct KillOnDrop(PathBuf);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.0).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
-            if is_qemu(pid as u32) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
-}
-
-fn is_qemu(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    !zombie && String::from_utf8_lossy(&cmdline).contains("qemu")
-}
-
-fn skip_reason() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root".into());
-    }
-    if !Path::new("/dev/kvm").exists() {
-        return Some("needs /dev/kvm".into());
-    }
-    for tool in ["qemu-system-x86_64", "nasm"] {
-        if std::process::Command::new(tool).arg("--version").output().is_err() {
-            return Some(format!("needs {tool}"));
-        }
-    }
-    None
-}
-
-async fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn ctx(side: &'static str, token: CancellationToken) -> OpCtx {
     OpCtx::new(move |k, v| eprintln!("  [{side}] {k}: {v}"), token)
@@ -104,12 +44,21 @@ struct Members {
 }
 
 fn members(name: &str, config: &[(&str, &str)]) -> Members {
-    let dir = tempfile::Builder::new().prefix("fmig").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("fmig")
+        .tempdir_in("/tmp")
+        .unwrap();
     let a = spec(&dir.path().join("a"), name, config);
     let b = spec(&dir.path().join("b"), name, config);
     let ga = KillOnDrop(a.paths.run.join("qemu.pid"));
     let gb = KillOnDrop(b.paths.run.join("qemu.pid"));
-    Members { _dir: dir, a, b, _ga: ga, _gb: gb }
+    Members {
+        _dir: dir,
+        a,
+        b,
+        _ga: ga,
+        _gb: gb,
+    }
 }
 
 /// Create and boot the VM on A, ship its disk to B; returns A's QEMU pid.
@@ -118,16 +67,29 @@ async fn boot_on_a(d: &VmDriver, m: &Members) -> u32 {
     let c = OpCtx::detached();
     d.create(&m.a, &c).await.unwrap();
     d.start(&m.a, &c).await.unwrap();
-    wait_for(60, "the first counter line > 0", || d.console_counter(&m.a).unwrap().filter(|n| *n > 0)).await;
+    wait_for(60, "the first counter line > 0", || {
+        d.console_counter(&m.a).unwrap().filter(|n| *n > 0)
+    })
+    .await;
     // The daemon ships the (tiny, read-only-after-boot) disk over the fs channel.
     std::fs::create_dir_all(&m.b.paths.volume).unwrap();
-    std::fs::copy(m.a.paths.volume.join("disk.img"), m.b.paths.volume.join("disk.img")).unwrap();
+    std::fs::copy(
+        m.a.paths.volume.join("disk.img"),
+        m.b.paths.volume.join("disk.img"),
+    )
+    .unwrap();
     d.state(&m.a).await.unwrap().pid
 }
 
 /// QEMU A's fd, QEMU B's fd, and the relay between the other two ends.
 /// Cancelling `cut` drops both relay ends (a broken link).
-fn stream(cut: CancellationToken) -> (OwnedFd, OwnedFd, tokio::task::JoinHandle<std::io::Result<(u64, u64)>>) {
+fn stream(
+    cut: CancellationToken,
+) -> (
+    OwnedFd,
+    OwnedFd,
+    tokio::task::JoinHandle<std::io::Result<(u64, u64)>>,
+) {
     let (a_qemu, a_relay) = std::os::unix::net::UnixStream::pair().unwrap();
     let (b_qemu, b_relay) = std::os::unix::net::UnixStream::pair().unwrap();
     a_relay.set_nonblocking(true).unwrap();
@@ -165,7 +127,14 @@ impl Ctl {
     /// Wait until a progress report shows `status` (reports come once a second).
     async fn wait_status(&self, status: &str, secs: u64) {
         let seen = self.seen.clone();
-        wait_for(secs, status, || seen.lock().unwrap().last().filter(|p| p.status == status).map(|_| ())).await;
+        wait_for(secs, status, || {
+            seen.lock()
+                .unwrap()
+                .last()
+                .filter(|p| p.status == status)
+                .map(|_| ())
+        })
+        .await;
     }
 }
 
@@ -183,22 +152,42 @@ async fn run_move<F: std::future::Future<Output = ()>>(
     use_qemu_of("FERRY_QEMU_TARGET");
     let b_ctx = ctx("B", CancellationToken::new());
     let a_ctx = ctx("A", a_token);
-    let incoming = d.migrate_incoming(&m.b, &cfg, params, fd_b, &b_ctx).await.unwrap();
+    let incoming = d
+        .migrate_incoming(&m.b, &cfg, params, fd_b, &b_ctx)
+        .await
+        .unwrap();
     let b_pid = incoming.pid();
-    let b_version = ferry_drivers::vm::qemu::qemu_version().await.map(|v| format!("{}.{}.{}", v.0, v.1, v.2)).unwrap();
+    let b_version = ferry_drivers::vm::qemu::qemu_version()
+        .await
+        .map(|v| format!("{}.{}.{}", v.0, v.1, v.2))
+        .unwrap();
     let versions = (cfg.qemu_version.clone(), b_version);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
     let progress = move |p: MigrationProgress| seen2.lock().unwrap().push(p);
-    let ctl = Ctl { b_pid, cut, seen: seen.clone() };
+    let ctl = Ctl {
+        b_pid,
+        cut,
+        seen: seen.clone(),
+    };
     let (inc, out, ()) = tokio::join!(
         incoming.wait(&b_ctx),
         d.migrate_outgoing(&m.a, params, fd_a, progress, &a_ctx),
         meanwhile(ctl)
     );
-    let relay = tokio::time::timeout(Duration::from_secs(10), relay).await.expect("relay did not end").unwrap();
+    let relay = tokio::time::timeout(Duration::from_secs(10), relay)
+        .await
+        .expect("relay did not end")
+        .unwrap();
     let progress = seen.lock().unwrap().clone();
-    Outcome { out, inc, progress, b_pid, relay, versions }
+    Outcome {
+        out,
+        inc,
+        progress,
+        b_pid,
+        relay,
+        versions,
+    }
 }
 
 async fn advancing(d: &VmDriver, s: &InstanceSpec, what: &str) -> (u64, u64) {
@@ -210,23 +199,45 @@ async fn advancing(d: &VmDriver, s: &InstanceSpec, what: &str) -> (u64, u64) {
 }
 
 /// Checks after a successful move; prints the numbers; cleans up.
-async fn check_moved(d: &VmDriver, m: &Members, a_pid: u32, o: Outcome, label: &str) -> (OutgoingStats, IncomingStats) {
-    let out = o.out.unwrap_or_else(|e| panic!("{label}: outgoing failed: {e}"));
-    let inc = o.inc.unwrap_or_else(|e| panic!("{label}: incoming failed: {e}"));
+async fn check_moved(
+    d: &VmDriver,
+    m: &Members,
+    a_pid: u32,
+    o: Outcome,
+    label: &str,
+) -> (OutgoingStats, IncomingStats) {
+    let out = o
+        .out
+        .unwrap_or_else(|e| panic!("{label}: outgoing failed: {e}"));
+    let inc = o
+        .inc
+        .unwrap_or_else(|e| panic!("{label}: incoming failed: {e}"));
     assert!(inc.running, "{label}: guest not running on B: {inc:?}");
     // A is paused (postmigrate) with its RAM intact: its counter is the value at STOP.
     let at_stop = d.read_counter(&m.a).await.unwrap();
     let (b1, b2) = advancing(d, &m.b, "B after the move").await;
-    assert!(b1 >= at_stop, "{label}: counter on B ({b1}) is behind A's at STOP ({at_stop})");
+    assert!(
+        b1 >= at_stop,
+        "{label}: counter on B ({b1}) is behind A's at STOP ({at_stop})"
+    );
     let st_b = d.state(&m.b).await.unwrap();
     assert!(st_b.running && st_b.pid == o.b_pid, "{st_b:?}");
     d.migrate_finish_source(&m.a).await.unwrap();
-    assert!(!is_qemu(a_pid), "{label}: A's QEMU {a_pid} still alive after finish");
+    assert!(
+        !is_qemu(a_pid),
+        "{label}: A's QEMU {a_pid} still alive after finish"
+    );
     assert!(!d.state(&m.a).await.unwrap().running);
     assert!(!m.a.paths.run.join("qmp.sock").exists() && !m.a.paths.run.join("qemu.pid").exists());
     let at_b = d.console_counter(&m.b).unwrap().unwrap_or(0);
-    wait_for(5, "a console line on B", || d.console_counter(&m.b).unwrap().filter(|n| *n > at_b)).await;
-    eprintln!("{label} (QEMU {} -> {}): {out:?}\n{inc:?}", o.versions.0, o.versions.1);
+    wait_for(5, "a console line on B", || {
+        d.console_counter(&m.b).unwrap().filter(|n| *n > at_b)
+    })
+    .await;
+    eprintln!(
+        "{label} (QEMU {} -> {}): {out:?}\n{inc:?}",
+        o.versions.0, o.versions.1
+    );
     let ferry_ms = match (out.stop_event_us, inc.resume_event_us) {
         (Some(s), Some(r)) => format!("{:.1}", (r as f64 - s as f64) / 1000.0),
         _ => "n/a".into(),
@@ -260,9 +271,16 @@ async fn check_moved(d: &VmDriver, m: &Members, a_pid: u32, o: Outcome, label: &
 /// After a failed/cancelled move: A runs on in the same QEMU, B is gone.
 async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, o: &Outcome, label: &str) {
     let st = d.state(&m.a).await.unwrap();
-    assert!(st.running && st.pid == a_pid, "{label}: VM not left running in the same QEMU on A: {st:?}");
+    assert!(
+        st.running && st.pid == a_pid,
+        "{label}: VM not left running in the same QEMU on A: {st:?}"
+    );
     advancing(d, &m.a, &format!("{label}: A after the failed move")).await;
-    assert!(!is_qemu(o.b_pid), "{label}: B's QEMU {} still alive", o.b_pid);
+    assert!(
+        !is_qemu(o.b_pid),
+        "{label}: B's QEMU {} still alive",
+        o.b_pid
+    );
     assert!(!d.state(&m.b).await.unwrap().running);
     assert!(!m.b.paths.run.join("qmp.sock").exists() && !m.b.paths.run.join("qemu.pid").exists());
     // A can still be migrated (or stopped) normally afterwards.
@@ -283,7 +301,10 @@ async fn live_move_basic() {
     }
     let _l = lock().await;
     let d = VmDriver::default();
-    let m = members("v1", &[("limits.memory", "256MiB"), ("testvm.dirty_mib", "16")]);
+    let m = members(
+        "v1",
+        &[("limits.memory", "256MiB"), ("testvm.dirty_mib", "16")],
+    );
     let a_pid = boot_on_a(&d, &m).await;
     advancing(&d, &m.a, "A before the move").await;
     let label = format!(
@@ -291,7 +312,14 @@ async fn live_move_basic() {
         std::env::var("FERRY_QEMU_SOURCE").unwrap_or("default".into()),
         std::env::var("FERRY_QEMU_TARGET").unwrap_or("default".into())
     );
-    let o = run_move(&d, &m, &MigrateParams::default(), CancellationToken::new(), nothing).await;
+    let o = run_move(
+        &d,
+        &m,
+        &MigrateParams::default(),
+        CancellationToken::new(),
+        nothing,
+    )
+    .await;
     check_moved(&d, &m, a_pid, o, &label).await;
 }
 
@@ -302,17 +330,41 @@ async fn bandwidth_capped_move_converges_with_auto_converge() {
     }
     let _l = lock().await;
     let d = VmDriver::default();
-    let m = members("v2", &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")]);
+    let m = members(
+        "v2",
+        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
+    );
     let a_pid = boot_on_a(&d, &m).await;
-    let params = MigrateParams { max_bandwidth: Some(32 * MIB), ..Default::default() };
-    let o = tokio::time::timeout(Duration::from_secs(240), run_move(&d, &m, &params, CancellationToken::new(), nothing))
-        .await
-        .expect("capped move did not finish within 240 s");
+    let params = MigrateParams {
+        max_bandwidth: Some(32 * MIB),
+        ..Default::default()
+    };
+    let o = tokio::time::timeout(
+        Duration::from_secs(240),
+        run_move(&d, &m, &params, CancellationToken::new(), nothing),
+    )
+    .await
+    .expect("capped move did not finish within 240 s");
     for p in &o.progress {
-        eprintln!("  progress {:>5.1}s {} {}", p.elapsed.as_secs_f64(), p.status, p.summary());
+        eprintln!(
+            "  progress {:>5.1}s {} {}",
+            p.elapsed.as_secs_f64(),
+            p.status,
+            p.summary()
+        );
     }
-    let (out, _) = check_moved(&d, &m, a_pid, o, "capped 32MiB/s, 512MiB/128MiB, auto-converge").await;
-    assert!(out.max_throttle_percent > 0, "converged without throttling? {out:?}");
+    let (out, _) = check_moved(
+        &d,
+        &m,
+        a_pid,
+        o,
+        "capped 32MiB/s, 512MiB/128MiB, auto-converge",
+    )
+    .await;
+    assert!(
+        out.max_throttle_percent > 0,
+        "converged without throttling? {out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,10 +374,17 @@ async fn postcopy_move_completes() {
     }
     let _l = lock().await;
     let d = VmDriver::default();
-    let m = members("v3", &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")]);
+    let m = members(
+        "v3",
+        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
+    );
     let a_pid = boot_on_a(&d, &m).await;
-    let params =
-        MigrateParams { postcopy: true, auto_converge: false, max_bandwidth: Some(64 * MIB), ..Default::default() };
+    let params = MigrateParams {
+        postcopy: true,
+        auto_converge: false,
+        max_bandwidth: Some(64 * MIB),
+        ..Default::default()
+    };
     // A cancel during post-copy is refused: the move still completes.
     let token = CancellationToken::new();
     let t2 = token.clone();
@@ -339,7 +398,10 @@ async fn postcopy_move_completes() {
     .await
     .expect("postcopy move did not finish within 120 s");
     let (out, inc) = check_moved(&d, &m, a_pid, o, "postcopy 64MiB/s, 512MiB/128MiB").await;
-    assert!(out.postcopy && inc.postcopy, "did not switch to post-copy: {out:?} {inc:?}");
+    assert!(
+        out.postcopy && inc.postcopy,
+        "did not switch to post-copy: {out:?} {inc:?}"
+    );
 }
 
 /// Bandwidth-capped, no auto-converge: pre-copy never converges; cancel it.
@@ -350,9 +412,16 @@ async fn cancel_during_precopy_keeps_vm_on_source() {
     }
     let _l = lock().await;
     let d = VmDriver::default();
-    let m = members("v4", &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")]);
+    let m = members(
+        "v4",
+        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
+    );
     let a_pid = boot_on_a(&d, &m).await;
-    let params = MigrateParams { auto_converge: false, max_bandwidth: Some(32 * MIB), ..Default::default() };
+    let params = MigrateParams {
+        auto_converge: false,
+        max_bandwidth: Some(32 * MIB),
+        ..Default::default()
+    };
     let token = CancellationToken::new();
     let t2 = token.clone();
     let t = Instant::now();
@@ -368,7 +437,11 @@ async fn cancel_during_precopy_keeps_vm_on_source() {
         o.inc,
         o.progress.len()
     );
-    assert!(matches!(o.out, Err(DriverError::Cancelled(_))), "{:?}", o.out);
+    assert!(
+        matches!(o.out, Err(DriverError::Cancelled(_))),
+        "{:?}",
+        o.out
+    );
     assert!(o.inc.is_err());
     check_stayed(&d, &m, a_pid, &o, "cancel").await;
 }
@@ -381,14 +454,25 @@ async fn target_killed_during_precopy_keeps_vm_on_source() {
     }
     let _l = lock().await;
     let d = VmDriver::default();
-    let m = members("v5", &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")]);
+    let m = members(
+        "v5",
+        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
+    );
     let a_pid = boot_on_a(&d, &m).await;
-    let params = MigrateParams { auto_converge: false, max_bandwidth: Some(32 * MIB), ..Default::default() };
+    let params = MigrateParams {
+        auto_converge: false,
+        max_bandwidth: Some(32 * MIB),
+        ..Default::default()
+    };
     let t = Instant::now();
     let o = run_move(&d, &m, &params, CancellationToken::new(), |c| async move {
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(is_qemu(c.b_pid));
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.b_pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.b_pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
     })
     .await;
     eprintln!(
@@ -411,10 +495,17 @@ async fn link_cut_during_postcopy_reports_loss() {
     }
     let _l = lock().await;
     let d = VmDriver::default();
-    let m = members("v6", &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")]);
+    let m = members(
+        "v6",
+        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
+    );
     let a_pid = boot_on_a(&d, &m).await;
-    let params =
-        MigrateParams { postcopy: true, auto_converge: false, max_bandwidth: Some(16 * MIB), ..Default::default() };
+    let params = MigrateParams {
+        postcopy: true,
+        auto_converge: false,
+        max_bandwidth: Some(16 * MIB),
+        ..Default::default()
+    };
     let o = tokio::time::timeout(
         Duration::from_secs(120),
         run_move(&d, &m, &params, CancellationToken::new(), |c| async move {
@@ -424,12 +515,18 @@ async fn link_cut_during_postcopy_reports_loss() {
     )
     .await
     .expect("cut move did not end within 120 s");
-    eprintln!("RESULT postcopy-cut: outgoing: {:?}\n  incoming: {:?}", o.out, o.inc);
+    eprintln!(
+        "RESULT postcopy-cut: outgoing: {:?}\n  incoming: {:?}",
+        o.out, o.inc
+    );
     let out = o.out.as_ref().unwrap_err().to_string();
     let inc = o.inc.as_ref().unwrap_err().to_string();
     assert!(out.contains("post-copy") && out.contains("lost"), "{out}");
     assert!(inc.contains("post-copy") && inc.contains("lost"), "{inc}");
-    assert!(is_qemu(a_pid) && is_qemu(o.b_pid), "QEMUs must be left for recovery");
+    assert!(
+        is_qemu(a_pid) && is_qemu(o.b_pid),
+        "QEMUs must be left for recovery"
+    );
     d.stop(&m.a, true, &OpCtx::detached()).await.unwrap();
     d.stop(&m.b, true, &OpCtx::detached()).await.unwrap();
 }

@@ -33,7 +33,9 @@ pub enum ChannelError {
     Closed,
     #[error("the control channel was cut in the middle of a frame ({got} of {expected} bytes)")]
     Truncated { got: usize, expected: usize },
-    #[error("control frame of {size} bytes exceeds the {max}-byte limit; the peer is broken or hostile")]
+    #[error(
+        "control frame of {size} bytes exceeds the {max}-byte limit; the peer is broken or hostile"
+    )]
     FrameTooLarge { size: usize, max: usize },
     #[error("empty control frame: every control frame carries one JSON message")]
     EmptyFrame,
@@ -47,7 +49,10 @@ pub enum ChannelError {
 pub fn encode_message(msg: &Message, max_frame: usize) -> Result<Vec<u8>, ChannelError> {
     let payload = serde_json::to_vec(msg).map_err(|e| ChannelError::Malformed(e.to_string()))?;
     if payload.len() > max_frame {
-        return Err(ChannelError::FrameTooLarge { size: payload.len(), max: max_frame });
+        return Err(ChannelError::FrameTooLarge {
+            size: payload.len(),
+            max: max_frame,
+        });
     }
     Ok(payload)
 }
@@ -55,7 +60,10 @@ pub fn encode_message(msg: &Message, max_frame: usize) -> Result<Vec<u8>, Channe
 /// Decode one frame payload into a message, checking the size limit.
 pub fn decode_message(payload: &[u8], max_frame: usize) -> Result<Message, ChannelError> {
     if payload.len() > max_frame {
-        return Err(ChannelError::FrameTooLarge { size: payload.len(), max: max_frame });
+        return Err(ChannelError::FrameTooLarge {
+            size: payload.len(),
+            max: max_frame,
+        });
     }
     if payload.is_empty() {
         return Err(ChannelError::EmptyFrame);
@@ -89,7 +97,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> FramedChannel<T> {
     }
 
     pub fn with_max_frame(io: T, max_frame: usize) -> Self {
-        FramedChannel { io, max_frame, rbuf: Vec::new() }
+        FramedChannel {
+            io,
+            max_frame,
+            rbuf: Vec::new(),
+        }
     }
 
     pub fn into_inner(self) -> T {
@@ -99,7 +111,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> FramedChannel<T> {
     /// Send one raw frame (no JSON check); tests use it for garbage frames.
     pub async fn send_frame(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
         if payload.len() > self.max_frame {
-            return Err(ChannelError::FrameTooLarge { size: payload.len(), max: self.max_frame });
+            return Err(ChannelError::FrameTooLarge {
+                size: payload.len(),
+                max: self.max_frame,
+            });
         }
         let mut frame = Vec::with_capacity(4 + payload.len());
         frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -115,7 +130,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> FramedChannel<T> {
             if self.rbuf.len() >= 4 {
                 let len = u32::from_be_bytes(self.rbuf[..4].try_into().expect("4 bytes")) as usize;
                 if len > self.max_frame {
-                    return Err(ChannelError::FrameTooLarge { size: len, max: self.max_frame });
+                    return Err(ChannelError::FrameTooLarge {
+                        size: len,
+                        max: self.max_frame,
+                    });
                 }
                 if self.rbuf.len() >= 4 + len {
                     let frame = self.rbuf[4..4 + len].to_vec();
@@ -129,10 +147,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> FramedChannel<T> {
             if self.io.read_buf(&mut self.rbuf).await? == 0 {
                 return Err(match self.rbuf.len() {
                     0 => ChannelError::Closed,
-                    n if n < 4 => ChannelError::Truncated { got: n, expected: 4 },
+                    n if n < 4 => ChannelError::Truncated {
+                        got: n,
+                        expected: 4,
+                    },
                     n => ChannelError::Truncated {
                         got: n - 4,
-                        expected: u32::from_be_bytes(self.rbuf[..4].try_into().expect("4 bytes")) as usize,
+                        expected: u32::from_be_bytes(self.rbuf[..4].try_into().expect("4 bytes"))
+                            as usize,
                     },
                 });
             }
@@ -149,14 +171,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> FramedChannel<T> {
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> MessageChannel for FramedChannel<T> {
     async fn send(&mut self, msg: &Message) -> Result<(), ChannelError> {
         let payload = encode_message(msg, self.max_frame)?;
-        tracing::trace!(kind = msg.kind(), bytes = payload.len(), "migration control: send");
+        tracing::trace!(
+            kind = msg.kind(),
+            bytes = payload.len(),
+            "migration control: send"
+        );
         self.send_frame(&payload).await
     }
 
     async fn recv(&mut self) -> Result<Message, ChannelError> {
         let payload = self.recv_frame().await?;
         let msg = decode_message(&payload, self.max_frame)?;
-        tracing::trace!(kind = msg.kind(), bytes = payload.len(), "migration control: recv");
+        tracing::trace!(
+            kind = msg.kind(),
+            bytes = payload.len(),
+            "migration control: recv"
+        );
         Ok(msg)
     }
 }
@@ -195,7 +225,11 @@ impl<T> Counting<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counting<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         self.counter.add((buf.filled().len() - before) as u64);
@@ -204,7 +238,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counting<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.counter.add(n as u64);
@@ -264,17 +302,27 @@ impl<T: AsyncRead + AsyncWrite> ByteChannel<T> {
                 Writer::Plain(Counting::new(w, c.sent.clone())),
             ),
             Compression::Zstd => (
-                Reader::Zstd(Counting::new(ZstdDecoder::new(Counting::new(r, c.received_wire.clone()))?, c.received.clone())),
+                Reader::Zstd(Counting::new(
+                    ZstdDecoder::new(Counting::new(r, c.received_wire.clone()))?,
+                    c.received.clone(),
+                )),
                 Writer::Zstd(Counting::new(
                     ZstdEncoder::new(Counting::new(w, c.sent_wire.clone()), ZSTD_LEVEL)?,
                     c.sent.clone(),
                 )),
             ),
             Compression::Unknown => {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, "unknown compression cannot be used"))
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "unknown compression cannot be used",
+                ))
             }
         };
-        Ok(ByteChannel { reader, writer, counters })
+        Ok(ByteChannel {
+            reader,
+            writer,
+            counters,
+        })
     }
 
     /// Counters to poll for progress; without compression the wire counters
@@ -285,7 +333,11 @@ impl<T: AsyncRead + AsyncWrite> ByteChannel<T> {
 }
 
 impl<T: AsyncRead> AsyncRead for ByteChannel<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match &mut self.reader {
             Reader::Plain(r) => Pin::new(r).poll_read(cx, buf),
             Reader::Zstd(r) => Pin::new(r).poll_read(cx, buf),
@@ -294,7 +346,11 @@ impl<T: AsyncRead> AsyncRead for ByteChannel<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for ByteChannel<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match &mut self.writer {
             Writer::Plain(w) => Pin::new(w).poll_write(cx, buf),
             Writer::Zstd(w) => Pin::new(w).poll_write(cx, buf),

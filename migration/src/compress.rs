@@ -30,7 +30,14 @@ pub struct ZstdEncoder<W> {
 
 impl<W: AsyncWrite + Unpin> ZstdEncoder<W> {
     pub fn new(inner: W, level: i32) -> io::Result<Self> {
-        Ok(ZstdEncoder { inner, enc: Encoder::new(level)?, out: vec![0; BUF].into_boxed_slice(), pos: 0, len: 0, finished: false })
+        Ok(ZstdEncoder {
+            inner,
+            enc: Encoder::new(level)?,
+            out: vec![0; BUF].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+            finished: false,
+        })
     }
 
     pub fn get_ref(&self) -> &W {
@@ -40,7 +47,8 @@ impl<W: AsyncWrite + Unpin> ZstdEncoder<W> {
     /// Write pending compressed bytes to `inner`.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.pos < self.len {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.pos..self.len]))?;
+            let n =
+                ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.pos..self.len]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -59,7 +67,11 @@ impl<W: AsyncWrite + Unpin> ZstdEncoder<W> {
                 return Poll::Ready(Ok(()));
             }
             let mut out = OutBuffer::around(&mut self.out[..]);
-            let remaining = if finish { self.enc.finish(&mut out, true)? } else { self.enc.flush(&mut out)? };
+            let remaining = if finish {
+                self.enc.finish(&mut out, true)?
+            } else {
+                self.enc.flush(&mut out)?
+            };
             self.len = out.pos();
             if remaining == 0 {
                 self.finished = finish;
@@ -71,10 +83,17 @@ impl<W: AsyncWrite + Unpin> ZstdEncoder<W> {
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for ZstdEncoder<W> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.finished {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "write after shutdown of a zstd stream")));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown of a zstd stream",
+            )));
         }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
@@ -133,7 +152,11 @@ impl<R: AsyncRead + Unpin> ZstdDecoder<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for ZstdDecoder<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
@@ -145,7 +168,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for ZstdDecoder<R> {
                 let cap = dst.len();
                 let mut out = OutBuffer::around(dst);
                 let hint = this.dec.run(&mut input, &mut out).map_err(|e| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("corrupt zstd stream on a migration channel: {e}"))
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("corrupt zstd stream on a migration channel: {e}"),
+                    )
                 })?;
                 let produced = out.pos();
                 this.pos += input.pos();
@@ -167,7 +193,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for ZstdDecoder<R> {
                 return Poll::Ready(if this.frame_done {
                     Ok(())
                 } else {
-                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "zstd stream on a migration channel ended mid-frame"))
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "zstd stream on a migration channel ended mid-frame",
+                    ))
                 });
             }
             let mut rb = ReadBuf::new(&mut this.input[..]);

@@ -21,14 +21,16 @@ pub mod relay;
 pub mod session;
 
 pub use channel::{
-    decode_message, encode_message, ByteChannel, ByteCounters, ChannelError, Counter, Counting, FramedChannel,
-    MessageChannel, DEFAULT_MAX_FRAME,
+    decode_message, encode_message, ByteChannel, ByteCounters, ChannelError, Counter, Counting,
+    FramedChannel, MessageChannel, DEFAULT_MAX_FRAME,
 };
-pub use negotiate::{check_response, negotiate, Capabilities, FsPlan, NegotiationError, Plan, PreDump, StatePlan};
+pub use negotiate::{
+    check_response, negotiate, Capabilities, FsPlan, NegotiationError, Plan, PreDump, StatePlan,
+};
 pub use protocol::{
-    agree_version, Compression, FsTransfer, Hello, InstanceType, Message, MoveOptions, Offer, Progress, ProtocolError,
-    QemuFeature, Response, Role, SourceState, Stage, StateTransfer, TargetState, VersionError, VersionRange,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    agree_version, Compression, FsTransfer, Hello, InstanceType, Message, MoveOptions, Offer,
+    Progress, ProtocolError, QemuFeature, Response, Role, SourceState, Stage, StateTransfer,
+    TargetState, VersionError, VersionRange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use relay::{relay, Relay, RelayError, RelayStats};
 pub use session::{source_handshake, target_handshake, LocalEnd, Session, SessionError};

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::protocol::{
-    Compression, FsTransfer, InstanceType, MoveOptions, Offer, ProtocolError, QemuFeature, Response, StateTransfer,
+    Compression, FsTransfer, InstanceType, MoveOptions, Offer, ProtocolError, QemuFeature,
+    Response, StateTransfer,
 };
 
 /// What the target member can do (its storage pools, CRIU checks, QEMU).
@@ -82,8 +83,13 @@ pub enum FsPlan {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StatePlan {
     None,
-    CriuPageServer { pre_dump: Option<PreDump>, lazy_pages: bool },
-    VmQemuLive { features: Vec<QemuFeature> },
+    CriuPageServer {
+        pre_dump: Option<PreDump>,
+        lazy_pages: bool,
+    },
+    VmQemuLive {
+        features: Vec<QemuFeature>,
+    },
     StatefulStopFile,
 }
 
@@ -110,7 +116,10 @@ impl Plan {
 
     /// Live: both agreed on a streamed state type.
     pub fn is_live(&self) -> bool {
-        matches!(self.state, StatePlan::CriuPageServer { .. } | StatePlan::VmQemuLive { .. })
+        matches!(
+            self.state,
+            StatePlan::CriuPageServer { .. } | StatePlan::VmQemuLive { .. }
+        )
     }
 
     /// The instance resumes on the target before all memory arrived.
@@ -133,18 +142,32 @@ impl Plan {
     /// The response that announces this plan.
     pub fn to_response(&self) -> Response {
         let fs = match &self.fs {
-            FsPlan::Archive { compression } => FsTransfer::Archive { compression: vec![*compression] },
-            FsPlan::BlockMirror { compression } => FsTransfer::BlockMirror { compression: vec![*compression] },
-            FsPlan::Shared { pool_id } => FsTransfer::Shared { pool_id: pool_id.clone() },
+            FsPlan::Archive { compression } => FsTransfer::Archive {
+                compression: vec![*compression],
+            },
+            FsPlan::BlockMirror { compression } => FsTransfer::BlockMirror {
+                compression: vec![*compression],
+            },
+            FsPlan::Shared { pool_id } => FsTransfer::Shared {
+                pool_id: pool_id.clone(),
+            },
         };
         let state = match &self.state {
             StatePlan::None => vec![StateTransfer::None],
             StatePlan::StatefulStopFile => vec![StateTransfer::StatefulStopFile],
-            StatePlan::VmQemuLive { features } => vec![StateTransfer::VmQemuLive { features: features.clone() }],
-            StatePlan::CriuPageServer { pre_dump, lazy_pages } => {
+            StatePlan::VmQemuLive { features } => vec![StateTransfer::VmQemuLive {
+                features: features.clone(),
+            }],
+            StatePlan::CriuPageServer {
+                pre_dump,
+                lazy_pages,
+            } => {
                 let mut v = Vec::new();
                 if let Some(p) = pre_dump {
-                    v.push(StateTransfer::CriuPreDump { max_iterations: p.max_iterations, goal_percent: p.goal_percent });
+                    v.push(StateTransfer::CriuPreDump {
+                        max_iterations: p.max_iterations,
+                        goal_percent: p.goal_percent,
+                    });
                 }
                 v.push(StateTransfer::CriuPageServer);
                 if *lazy_pages {
@@ -173,14 +196,31 @@ impl std::fmt::Display for Plan {
         let state = match &self.state {
             StatePlan::None => "none (stateless)".to_string(),
             StatePlan::StatefulStopFile => "stateful stop + state file".to_string(),
-            StatePlan::CriuPageServer { pre_dump, lazy_pages } => format!(
+            StatePlan::CriuPageServer {
+                pre_dump,
+                lazy_pages,
+            } => format!(
                 "CRIU page server{}{}",
-                pre_dump.map(|p| format!(", pre-dump ≤{}× until {}%", p.max_iterations, p.goal_percent)).unwrap_or_default(),
-                if *lazy_pages { ", lazy pages (post-copy)" } else { "" }
+                pre_dump
+                    .map(|p| format!(
+                        ", pre-dump ≤{}× until {}%",
+                        p.max_iterations, p.goal_percent
+                    ))
+                    .unwrap_or_default(),
+                if *lazy_pages {
+                    ", lazy pages (post-copy)"
+                } else {
+                    ""
+                }
             ),
             StatePlan::VmQemuLive { features } => format!("QEMU live [{}]", wire_list(features)),
         };
-        write!(f, "fs: {fs}; state: {state}; state compression: {}; live: {}", wire(&self.state_compression), self.is_live())?;
+        write!(
+            f,
+            "fs: {fs}; state: {state}; state compression: {}; live: {}",
+            wire(&self.state_compression),
+            self.is_live()
+        )?;
         if !self.reasons.is_empty() {
             write!(f, "; notes: {}", self.reasons.join("; "))?;
         }
@@ -213,25 +253,41 @@ trait Since {
 
 impl Since for Compression {
     fn since(&self) -> u32 {
-        if *self == Compression::Unknown { u32::MAX } else { 1 }
+        if *self == Compression::Unknown {
+            u32::MAX
+        } else {
+            1
+        }
     }
 }
 
 impl Since for QemuFeature {
     fn since(&self) -> u32 {
-        if *self == QemuFeature::Unknown { u32::MAX } else { 1 }
+        if *self == QemuFeature::Unknown {
+            u32::MAX
+        } else {
+            1
+        }
     }
 }
 
 impl Since for FsTransfer {
     fn since(&self) -> u32 {
-        if *self == FsTransfer::Unknown { u32::MAX } else { 1 }
+        if *self == FsTransfer::Unknown {
+            u32::MAX
+        } else {
+            1
+        }
     }
 }
 
 impl Since for StateTransfer {
     fn since(&self) -> u32 {
-        if *self == StateTransfer::Unknown { u32::MAX } else { 1 }
+        if *self == StateTransfer::Unknown {
+            u32::MAX
+        } else {
+            1
+        }
     }
 }
 
@@ -281,7 +337,10 @@ impl Capabilities {
 // ───────────────────────────── negotiation ─────────────────────────────
 
 fn first_common(offered: &[Compression], accepted: &[Compression]) -> Option<Compression> {
-    offered.iter().copied().find(|c| *c != Compression::Unknown && accepted.contains(c))
+    offered
+        .iter()
+        .copied()
+        .find(|c| *c != Compression::Unknown && accepted.contains(c))
 }
 
 fn validate(offer: &Offer) -> Result<(), NegotiationError> {
@@ -297,14 +356,25 @@ fn validate(offer: &Offer) -> Result<(), NegotiationError> {
     }
     for s in &offer.state {
         match s {
-            StateTransfer::CriuPageServer | StateTransfer::CriuPreDump { .. } | StateTransfer::CriuLazyPages if vm => {
-                return bad(format!("{} is a container state transfer, the instance is a VM", wire(s)));
+            StateTransfer::CriuPageServer
+            | StateTransfer::CriuPreDump { .. }
+            | StateTransfer::CriuLazyPages
+                if vm =>
+            {
+                return bad(format!(
+                    "{} is a container state transfer, the instance is a VM",
+                    wire(s)
+                ));
             }
             StateTransfer::VmQemuLive { .. } if !vm => {
-                return bad("vm_qemu_live is a VM state transfer, the instance is a container".into());
+                return bad(
+                    "vm_qemu_live is a VM state transfer, the instance is a container".into(),
+                );
             }
             StateTransfer::CriuPreDump { goal_percent, .. } if *goal_percent > 100 => {
-                return bad(format!("criu_pre_dump goal_percent {goal_percent} is over 100"));
+                return bad(format!(
+                    "criu_pre_dump goal_percent {goal_percent} is over 100"
+                ));
             }
             _ => {}
         }
@@ -312,7 +382,11 @@ fn validate(offer: &Offer) -> Result<(), NegotiationError> {
     Ok(())
 }
 
-fn choose_fs(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) -> Result<FsPlan, NegotiationError> {
+fn choose_fs(
+    offer: &Offer,
+    caps: &Capabilities,
+    reasons: &mut Vec<String>,
+) -> Result<FsPlan, NegotiationError> {
     let mut why = Vec::new();
     for f in &offer.fs {
         match f {
@@ -338,9 +412,15 @@ fn choose_fs(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) -> R
                 }
             }
             FsTransfer::Shared { pool_id } => {
-                if caps.fs.iter().any(|t| matches!(t, FsTransfer::Shared { pool_id: p } if p == pool_id)) {
+                if caps
+                    .fs
+                    .iter()
+                    .any(|t| matches!(t, FsTransfer::Shared { pool_id: p } if p == pool_id))
+                {
                     reasons.append(&mut why);
-                    return Ok(FsPlan::Shared { pool_id: pool_id.clone() });
+                    return Ok(FsPlan::Shared {
+                        pool_id: pool_id.clone(),
+                    });
                 }
                 why.push(format!("the target does not see shared pool {pool_id:?}"));
             }
@@ -350,8 +430,15 @@ fn choose_fs(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) -> R
     Err(NegotiationError::NoFsTransfer(why.join("; ")))
 }
 
-fn both<'a>(offer: &'a Offer, caps: &'a Capabilities, pred: impl Fn(&StateTransfer) -> bool) -> Option<(&'a StateTransfer, &'a StateTransfer)> {
-    Some((offer.state.iter().find(|s| pred(s))?, caps.state.iter().find(|s| pred(s))?))
+fn both<'a>(
+    offer: &'a Offer,
+    caps: &'a Capabilities,
+    pred: impl Fn(&StateTransfer) -> bool,
+) -> Option<(&'a StateTransfer, &'a StateTransfer)> {
+    Some((
+        offer.state.iter().find(|s| pred(s))?,
+        caps.state.iter().find(|s| pred(s))?,
+    ))
 }
 
 fn choose_live(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) -> Option<StatePlan> {
@@ -362,47 +449,80 @@ fn choose_live(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) ->
                 reasons.push("the target does not accept criu_page_server".into());
                 return None;
             }
-            let lazy_pages = postcopy && both(offer, caps, |s| *s == StateTransfer::CriuLazyPages).is_some();
+            let lazy_pages =
+                postcopy && both(offer, caps, |s| *s == StateTransfer::CriuLazyPages).is_some();
             if postcopy && !lazy_pages {
                 reasons.push("post-copy was requested but criu_lazy_pages is not shared; using stop-and-copy".into());
             }
-            let pre_dump = match both(offer, caps, |s| matches!(s, StateTransfer::CriuPreDump { .. })) {
+            let pre_dump = match both(offer, caps, |s| {
+                matches!(s, StateTransfer::CriuPreDump { .. })
+            }) {
                 Some((
-                    StateTransfer::CriuPreDump { max_iterations: a, goal_percent: ga },
-                    StateTransfer::CriuPreDump { max_iterations: b, goal_percent: gb },
-                )) => Some(PreDump { max_iterations: *a.min(b), goal_percent: *ga.min(gb) }),
+                    StateTransfer::CriuPreDump {
+                        max_iterations: a,
+                        goal_percent: ga,
+                    },
+                    StateTransfer::CriuPreDump {
+                        max_iterations: b,
+                        goal_percent: gb,
+                    },
+                )) => Some(PreDump {
+                    max_iterations: *a.min(b),
+                    goal_percent: *ga.min(gb),
+                }),
                 _ => None,
             };
-            Some(StatePlan::CriuPageServer { pre_dump, lazy_pages })
+            Some(StatePlan::CriuPageServer {
+                pre_dump,
+                lazy_pages,
+            })
         }
         InstanceType::Vm => {
-            let Some((StateTransfer::VmQemuLive { features: ours }, StateTransfer::VmQemuLive { features: theirs })) =
-                both(offer, caps, |s| matches!(s, StateTransfer::VmQemuLive { .. }))
+            let Some((
+                StateTransfer::VmQemuLive { features: ours },
+                StateTransfer::VmQemuLive { features: theirs },
+            )) = both(offer, caps, |s| {
+                matches!(s, StateTransfer::VmQemuLive { .. })
+            })
             else {
                 reasons.push("the target does not accept vm_qemu_live".into());
                 return None;
             };
             let mut features: Vec<QemuFeature> = Vec::new();
             for f in ours {
-                let wanted = *f != QemuFeature::Unknown && (*f != QemuFeature::Postcopy || postcopy);
+                let wanted =
+                    *f != QemuFeature::Unknown && (*f != QemuFeature::Postcopy || postcopy);
                 if wanted && theirs.contains(f) && !features.contains(f) {
                     features.push(*f);
                 }
             }
-            let dropped: Vec<QemuFeature> =
-                ours.iter().copied().filter(|f| *f != QemuFeature::Postcopy && !features.contains(f)).collect();
+            let dropped: Vec<QemuFeature> = ours
+                .iter()
+                .copied()
+                .filter(|f| *f != QemuFeature::Postcopy && !features.contains(f))
+                .collect();
             if !dropped.is_empty() {
-                reasons.push(format!("QEMU features not shared with the target: {}", wire_list(&dropped)));
+                reasons.push(format!(
+                    "QEMU features not shared with the target: {}",
+                    wire_list(&dropped)
+                ));
             }
             if postcopy && !features.contains(&QemuFeature::Postcopy) {
-                reasons.push("post-copy was requested but is not shared with the target; using pre-copy".into());
+                reasons.push(
+                    "post-copy was requested but is not shared with the target; using pre-copy"
+                        .into(),
+                );
             }
             Some(StatePlan::VmQemuLive { features })
         }
     }
 }
 
-fn choose_state(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) -> Result<StatePlan, NegotiationError> {
+fn choose_state(
+    offer: &Offer,
+    caps: &Capabilities,
+    reasons: &mut Vec<String>,
+) -> Result<StatePlan, NegotiationError> {
     if !offer.stateful {
         return Ok(StatePlan::None);
     }
@@ -415,7 +535,10 @@ fn choose_state(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) -
     }
     if both(offer, caps, |s| *s == StateTransfer::StatefulStopFile).is_some() {
         if offer.live {
-            reasons.push(format!("live transfer not agreed ({}): falling back to a stateful stop", why.join("; ")));
+            reasons.push(format!(
+                "live transfer not agreed ({}): falling back to a stateful stop",
+                why.join("; ")
+            ));
         }
         return Ok(StatePlan::StatefulStopFile);
     }
@@ -432,14 +555,21 @@ pub fn negotiate(offer: &Offer, caps: &Capabilities) -> Result<Plan, Negotiation
     if !matches!(fs, FsPlan::Shared { .. }) {
         if let Some(free) = caps.free_bytes {
             if free < offer.volume_size {
-                return Err(NegotiationError::InsufficientSpace { needed: offer.volume_size, free });
+                return Err(NegotiationError::InsufficientSpace {
+                    needed: offer.volume_size,
+                    free,
+                });
             }
         }
     }
     let state = choose_state(offer, caps, &mut reasons)?;
-    let streamed = matches!(state, StatePlan::CriuPageServer { .. } | StatePlan::VmQemuLive { .. });
+    let streamed = matches!(
+        state,
+        StatePlan::CriuPageServer { .. } | StatePlan::VmQemuLive { .. }
+    );
     let state_compression = match streamed {
-        true => first_common(&offer.state_compression, &caps.state_compression).unwrap_or(Compression::None),
+        true => first_common(&offer.state_compression, &caps.state_compression)
+            .unwrap_or(Compression::None),
         false => Compression::None,
     };
     let mut plan = Plan {
@@ -466,7 +596,8 @@ pub fn check_response(offer: &Offer, resp: &Response) -> Result<Plan, ProtocolEr
         state_compression: vec![resp.state_compression],
         free_bytes: None,
     };
-    let mut plan = negotiate(offer, &caps).map_err(|e| ProtocolError::BadResponse(e.to_string()))?;
+    let mut plan =
+        negotiate(offer, &caps).map_err(|e| ProtocolError::BadResponse(e.to_string()))?;
     let mut expected = plan.to_response();
     expected.reasons = resp.reasons.clone();
     if &expected != resp {

@@ -2,15 +2,25 @@ use super::*;
 use crate::protocol::{Compression as C, FsTransfer as F, QemuFeature as Q, StateTransfer as S};
 
 fn archive(c: &[C]) -> F {
-    F::Archive { compression: c.to_vec() }
+    F::Archive {
+        compression: c.to_vec(),
+    }
 }
 
 fn container_offer() -> Offer {
     Offer {
         instance_type: InstanceType::Container,
-        fs: vec![F::Shared { pool_id: "nfs1".into() }, archive(&[C::Zstd, C::None])],
+        fs: vec![
+            F::Shared {
+                pool_id: "nfs1".into(),
+            },
+            archive(&[C::Zstd, C::None]),
+        ],
         state: vec![
-            S::CriuPreDump { max_iterations: 10, goal_percent: 70 },
+            S::CriuPreDump {
+                max_iterations: 10,
+                goal_percent: 70,
+            },
             S::CriuPageServer,
             S::CriuLazyPages,
             S::StatefulStopFile,
@@ -28,24 +38,46 @@ fn vm_offer() -> Offer {
     Offer {
         instance_type: InstanceType::Vm,
         fs: vec![archive(&[C::Zstd, C::None])],
-        state: vec![S::VmQemuLive { features: vec![Q::AutoConverge, Q::Xbzrle, Q::Postcopy] }, S::StatefulStopFile],
+        state: vec![
+            S::VmQemuLive {
+                features: vec![Q::AutoConverge, Q::Xbzrle, Q::Postcopy],
+            },
+            S::StatefulStopFile,
+        ],
         state_compression: vec![C::None],
         volume_size: 100,
         snapshots: vec![],
         stateful: true,
         live: true,
-        options: MoveOptions { bandwidth: Some(1 << 26), max_downtime_ms: Some(300), postcopy: false },
+        options: MoveOptions {
+            bandwidth: Some(1 << 26),
+            max_downtime_ms: Some(300),
+            postcopy: false,
+        },
     }
 }
 
 fn caps(fs: Vec<F>, state: Vec<S>) -> Capabilities {
-    Capabilities { fs, state, state_compression: vec![C::Zstd, C::None], free_bytes: None }
+    Capabilities {
+        fs,
+        state,
+        state_compression: vec![C::Zstd, C::None],
+        free_bytes: None,
+    }
 }
 
 fn full_container_caps() -> Capabilities {
     caps(
         vec![archive(&[C::None, C::Zstd])],
-        vec![S::CriuPreDump { max_iterations: 5, goal_percent: 80 }, S::CriuPageServer, S::CriuLazyPages, S::StatefulStopFile],
+        vec![
+            S::CriuPreDump {
+                max_iterations: 5,
+                goal_percent: 80,
+            },
+            S::CriuPageServer,
+            S::CriuLazyPages,
+            S::StatefulStopFile,
+        ],
     )
 }
 
@@ -53,14 +85,31 @@ fn full_container_caps() -> Capabilities {
 fn container_live_with_pre_dump_and_source_preferences() {
     let plan = negotiate(&container_offer(), &full_container_caps()).unwrap();
     // shared pool not seen by the target -> archive, with the source's preferred compression
-    assert_eq!(plan.fs, FsPlan::Archive { compression: C::Zstd });
+    assert_eq!(
+        plan.fs,
+        FsPlan::Archive {
+            compression: C::Zstd
+        }
+    );
     assert_eq!(
         plan.state,
-        StatePlan::CriuPageServer { pre_dump: Some(PreDump { max_iterations: 5, goal_percent: 70 }), lazy_pages: false }
+        StatePlan::CriuPageServer {
+            pre_dump: Some(PreDump {
+                max_iterations: 5,
+                goal_percent: 70
+            }),
+            lazy_pages: false
+        }
     );
     assert_eq!(plan.state_compression, C::Zstd);
     assert!(plan.is_live() && !plan.is_postcopy());
-    assert!(plan.reasons.iter().any(|r| r.contains("does not see shared pool \"nfs1\"")), "{:?}", plan.reasons);
+    assert!(
+        plan.reasons
+            .iter()
+            .any(|r| r.contains("does not see shared pool \"nfs1\"")),
+        "{:?}",
+        plan.reasons
+    );
     assert_eq!(plan.snapshots, vec!["snap0".to_string()]);
 }
 
@@ -69,10 +118,17 @@ fn shared_pool_and_lazy_pages_when_postcopy_requested() {
     let mut offer = container_offer();
     offer.options.postcopy = true;
     let mut c = full_container_caps();
-    c.fs.push(F::Shared { pool_id: "nfs1".into() });
+    c.fs.push(F::Shared {
+        pool_id: "nfs1".into(),
+    });
     c.free_bytes = Some(1); // irrelevant: nothing is copied
     let plan = negotiate(&offer, &c).unwrap();
-    assert_eq!(plan.fs, FsPlan::Shared { pool_id: "nfs1".into() });
+    assert_eq!(
+        plan.fs,
+        FsPlan::Shared {
+            pool_id: "nfs1".into()
+        }
+    );
     assert!(plan.is_postcopy() && plan.options.postcopy);
     assert_eq!(plan.fs_compression(), C::None);
 }
@@ -81,35 +137,84 @@ fn shared_pool_and_lazy_pages_when_postcopy_requested() {
 fn postcopy_not_shared_is_dropped_with_a_reason() {
     let mut offer = container_offer();
     offer.options.postcopy = true;
-    let plan = negotiate(&offer, &caps(vec![archive(&[C::None])], vec![S::CriuPageServer])).unwrap();
-    assert_eq!(plan.state, StatePlan::CriuPageServer { pre_dump: None, lazy_pages: false });
+    let plan = negotiate(
+        &offer,
+        &caps(vec![archive(&[C::None])], vec![S::CriuPageServer]),
+    )
+    .unwrap();
+    assert_eq!(
+        plan.state,
+        StatePlan::CriuPageServer {
+            pre_dump: None,
+            lazy_pages: false
+        }
+    );
     assert!(!plan.options.postcopy);
-    assert!(plan.reasons.iter().any(|r| r.contains("criu_lazy_pages is not shared")));
-    assert_eq!(plan.fs, FsPlan::Archive { compression: C::None });
+    assert!(plan
+        .reasons
+        .iter()
+        .any(|r| r.contains("criu_lazy_pages is not shared")));
+    assert_eq!(
+        plan.fs,
+        FsPlan::Archive {
+            compression: C::None
+        }
+    );
 }
 
 #[test]
 fn vm_features_are_intersected_and_postcopy_needs_the_flag() {
-    let c = caps(vec![archive(&[C::Zstd])], vec![S::VmQemuLive { features: vec![Q::Postcopy, Q::AutoConverge] }]);
+    let c = caps(
+        vec![archive(&[C::Zstd])],
+        vec![S::VmQemuLive {
+            features: vec![Q::Postcopy, Q::AutoConverge],
+        }],
+    );
     let plan = negotiate(&vm_offer(), &c).unwrap();
-    assert_eq!(plan.state, StatePlan::VmQemuLive { features: vec![Q::AutoConverge] });
-    assert!(plan.reasons.iter().any(|r| r.contains("not shared with the target: xbzrle")), "{:?}", plan.reasons);
-    assert_eq!(plan.state_compression, C::None, "the source offered no state compression");
+    assert_eq!(
+        plan.state,
+        StatePlan::VmQemuLive {
+            features: vec![Q::AutoConverge]
+        }
+    );
+    assert!(
+        plan.reasons
+            .iter()
+            .any(|r| r.contains("not shared with the target: xbzrle")),
+        "{:?}",
+        plan.reasons
+    );
+    assert_eq!(
+        plan.state_compression,
+        C::None,
+        "the source offered no state compression"
+    );
     let mut offer = vm_offer();
     offer.options.postcopy = true;
     let plan = negotiate(&offer, &c).unwrap();
-    assert_eq!(plan.state, StatePlan::VmQemuLive { features: vec![Q::AutoConverge, Q::Postcopy] });
+    assert_eq!(
+        plan.state,
+        StatePlan::VmQemuLive {
+            features: vec![Q::AutoConverge, Q::Postcopy]
+        }
+    );
     assert!(plan.is_postcopy());
 }
 
 #[test]
 fn older_target_without_live_falls_back_to_stateful_stop() {
-    let c = caps(vec![archive(&[C::Zstd, C::None])], vec![S::StatefulStopFile]);
+    let c = caps(
+        vec![archive(&[C::Zstd, C::None])],
+        vec![S::StatefulStopFile],
+    );
     let plan = negotiate(&vm_offer(), &c).unwrap();
     assert_eq!(plan.state, StatePlan::StatefulStopFile);
     assert!(!plan.is_live());
     assert_eq!(plan.state_compression, C::None);
-    assert!(plan.reasons.iter().any(|r| r.contains("does not accept vm_qemu_live") && r.contains("falling back")));
+    assert!(plan
+        .reasons
+        .iter()
+        .any(|r| r.contains("does not accept vm_qemu_live") && r.contains("falling back")));
     let plan = negotiate(&container_offer(), &c).unwrap();
     assert_eq!(plan.state, StatePlan::StatefulStopFile);
 }
@@ -118,7 +223,10 @@ fn older_target_without_live_falls_back_to_stateful_stop() {
 fn not_live_asks_for_stateful_stop_and_stateless_needs_no_state() {
     let mut offer = container_offer();
     offer.live = false;
-    assert_eq!(negotiate(&offer, &full_container_caps()).unwrap().state, StatePlan::StatefulStopFile);
+    assert_eq!(
+        negotiate(&offer, &full_container_caps()).unwrap().state,
+        StatePlan::StatefulStopFile
+    );
     offer.stateful = false;
     let plan = negotiate(&offer, &caps(vec![archive(&[C::None])], vec![])).unwrap();
     assert_eq!(plan.state, StatePlan::None);
@@ -131,20 +239,48 @@ fn errors() {
     let e = negotiate(&vm_offer(), &caps(vec![archive(&[C::Zstd])], vec![])).unwrap_err();
     assert!(matches!(e, NegotiationError::NoStateTransfer(_)), "{e}");
     assert!(e.to_string().contains("--stateless"));
-    let e = negotiate(&vm_offer(), &caps(vec![F::Shared { pool_id: "x".into() }], vec![S::StatefulStopFile])).unwrap_err();
+    let e = negotiate(
+        &vm_offer(),
+        &caps(
+            vec![F::Shared {
+                pool_id: "x".into(),
+            }],
+            vec![S::StatefulStopFile],
+        ),
+    )
+    .unwrap_err();
     assert!(matches!(e, NegotiationError::NoFsTransfer(_)), "{e}");
-    let e = negotiate(&vm_offer(), &caps(vec![archive(&[C::Unknown])], vec![S::StatefulStopFile])).unwrap_err();
-    assert!(e.to_string().contains("no archive compression in common"), "{e}");
-    let mut c = caps(vec![archive(&[C::None, C::Zstd])], vec![S::StatefulStopFile]);
+    let e = negotiate(
+        &vm_offer(),
+        &caps(vec![archive(&[C::Unknown])], vec![S::StatefulStopFile]),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("no archive compression in common"),
+        "{e}"
+    );
+    let mut c = caps(
+        vec![archive(&[C::None, C::Zstd])],
+        vec![S::StatefulStopFile],
+    );
     c.free_bytes = Some(99);
-    assert_eq!(negotiate(&vm_offer(), &c).unwrap_err(), NegotiationError::InsufficientSpace { needed: 100, free: 99 });
+    assert_eq!(
+        negotiate(&vm_offer(), &c).unwrap_err(),
+        NegotiationError::InsufficientSpace {
+            needed: 100,
+            free: 99
+        }
+    );
     let mut bad = vm_offer();
     bad.state.push(S::CriuPageServer);
     let e = negotiate(&bad, &c).unwrap_err();
     assert_eq!(e.to_string(), "invalid migration offer: criu_page_server is a container state transfer, the instance is a VM");
     let mut bad = container_offer();
     bad.fs = vec![F::Unknown];
-    assert!(matches!(negotiate(&bad, &c).unwrap_err(), NegotiationError::InvalidOffer(_)));
+    assert!(matches!(
+        negotiate(&bad, &c).unwrap_err(),
+        NegotiationError::InvalidOffer(_)
+    ));
 }
 
 #[test]
@@ -156,15 +292,26 @@ fn source_recheck_accepts_the_targets_response_and_refuses_forgeries() {
 
     // Something never offered.
     let mut forged = resp.clone();
-    forged.fs = vec![F::Shared { pool_id: "other".into() }];
-    assert!(matches!(check_response(&offer, &forged), Err(ProtocolError::BadResponse(_))));
+    forged.fs = vec![F::Shared {
+        pool_id: "other".into(),
+    }];
+    assert!(matches!(
+        check_response(&offer, &forged),
+        Err(ProtocolError::BadResponse(_))
+    ));
     // Lazy pages without the user asking for post-copy.
     let mut forged = resp.clone();
     forged.state.push(S::CriuLazyPages);
-    assert!(check_response(&offer, &forged).unwrap_err().to_string().contains("not a valid choice"));
+    assert!(check_response(&offer, &forged)
+        .unwrap_err()
+        .to_string()
+        .contains("not a valid choice"));
     // A pre-dump more aggressive than offered.
     let mut forged = resp.clone();
-    forged.state[0] = S::CriuPreDump { max_iterations: 50, goal_percent: 70 };
+    forged.state[0] = S::CriuPreDump {
+        max_iterations: 50,
+        goal_percent: 70,
+    };
     assert!(check_response(&offer, &forged).is_err());
     // Compression that does not match the chosen fs.
     let mut forged = resp;
@@ -176,16 +323,31 @@ fn source_recheck_accepts_the_targets_response_and_refuses_forgeries() {
 fn for_version_drops_what_the_version_cannot_express() {
     let mut offer = vm_offer();
     offer.state.insert(0, S::Unknown);
-    offer.state[1] = S::VmQemuLive { features: vec![Q::Unknown, Q::AutoConverge] };
+    offer.state[1] = S::VmQemuLive {
+        features: vec![Q::Unknown, Q::AutoConverge],
+    };
     offer.fs = vec![F::Unknown, archive(&[C::Unknown, C::Zstd])];
     let o = offer.for_version(1);
     assert_eq!(o.fs, vec![archive(&[C::Zstd])]);
-    assert_eq!(o.state, vec![S::VmQemuLive { features: vec![Q::AutoConverge] }, S::StatefulStopFile]);
+    assert_eq!(
+        o.state,
+        vec![
+            S::VmQemuLive {
+                features: vec![Q::AutoConverge]
+            },
+            S::StatefulStopFile
+        ]
+    );
 }
 
 #[test]
 fn plan_display_is_readable() {
     let plan = negotiate(&container_offer(), &full_container_caps()).unwrap();
     let s = plan.to_string();
-    assert!(s.contains("fs: archive (zstd)") && s.contains("pre-dump ≤5× until 70%") && s.contains("live: true"), "{s}");
+    assert!(
+        s.contains("fs: archive (zstd)")
+            && s.contains("pre-dump ≤5× until 70%")
+            && s.contains("live: true"),
+        "{s}"
+    );
 }

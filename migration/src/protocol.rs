@@ -141,7 +141,12 @@ pub enum VersionError {
          the peer speaks v{peer_min}..=v{peer_max}; upgrade the older member (mixed-version \
          clusters can only move instances between adjacent versions)"
     )]
-    NoCommonVersion { local_min: u32, local_max: u32, peer_min: u32, peer_max: u32 },
+    NoCommonVersion {
+        local_min: u32,
+        local_max: u32,
+        peer_min: u32,
+        peer_max: u32,
+    },
     #[error(
         "invalid protocol version range v{min}..=v{max}: this build speaks \
          v{MIN_PROTOCOL_VERSION}..=v{PROTOCOL_VERSION}; pick versions inside it with min <= max"
@@ -159,7 +164,10 @@ pub struct VersionRange {
 
 impl VersionRange {
     /// Everything this build speaks: `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION`.
-    pub const CURRENT: VersionRange = VersionRange { min: MIN_PROTOCOL_VERSION, max: PROTOCOL_VERSION };
+    pub const CURRENT: VersionRange = VersionRange {
+        min: MIN_PROTOCOL_VERSION,
+        max: PROTOCOL_VERSION,
+    };
 
     /// A restricted range, checked against what this build can speak.
     pub fn new(min: u32, max: u32) -> Result<Self, VersionError> {
@@ -171,7 +179,10 @@ impl VersionRange {
 
     /// Only the oldest version this build accepts (`--protocol previous`).
     pub fn previous_only() -> Self {
-        VersionRange { min: MIN_PROTOCOL_VERSION, max: MIN_PROTOCOL_VERSION }
+        VersionRange {
+            min: MIN_PROTOCOL_VERSION,
+            max: MIN_PROTOCOL_VERSION,
+        }
     }
 }
 
@@ -182,11 +193,21 @@ impl Default for VersionRange {
 }
 
 /// The version two members use: the highest both speak.
-pub fn agree_version(local_min: u32, local_max: u32, peer_min: u32, peer_max: u32) -> Result<u32, VersionError> {
+pub fn agree_version(
+    local_min: u32,
+    local_max: u32,
+    peer_min: u32,
+    peer_max: u32,
+) -> Result<u32, VersionError> {
     let lo = local_min.max(peer_min);
     let hi = local_max.min(peer_max);
     if local_min > local_max || peer_min > peer_max || hi < lo {
-        return Err(VersionError::NoCommonVersion { local_min, local_max, peer_min, peer_max });
+        return Err(VersionError::NoCommonVersion {
+            local_min,
+            local_max,
+            peer_min,
+            peer_max,
+        });
     }
     Ok(hi)
 }
@@ -251,7 +272,10 @@ pub enum StateTransfer {
     CriuPageServer,
     /// Iterative pre-dumps before the final dump (only where
     /// `criu check --feature mem_dirty_track` passes).
-    CriuPreDump { max_iterations: u32, goal_percent: u8 },
+    CriuPreDump {
+        max_iterations: u32,
+        goal_percent: u8,
+    },
     /// CRIU post-copy: restore first, pages follow on demand over state.
     CriuLazyPages,
     /// QEMU-to-QEMU live migration over the state channel.
@@ -304,7 +328,12 @@ pub struct Hello {
 
 impl Hello {
     pub fn new(versions: VersionRange, software_version: impl Into<String>, role: Role) -> Self {
-        Hello { protocol_version: versions.max, min_version: versions.min, software_version: software_version.into(), role }
+        Hello {
+            protocol_version: versions.max,
+            min_version: versions.min,
+            software_version: software_version.into(),
+            role,
+        }
     }
 }
 
@@ -379,7 +408,9 @@ pub enum Message {
     Offer(Offer),
     Response(Response),
     /// Source: everything for the fs channel has been sent.
-    FsDone { bytes: u64 },
+    FsDone {
+        bytes: u64,
+    },
     /// Source: all state has been sent (lazy pages: the dump is complete and
     /// pages will be served on demand).
     StateReady {},
@@ -388,7 +419,9 @@ pub enum Message {
     Resumed {},
     /// Target: the move is complete.
     Success {},
-    Failure { message: String },
+    Failure {
+        message: String,
+    },
     Cancel {
         #[serde(default)]
         reason: String,
@@ -419,7 +452,11 @@ impl Message {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ProtocolError {
     #[error("migration protocol violation: received `{got}` while {state}; expected {expected}")]
-    Unexpected { state: &'static str, got: &'static str, expected: &'static str },
+    Unexpected {
+        state: &'static str,
+        got: &'static str,
+        expected: &'static str,
+    },
     #[error("the peer says it is the {got} of this move, but so is this member; check which member started it")]
     WrongRole { got: Role },
     #[error(transparent)]
@@ -430,32 +467,67 @@ pub enum ProtocolError {
     BadResponse(String),
     #[error("{event} twice: the migration already did this")]
     Repeated { event: &'static str },
-    #[error("cancel arrived after the instance resumed on the target; the move can no longer be undone")]
+    #[error(
+        "cancel arrived after the instance resumed on the target; the move can no longer be undone"
+    )]
     TooLateToCancel,
 }
 
 fn unexpected(state: &'static str, msg: &Message, expected: &'static str) -> ProtocolError {
-    ProtocolError::Unexpected { state, got: msg.kind(), expected }
+    ProtocolError::Unexpected {
+        state,
+        got: msg.kind(),
+        expected,
+    }
 }
 
 fn check_hello(hello: &Hello, local: VersionRange, expect: Role) -> Result<u32, ProtocolError> {
     if hello.role != expect {
         return Err(ProtocolError::WrongRole { got: hello.role });
     }
-    Ok(agree_version(local.min, local.max, hello.min_version, hello.protocol_version)?)
+    Ok(agree_version(
+        local.min,
+        local.max,
+        hello.min_version,
+        hello.protocol_version,
+    )?)
 }
 
 /// The target's view of the conversation (what it receives from the source).
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetState {
-    AwaitHello { local: VersionRange, caps: Capabilities },
-    AwaitOffer { version: u32, caps: Capabilities },
-    Transfer { version: u32, plan: Plan, fs_done: bool, state_ready: bool },
-    Restore { version: u32, plan: Plan },
-    Resumed { version: u32, plan: Plan },
-    Done { version: u32, plan: Plan },
-    Failed { message: String },
-    Cancelled { reason: String },
+    AwaitHello {
+        local: VersionRange,
+        caps: Capabilities,
+    },
+    AwaitOffer {
+        version: u32,
+        caps: Capabilities,
+    },
+    Transfer {
+        version: u32,
+        plan: Plan,
+        fs_done: bool,
+        state_ready: bool,
+    },
+    Restore {
+        version: u32,
+        plan: Plan,
+    },
+    Resumed {
+        version: u32,
+        plan: Plan,
+    },
+    Done {
+        version: u32,
+        plan: Plan,
+    },
+    Failed {
+        message: String,
+    },
+    Cancelled {
+        reason: String,
+    },
 }
 
 impl TargetState {
@@ -488,7 +560,10 @@ impl TargetState {
     }
 
     pub fn is_terminal(&self) -> bool {
-        matches!(self, TargetState::Done { .. } | TargetState::Failed { .. } | TargetState::Cancelled { .. })
+        matches!(
+            self,
+            TargetState::Done { .. } | TargetState::Failed { .. } | TargetState::Cancelled { .. }
+        )
     }
 
     /// Apply one message from the source.
@@ -498,35 +573,84 @@ impl TargetState {
         match (self, msg) {
             (S::AwaitHello { local, caps }, Message::Hello(h)) => {
                 let version = check_hello(&h, local, Role::Source)?;
-                Ok(S::AwaitOffer { version, caps: caps.for_version(version) })
+                Ok(S::AwaitOffer {
+                    version,
+                    caps: caps.for_version(version),
+                })
             }
-            (S::AwaitHello { .. }, m) => Err(unexpected(state, &m, "hello (the first message carries the version)")),
-            (s, _) if s.is_terminal() => Err(ProtocolError::Unexpected { state, got: "any message", expected: "nothing" }),
+            (S::AwaitHello { .. }, m) => Err(unexpected(
+                state,
+                &m,
+                "hello (the first message carries the version)",
+            )),
+            (s, _) if s.is_terminal() => Err(ProtocolError::Unexpected {
+                state,
+                got: "any message",
+                expected: "nothing",
+            }),
             (_, Message::Failure { message }) => Ok(S::Failed { message }),
             (S::Resumed { .. }, Message::Cancel { .. }) => Err(ProtocolError::TooLateToCancel),
             (_, Message::Cancel { reason }) => Ok(S::Cancelled { reason }),
             (S::AwaitOffer { version, caps }, Message::Offer(offer)) => {
                 let plan = negotiate(&offer.for_version(version), &caps)?;
-                Ok(S::Transfer { version, plan, fs_done: false, state_ready: false }.advance())
+                Ok(S::Transfer {
+                    version,
+                    plan,
+                    fs_done: false,
+                    state_ready: false,
+                }
+                .advance())
             }
             (S::AwaitOffer { .. }, m) => Err(unexpected(state, &m, "offer")),
             (s @ S::Transfer { .. }, Message::Progress(_)) => Ok(s),
-            (S::Transfer { version, plan, fs_done, state_ready }, Message::FsDone { .. }) => {
+            (
+                S::Transfer {
+                    version,
+                    plan,
+                    fs_done,
+                    state_ready,
+                },
+                Message::FsDone { .. },
+            ) => {
                 if fs_done {
                     return Err(ProtocolError::Repeated { event: "fs_done" });
                 }
-                Ok(S::Transfer { version, plan, fs_done: true, state_ready }.advance())
+                Ok(S::Transfer {
+                    version,
+                    plan,
+                    fs_done: true,
+                    state_ready,
+                }
+                .advance())
             }
-            (S::Transfer { version, plan, fs_done, state_ready }, m @ Message::StateReady {}) => {
+            (
+                S::Transfer {
+                    version,
+                    plan,
+                    fs_done,
+                    state_ready,
+                },
+                m @ Message::StateReady {},
+            ) => {
                 if !plan.is_stateful() {
                     return Err(unexpected(state, &m, "fs_done (the plan is stateless)"));
                 }
                 if state_ready {
-                    return Err(ProtocolError::Repeated { event: "state_ready" });
+                    return Err(ProtocolError::Repeated {
+                        event: "state_ready",
+                    });
                 }
-                Ok(S::Transfer { version, plan, fs_done, state_ready: true }.advance())
+                Ok(S::Transfer {
+                    version,
+                    plan,
+                    fs_done,
+                    state_ready: true,
+                }
+                .advance())
             }
-            (S::Transfer { .. }, m) => Err(unexpected(state, &m, "progress, fs_done or state_ready")),
+            (S::Transfer { .. }, m) => {
+                Err(unexpected(state, &m, "progress, fs_done or state_ready"))
+            }
             (s @ (S::Restore { .. } | S::Resumed { .. }), Message::Progress(_)) => Ok(s),
             (_, m) => Err(unexpected(state, &m, "progress, failure or cancel")),
         }
@@ -534,11 +658,12 @@ impl TargetState {
 
     fn advance(self) -> Self {
         match self {
-            TargetState::Transfer { version, plan, fs_done: true, state_ready }
-                if state_ready || !plan.is_stateful() =>
-            {
-                TargetState::Restore { version, plan }
-            }
+            TargetState::Transfer {
+                version,
+                plan,
+                fs_done: true,
+                state_ready,
+            } if state_ready || !plan.is_stateful() => TargetState::Restore { version, plan },
             s => s,
         }
     }
@@ -547,7 +672,11 @@ impl TargetState {
     pub fn resumed(self) -> Result<Self, ProtocolError> {
         match self {
             TargetState::Restore { version, plan } => Ok(TargetState::Resumed { version, plan }),
-            s => Err(ProtocolError::Unexpected { state: s.name(), got: "local resume", expected: "restore first" }),
+            s => Err(ProtocolError::Unexpected {
+                state: s.name(),
+                got: "local resume",
+                expected: "restore first",
+            }),
         }
     }
 
@@ -558,7 +687,11 @@ impl TargetState {
             TargetState::Restore { version, plan } | TargetState::Resumed { version, plan } => {
                 Ok(TargetState::Done { version, plan })
             }
-            s => Err(ProtocolError::Unexpected { state: s.name(), got: "local success", expected: "restore first" }),
+            s => Err(ProtocolError::Unexpected {
+                state: s.name(),
+                got: "local success",
+                expected: "restore first",
+            }),
         }
     }
 }
@@ -566,13 +699,34 @@ impl TargetState {
 /// The source's view of the conversation (what it receives from the target).
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceState {
-    AwaitHello { local: VersionRange, offer: Offer },
-    AwaitResponse { version: u32, offer: Offer },
-    Transfer { version: u32, plan: Plan, fs_sent: bool, state_sent: bool },
-    Resumed { version: u32, plan: Plan },
-    Done { version: u32, plan: Plan },
-    Failed { message: String },
-    Cancelled { reason: String },
+    AwaitHello {
+        local: VersionRange,
+        offer: Offer,
+    },
+    AwaitResponse {
+        version: u32,
+        offer: Offer,
+    },
+    Transfer {
+        version: u32,
+        plan: Plan,
+        fs_sent: bool,
+        state_sent: bool,
+    },
+    Resumed {
+        version: u32,
+        plan: Plan,
+    },
+    Done {
+        version: u32,
+        plan: Plan,
+    },
+    Failed {
+        message: String,
+    },
+    Cancelled {
+        reason: String,
+    },
 }
 
 impl SourceState {
@@ -604,15 +758,18 @@ impl SourceState {
 
     pub fn plan(&self) -> Option<&Plan> {
         match self {
-            SourceState::Transfer { plan, .. } | SourceState::Resumed { plan, .. } | SourceState::Done { plan, .. } => {
-                Some(plan)
-            }
+            SourceState::Transfer { plan, .. }
+            | SourceState::Resumed { plan, .. }
+            | SourceState::Done { plan, .. } => Some(plan),
             _ => None,
         }
     }
 
     pub fn is_terminal(&self) -> bool {
-        matches!(self, SourceState::Done { .. } | SourceState::Failed { .. } | SourceState::Cancelled { .. })
+        matches!(
+            self,
+            SourceState::Done { .. } | SourceState::Failed { .. } | SourceState::Cancelled { .. }
+        )
     }
 
     /// Apply one message from the target.
@@ -622,29 +779,61 @@ impl SourceState {
         match (self, msg) {
             (S::AwaitHello { local, offer }, Message::Hello(h)) => {
                 let version = check_hello(&h, local, Role::Target)?;
-                Ok(S::AwaitResponse { version, offer: offer.for_version(version) })
+                Ok(S::AwaitResponse {
+                    version,
+                    offer: offer.for_version(version),
+                })
             }
-            (S::AwaitHello { .. }, m) => Err(unexpected(state, &m, "hello (the first message carries the version)")),
-            (s, _) if s.is_terminal() => Err(ProtocolError::Unexpected { state, got: "any message", expected: "nothing" }),
+            (S::AwaitHello { .. }, m) => Err(unexpected(
+                state,
+                &m,
+                "hello (the first message carries the version)",
+            )),
+            (s, _) if s.is_terminal() => Err(ProtocolError::Unexpected {
+                state,
+                got: "any message",
+                expected: "nothing",
+            }),
             (_, Message::Failure { message }) => Ok(S::Failed { message }),
             (S::Resumed { .. }, Message::Cancel { .. }) => Err(ProtocolError::TooLateToCancel),
             (_, Message::Cancel { reason }) => Ok(S::Cancelled { reason }),
             (S::AwaitResponse { version, offer }, Message::Response(resp)) => {
                 let plan = crate::negotiate::check_response(&offer, &resp)?;
-                Ok(S::Transfer { version, plan, fs_sent: false, state_sent: false })
+                Ok(S::Transfer {
+                    version,
+                    plan,
+                    fs_sent: false,
+                    state_sent: false,
+                })
             }
             (S::AwaitResponse { .. }, m) => Err(unexpected(state, &m, "response")),
             (s @ (S::Transfer { .. } | S::Resumed { .. }), Message::Progress(_)) => Ok(s),
-            (S::Transfer { version, plan, fs_sent, state_sent }, m @ (Message::Resumed {} | Message::Success {})) => {
+            (
+                S::Transfer {
+                    version,
+                    plan,
+                    fs_sent,
+                    state_sent,
+                },
+                m @ (Message::Resumed {} | Message::Success {}),
+            ) => {
                 if !fs_sent || (plan.is_stateful() && !state_sent) {
-                    return Err(unexpected(state, &m, "progress (fs_done/state_ready not sent yet)"));
+                    return Err(unexpected(
+                        state,
+                        &m,
+                        "progress (fs_done/state_ready not sent yet)",
+                    ));
                 }
                 Ok(match m {
                     Message::Resumed {} => S::Resumed { version, plan },
                     _ => S::Done { version, plan },
                 })
             }
-            (S::Transfer { .. }, m) => Err(unexpected(state, &m, "progress, resumed, success or failure")),
+            (S::Transfer { .. }, m) => Err(unexpected(
+                state,
+                &m,
+                "progress, resumed, success or failure",
+            )),
             (S::Resumed { version, plan }, Message::Success {}) => Ok(S::Done { version, plan }),
             (_, m) => Err(unexpected(state, &m, "progress, success or failure")),
         }
@@ -653,27 +842,59 @@ impl SourceState {
     /// Local event: `FsDone` was sent.
     pub fn fs_sent(self) -> Result<Self, ProtocolError> {
         match self {
-            SourceState::Transfer { fs_sent: true, .. } => Err(ProtocolError::Repeated { event: "fs_done" }),
-            SourceState::Transfer { version, plan, state_sent, .. } => {
-                Ok(SourceState::Transfer { version, plan, fs_sent: true, state_sent })
+            SourceState::Transfer { fs_sent: true, .. } => {
+                Err(ProtocolError::Repeated { event: "fs_done" })
             }
-            s => Err(ProtocolError::Unexpected { state: s.name(), got: "local fs_done", expected: "a negotiated plan" }),
+            SourceState::Transfer {
+                version,
+                plan,
+                state_sent,
+                ..
+            } => Ok(SourceState::Transfer {
+                version,
+                plan,
+                fs_sent: true,
+                state_sent,
+            }),
+            s => Err(ProtocolError::Unexpected {
+                state: s.name(),
+                got: "local fs_done",
+                expected: "a negotiated plan",
+            }),
         }
     }
 
     /// Local event: `StateReady` was sent (only for stateful plans).
     pub fn state_sent(self) -> Result<Self, ProtocolError> {
         match self {
-            SourceState::Transfer { ref plan, .. } if !plan.is_stateful() => Err(ProtocolError::Unexpected {
-                state: "sending the instance",
-                got: "local state_ready",
-                expected: "fs_done only (the plan is stateless)",
-            }),
-            SourceState::Transfer { state_sent: true, .. } => Err(ProtocolError::Repeated { event: "state_ready" }),
-            SourceState::Transfer { version, plan, fs_sent, .. } => {
-                Ok(SourceState::Transfer { version, plan, fs_sent, state_sent: true })
+            SourceState::Transfer { ref plan, .. } if !plan.is_stateful() => {
+                Err(ProtocolError::Unexpected {
+                    state: "sending the instance",
+                    got: "local state_ready",
+                    expected: "fs_done only (the plan is stateless)",
+                })
             }
-            s => Err(ProtocolError::Unexpected { state: s.name(), got: "local state_ready", expected: "a negotiated plan" }),
+            SourceState::Transfer {
+                state_sent: true, ..
+            } => Err(ProtocolError::Repeated {
+                event: "state_ready",
+            }),
+            SourceState::Transfer {
+                version,
+                plan,
+                fs_sent,
+                ..
+            } => Ok(SourceState::Transfer {
+                version,
+                plan,
+                fs_sent,
+                state_sent: true,
+            }),
+            s => Err(ProtocolError::Unexpected {
+                state: s.name(),
+                got: "local state_ready",
+                expected: "a negotiated plan",
+            }),
         }
     }
 }

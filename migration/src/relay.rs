@@ -29,9 +29,19 @@ pub struct RelayStats {
 #[derive(Debug, Error)]
 pub enum RelayError {
     #[error("relay {from} → {to}: reading from {from} failed after {bytes} bytes: {source}")]
-    Read { from: String, to: String, bytes: u64, source: io::Error },
+    Read {
+        from: String,
+        to: String,
+        bytes: u64,
+        source: io::Error,
+    },
     #[error("relay {from} → {to}: writing to {to} failed after {bytes} bytes: {source}")]
-    Write { from: String, to: String, bytes: u64, source: io::Error },
+    Write {
+        from: String,
+        to: String,
+        bytes: u64,
+        source: io::Error,
+    },
 }
 
 /// A two-way relay between endpoint `a` and endpoint `b`. The names appear
@@ -47,7 +57,13 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(a_name: impl Into<String>, b_name: impl Into<String>) -> Self {
-        Relay { a_name: a_name.into(), b_name: b_name.into(), chunk: RELAY_CHUNK, a_to_b: Counter::default(), b_to_a: Counter::default() }
+        Relay {
+            a_name: a_name.into(),
+            b_name: b_name.into(),
+            chunk: RELAY_CHUNK,
+            a_to_b: Counter::default(),
+            b_to_a: Counter::default(),
+        }
     }
 
     pub fn chunk_size(mut self, chunk: usize) -> Self {
@@ -69,8 +85,22 @@ impl Relay {
     {
         let (mut ar, mut aw) = tokio::io::split(a);
         let (mut br, mut bw) = tokio::io::split(b);
-        let forward = copy_half(&mut ar, &mut bw, &self.a_name, &self.b_name, self.chunk, &self.a_to_b);
-        let backward = copy_half(&mut br, &mut aw, &self.b_name, &self.a_name, self.chunk, &self.b_to_a);
+        let forward = copy_half(
+            &mut ar,
+            &mut bw,
+            &self.a_name,
+            &self.b_name,
+            self.chunk,
+            &self.a_to_b,
+        );
+        let backward = copy_half(
+            &mut br,
+            &mut aw,
+            &self.b_name,
+            &self.a_name,
+            self.chunk,
+            &self.b_to_a,
+        );
         let (a_to_b, b_to_a) = tokio::try_join!(forward, backward)?;
         tracing::debug!(a = %self.a_name, b = %self.b_name, a_to_b, b_to_a, "relay finished");
         Ok(RelayStats { a_to_b, b_to_a })
@@ -86,19 +116,33 @@ where
     Relay::new("a", "b").run(a, b).await
 }
 
-async fn copy_half<R, W>(r: &mut R, w: &mut W, from: &str, to: &str, chunk: usize, counter: &Counter) -> Result<u64, RelayError>
+async fn copy_half<R, W>(
+    r: &mut R,
+    w: &mut W,
+    from: &str,
+    to: &str,
+    chunk: usize,
+    counter: &Counter,
+) -> Result<u64, RelayError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; chunk];
     let mut total = 0u64;
-    let werr = |bytes, source| RelayError::Write { from: from.into(), to: to.into(), bytes, source };
+    let werr = |bytes, source| RelayError::Write {
+        from: from.into(),
+        to: to.into(),
+        bytes,
+        source,
+    };
     loop {
-        let n = r
-            .read(&mut buf)
-            .await
-            .map_err(|source| RelayError::Read { from: from.into(), to: to.into(), bytes: total, source })?;
+        let n = r.read(&mut buf).await.map_err(|source| RelayError::Read {
+            from: from.into(),
+            to: to.into(),
+            bytes: total,
+            source,
+        })?;
         if n == 0 {
             w.shutdown().await.map_err(|e| werr(total, e))?;
             return Ok(total);

@@ -10,7 +10,9 @@ use thiserror::Error;
 
 use crate::channel::{ChannelError, MessageChannel};
 use crate::negotiate::{Capabilities, Plan};
-use crate::protocol::{Hello, Message, Offer, ProtocolError, Role, SourceState, TargetState, VersionRange};
+use crate::protocol::{
+    Hello, Message, Offer, ProtocolError, Role, SourceState, TargetState, VersionRange,
+};
 
 #[derive(Debug, Error)]
 pub enum SessionError {
@@ -34,7 +36,10 @@ pub struct LocalEnd {
 
 impl LocalEnd {
     pub fn new(versions: VersionRange, software_version: impl Into<String>) -> Self {
-        LocalEnd { versions, software_version: software_version.into() }
+        LocalEnd {
+            versions,
+            software_version: software_version.into(),
+        }
     }
 }
 
@@ -62,14 +67,21 @@ impl Session {
 
     /// Receive one message and apply it. A `Failure`/`Cancel` from the peer
     /// comes back as an error; a protocol violation is reported to the peer.
-    pub async fn recv<C: MessageChannel>(self, ch: &mut C) -> Result<(Self, Message), SessionError> {
+    pub async fn recv<C: MessageChannel>(
+        self,
+        ch: &mut C,
+    ) -> Result<(Self, Message), SessionError> {
         recv_into(ch, self, Session::on_message).await
     }
 }
 
 /// Send `Failure{e}` (ignoring send errors) and hand back the error.
 async fn fail<C: MessageChannel>(ch: &mut C, e: ProtocolError) -> SessionError {
-    let _ = ch.send(&Message::Failure { message: e.to_string() }).await;
+    let _ = ch
+        .send(&Message::Failure {
+            message: e.to_string(),
+        })
+        .await;
     SessionError::Protocol(e)
 }
 
@@ -82,8 +94,17 @@ async fn recv_into<C: MessageChannel, S>(
         Ok(msg) => msg,
         Err(e) => {
             // Tell the peer why its message was refused; a cut channel can't be told.
-            if matches!(e, ChannelError::Malformed(_) | ChannelError::FrameTooLarge { .. } | ChannelError::EmptyFrame) {
-                let _ = ch.send(&Message::Failure { message: format!("refused a control message: {e}") }).await;
+            if matches!(
+                e,
+                ChannelError::Malformed(_)
+                    | ChannelError::FrameTooLarge { .. }
+                    | ChannelError::EmptyFrame
+            ) {
+                let _ = ch
+                    .send(&Message::Failure {
+                        message: format!("refused a control message: {e}"),
+                    })
+                    .await;
             }
             return Err(e.into());
         }
@@ -100,10 +121,28 @@ async fn recv_into<C: MessageChannel, S>(
 
 /// Source side: hellos, offer, response. Returns the state (in `Transfer`)
 /// with the agreed version and plan.
-pub async fn source_handshake<C: MessageChannel>(ch: &mut C, local: &LocalEnd, offer: Offer) -> Result<SourceState, SessionError> {
-    ch.send(&Message::Hello(Hello::new(local.versions, &local.software_version, Role::Source))).await?;
-    let state = recv_into(ch, SourceState::new(local.versions, offer), SourceState::on_message).await?.0;
-    let offer = state.offer().expect("state after hello holds the offer").clone();
+pub async fn source_handshake<C: MessageChannel>(
+    ch: &mut C,
+    local: &LocalEnd,
+    offer: Offer,
+) -> Result<SourceState, SessionError> {
+    ch.send(&Message::Hello(Hello::new(
+        local.versions,
+        &local.software_version,
+        Role::Source,
+    )))
+    .await?;
+    let state = recv_into(
+        ch,
+        SourceState::new(local.versions, offer),
+        SourceState::on_message,
+    )
+    .await?
+    .0;
+    let offer = state
+        .offer()
+        .expect("state after hello holds the offer")
+        .clone();
     ch.send(&Message::Offer(offer)).await?;
     let state = recv_into(ch, state, SourceState::on_message).await?.0;
     if let SourceState::Transfer { version, plan, .. } = &state {
@@ -114,9 +153,24 @@ pub async fn source_handshake<C: MessageChannel>(ch: &mut C, local: &LocalEnd, o
 
 /// Target side: hellos, offer, response. A negotiation failure is sent to
 /// the source as `Failure` and returned.
-pub async fn target_handshake<C: MessageChannel>(ch: &mut C, local: &LocalEnd, caps: Capabilities) -> Result<TargetState, SessionError> {
-    ch.send(&Message::Hello(Hello::new(local.versions, &local.software_version, Role::Target))).await?;
-    let state = recv_into(ch, TargetState::new(local.versions, caps), TargetState::on_message).await?.0;
+pub async fn target_handshake<C: MessageChannel>(
+    ch: &mut C,
+    local: &LocalEnd,
+    caps: Capabilities,
+) -> Result<TargetState, SessionError> {
+    ch.send(&Message::Hello(Hello::new(
+        local.versions,
+        &local.software_version,
+        Role::Target,
+    )))
+    .await?;
+    let state = recv_into(
+        ch,
+        TargetState::new(local.versions, caps),
+        TargetState::on_message,
+    )
+    .await?
+    .0;
     let state = recv_into(ch, state, TargetState::on_message).await?.0;
     let plan = state.plan().expect("state after offer holds the plan");
     if let TargetState::Transfer { version, .. } | TargetState::Restore { version, .. } = &state {

@@ -12,8 +12,13 @@ fn local() -> LocalEnd {
 fn container_offer() -> Offer {
     Offer {
         instance_type: InstanceType::Container,
-        fs: vec![FsTransfer::Archive { compression: vec![Compression::Zstd, Compression::None] }],
-        state: vec![StateTransfer::CriuPageServer, StateTransfer::StatefulStopFile],
+        fs: vec![FsTransfer::Archive {
+            compression: vec![Compression::Zstd, Compression::None],
+        }],
+        state: vec![
+            StateTransfer::CriuPageServer,
+            StateTransfer::StatefulStopFile,
+        ],
         state_compression: vec![Compression::Zstd, Compression::None],
         volume_size: 4 << 20,
         snapshots: vec![],
@@ -25,26 +30,41 @@ fn container_offer() -> Offer {
 
 fn target_caps() -> Capabilities {
     Capabilities {
-        fs: vec![FsTransfer::Archive { compression: vec![Compression::Zstd, Compression::None] }],
-        state: vec![StateTransfer::CriuPageServer, StateTransfer::CriuLazyPages, StateTransfer::StatefulStopFile],
+        fs: vec![FsTransfer::Archive {
+            compression: vec![Compression::Zstd, Compression::None],
+        }],
+        state: vec![
+            StateTransfer::CriuPageServer,
+            StateTransfer::CriuLazyPages,
+            StateTransfer::StatefulStopFile,
+        ],
         state_compression: vec![Compression::Zstd, Compression::None],
         free_bytes: Some(1 << 30),
     }
 }
 
 fn payload(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| ((i / 97) as u8).wrapping_mul(31).wrapping_add(seed) ^ (i % 7) as u8).collect()
+    (0..len)
+        .map(|i| ((i / 97) as u8).wrapping_mul(31).wrapping_add(seed) ^ (i % 7) as u8)
+        .collect()
 }
 
 /// The three channels, as (source end, target end).
-fn channels() -> ((DuplexStream, DuplexStream, DuplexStream), (DuplexStream, DuplexStream, DuplexStream)) {
+fn channels() -> (
+    (DuplexStream, DuplexStream, DuplexStream),
+    (DuplexStream, DuplexStream, DuplexStream),
+) {
     let (c1, c2) = duplex(64 * 1024);
     let (f1, f2) = duplex(64 * 1024);
     let (s1, s2) = duplex(64 * 1024);
     ((c1, f1, s1), (c2, f2, s2))
 }
 
-async fn run_source(control: DuplexStream, fs: DuplexStream, state: DuplexStream) -> Result<(SourceState, Vec<Stage>), SessionError> {
+async fn run_source(
+    control: DuplexStream,
+    fs: DuplexStream,
+    state: DuplexStream,
+) -> Result<(SourceState, Vec<Stage>), SessionError> {
     let mut ch = FramedChannel::new(control);
     let st = source_handshake(&mut ch, &local(), container_offer()).await?;
     let plan = st.plan().unwrap().clone();
@@ -77,7 +97,11 @@ async fn run_source(control: DuplexStream, fs: DuplexStream, state: DuplexStream
     }
 }
 
-async fn run_target(control: DuplexStream, fs: DuplexStream, state: DuplexStream) -> Result<TargetState, SessionError> {
+async fn run_target(
+    control: DuplexStream,
+    fs: DuplexStream,
+    state: DuplexStream,
+) -> Result<TargetState, SessionError> {
     let mut ch = FramedChannel::new(control);
     let st = target_handshake(&mut ch, &local(), target_caps()).await?;
     let plan = st.plan().unwrap().clone();
@@ -95,12 +119,24 @@ async fn run_target(control: DuplexStream, fs: DuplexStream, state: DuplexStream
     while !matches!(session, Session::Target(TargetState::Restore { .. })) {
         let (next, msg) = session.recv(&mut ch).await?;
         if let Message::FsDone { bytes } = msg {
-            assert_eq!(bytes, fs.counters().received.get(), "source and target agree on the fs byte count");
+            assert_eq!(
+                bytes,
+                fs.counters().received.get(),
+                "source and target agree on the fs byte count"
+            );
         }
         session = next;
     }
-    let Session::Target(st) = session else { unreachable!() };
-    ch.send(&Message::Progress(Progress { stage: Stage::Restoring, bytes: 0, total: None, detail: None })).await?;
+    let Session::Target(st) = session else {
+        unreachable!()
+    };
+    ch.send(&Message::Progress(Progress {
+        stage: Stage::Restoring,
+        bytes: 0,
+        total: None,
+        detail: None,
+    }))
+    .await?;
     let st = st.resumed()?;
     ch.send(&Message::Resumed {}).await?;
     let st = st.succeed()?;
@@ -121,8 +157,19 @@ async fn happy_path_live_container_move() {
     assert_eq!(src.plan(), tgt.plan(), "both sides carry out the same plan");
     let plan = src.plan().unwrap();
     assert!(plan.is_live());
-    assert_eq!(plan.fs, FsPlan::Archive { compression: Compression::Zstd });
-    assert_eq!(plan.state, StatePlan::CriuPageServer { pre_dump: None, lazy_pages: false });
+    assert_eq!(
+        plan.fs,
+        FsPlan::Archive {
+            compression: Compression::Zstd
+        }
+    );
+    assert_eq!(
+        plan.state,
+        StatePlan::CriuPageServer {
+            pre_dump: None,
+            lazy_pages: false
+        }
+    );
     assert_eq!(plan.state_compression, Compression::Zstd);
     assert_eq!(stages, vec![Stage::Restoring]);
 }
@@ -130,16 +177,30 @@ async fn happy_path_live_container_move() {
 #[tokio::test]
 async fn version_mismatch_fails_clearly_on_both_sides() {
     let (a, b) = duplex(4096);
-    let target = tokio::spawn(async move { target_handshake(&mut FramedChannel::new(b), &local(), target_caps()).await });
+    let target = tokio::spawn(async move {
+        target_handshake(&mut FramedChannel::new(b), &local(), target_caps()).await
+    });
     let mut peer = FramedChannel::new(a);
-    peer.send(&Message::Hello(Hello { protocol_version: 4, min_version: 3, software_version: "ferry 9.0".into(), role: Role::Source }))
-        .await
-        .unwrap();
+    peer.send(&Message::Hello(Hello {
+        protocol_version: 4,
+        min_version: 3,
+        software_version: "ferry 9.0".into(),
+        role: Role::Source,
+    }))
+    .await
+    .unwrap();
     assert!(matches!(peer.recv().await.unwrap(), Message::Hello(h) if h.protocol_version == 1));
     let err = target.await.unwrap().unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, SessionError::Protocol(ProtocolError::Version(_))), "{err:?}");
-    assert!(text.contains("no common migration protocol version") && text.contains("the peer speaks v3..=v4"), "{text}");
+    assert!(
+        matches!(err, SessionError::Protocol(ProtocolError::Version(_))),
+        "{err:?}"
+    );
+    assert!(
+        text.contains("no common migration protocol version")
+            && text.contains("the peer speaks v3..=v4"),
+        "{text}"
+    );
     // The peer is told why, not left waiting.
     match peer.recv().await.unwrap() {
         Message::Failure { message } => assert_eq!(message, text),
@@ -152,20 +213,44 @@ async fn target_refusal_reaches_the_source_as_peer_failure() {
     let ((c1, _f1, _s1), (c2, _f2, _s2)) = channels();
     let mut caps = target_caps();
     caps.free_bytes = Some(10);
-    let target = tokio::spawn(async move { target_handshake(&mut FramedChannel::new(c2), &local(), caps).await });
-    let err = source_handshake(&mut FramedChannel::new(c1), &local(), container_offer()).await.unwrap_err();
-    assert!(matches!(&err, SessionError::PeerFailed(m) if m.contains("bytes free but the volume needs")), "{err}");
+    let target =
+        tokio::spawn(
+            async move { target_handshake(&mut FramedChannel::new(c2), &local(), caps).await },
+        );
+    let err = source_handshake(&mut FramedChannel::new(c1), &local(), container_offer())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SessionError::PeerFailed(m) if m.contains("bytes free but the volume needs")),
+        "{err}"
+    );
     let terr = target.await.unwrap().unwrap_err();
-    assert!(matches!(terr, SessionError::Protocol(ProtocolError::Negotiation(NegotiationError::InsufficientSpace { .. }))));
+    assert!(matches!(
+        terr,
+        SessionError::Protocol(ProtocolError::Negotiation(
+            NegotiationError::InsufficientSpace { .. }
+        ))
+    ));
 }
 
 /// What a v2 build would know: each value with the version that added it.
-const V2_QEMU_FEATURES: &[(&str, u32)] = &[("auto_converge", 1), ("xbzrle", 1), ("dirty_limit", 2), ("postcopy", 1)];
+const V2_QEMU_FEATURES: &[(&str, u32)] = &[
+    ("auto_converge", 1),
+    ("xbzrle", 1),
+    ("dirty_limit", 2),
+    ("postcopy", 1),
+];
 
 fn v2_offer(version: u32, sloppy: bool) -> Value {
-    let features: Vec<&str> =
-        V2_QEMU_FEATURES.iter().filter(|(_, since)| sloppy || *since <= version).map(|(f, _)| *f).collect();
-    let mut state = vec![json!({"type": "vm_qemu_live", "features": features}), json!({"type": "stateful_stop_file"})];
+    let features: Vec<&str> = V2_QEMU_FEATURES
+        .iter()
+        .filter(|(_, since)| sloppy || *since <= version)
+        .map(|(f, _)| *f)
+        .collect();
+    let mut state = vec![
+        json!({"type": "vm_qemu_live", "features": features}),
+        json!({"type": "stateful_stop_file"}),
+    ];
     if sloppy || version >= 2 {
         state.insert(0, json!({"type": "vm_qemu_multifd", "channels": 4}));
     }
@@ -187,15 +272,21 @@ async fn v2_source_and_v1_target_agree_on_v1() {
     for sloppy in [false, true] {
         let (a, b) = duplex(16 * 1024);
         let caps = Capabilities {
-            fs: vec![FsTransfer::Archive { compression: vec![Compression::None] }],
+            fs: vec![FsTransfer::Archive {
+                compression: vec![Compression::None],
+            }],
             state: vec![
-                StateTransfer::VmQemuLive { features: vec![QemuFeature::AutoConverge, QemuFeature::Xbzrle] },
+                StateTransfer::VmQemuLive {
+                    features: vec![QemuFeature::AutoConverge, QemuFeature::Xbzrle],
+                },
                 StateTransfer::StatefulStopFile,
             ],
             state_compression: vec![Compression::None],
             free_bytes: None,
         };
-        let target = tokio::spawn(async move { target_handshake(&mut FramedChannel::new(b), &local(), caps).await });
+        let target = tokio::spawn(async move {
+            target_handshake(&mut FramedChannel::new(b), &local(), caps).await
+        });
 
         let mut v2 = FramedChannel::new(a);
         let hello = json!({"type": "hello", "protocol_version": 2, "min_version": 1,
@@ -203,19 +294,41 @@ async fn v2_source_and_v1_target_agree_on_v1() {
         v2.send_frame(hello.to_string().as_bytes()).await.unwrap();
         let theirs: Value = serde_json::from_slice(&v2.recv_frame().await.unwrap()).unwrap();
         assert_eq!(theirs["type"], "hello");
-        let version = agree_version(1, 2, theirs["min_version"].as_u64().unwrap() as u32, theirs["protocol_version"].as_u64().unwrap() as u32)
-            .unwrap();
+        let version = agree_version(
+            1,
+            2,
+            theirs["min_version"].as_u64().unwrap() as u32,
+            theirs["protocol_version"].as_u64().unwrap() as u32,
+        )
+        .unwrap();
         assert_eq!(version, 1);
-        v2.send_frame(v2_offer(version, sloppy).to_string().as_bytes()).await.unwrap();
+        v2.send_frame(v2_offer(version, sloppy).to_string().as_bytes())
+            .await
+            .unwrap();
         let resp: Value = serde_json::from_slice(&v2.recv_frame().await.unwrap()).unwrap();
         assert_eq!(resp["type"], "response", "{resp}");
-        assert_eq!(resp["state"], json!([{"type": "vm_qemu_live", "features": ["auto_converge", "xbzrle"]}]), "{resp}");
-        assert_eq!(resp["fs"], json!([{"type": "archive", "compression": ["none"]}]));
+        assert_eq!(
+            resp["state"],
+            json!([{"type": "vm_qemu_live", "features": ["auto_converge", "xbzrle"]}]),
+            "{resp}"
+        );
+        assert_eq!(
+            resp["fs"],
+            json!([{"type": "archive", "compression": ["none"]}])
+        );
 
-        let st = target.await.unwrap().expect("v1 target accepts the v2 peer");
+        let st = target
+            .await
+            .unwrap()
+            .expect("v1 target accepts the v2 peer");
         assert!(matches!(st, TargetState::Transfer { version: 1, .. }));
         let plan = st.plan().unwrap();
-        assert_eq!(plan.state, StatePlan::VmQemuLive { features: vec![QemuFeature::AutoConverge, QemuFeature::Xbzrle] });
+        assert_eq!(
+            plan.state,
+            StatePlan::VmQemuLive {
+                features: vec![QemuFeature::AutoConverge, QemuFeature::Xbzrle]
+            }
+        );
         assert_eq!(plan.options.bandwidth, Some(1000000));
     }
 }
@@ -225,20 +338,31 @@ async fn v2_source_and_v1_target_agree_on_v1() {
 #[tokio::test]
 async fn v1_source_and_v2_target_agree_on_v1() {
     let (a, b) = duplex(16 * 1024);
-    let source = tokio::spawn(async move { source_handshake(&mut FramedChannel::new(a), &local(), container_offer()).await });
+    let source = tokio::spawn(async move {
+        source_handshake(&mut FramedChannel::new(a), &local(), container_offer()).await
+    });
     let mut v2 = FramedChannel::new(b);
     v2.send_frame(json!({"type": "hello", "protocol_version": 2, "min_version": 1, "software_version": "ferry 2.0", "role": "target"}).to_string().as_bytes())
         .await
         .unwrap();
     let hello: Value = serde_json::from_slice(&v2.recv_frame().await.unwrap()).unwrap();
-    assert_eq!((hello["protocol_version"].as_u64(), hello["role"].as_str()), (Some(1), Some("source")));
+    assert_eq!(
+        (hello["protocol_version"].as_u64(), hello["role"].as_str()),
+        (Some(1), Some("source"))
+    );
     let offer: Value = serde_json::from_slice(&v2.recv_frame().await.unwrap()).unwrap();
     assert_eq!(offer["type"], "offer");
     let resp = json!({"type": "response", "fs": [{"type": "archive", "compression": ["zstd"]}],
                       "state": [{"type": "criu_page_server"}], "compression": "zstd", "state_compression": "none",
                       "reasons": ["v2 target speaking v1"], "v2_extra": true});
     v2.send_frame(resp.to_string().as_bytes()).await.unwrap();
-    let st = source.await.unwrap().expect("source accepts a v1-shaped response");
+    let st = source
+        .await
+        .unwrap()
+        .expect("source accepts a v1-shaped response");
     assert!(matches!(st, SourceState::Transfer { version: 1, .. }));
-    assert_eq!(st.plan().unwrap().reasons, vec!["v2 target speaking v1".to_string()]);
+    assert_eq!(
+        st.plan().unwrap().reasons,
+        vec!["v2 target speaking v1".to_string()]
+    );
 }

@@ -14,7 +14,11 @@ fn data(len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            if i % 16 == 0 { x as u8 } else { b"ferry moves instances "[i % 22] }
+            if i % 16 == 0 {
+                x as u8
+            } else {
+                b"ferry moves instances "[i % 22]
+            }
         })
         .collect()
 }
@@ -26,13 +30,28 @@ async fn garbage_frames_are_rejected() {
     tx.send_frame(b"\x00\xffnot json at all").await.unwrap();
     let e = rx.recv().await.unwrap_err();
     assert!(matches!(e, ChannelError::Malformed(_)), "{e}");
-    assert!(e.to_string().starts_with("malformed control message"), "{e}");
-    tx.send_frame(br#"{"type":"teleport","to":"mars"}"#).await.unwrap();
-    assert!(matches!(rx.recv().await.unwrap_err(), ChannelError::Malformed(m) if m.contains("teleport")));
-    tx.send_frame(br#"{"type":"fs_done","bytes":"many"}"#).await.unwrap();
-    assert!(matches!(rx.recv().await.unwrap_err(), ChannelError::Malformed(_)));
+    assert!(
+        e.to_string().starts_with("malformed control message"),
+        "{e}"
+    );
+    tx.send_frame(br#"{"type":"teleport","to":"mars"}"#)
+        .await
+        .unwrap();
+    assert!(
+        matches!(rx.recv().await.unwrap_err(), ChannelError::Malformed(m) if m.contains("teleport"))
+    );
+    tx.send_frame(br#"{"type":"fs_done","bytes":"many"}"#)
+        .await
+        .unwrap();
+    assert!(matches!(
+        rx.recv().await.unwrap_err(),
+        ChannelError::Malformed(_)
+    ));
     tx.send_frame(b"").await.unwrap();
-    assert!(matches!(rx.recv().await.unwrap_err(), ChannelError::EmptyFrame));
+    assert!(matches!(
+        rx.recv().await.unwrap_err(),
+        ChannelError::EmptyFrame
+    ));
     // The channel stays usable for a well-formed message after a refused one.
     tx.send(&Message::StateReady {}).await.unwrap();
     assert_eq!(rx.recv().await.unwrap(), Message::StateReady {});
@@ -46,18 +65,39 @@ async fn oversize_frames_are_rejected_without_reading_them() {
     let mut rx = FramedChannel::with_max_frame(b, 1024);
     a.write_all(&(1025u32).to_be_bytes()).await.unwrap();
     let e = rx.recv().await.unwrap_err();
-    assert!(matches!(e, ChannelError::FrameTooLarge { size: 1025, max: 1024 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ChannelError::FrameTooLarge {
+                size: 1025,
+                max: 1024
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("exceeds the 1024-byte limit"));
     // A 4 GiB length header is refused before any allocation.
     let (mut a, b) = duplex(4096);
     let mut rx = FramedChannel::new(b);
     a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-    assert!(matches!(rx.recv().await.unwrap_err(), ChannelError::FrameTooLarge { .. }));
+    assert!(matches!(
+        rx.recv().await.unwrap_err(),
+        ChannelError::FrameTooLarge { .. }
+    ));
     // The sender refuses too.
     let (a, _b) = duplex(4096);
     let mut tx = FramedChannel::with_max_frame(a, 16);
-    assert!(matches!(tx.send(&Message::Failure { message: "x".repeat(100) }).await, Err(ChannelError::FrameTooLarge { .. })));
-    assert!(matches!(decode_message(&[b' '; 2000], 1000), Err(ChannelError::FrameTooLarge { .. })));
+    assert!(matches!(
+        tx.send(&Message::Failure {
+            message: "x".repeat(100)
+        })
+        .await,
+        Err(ChannelError::FrameTooLarge { .. })
+    ));
+    assert!(matches!(
+        decode_message(&[b' '; 2000], 1000),
+        Err(ChannelError::FrameTooLarge { .. })
+    ));
 }
 
 #[tokio::test]
@@ -68,7 +108,16 @@ async fn truncated_frame_is_reported() {
     a.write_all(b"{\"type\":").await.unwrap();
     drop(a);
     let e = rx.recv().await.unwrap_err();
-    assert!(matches!(e, ChannelError::Truncated { got: 8, expected: 100 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ChannelError::Truncated {
+                got: 8,
+                expected: 100
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -76,13 +125,23 @@ async fn garbage_during_handshake_is_refused_and_reported_to_the_peer() {
     let (a, b) = duplex(4096);
     let caps = Capabilities::default();
     let target = tokio::spawn(async move {
-        target_handshake(&mut FramedChannel::new(b), &LocalEnd::new(VersionRange::CURRENT, "t"), caps).await
+        target_handshake(
+            &mut FramedChannel::new(b),
+            &LocalEnd::new(VersionRange::CURRENT, "t"),
+            caps,
+        )
+        .await
     });
     let mut peer = FramedChannel::new(a);
     peer.send_frame(b"GET / HTTP/1.1").await.unwrap();
     assert!(matches!(peer.recv().await.unwrap(), Message::Hello(_)));
-    assert!(matches!(peer.recv().await.unwrap(), Message::Failure { message } if message.contains("malformed control message")));
-    assert!(matches!(target.await.unwrap(), Err(SessionError::Channel(ChannelError::Malformed(_)))));
+    assert!(
+        matches!(peer.recv().await.unwrap(), Message::Failure { message } if message.contains("malformed control message"))
+    );
+    assert!(matches!(
+        target.await.unwrap(),
+        Err(SessionError::Channel(ChannelError::Malformed(_)))
+    ));
 }
 
 #[tokio::test]
@@ -90,7 +149,9 @@ async fn recv_is_cancel_safe() {
     let (mut a, b) = duplex(4096);
     let mut rx = FramedChannel::new(b);
     let frame = encode_message(&Message::FsDone { bytes: 42 }, DEFAULT_MAX_FRAME).unwrap();
-    a.write_all(&(frame.len() as u32).to_be_bytes()).await.unwrap();
+    a.write_all(&(frame.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
     a.write_all(&frame[..5]).await.unwrap();
     // A recv cancelled mid-frame keeps what it read.
     assert!(timeout(Duration::from_millis(50), rx.recv()).await.is_err());
@@ -132,18 +193,28 @@ async fn zstd_round_trip_10_mib_both_ways() {
     assert_eq!(lc.sent.get(), 10 << 20);
     assert_eq!(rc.received.get(), 10 << 20);
     assert_eq!(lc.sent_wire.get(), rc.received_wire.get());
-    assert!(lc.sent_wire.get() < (10 << 20) / 2, "compressed to {} bytes", lc.sent_wire.get());
+    assert!(
+        lc.sent_wire.get() < (10 << 20) / 2,
+        "compressed to {} bytes",
+        lc.sent_wire.get()
+    );
     assert_eq!(rc.sent.get(), 1 << 20);
 }
 
 #[tokio::test]
 async fn zstd_flush_delivers_without_closing() {
     let (a, b) = duplex(64 * 1024);
-    let (mut tx, mut rx) = (ByteChannel::new(a, Compression::Zstd).unwrap(), ByteChannel::new(b, Compression::Zstd).unwrap());
+    let (mut tx, mut rx) = (
+        ByteChannel::new(a, Compression::Zstd).unwrap(),
+        ByteChannel::new(b, Compression::Zstd).unwrap(),
+    );
     tx.write_all(b"page request 17").await.unwrap();
     tx.flush().await.unwrap();
     let mut buf = [0u8; 15];
-    timeout(Duration::from_secs(5), rx.read_exact(&mut buf)).await.expect("flushed data is readable").unwrap();
+    timeout(Duration::from_secs(5), rx.read_exact(&mut buf))
+        .await
+        .expect("flushed data is readable")
+        .unwrap();
     assert_eq!(&buf, b"page request 17");
 }
 
@@ -181,13 +252,26 @@ async fn relay_propagates_half_close_in_each_direction() {
     let mut buf = [0u8; 11];
     qemu.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"return path");
-    assert!(!task.is_finished(), "the relay runs until both directions end");
+    assert!(
+        !task.is_finished(),
+        "the relay runs until both directions end"
+    );
     peer.shutdown().await.unwrap();
     let mut rest = Vec::new();
     qemu.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
-    let stats = timeout(Duration::from_secs(5), task).await.unwrap().unwrap().unwrap();
-    assert_eq!(stats, RelayStats { a_to_b: 16, b_to_a: 11 });
+    let stats = timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stats,
+        RelayStats {
+            a_to_b: 16,
+            b_to_a: 11
+        }
+    );
     assert_eq!((a_to_b.get(), b_to_a.get()), (16, 11));
 }
 
@@ -200,8 +284,10 @@ async fn relay_through_compressed_channel_with_return_path() {
     let (wire_a, wire_b) = duplex(64 * 1024);
     let src_ch = ByteChannel::new(wire_a, Compression::Zstd).unwrap();
     let dst_ch = ByteChannel::new(wire_b, Compression::Zstd).unwrap();
-    let r1 = tokio::spawn(async move { Relay::new("source qemu", "state").run(src_fd, src_ch).await });
-    let r2 = tokio::spawn(async move { Relay::new("state", "target qemu").run(dst_ch, dst_fd).await });
+    let r1 =
+        tokio::spawn(async move { Relay::new("source qemu", "state").run(src_fd, src_ch).await });
+    let r2 =
+        tokio::spawn(async move { Relay::new("state", "target qemu").run(dst_ch, dst_fd).await });
 
     let stream = data(2 << 20);
     let expect = stream.clone();
@@ -236,6 +322,14 @@ async fn relay_error_names_the_failing_side() {
     let task = tokio::spawn(async move { relay.run(qemu_end, peer_end).await });
     let mut qemu = qemu;
     let _ = qemu.write_all(b"x").await;
-    let e = timeout(Duration::from_secs(5), task).await.unwrap().unwrap().unwrap_err();
-    assert!(e.to_string().contains("relay qemu → state channel: writing to state channel failed"), "{e}");
+    let e = timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("relay qemu → state channel: writing to state channel failed"),
+        "{e}"
+    );
 }

@@ -19,9 +19,18 @@ pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/debug/deps/<test> -> target/debug; a bin (target/debug/<bin>) -> target/debug
     let parent = exe.parent().expect("target dir");
-    let dir = if parent.ends_with("deps") { parent.parent().expect("target dir") } else { parent }.to_path_buf();
+    let dir = if parent.ends_with("deps") {
+        parent.parent().expect("target dir")
+    } else {
+        parent
+    }
+    .to_path_buf();
     for b in ["ferryd", "ferry"] {
-        assert!(dir.join(b).exists(), "{} missing: run `cargo build --workspace` first", dir.join(b).display());
+        assert!(
+            dir.join(b).exists(),
+            "{} missing: run `cargo build --workspace` first",
+            dir.join(b).display()
+        );
     }
     dir
 }
@@ -32,15 +41,24 @@ pub fn bin_dir() -> PathBuf {
 pub fn form_cluster(ms: &[Member]) {
     ms[0].ferry_ok(&["cluster", "enable", &ms[0].name]);
     for m in &ms[1..] {
-        let token = ms[0].ferry_ok(&["cluster", "add", &m.name]).trim().to_string();
+        let token = ms[0]
+            .ferry_ok(&["cluster", "add", &m.name])
+            .trim()
+            .to_string();
         m.ferry_ok(&["cluster", "join", &token]);
     }
     for m in ms {
         wait_for(20, "all members online and voting", || {
             let list = cluster_members(m);
             let ok = list.len() == ms.len()
-                && list.iter().all(|x| x["status"] == "Online" && x["database"] == true)
-                && list.iter().filter(|x| x["roles"][0] == "database-leader").count() == 1;
+                && list
+                    .iter()
+                    .all(|x| x["status"] == "Online" && x["database"] == true)
+                && list
+                    .iter()
+                    .filter(|x| x["roles"][0] == "database-leader")
+                    .count()
+                    == 1;
             ok.then_some(())
         });
     }
@@ -49,12 +67,19 @@ pub fn form_cluster(ms: &[Member]) {
 /// `ferry cluster list --format json` on `m`.
 pub fn cluster_members(m: &Member) -> Vec<Value> {
     let out = m.ferry_ok(&["cluster", "list", "--format", "json"]);
-    serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// Name of the current raft leader as `m` sees it.
 pub fn leader_name(m: &Member) -> Option<String> {
-    cluster_members(m).into_iter().find(|x| x["roles"][0] == "database-leader").and_then(|x| x["server_name"].as_str().map(str::to_string))
+    cluster_members(m)
+        .into_iter()
+        .find(|x| x["roles"][0] == "database-leader")
+        .and_then(|x| x["server_name"].as_str().map(str::to_string))
 }
 
 pub fn need_root(test: &str) -> bool {
@@ -66,7 +91,11 @@ pub fn need_root(test: &str) -> bool {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Member {
@@ -86,7 +115,10 @@ impl Member {
 
     /// Start with extra environment for ferryd (e.g. `FERRY_QEMU`).
     pub fn start_with_env(name: &str, env: &[(&str, &str)]) -> Member {
-        let tmp = tempfile::Builder::new().prefix("ferry-e2e-").tempdir().expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("ferry-e2e-")
+            .tempdir()
+            .expect("tempdir");
         let dir = tmp.path().join("ferry");
         let port = free_port();
         let mut m = Member {
@@ -96,7 +128,10 @@ impl Member {
             https: format!("127.0.0.1:{port}"),
             tmp: Some(tmp),
             child: None,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         m.spawn();
         m
@@ -109,7 +144,14 @@ impl Member {
             .open(self.tmp.as_ref().unwrap().path().join("ferryd.log"))
             .unwrap();
         let child = Command::new(bin_dir().join("ferryd"))
-            .args(["--dir", self.dir.to_str().unwrap(), "--listen", &self.https, "--name", &self.name])
+            .args([
+                "--dir",
+                self.dir.to_str().unwrap(),
+                "--listen",
+                &self.https,
+                "--name",
+                &self.name,
+            ])
             .env("FERRY_LOG", "info,ferryd=debug,ferry_drivers=debug")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -124,7 +166,11 @@ impl Member {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("ferryd exited early ({st}):\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "ferryd did not come up:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "ferryd did not come up:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -132,7 +178,10 @@ impl Member {
     /// Stop ferryd with SIGTERM (instances keep running) and start it again on the same dir.
     pub fn restart_daemon(&mut self) {
         let mut child = self.child.take().expect("ferryd running");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let st = child.wait().expect("wait ferryd");
         assert!(st.success(), "ferryd exited with {st} on SIGTERM");
         self.spawn();
@@ -156,7 +205,10 @@ impl Member {
     pub async fn db_checksum(&self) -> (String, u64) {
         let (code, v) = self.raw(Method::GET, "/internal/db/checksum", None).await;
         assert_eq!(code, 200, "{v}");
-        (v["checksum"].as_str().unwrap().to_string(), v["applied_index"].as_u64().unwrap())
+        (
+            v["checksum"].as_str().unwrap().to_string(),
+            v["applied_index"].as_u64().unwrap(),
+        )
     }
 
     pub fn log(&self) -> String {
@@ -194,7 +246,11 @@ impl Member {
 
     /// Send a request that creates an operation and wait for it; returns the final Operation JSON.
     pub async fn op(&self, method: Method, path: &str, body: Value) -> Result<Value, String> {
-        match self.client.run_async(method, path, Some(&body), |_| {}).await {
+        match self
+            .client
+            .run_async(method, path, Some(&body), |_| {})
+            .await
+        {
             Ok(op) => Ok(serde_json::to_value(op).unwrap()),
             Err(e) => Err(e.to_string()),
         }
@@ -203,7 +259,10 @@ impl Member {
     pub async fn op_ok(&self, method: Method, path: &str, body: Value) -> Value {
         match self.op(method.clone(), path, body).await {
             Ok(v) => v,
-            Err(e) => panic!("{method} {path} failed: {e}\n--- ferryd log tail:\n{}", tail(&self.log(), 40)),
+            Err(e) => panic!(
+                "{method} {path} failed: {e}\n--- ferryd log tail:\n{}",
+                tail(&self.log(), 40)
+            ),
         }
     }
 
@@ -214,7 +273,8 @@ impl Member {
 
     pub async fn state(&self, name: &str, action: &str, stateful: bool) {
         let body = json!({"action": action, "stateful": stateful, "force": false, "timeout": 30});
-        self.op_ok(Method::PUT, &format!("/1.0/instances/{name}/state"), body).await;
+        self.op_ok(Method::PUT, &format!("/1.0/instances/{name}/state"), body)
+            .await;
     }
 
     /// GET returning the raw envelope JSON and HTTP status.
@@ -223,7 +283,13 @@ impl Member {
     }
 
     pub async fn instance(&self, name: &str) -> Value {
-        let (code, v) = self.raw(Method::GET, &format!("/1.0/instances/{name}?recursion=1"), None).await;
+        let (code, v) = self
+            .raw(
+                Method::GET,
+                &format!("/1.0/instances/{name}?recursion=1"),
+                None,
+            )
+            .await;
         assert_eq!(code, 200, "{v}");
         v["metadata"].clone()
     }
@@ -233,12 +299,20 @@ impl Member {
         let kind_dir = if vm { "virtual-machines" } else { "containers" };
         ferry_drivers::InstanceSpec {
             name: name.into(),
-            kind: if vm { ferry_drivers::InstanceType::VirtualMachine } else { ferry_drivers::InstanceType::Container },
+            kind: if vm {
+                ferry_drivers::InstanceType::VirtualMachine
+            } else {
+                ferry_drivers::InstanceType::Container
+            },
             image: if vm { "testvm" } else { "busybox" }.into(),
             config: Default::default(),
             volatile: Default::default(),
             paths: ferry_drivers::InstancePaths {
-                volume: self.dir.join("storage-pools/default").join(kind_dir).join(name),
+                volume: self
+                    .dir
+                    .join("storage-pools/default")
+                    .join(kind_dir)
+                    .join(name),
                 run: self.dir.join("run").join(name),
                 logs: self.dir.join("logs").join(name),
                 images: self.dir.join("images"),
@@ -263,12 +337,18 @@ impl Member {
     }
 
     fn cleanup(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         if child.try_wait().ok().flatten().is_none() {
             if let Ok(list) = std::fs::read_dir(self.dir.join("storage-pools/default/containers"))
                 .into_iter()
                 .flatten()
-                .chain(std::fs::read_dir(self.dir.join("storage-pools/default/virtual-machines")).into_iter().flatten())
+                .chain(
+                    std::fs::read_dir(self.dir.join("storage-pools/default/virtual-machines"))
+                        .into_iter()
+                        .flatten(),
+                )
                 .collect::<Result<Vec<_>, _>>()
             {
                 for e in list {
@@ -276,7 +356,10 @@ impl Member {
                     let _ = self.ferry(&["delete", "--force", &name]);
                 }
             }
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(5);
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
@@ -302,14 +385,24 @@ impl Drop for Member {
 pub fn kill_leftovers(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir.join("run")) {
         for inst in rd.flatten() {
-            for f in std::fs::read_dir(inst.path()).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(inst.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let name = f.file_name().to_string_lossy().into_owned();
                 if !name.ends_with(".pid") && name != "pid" {
                     continue;
                 }
-                if let Some(pid) = std::fs::read_to_string(f.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                if let Some(pid) = std::fs::read_to_string(f.path())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
                     if pid > 1 {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                     }
                 }
             }
@@ -317,7 +410,11 @@ pub fn kill_leftovers(dir: &Path) {
     }
     let dir_s = dir.to_string_lossy().into_owned();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut mine: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&dir_s)).collect();
+    let mut mine: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&dir_s))
+        .collect();
     mine.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mine {
         let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
@@ -332,7 +429,9 @@ pub fn tail(s: &str, n: usize) -> String {
 /// Minimal raw HTTP/1.1 over the unix socket, to send malformed bodies and see exact status codes.
 pub async fn raw_unix(sock: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::UnixStream::connect(sock).await.expect("connect");
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .expect("connect");
     let body = body.unwrap_or(b"");
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: unix.socket\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -343,10 +442,24 @@ pub async fn raw_unix(sock: &Path, method: &str, path: &str, body: Option<&[u8]>
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let code: u16 = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
-    (code, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    let body = if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (
+        code,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -369,7 +482,10 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {secs}s waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

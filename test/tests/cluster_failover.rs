@@ -8,14 +8,19 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ferry_client::Method;
-use ferry_test::{cluster_members, form_cluster, leader_name, need_root, raw_unix, wait_for, Member};
+use ferry_test::{
+    cluster_members, form_cluster, leader_name, need_root, raw_unix, wait_for, Member,
+};
 use serde_json::json;
 
 async fn patch(m: &Member, key: &str, value: &str) -> bool {
     let body = json!({"config": {key: value}}).to_string();
     let sock = m.dir.join("unix.socket");
     let fut = raw_unix(&sock, "PATCH", "/1.0/instances/w", Some(body.as_bytes()));
-    matches!(tokio::time::timeout(Duration::from_secs(20), fut).await, Ok((200, _)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(20), fut).await,
+        Ok((200, _))
+    )
 }
 
 async fn converged(ms: &[&Member]) -> String {
@@ -28,7 +33,10 @@ async fn converged(ms: &[&Member]) -> String {
         if sums.iter().all(|s| s == &sums[0]) {
             return sums[0].0.clone();
         }
-        assert!(Instant::now() < deadline, "members did not converge: {sums:?}");
+        assert!(
+            Instant::now() < deadline,
+            "members did not converge: {sums:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -39,13 +47,23 @@ async fn leader_killed_during_writes_loses_no_acknowledged_write() {
         return;
     }
     let env = [("FERRY_RAFT_SNAPSHOT_EVERY", "20")];
-    let mut ms: Vec<Member> = ["m1", "m2", "m3"].iter().map(|n| Member::start_with_env(n, &env)).collect();
+    let mut ms: Vec<Member> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|n| Member::start_with_env(n, &env))
+        .collect();
     form_cluster(&ms);
     let leader = leader_name(&ms[0]).unwrap();
     let li = ms.iter().position(|m| m.name == leader).unwrap();
     let fi = (li + 1) % 3;
     let follower = ms[fi].name.clone();
-    ms[0].ferry_ok(&["launch", "busybox", "w", "--no-start", "--target", &follower]);
+    ms[0].ferry_ok(&[
+        "launch",
+        "busybox",
+        "w",
+        "--no-start",
+        "--target",
+        &follower,
+    ]);
 
     // Writes go through the follower that holds `w` (forwarded to the leader by raft).
     let mut acked = BTreeMap::new();
@@ -68,28 +86,49 @@ async fn leader_killed_during_writes_loses_no_acknowledged_write() {
         }
     }
     let recovered = first_after_kill.expect("no write succeeded after the leader was killed");
-    eprintln!("{} writes attempted, {} acknowledged; first write after the kill succeeded {:?} after it", i, acked.len(), recovered);
-    assert!(recovered < Duration::from_secs(10), "writes resumed only after {recovered:?}");
+    eprintln!(
+        "{} writes attempted, {} acknowledged; first write after the kill succeeded {:?} after it",
+        i,
+        acked.len(),
+        recovered
+    );
+    assert!(
+        recovered < Duration::from_secs(10),
+        "writes resumed only after {recovered:?}"
+    );
     let new_leader = leader_name(&ms[fi]).unwrap();
     assert_ne!(new_leader, leader, "a new leader must have been elected");
-    let down = cluster_members(&ms[fi]).into_iter().find(|x| x["server_name"] == leader.as_str()).unwrap();
+    let down = cluster_members(&ms[fi])
+        .into_iter()
+        .find(|x| x["server_name"] == leader.as_str())
+        .unwrap();
     assert_eq!(down["status"], "Offline", "{down}");
 
     // The killed member comes back (its log was compacted meanwhile: catch-up by snapshot).
     ms[li].start_daemon();
     wait_for(20, "the old leader online again", || {
-        cluster_members(&ms[fi]).iter().all(|x| x["status"] == "Online").then_some(())
+        cluster_members(&ms[fi])
+            .iter()
+            .all(|x| x["status"] == "Online")
+            .then_some(())
     });
     let refs: Vec<&Member> = ms.iter().collect();
     let sum = converged(&refs).await;
     eprintln!("converged: {sum}");
-    let snapshots = std::fs::read_dir(ms[li].dir.join("snapshots")).map(|d| d.count()).unwrap_or(0);
+    let snapshots = std::fs::read_dir(ms[li].dir.join("snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert!(snapshots > 0, "the restarted member holds no snapshot");
     // No acknowledged write is lost, on any member.
     for m in &ms {
         let inst = m.instance("w").await;
         for (k, v) in &acked {
-            assert_eq!(inst["config"][k], json!(v), "acknowledged write {k}={v} lost (seen from {})", m.name);
+            assert_eq!(
+                inst["config"][k],
+                json!(v),
+                "acknowledged write {k}={v} lost (seen from {})",
+                m.name
+            );
         }
     }
     ms[0].ferry_ok(&["delete", "w"]);
@@ -104,14 +143,20 @@ async fn garbage_on_the_cluster_port_and_malformed_raft_messages_are_refused() {
     let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
     form_cluster(&ms);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    for junk in [&b"\x16\x03\x01\x00\x05hello"[..], b"GET / HTTP/1.1\r\n\r\n", &[0u8; 4096][..]] {
+    for junk in [
+        &b"\x16\x03\x01\x00\x05hello"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[0u8; 4096][..],
+    ] {
         let mut s = tokio::net::TcpStream::connect(&ms[0].https).await.unwrap();
         let _ = s.write_all(junk).await;
         let mut buf = [0u8; 64];
         let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
     }
     // Malformed raft messages from a real member identity (the cluster cert).
-    let cert = ferry_cluster::ClusterCert::load(&ms[1].dir).unwrap().unwrap();
+    let cert = ferry_cluster::ClusterCert::load(&ms[1].dir)
+        .unwrap()
+        .unwrap();
     let tls = ferry_cluster::mtls::member_client_config(&cert).unwrap();
     let tcp = tokio::net::TcpStream::connect(&ms[0].https).await.unwrap();
     let mut conn = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
@@ -140,7 +185,10 @@ async fn losing_quorum_fails_writes_clearly_and_recovers() {
     if !need_root("losing_quorum_fails_writes_clearly_and_recovers") {
         return;
     }
-    let mut ms: Vec<Member> = ["m1", "m2", "m3"].iter().map(|n| Member::start(n)).collect();
+    let mut ms: Vec<Member> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|n| Member::start(n))
+        .collect();
     form_cluster(&ms);
     ms[0].ferry_ok(&["launch", "busybox", "w", "--no-start", "--target", "m1"]);
     assert!(patch(&ms[0], "user.a", "1").await);
@@ -149,9 +197,12 @@ async fn losing_quorum_fails_writes_clearly_and_recovers() {
     let started = Instant::now();
     let body = json!({"config": {"user.b": "2"}}).to_string();
     let sock = ms[0].dir.join("unix.socket");
-    let (code, v) = tokio::time::timeout(Duration::from_secs(30), raw_unix(&sock, "PATCH", "/1.0/instances/w", Some(body.as_bytes())))
-        .await
-        .expect("the write hung instead of failing");
+    let (code, v) = tokio::time::timeout(
+        Duration::from_secs(30),
+        raw_unix(&sock, "PATCH", "/1.0/instances/w", Some(body.as_bytes())),
+    )
+    .await
+    .expect("the write hung instead of failing");
     let took = started.elapsed();
     eprintln!("write without quorum: {code} after {took:?}: {v}");
     assert_eq!(code, 503, "{v}");

@@ -10,7 +10,11 @@ use serde_json::json;
 fn pid_alive(pid: i64) -> bool {
     pid > 0
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+                    .unwrap_or(true)
+            })
             .unwrap_or(false)
 }
 
@@ -28,7 +32,13 @@ async fn container_lifecycle_over_rest_and_cli() {
         return;
     }
     let mut m = Member::start("m1");
-    m.launch("c1", "container", "busybox", json!({"limits.memory": "64MiB"})).await;
+    m.launch(
+        "c1",
+        "container",
+        "busybox",
+        json!({"limits.memory": "64MiB"}),
+    )
+    .await;
     let inst = m.instance("c1").await;
     assert_eq!(inst["status"], "Running", "{inst}");
     assert_eq!(inst["type"], "container");
@@ -38,7 +48,12 @@ async fn container_lifecycle_over_rest_and_cli() {
     let (_, b) = advancing(&m, "c1");
 
     // exec runs inside the container's namespaces.
-    let n: u64 = ferry_test::wait_for(5, "a counter read through exec", || m.ferry_ok(&["exec", "c1", "--", "cat", "/counter"]).trim().parse().ok());
+    let n: u64 = ferry_test::wait_for(5, "a counter read through exec", || {
+        m.ferry_ok(&["exec", "c1", "--", "cat", "/counter"])
+            .trim()
+            .parse()
+            .ok()
+    });
     assert!(n >= b);
     assert_eq!(m.ferry_ok(&["exec", "c1", "--", "hostname"]).trim(), "c1");
     let init = m.ferry_ok(&["exec", "c1", "--", "cat", "/proc/1/cmdline"]);
@@ -48,7 +63,11 @@ async fn container_lifecycle_over_rest_and_cli() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "oops");
     let ns = |p: i64, t: &str| std::fs::read_link(format!("/proc/{p}/ns/{t}")).unwrap();
     for t in ["pid", "mnt", "uts", "ipc", "net"] {
-        assert_ne!(ns(pid, t), ns(std::process::id() as i64, t), "container shares the host's {t} namespace");
+        assert_ne!(
+            ns(pid, t),
+            ns(std::process::id() as i64, t),
+            "container shares the host's {t} namespace"
+        );
     }
 
     // Stateful stop (CRIU dump) over REST: process gone, counter frozen.
@@ -56,10 +75,17 @@ async fn container_lifecycle_over_rest_and_cli() {
     let stopped = m.instance("c1").await;
     assert_eq!(stopped["status"], "Stopped");
     assert_eq!(stopped["stateful"], true, "{stopped}");
-    assert!(!pid_alive(pid), "container init {pid} still runs after a stateful stop");
+    assert!(
+        !pid_alive(pid),
+        "container init {pid} still runs after a stateful stop"
+    );
     let at_dump = m.container_counter("c1");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(m.container_counter("c1"), at_dump, "counter moved while stopped");
+    assert_eq!(
+        m.container_counter("c1"),
+        at_dump,
+        "counter moved while stopped"
+    );
 
     // Stateful start (CRIU restore): the counter continues, it is not reset.
     m.state("c1", "start", false).await;
@@ -78,7 +104,10 @@ async fn container_lifecycle_over_rest_and_cli() {
     assert!(info.to_lowercase().contains("status: stopped"), "{info}");
     m.ferry_ok(&["start", "c1"]);
     let (a2, _) = advancing(&m, "c1");
-    assert!(a2 >= at_dump2, "counter reset by restore: {a2} < {at_dump2}");
+    assert!(
+        a2 >= at_dump2,
+        "counter reset by restore: {a2} < {at_dump2}"
+    );
 
     // Stateless stop and start: a cold boot, the counter starts again.
     m.ferry_ok(&["stop", "c1"]);
@@ -86,10 +115,14 @@ async fn container_lifecycle_over_rest_and_cli() {
     m.ferry_ok(&["start", "c1"]);
     std::thread::sleep(Duration::from_millis(500));
     let cold = m.container_counter("c1");
-    assert!(cold < a2, "a stateless start should boot fresh: {cold} >= {a2}");
+    assert!(
+        cold < a2,
+        "a stateless start should boot fresh: {cold} >= {a2}"
+    );
     advancing(&m, "c1");
 
-    let list: serde_json::Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
     assert_eq!(list[0]["name"], "c1");
     assert_eq!(list[0]["status"], "Running");
     let table = m.ferry_ok(&["list"]);
@@ -105,7 +138,11 @@ async fn container_lifecycle_over_rest_and_cli() {
 
     m.ferry_ok(&["delete", "--force", "c1"]);
     assert!(!pid_alive(pid));
-    assert!(!m.spec("c1", false).paths.volume.exists(), "volume left behind");
-    let list: serde_json::Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
+    assert!(
+        !m.spec("c1", false).paths.volume.exists(),
+        "volume left behind"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
     assert_eq!(list, json!([]));
 }

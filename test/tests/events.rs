@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use ferry_test::{need_root, Member};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -13,8 +13,12 @@ async fn operation_events_are_pushed_until_the_final_status() {
         return;
     }
     let m = Member::start("m1");
-    let stream = tokio::net::UnixStream::connect(m.dir.join("unix.socket")).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async("ws://unix.socket/1.0/events", stream).await.expect("events websocket");
+    let stream = tokio::net::UnixStream::connect(m.dir.join("unix.socket"))
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://unix.socket/1.0/events", stream)
+        .await
+        .expect("events websocket");
     assert_eq!(resp.status().as_u16(), 101);
 
     let body = json!({"name": "c1", "type": "container", "source": {"type": "image", "alias": "busybox"}, "start": true});
@@ -25,10 +29,17 @@ async fn operation_events_are_pushed_until_the_final_status() {
     let mut lifecycle = vec![];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("no final event within 60 s").unwrap().unwrap();
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("no final event within 60 s")
+            .unwrap()
+            .unwrap();
         let Ok(text) = msg.to_text() else { continue };
         let ev: Value = serde_json::from_str(text).unwrap();
-        assert!(ev["timestamp"].as_str().is_some_and(|t| t.contains('T')), "{ev}");
+        assert!(
+            ev["timestamp"].as_str().is_some_and(|t| t.contains('T')),
+            "{ev}"
+        );
         if ev["type"] == "lifecycle" {
             lifecycle.push(ev["metadata"]["action"].as_str().unwrap().to_string());
             continue;
@@ -45,8 +56,18 @@ async fn operation_events_are_pushed_until_the_final_status() {
             break;
         }
     }
-    assert_eq!(seen.first(), Some(&103), "first event should show the operation running: {seen:?}");
-    assert!(lifecycle.contains(&"instance-created".to_string()), "{lifecycle:?}");
-    assert!(lifecycle.contains(&"instance-started".to_string()), "{lifecycle:?}");
+    assert_eq!(
+        seen.first(),
+        Some(&103),
+        "first event should show the operation running: {seen:?}"
+    );
+    assert!(
+        lifecycle.contains(&"instance-created".to_string()),
+        "{lifecycle:?}"
+    );
+    assert!(
+        lifecycle.contains(&"instance-started".to_string()),
+        "{lifecycle:?}"
+    );
     m.ferry_ok(&["delete", "--force", "c1"]);
 }

@@ -10,13 +10,22 @@ use serde_json::Value;
 fn pid_alive(pid: i64) -> bool {
     pid > 0
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+                    .unwrap_or(true)
+            })
             .unwrap_or(false)
 }
 
 fn location(m: &Member, name: &str) -> Option<String> {
     let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
-    list.as_array().unwrap().iter().filter(|i| i["name"] == name).map(|i| i["location"].as_str().unwrap().to_string()).next()
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["name"] == name)
+        .map(|i| i["location"].as_str().unwrap().to_string())
+        .next()
 }
 
 #[tokio::test]
@@ -37,17 +46,32 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     std::fs::create_dir_all(&blocker).unwrap();
     let out = ms[0].ferry(&["move", "c1", "--target", "m2"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds files"), "{out:?}");
-    assert_eq!(ms[0].instance("c1").await["state"]["pid"].as_i64(), Some(src_pid), "the instance was disturbed");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already holds files"),
+        "{out:?}"
+    );
+    assert_eq!(
+        ms[0].instance("c1").await["state"]["pid"].as_i64(),
+        Some(src_pid),
+        "the instance was disturbed"
+    );
     assert_eq!(location(&ms[1], "c1").as_deref(), Some("m1"));
     let a = ms[0].container_counter("c1");
     std::thread::sleep(Duration::from_millis(400));
-    assert!(ms[0].container_counter("c1") > a, "the source stopped counting after a refused move");
+    assert!(
+        ms[0].container_counter("c1") > a,
+        "the source stopped counting after a refused move"
+    );
     let ops = ms[0].client.operations().await.unwrap();
-    assert!(ops.iter().all(|o| o.status_code >= 200), "an operation is stuck: {ops:?}");
+    assert!(
+        ops.iter().all(|o| o.status_code >= 200),
+        "an operation is stuck: {ops:?}"
+    );
     std::fs::remove_dir_all(&blocker).unwrap();
 
-    let src_cgroup = ms[0].instance("c1").await["config"]["volatile.cgroup"].as_str().map(str::to_string);
+    let src_cgroup = ms[0].instance("c1").await["config"]["volatile.cgroup"]
+        .as_str()
+        .map(str::to_string);
 
     let out = ms[1].ferry_ok(&["move", "c1", "--target", "m2", "--format", "json"]);
     let meta: Value = serde_json::from_str(&out).unwrap();
@@ -62,44 +86,87 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     assert!(pid_alive(dst_pid));
     assert!(!pid_alive(src_pid), "the source container still runs");
     let after = ms[1].container_counter("c1");
-    assert!(after >= before, "counter reset by the move: {after} < {before}");
+    assert!(
+        after >= before,
+        "counter reset by the move: {after} < {before}"
+    );
     std::thread::sleep(Duration::from_millis(600));
-    assert!(ms[1].container_counter("c1") > after, "counter does not advance on the target");
+    assert!(
+        ms[1].container_counter("c1") > after,
+        "counter does not advance on the target"
+    );
     // The record moved once: same name, one row, location m2 everywhere; the source's files are gone.
     for m in &ms {
-        wait_for(10, "location m2 on every member", || (location(m, "c1").as_deref() == Some("m2")).then_some(()));
+        wait_for(10, "location m2 on every member", || {
+            (location(m, "c1").as_deref() == Some("m2")).then_some(())
+        });
         let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
         assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     }
-    assert!(!ms[0].spec("c1", false).paths.volume.exists(), "source volume left behind");
+    assert!(
+        !ms[0].spec("c1", false).paths.volume.exists(),
+        "source volume left behind"
+    );
     // Volatile keys: the DB holds the target's (its own cgroup), and each
     // member cleaned up its own: the source's cgroup is gone, the target's is in use.
-    let memory_cgroups = std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains("memory");
-    assert!(src_cgroup.is_some() || !memory_cgroups, "volatile.cgroup not recorded for a running container");
+    let memory_cgroups = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains("memory");
+    assert!(
+        src_cgroup.is_some() || !memory_cgroups,
+        "volatile.cgroup not recorded for a running container"
+    );
     if let Some(src_cg) = src_cgroup {
-        let dst_cg = ms[1].instance("c1").await["config"]["volatile.cgroup"].as_str().unwrap().to_string();
-        assert_ne!(dst_cg, src_cg, "the DB still holds the source's volatile cgroup");
-        assert!(!std::path::Path::new(&src_cg).exists(), "the source's cgroup {src_cg} was not cleaned up");
-        let procs = std::fs::read_to_string(std::path::Path::new(&dst_cg).join("cgroup.procs")).unwrap();
-        assert!(procs.split_whitespace().any(|p| p == dst_pid.to_string()), "the target's container is not in {dst_cg}: {procs}");
+        let dst_cg = ms[1].instance("c1").await["config"]["volatile.cgroup"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_ne!(
+            dst_cg, src_cg,
+            "the DB still holds the source's volatile cgroup"
+        );
+        assert!(
+            !std::path::Path::new(&src_cg).exists(),
+            "the source's cgroup {src_cg} was not cleaned up"
+        );
+        let procs =
+            std::fs::read_to_string(std::path::Path::new(&dst_cg).join("cgroup.procs")).unwrap();
+        assert!(
+            procs.split_whitespace().any(|p| p == dst_pid.to_string()),
+            "the target's container is not in {dst_cg}: {procs}"
+        );
     }
     // exec reaches it on its new member.
     // (/counter is rewritten ten times a second: a read can land between truncate and write.)
-    let n: u64 = wait_for(5, "a counter read through exec", || ms[0].ferry_ok(&["exec", "c1", "--", "cat", "/counter"]).trim().parse().ok());
+    let n: u64 = wait_for(5, "a counter read through exec", || {
+        ms[0]
+            .ferry_ok(&["exec", "c1", "--", "cat", "/counter"])
+            .trim()
+            .parse()
+            .ok()
+    });
     assert!(n >= after);
 
     // And back, stateless this time: stopped, moved, started (counter restarts).
     ms[0].ferry_ok(&["move", "c1", "--target", "m1", "--stateless"]);
-    wait_for(10, "location m1", || (location(&ms[1], "c1").as_deref() == Some("m1")).then_some(()));
+    wait_for(10, "location m1", || {
+        (location(&ms[1], "c1").as_deref() == Some("m1")).then_some(())
+    });
     assert_eq!(ms[0].instance("c1").await["status"], "Running");
     assert!(!ms[1].spec("c1", false).paths.volume.exists());
 
     // Bad input changes nothing.
     let out = ms[0].ferry(&["move", "c1", "--target", "nowhere"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the cluster"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in the cluster"),
+        "{out:?}"
+    );
     let out = ms[0].ferry(&["move", "c1", "--target", "m1"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already runs"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already runs"),
+        "{out:?}"
+    );
     assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
 }
@@ -116,20 +183,38 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
     form_cluster(&ms);
     ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
     // Make the first pass take a while: 300 MB that zstd cannot shrink.
-    ms[0].ferry_ok(&["exec", "c1", "--", "dd", "if=/dev/urandom", "of=/big", "bs=1M", "count=300"]);
+    ms[0].ferry_ok(&[
+        "exec",
+        "c1",
+        "--",
+        "dd",
+        "if=/dev/urandom",
+        "of=/big",
+        "bs=1M",
+        "count=300",
+    ]);
     let pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
 
     let undisturbed = |ms: &[Member]| {
         let a = ms[0].container_counter("c1");
         std::thread::sleep(Duration::from_millis(400));
-        assert!(ms[0].container_counter("c1") > a, "the container stopped counting on the source");
+        assert!(
+            ms[0].container_counter("c1") > a,
+            "the container stopped counting on the source"
+        );
         assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
     };
     let start_move = |m: &Member| {
         let m_dir = m.dir.clone();
         async move {
             let c = ferry_client::Client::unix(m_dir.join("unix.socket"));
-            let env = c.post("/1.0/instances/c1?target=m2", Some(&serde_json::json!({"migration": true, "live": true}))).await.unwrap();
+            let env = c
+                .post(
+                    "/1.0/instances/c1?target=m2",
+                    Some(&serde_json::json!({"migration": true, "live": true})),
+                )
+                .await
+                .unwrap();
             (c, env.metadata["id"].as_str().unwrap().to_string())
         }
     };
@@ -138,10 +223,16 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
         async move {
             for _ in 0..200 {
                 let op = c.operation(&id).await.unwrap();
-                if op.metadata["stage"].as_str().is_some_and(|s| s.contains("root filesystem")) {
+                if op.metadata["stage"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("root filesystem"))
+                {
                     return;
                 }
-                assert!(op.status_code < 200, "move ended before the fs pass was seen: {op:?}");
+                assert!(
+                    op.status_code < 200,
+                    "move ended before the fs pass was seen: {op:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             panic!("never saw the fs pass");
@@ -167,10 +258,15 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
     eprintln!("cancelled move: {fin:?}");
     let op = c.operation(&id).await.unwrap();
     assert_eq!(op.status, "Cancelled", "{op:?}");
-    assert_eq!(ms[0].instance("c1").await["state"]["pid"].as_i64(), Some(pid));
+    assert_eq!(
+        ms[0].instance("c1").await["state"]["pid"].as_i64(),
+        Some(pid)
+    );
     undisturbed(&ms);
     let target_vol = ms[1].spec("c1", false).paths.volume;
-    wait_for(10, "the target to clean up", || (!target_vol.exists()).then_some(()));
+    wait_for(10, "the target to clean up", || {
+        (!target_vol.exists()).then_some(())
+    });
 
     // 2. The target's daemon dies mid-transfer.
     let (c, id) = start_move(&ms[0]).await;
@@ -179,11 +275,16 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
     let _ = c.wait_operation(&id, |_| {}).await;
     let op = c.operation(&id).await.unwrap();
     assert_eq!(op.status, "Failure", "{op:?}");
-    assert_eq!(ms[0].instance("c1").await["state"]["pid"].as_i64(), Some(pid));
+    assert_eq!(
+        ms[0].instance("c1").await["state"]["pid"].as_i64(),
+        Some(pid)
+    );
     undisturbed(&ms);
     // Back up, the target drops what it half received; a move then succeeds.
     ms[1].start_daemon();
-    wait_for(10, "the partial receive removed", || (!target_vol.exists()).then_some(()));
+    wait_for(10, "the partial receive removed", || {
+        (!target_vol.exists()).then_some(())
+    });
     ms[0].ferry_ok(&["move", "c1", "--target", "m2"]);
     assert_eq!(ms[1].instance("c1").await["status"], "Running");
     let ops = ms[0].client.operations().await.unwrap();
@@ -202,14 +303,29 @@ async fn live_vm_move_keeps_the_guest_running() {
     use ferry_drivers::vm::VmDriver;
     let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
     form_cluster(&ms);
-    ms[0].ferry_ok(&["launch", "testvm", "v1", "--vm", "--target", "m1", "-c", "limits.memory=256MiB"]);
+    ms[0].ferry_ok(&[
+        "launch",
+        "testvm",
+        "v1",
+        "--vm",
+        "--target",
+        "m1",
+        "-c",
+        "limits.memory=256MiB",
+    ]);
     let console = |m: &Member| -> Option<u64> {
         let out = m.ferry_ok(&["console", "--show-log", "v1"]);
-        out.lines().rev().find_map(|l| l.strip_prefix("counter ").and_then(|n| n.trim().parse().ok()))
+        out.lines().rev().find_map(|l| {
+            l.strip_prefix("counter ")
+                .and_then(|n| n.trim().parse().ok())
+        })
     };
     wait_for(30, "the guest's first counter line", || console(&ms[0]));
     let src_pid = ms[0].instance("v1").await["state"]["pid"].as_i64().unwrap();
-    let before = VmDriver::default().read_counter(&ms[0].spec("v1", true)).await.unwrap();
+    let before = VmDriver::default()
+        .read_counter(&ms[0].spec("v1", true))
+        .await
+        .unwrap();
 
     let out = ms[1].ferry_ok(&["move", "v1", "--target", "m2", "--format", "json"]);
     let meta: Value = serde_json::from_str(&out).unwrap();
@@ -221,21 +337,53 @@ async fn live_vm_move_keeps_the_guest_running() {
     assert!(!pid_alive(src_pid), "the source QEMU still runs");
     let dst = ms[1].spec("v1", true);
     let after = VmDriver::default().read_counter(&dst).await.unwrap();
-    assert!(after >= before, "guest counter reset by the move: {after} < {before}");
+    assert!(
+        after >= before,
+        "guest counter reset by the move: {after} < {before}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(VmDriver::default().read_counter(&dst).await.unwrap() > after, "the guest does not run on the target");
-    assert!(!ms[0].spec("v1", true).paths.volume.exists(), "source volume left behind");
-    wait_for(10, "location m2 on m1", || (location(&ms[0], "v1").as_deref() == Some("m2")).then_some(()));
+    assert!(
+        VmDriver::default().read_counter(&dst).await.unwrap() > after,
+        "the guest does not run on the target"
+    );
+    assert!(
+        !ms[0].spec("v1", true).paths.volume.exists(),
+        "source volume left behind"
+    );
+    wait_for(10, "location m2 on m1", || {
+        (location(&ms[0], "v1").as_deref() == Some("m2")).then_some(())
+    });
 
     // And back to m1, live, post-copy with a bandwidth cap and a downtime limit.
-    let out = ms[0].ferry_ok(&["move", "v1", "--target", "m1", "--postcopy", "--bandwidth", "256MiB", "--max-downtime", "100", "--format", "json"]);
+    let out = ms[0].ferry_ok(&[
+        "move",
+        "v1",
+        "--target",
+        "m1",
+        "--postcopy",
+        "--bandwidth",
+        "256MiB",
+        "--max-downtime",
+        "100",
+        "--format",
+        "json",
+    ]);
     let meta: Value = serde_json::from_str(&out).unwrap();
     eprintln!("VM post-copy move result: {meta}");
-    assert!(meta["plan"]["state"]["features"].as_array().unwrap().contains(&Value::from("postcopy")), "{meta}");
+    assert!(
+        meta["plan"]["state"]["features"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("postcopy")),
+        "{meta}"
+    );
     assert_eq!(meta["qemu_params"]["postcopy"], true, "{meta}");
     assert_eq!(meta["qemu_params"]["max_bandwidth"], 256u64 << 20, "{meta}");
     assert_eq!(meta["qemu_params"]["downtime_limit_ms"], 100, "{meta}");
-    let back = VmDriver::default().read_counter(&ms[0].spec("v1", true)).await.unwrap();
+    let back = VmDriver::default()
+        .read_counter(&ms[0].spec("v1", true))
+        .await
+        .unwrap();
     assert!(back >= after);
     assert_eq!(ms[0].instance("v1").await["location"], "m1");
     ms[0].ferry_ok(&["delete", "--force", "v1"]);

@@ -257,7 +257,10 @@ pub async fn open_storage(dir: &Path) -> Result<(LogStore, StateMachine, Arc<Db>
 
 /// Like [`open_storage`], but applying to an already open cluster database
 /// (the daemon's own handle, so only one connection writes `ferry.db`).
-pub async fn open_storage_with(dir: &Path, db: Option<Arc<Db>>) -> Result<(LogStore, StateMachine, Arc<Db>), RaftError> {
+pub async fn open_storage_with(
+    dir: &Path,
+    db: Option<Arc<Db>>,
+) -> Result<(LogStore, StateMachine, Arc<Db>), RaftError> {
     let dir = dir.to_path_buf();
     let path = dir.clone();
     run_blocking(move || {

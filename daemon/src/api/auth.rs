@@ -18,9 +18,18 @@ use crate::tls::Peer;
 pub fn allowed(peer: &Peer, method: &Method, path: &str) -> bool {
     match peer {
         Peer::Local => true,
-        Peer::Remote { kind: PeerKind::Member, .. } => true,
-        Peer::Remote { kind: PeerKind::TrustedClient(_), .. } => !path.starts_with("/internal"),
-        Peer::Remote { kind: PeerKind::Anonymous, .. } => {
+        Peer::Remote {
+            kind: PeerKind::Member,
+            ..
+        } => true,
+        Peer::Remote {
+            kind: PeerKind::TrustedClient(_),
+            ..
+        } => !path.starts_with("/internal"),
+        Peer::Remote {
+            kind: PeerKind::Anonymous,
+            ..
+        } => {
             (method == Method::GET && matches!(path, "/" | "/1.0" | "/1.0/"))
                 || (method == Method::POST && path == crate::cluster::JOIN_PATH)
         }
@@ -46,7 +55,10 @@ mod tests {
     use super::*;
 
     fn remote(kind: PeerKind) -> Peer {
-        Peer::Remote { addr: "127.0.0.1:1".parse().unwrap(), kind }
+        Peer::Remote {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            kind,
+        }
     }
 
     #[test]
@@ -59,7 +71,11 @@ mod tests {
         let user = remote(PeerKind::TrustedClient("ab".into()));
         assert!(allowed(&user, &Method::DELETE, "/1.0/instances/c1"));
         assert!(!allowed(&user, &Method::POST, "/internal/raft/vote"));
-        assert!(allowed(&remote(PeerKind::Member), &Method::POST, "/internal/raft/vote"));
+        assert!(allowed(
+            &remote(PeerKind::Member),
+            &Method::POST,
+            "/internal/raft/vote"
+        ));
         assert!(allowed(&Peer::Local, &Method::POST, "/internal/raft/vote"));
     }
 }

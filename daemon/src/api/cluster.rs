@@ -34,32 +34,63 @@ pub async fn get_cluster(St(d): State) -> Response {
 pub async fn put_cluster(St(d): State, body: Bytes) -> Result<Response, ActionError> {
     let req: ClusterPut = parse_body(&body)?;
     if !req.enabled {
-        return Err(ActionError::BadRequest("disabling clustering is not supported: remove the member instead".into()));
+        return Err(ActionError::BadRequest(
+            "disabling clustering is not supported: remove the member instead".into(),
+        ));
     }
-    let (desc, d2) = if req.cluster_token.is_empty() { ("Enabling clustering", d.clone()) } else { ("Joining cluster", d.clone()) };
-    let name = if req.server_name.is_empty() { d.member.clone() } else { req.server_name.clone() };
-    let op = d.ops.spawn(desc, json!({"cluster": []}), false, move |_op| async move {
-        let res = if req.cluster_token.is_empty() { d2.cluster_enable(&name).await } else { d2.cluster_join(&req.cluster_token).await };
-        match res {
-            Ok(()) => Outcome::Done(Map::new()),
-            Err(e) => Outcome::Failed(e.to_string()),
-        }
-    });
+    let (desc, d2) = if req.cluster_token.is_empty() {
+        ("Enabling clustering", d.clone())
+    } else {
+        ("Joining cluster", d.clone())
+    };
+    let name = if req.server_name.is_empty() {
+        d.member.clone()
+    } else {
+        req.server_name.clone()
+    };
+    let op = d
+        .ops
+        .spawn(desc, json!({"cluster": []}), false, move |_op| async move {
+            let res = if req.cluster_token.is_empty() {
+                d2.cluster_enable(&name).await
+            } else {
+                d2.cluster_join(&req.cluster_token).await
+            };
+            match res {
+                Ok(()) => Outcome::Done(Map::new()),
+                Err(e) => Outcome::Failed(e.to_string()),
+            }
+        });
     Ok(async_op(&op))
 }
 
-pub async fn list_members(St(d): State, axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>) -> Result<Response, ActionError> {
+pub async fn list_members(
+    St(d): State,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ActionError> {
     let members = d.members_json()?;
     if q.get("recursion").is_some_and(|r| r != "0") {
         return Ok(sync(Value::Array(members)));
     }
-    let urls: Vec<String> = members.iter().map(|m| format!("/1.0/cluster/members/{}", m["server_name"].as_str().unwrap_or(""))).collect();
+    let urls: Vec<String> = members
+        .iter()
+        .map(|m| {
+            format!(
+                "/1.0/cluster/members/{}",
+                m["server_name"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
     Ok(sync(json!(urls)))
 }
 
 pub async fn get_member(St(d): State, Path(name): Path<String>) -> Result<Response, ActionError> {
-    let m = d.members_json()?.into_iter().find(|m| m["server_name"] == name.as_str());
-    m.map(sync).ok_or_else(|| ActionError::NotFound(format!("member \"{name}\" not found")))
+    let m = d
+        .members_json()?
+        .into_iter()
+        .find(|m| m["server_name"] == name.as_str());
+    m.map(sync)
+        .ok_or_else(|| ActionError::NotFound(format!("member \"{name}\" not found")))
 }
 
 #[derive(serde::Deserialize)]
@@ -74,18 +105,39 @@ pub async fn add_member(St(d): State, body: Bytes) -> Result<Response, ActionErr
     meta.insert("serverName".into(), json!(token.member_name));
     meta.insert("fingerprint".into(), json!(token.fingerprint));
     meta.insert("addresses".into(), json!(token.addresses));
-    meta.insert("expiresAt".into(), json!(chrono::DateTime::from_timestamp(token.expires_at, 0).map(|t| t.to_rfc3339())));
+    meta.insert(
+        "expiresAt".into(),
+        json!(chrono::DateTime::from_timestamp(token.expires_at, 0).map(|t| t.to_rfc3339())),
+    );
     meta.insert("token".into(), json!(token.encode()));
-    let op = d.ops.spawn("Requesting a join token", json!({"cluster": []}), false, move |_| async move { Outcome::Done(meta) });
+    let op = d.ops.spawn(
+        "Requesting a join token",
+        json!({"cluster": []}),
+        false,
+        move |_| async move { Outcome::Done(meta) },
+    );
     op.wait(Some(std::time::Duration::from_secs(5))).await;
     Ok(async_op(&op))
 }
 
-pub async fn delete_member(St(d): State, Path(name): Path<String>) -> Result<Response, ActionError> {
+pub async fn delete_member(
+    St(d): State,
+    Path(name): Path<String>,
+) -> Result<Response, ActionError> {
     let c = d.require_cluster()?;
     if !c.is_leader() {
-        let (_, leader) = c.leader().ok_or_else(|| ActionError::Internal("no cluster leader yet: retry".into()))?;
-        let r = c.peers.send(&leader, hyper::Method::DELETE, &format!("/1.0/cluster/members/{name}"), Bytes::new()).await
+        let (_, leader) = c
+            .leader()
+            .ok_or_else(|| ActionError::Internal("no cluster leader yet: retry".into()))?;
+        let r = c
+            .peers
+            .send(
+                &leader,
+                hyper::Method::DELETE,
+                &format!("/1.0/cluster/members/{name}"),
+                Bytes::new(),
+            )
+            .await
             .map_err(|e| ActionError::Internal(e.to_string()))?;
         return Ok((r.status, [("content-type", "application/json")], r.body).into_response());
     }
@@ -96,11 +148,16 @@ pub async fn delete_member(St(d): State, Path(name): Path<String>) -> Result<Res
 // ---- member-to-member ----
 
 fn json_reply<T: serde::Serialize>(v: &T) -> Response {
-    (StatusCode::OK, axum::Json(serde_json::to_value(v).unwrap_or(Value::Null))).into_response()
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::to_value(v).unwrap_or(Value::Null)),
+    )
+        .into_response()
 }
 
 fn cluster_of(d: &Arc<Daemon>) -> Result<Arc<crate::cluster::Cluster>, ActionError> {
-    d.cluster().ok_or_else(|| ActionError::Conflict("this member is not clustered (yet)".into()))
+    d.cluster()
+        .ok_or_else(|| ActionError::Conflict("this member is not clustered (yet)".into()))
 }
 
 pub async fn raft_append(St(d): State, body: Bytes) -> Result<Response, ActionError> {
@@ -125,15 +182,23 @@ pub async fn raft_snapshot(St(d): State, body: Bytes) -> Result<Response, Action
 pub async fn raft_write(St(d): State, body: Bytes) -> Result<Response, ActionError> {
     let c = cluster_of(&d)?;
     let entry: LogCommand = parse_body(&body)?;
-    let attempt = tokio::time::timeout(crate::cluster::WRITE_TIMEOUT, c.raft.client_write(entry)).await;
+    let attempt =
+        tokio::time::timeout(crate::cluster::WRITE_TIMEOUT, c.raft.client_write(entry)).await;
     let Ok(attempt) = attempt else {
-        return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "no quorum: the leader could not commit the write".into()));
+        return Ok(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no quorum: the leader could not commit the write".into(),
+        ));
     };
     match attempt {
-        Ok(resp) => Ok(json_reply(&crate::cluster::ForwardedWrite { result: resp.data, log_index: resp.log_id.index })),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-            Ok(error(StatusCode::SERVICE_UNAVAILABLE, "not the leader (any more): retry".into()))
-        }
+        Ok(resp) => Ok(json_reply(&crate::cluster::ForwardedWrite {
+            result: resp.data,
+            log_index: resp.log_id.index,
+        })),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Ok(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not the leader (any more): retry".into(),
+        )),
         Err(e) => Ok(error(StatusCode::SERVICE_UNAVAILABLE, format!("raft: {e}"))),
     }
 }
@@ -158,7 +223,9 @@ pub async fn join(St(d): State, body: Bytes) -> Result<Response, ActionError> {
 /// The state machine's checksum and applied index, to compare members.
 pub async fn checksum(St(d): State) -> Result<Response, ActionError> {
     let db = d.db();
-    Ok(json_reply(&json!({"checksum": db.checksum()?, "applied_index": db.applied_index()?})))
+    Ok(json_reply(
+        &json!({"checksum": db.checksum()?, "applied_index": db.applied_index()?}),
+    ))
 }
 
 pub async fn migration_sink(St(d): State, body: Bytes) -> Result<Response, ActionError> {

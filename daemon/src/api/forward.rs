@@ -17,7 +17,9 @@ const FORWARDED: &str = "x-ferry-forwarded";
 const MAX_BODY: usize = 16 << 20;
 
 pub async fn forward(St(d): St<Arc<Daemon>>, req: Request, next: Next) -> Response {
-    let Some(cluster) = d.cluster() else { return next.run(req).await };
+    let Some(cluster) = d.cluster() else {
+        return next.run(req).await;
+    };
     if req.headers().contains_key(FORWARDED) {
         return next.run(req).await;
     }
@@ -25,26 +27,40 @@ pub async fn forward(St(d): St<Arc<Daemon>>, req: Request, next: Next) -> Respon
     let query = req.uri().query().map(str::to_string);
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let target_member = match segs.as_slice() {
-        ["1.0", "instances"] if req.method() == Method::POST => match placement(&d, query.as_deref()).await {
-            Ok(m) => m,
-            Err(resp) => return resp,
-        },
-        ["1.0", "instances", name, ..] => d.db().get_instance(name).ok().flatten().map(|r| r.member),
+        ["1.0", "instances"] if req.method() == Method::POST => {
+            match placement(&d, query.as_deref()).await {
+                Ok(m) => m,
+                Err(resp) => return resp,
+            }
+        }
+        ["1.0", "instances", name, ..] => {
+            d.db().get_instance(name).ok().flatten().map(|r| r.member)
+        }
         ["1.0", "operations", id, ..] if d.ops.get(id).is_none() => {
-            return forward_operation(&d, req, &path, query.as_deref()).await.unwrap_or_else(|| {
-                error(StatusCode::NOT_FOUND, format!("Operation {id} not found on any member"))
-            });
+            return forward_operation(&d, req, &path, query.as_deref())
+                .await
+                .unwrap_or_else(|| {
+                    error(
+                        StatusCode::NOT_FOUND,
+                        format!("Operation {id} not found on any member"),
+                    )
+                });
         }
         _ => None,
     };
     match target_member {
         Some(m) if m != d.member => {
             let Ok(Some(rec)) = cluster.db.get_member(&m) else {
-                return error(StatusCode::SERVICE_UNAVAILABLE, format!("member \"{m}\" is not known to the cluster"));
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("member \"{m}\" is not known to the cluster"),
+                );
             };
             let pq = match (&query, segs.as_slice()) {
                 (None, ["1.0", "instances"]) => format!("{path}?target={m}"),
-                (Some(q), ["1.0", "instances"]) if !q.contains("target=") => format!("{path}?{q}&target={m}"),
+                (Some(q), ["1.0", "instances"]) if !q.contains("target=") => {
+                    format!("{path}?{q}&target={m}")
+                }
                 (Some(q), _) => format!("{path}?{q}"),
                 (None, _) => path.clone(),
             };
@@ -58,17 +74,30 @@ pub async fn forward(St(d): St<Arc<Daemon>>, req: Request, next: Next) -> Respon
 /// online member with the most free memory (decided on a linearizable read).
 async fn placement(d: &Arc<Daemon>, query: Option<&str>) -> Result<Option<String>, Response> {
     let cluster = d.cluster().expect("clustered");
-    let target = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("target=")).map(str::to_string));
+    let target = query.and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("target="))
+            .map(str::to_string)
+    });
     if let Err(e) = cluster.barrier().await {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("cannot place the instance: {e}")));
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot place the instance: {e}"),
+        ));
     }
     let members = cluster.db.list_members().unwrap_or_default();
     if let Some(t) = target.filter(|t| !t.is_empty()) {
         return match members.iter().find(|m| m.name == t) {
-            None => Err(error(StatusCode::BAD_REQUEST, format!("Member \"{t}\" is not in the cluster: see `ferry cluster list`"))),
+            None => Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("Member \"{t}\" is not in the cluster: see `ferry cluster list`"),
+            )),
             Some(m) => match cluster.check_online(&t, &m.address).await {
                 true => Ok(Some(t)),
-                false => Err(error(StatusCode::BAD_REQUEST, format!("Member \"{t}\" is offline: choose another --target"))),
+                false => Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("Member \"{t}\" is offline: choose another --target"),
+                )),
             },
         };
     }
@@ -80,10 +109,17 @@ async fn placement(d: &Arc<Daemon>, query: Option<&str>) -> Result<Option<String
             _ => None,
         })
         .max();
-    Ok(Some(best.map(|(_, n)| n).unwrap_or_else(|| d.member.clone())))
+    Ok(Some(
+        best.map(|(_, n)| n).unwrap_or_else(|| d.member.clone()),
+    ))
 }
 
-async fn forward_operation(d: &Arc<Daemon>, req: Request, path: &str, query: Option<&str>) -> Option<Response> {
+async fn forward_operation(
+    d: &Arc<Daemon>,
+    req: Request,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Response> {
     let cluster = d.cluster()?;
     let pq = match query {
         Some(q) => format!("{path}?{q}"),
@@ -108,14 +144,29 @@ async fn proxy(d: &Arc<Daemon>, addr: &str, req: Request, pq: &str) -> Response 
     let method = req.method().clone();
     let body = match to_bytes(req.into_body(), MAX_BODY).await {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        }
     };
     send(d, addr, method, pq, body).await.unwrap_or_else(|e| e)
 }
 
-async fn send(d: &Arc<Daemon>, addr: &str, method: Method, pq: &str, body: Bytes) -> Result<Response, Response> {
+async fn send(
+    d: &Arc<Daemon>,
+    addr: &str,
+    method: Method,
+    pq: &str,
+    body: Bytes,
+) -> Result<Response, Response> {
     let cluster = d.cluster().expect("clustered");
-    let peers = cluster.peers.clone().with_timeout(std::time::Duration::from_secs(120)).with_header(FORWARDED, "1");
+    let peers = cluster
+        .peers
+        .clone()
+        .with_timeout(std::time::Duration::from_secs(120))
+        .with_header(FORWARDED, "1");
     match peers.send(addr, method, pq, body).await {
         Ok(r) => {
             let mut resp = Response::new(Body::from(r.body));
@@ -126,6 +177,10 @@ async fn send(d: &Arc<Daemon>, addr: &str, method: Method, pq: &str, body: Bytes
             }
             Ok(resp)
         }
-        Err(e) => Err(error(StatusCode::BAD_GATEWAY, format!("forwarding to member at {addr} failed: {e}")).into_response()),
+        Err(e) => Err(error(
+            StatusCode::BAD_GATEWAY,
+            format!("forwarding to member at {addr} failed: {e}"),
+        )
+        .into_response()),
     }
 }

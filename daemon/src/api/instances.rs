@@ -19,7 +19,10 @@ pub async fn list(St(d): State, Query(q): Q) -> Result<Response, ActionError> {
     let recs = d.db().list_instances()?;
     let level = recursion(&q);
     if level == 0 {
-        let urls: Vec<String> = recs.iter().map(|r| format!("/1.0/instances/{}", r.name)).collect();
+        let urls: Vec<String> = recs
+            .iter()
+            .map(|r| format!("/1.0/instances/{}", r.name))
+            .collect();
         return Ok(sync(serde_json::json!(urls)));
     }
     let mut out = Vec::with_capacity(recs.len());
@@ -34,7 +37,11 @@ pub async fn create(St(d): State, body: Bytes) -> Result<Response, ActionError> 
     Ok(async_op(&d.create_instance(req)?))
 }
 
-pub async fn get_one(St(d): State, Path(name): Path<String>, Query(q): Q) -> Result<Response, ActionError> {
+pub async fn get_one(
+    St(d): State,
+    Path(name): Path<String>,
+    Query(q): Q,
+) -> Result<Response, ActionError> {
     let rec = d.record(&name)?;
     Ok(sync(d.instance_json(&rec, recursion(&q) >= 1).await))
 }
@@ -47,21 +54,34 @@ pub async fn get_state(St(d): State, Path(name): Path<String>) -> Result<Respons
     Ok(sync(d.instance_state_json(&name).await?))
 }
 
-pub async fn put_state(St(d): State, Path(name): Path<String>, body: Bytes) -> Result<Response, ActionError> {
+pub async fn put_state(
+    St(d): State,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ActionError> {
     let req = parse_body(&body)?;
     Ok(async_op(&d.change_state(&name, req).await?))
 }
 
-pub async fn exec(St(d): State, Path(name): Path<String>, body: Bytes) -> Result<Response, ActionError> {
+pub async fn exec(
+    St(d): State,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ActionError> {
     let req = parse_body(&body)?;
     Ok(async_op(&d.exec(&name, req).await?))
 }
 
-pub async fn get_log(St(d): State, Path((name, file)): Path<(String, String)>) -> Result<Response, ActionError> {
+pub async fn get_log(
+    St(d): State,
+    Path((name, file)): Path<(String, String)>,
+) -> Result<Response, ActionError> {
     let p = d.log_path(&name, &file)?;
-    let bytes = tokio::fs::read(&p)
-        .await
-        .map_err(|_| ActionError::NotFound(format!("Log file {file:?} of instance \"{name}\" not found")))?;
+    let bytes = tokio::fs::read(&p).await.map_err(|_| {
+        ActionError::NotFound(format!(
+            "Log file {file:?} of instance \"{name}\" not found"
+        ))
+    })?;
     Ok(raw(bytes))
 }
 
@@ -77,7 +97,11 @@ pub struct Patch {
     config: std::collections::BTreeMap<String, String>,
 }
 
-pub async fn patch(St(d): State, Path(name): Path<String>, body: Bytes) -> Result<Response, ActionError> {
+pub async fn patch(
+    St(d): State,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ActionError> {
     let req: Patch = parse_body(&body)?;
     d.patch_config(&name, req.config).await?;
     Ok(sync(serde_json::json!({})))
@@ -101,23 +125,45 @@ pub struct Post {
 }
 
 /// `POST /1.0/instances/<name>?target=M {"migration": true, "live": true}`: move.
-pub async fn post(St(d): State, Path(name): Path<String>, Query(q): Q, body: Bytes) -> Result<Response, ActionError> {
+pub async fn post(
+    St(d): State,
+    Path(name): Path<String>,
+    Query(q): Q,
+    body: Bytes,
+) -> Result<Response, ActionError> {
     let req: Post = parse_body(&body)?;
     if !req.name.is_empty() && req.name != name {
-        return Err(ActionError::BadRequest("renaming instances is not supported".into()));
+        return Err(ActionError::BadRequest(
+            "renaming instances is not supported".into(),
+        ));
     }
     let target = q.get("target").filter(|t| !t.is_empty()).ok_or_else(|| {
-        ActionError::BadRequest("a move needs a target member: ?target=MEMBER (ferry move NAME --target MEMBER)".into())
+        ActionError::BadRequest(
+            "a move needs a target member: ?target=MEMBER (ferry move NAME --target MEMBER)".into(),
+        )
     })?;
     if !req.migration {
-        return Err(ActionError::BadRequest("set \"migration\": true to move the instance".into()));
+        return Err(ActionError::BadRequest(
+            "set \"migration\": true to move the instance".into(),
+        ));
     }
     if req.bandwidth == Some(0) {
-        return Err(ActionError::BadRequest("\"bandwidth\" must be a positive number of bytes per second (omit it for unlimited)".into()));
+        return Err(ActionError::BadRequest(
+            "\"bandwidth\" must be a positive number of bytes per second (omit it for unlimited)"
+                .into(),
+        ));
     }
     if req.max_downtime_ms == Some(0) {
-        return Err(ActionError::BadRequest("\"max_downtime_ms\" must be positive (default 300)".into()));
+        return Err(ActionError::BadRequest(
+            "\"max_downtime_ms\" must be positive (default 300)".into(),
+        ));
     }
-    let options = ferry_migration::MoveOptions { bandwidth: req.bandwidth, max_downtime_ms: req.max_downtime_ms, postcopy: req.postcopy };
-    Ok(async_op(&d.move_instance(&name, target, req.live, options).await?))
+    let options = ferry_migration::MoveOptions {
+        bandwidth: req.bandwidth,
+        max_downtime_ms: req.max_downtime_ms,
+        postcopy: req.postcopy,
+    };
+    Ok(async_op(
+        &d.move_instance(&name, target, req.live, options).await?,
+    ))
 }

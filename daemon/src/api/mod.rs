@@ -26,42 +26,92 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/", get(|| async { sync(json!(["/1.0"])) }))
         .route("/1.0", get(server_info))
-        .route("/1.0/instances", get(instances::list).post(instances::create))
-        .route("/1.0/instances/{name}", get(instances::get_one).delete(instances::delete).patch(instances::patch).post(instances::post))
-        .route("/1.0/instances/{name}/state", get(instances::get_state).put(instances::put_state))
+        .route(
+            "/1.0/instances",
+            get(instances::list).post(instances::create),
+        )
+        .route(
+            "/1.0/instances/{name}",
+            get(instances::get_one)
+                .delete(instances::delete)
+                .patch(instances::patch)
+                .post(instances::post),
+        )
+        .route(
+            "/1.0/instances/{name}/state",
+            get(instances::get_state).put(instances::put_state),
+        )
         .route("/1.0/instances/{name}/exec", post(instances::exec))
         .route("/1.0/instances/{name}/logs/{file}", get(instances::get_log))
         .route("/1.0/instances/{name}/console", get(instances::get_console))
         .route("/1.0/operations", get(operations::list))
-        .route("/1.0/operations/{id}", get(operations::get_one).delete(operations::cancel))
+        .route(
+            "/1.0/operations/{id}",
+            get(operations::get_one).delete(operations::cancel),
+        )
         .route("/1.0/operations/{id}/wait", get(operations::wait))
         .route("/1.0/operations/{id}/websocket", get(operations::websocket))
         .route(crate::migrate::SINK_PATH, post(cluster::migration_sink))
         .route("/1.0/events", get(operations::events))
-        .route("/1.0/certificates", get(certificates::list).post(certificates::add))
-        .route("/1.0/certificates/{fingerprint}", axum::routing::delete(certificates::remove))
-        .route("/1.0/cluster", get(cluster::get_cluster).put(cluster::put_cluster))
-        .route("/1.0/cluster/members", get(cluster::list_members).post(cluster::add_member))
-        .route("/1.0/cluster/members/{name}", get(cluster::get_member).delete(cluster::delete_member))
+        .route(
+            "/1.0/certificates",
+            get(certificates::list).post(certificates::add),
+        )
+        .route(
+            "/1.0/certificates/{fingerprint}",
+            axum::routing::delete(certificates::remove),
+        )
+        .route(
+            "/1.0/cluster",
+            get(cluster::get_cluster).put(cluster::put_cluster),
+        )
+        .route(
+            "/1.0/cluster/members",
+            get(cluster::list_members).post(cluster::add_member),
+        )
+        .route(
+            "/1.0/cluster/members/{name}",
+            get(cluster::get_member).delete(cluster::delete_member),
+        )
         .route(crate::cluster::net::APPEND_PATH, post(cluster::raft_append))
         .route(crate::cluster::net::VOTE_PATH, post(cluster::raft_vote))
-        .route(crate::cluster::net::SNAPSHOT_PATH, post(cluster::raft_snapshot))
+        .route(
+            crate::cluster::net::SNAPSHOT_PATH,
+            post(cluster::raft_snapshot),
+        )
         .route(crate::cluster::WRITE_PATH, post(cluster::raft_write))
         .route(crate::cluster::BARRIER_PATH, post(cluster::raft_barrier))
         .route(crate::cluster::HEARTBEAT_PATH, post(cluster::heartbeat))
         .route(crate::cluster::JOIN_PATH, post(cluster::join))
         .route("/internal/db/checksum", get(cluster::checksum))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not found: no such API endpoint".into()) })
-        .layer(axum::middleware::from_fn_with_state(daemon.clone(), forward::forward))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not found: no such API endpoint".into(),
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            forward::forward,
+        ))
         .layer(axum::middleware::from_fn(auth::authorize))
         .with_state(daemon)
 }
 
 /// API extensions this server implements (names as Incus uses them).
-const EXTENSIONS: &[&str] = &["api_filtering", "container_full", "instance_get_full", "console", "operation_wait", "clustering"];
+const EXTENSIONS: &[&str] = &[
+    "api_filtering",
+    "container_full",
+    "instance_get_full",
+    "console",
+    "operation_wait",
+    "clustering",
+];
 
 async fn server_info(axum::extract::State(d): State) -> Response {
-    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     sync(json!({
         "api_extensions": EXTENSIONS,
         "api_status": "stable",
@@ -124,7 +174,9 @@ impl IntoResponse for ActionError {
 /// Parse a JSON body, naming what is wrong when it is not valid.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ActionError> {
     serde_json::from_slice(body).map_err(|e| {
-        ActionError::BadRequest(format!("Malformed JSON request body: {e}; see doc/api.md for the expected shape"))
+        ActionError::BadRequest(format!(
+            "Malformed JSON request body: {e}; see doc/api.md for the expected shape"
+        ))
     })
 }
 

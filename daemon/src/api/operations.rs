@@ -12,7 +12,9 @@ use super::{sync, State};
 use crate::core::ActionError;
 
 fn not_found(id: &str) -> ActionError {
-    ActionError::NotFound(format!("Operation {id} not found (finished operations are kept for 5 minutes)"))
+    ActionError::NotFound(format!(
+        "Operation {id} not found (finished operations are kept for 5 minutes)"
+    ))
 }
 
 pub async fn list(St(d): State, Query(q): Query<HashMap<String, String>>) -> Response {
@@ -20,8 +22,17 @@ pub async fn list(St(d): State, Query(q): Query<HashMap<String, String>>) -> Res
     let mut by_status: Map<String, Value> = Map::new();
     for op in d.ops.all() {
         let key = op.status().name().to_lowercase();
-        let item = if full { op.to_json() } else { json!(format!("/1.0/operations/{}", op.id)) };
-        by_status.entry(key).or_insert_with(|| json!([])).as_array_mut().unwrap().push(item);
+        let item = if full {
+            op.to_json()
+        } else {
+            json!(format!("/1.0/operations/{}", op.id))
+        };
+        by_status
+            .entry(key)
+            .or_insert_with(|| json!([]))
+            .as_array_mut()
+            .unwrap()
+            .push(item);
     }
     sync(Value::Object(by_status))
 }
@@ -37,13 +48,21 @@ pub async fn cancel(St(d): State, Path(id): Path<String>) -> Result<Response, Ac
     Ok(sync(json!({})))
 }
 
-pub async fn wait(St(d): State, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ActionError> {
+pub async fn wait(
+    St(d): State,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ActionError> {
     let op = d.ops.get(&id).ok_or_else(|| not_found(&id))?;
     let timeout = match q.get("timeout").map(|t| t.parse::<f64>()) {
         None => None,
         Some(Ok(t)) if t < 0.0 => None,
         Some(Ok(t)) => Some(Duration::from_secs_f64(t.min(86400.0))),
-        Some(Err(_)) => return Err(ActionError::BadRequest("timeout must be a number of seconds (-1: no limit)".into())),
+        Some(Err(_)) => {
+            return Err(ActionError::BadRequest(
+                "timeout must be a number of seconds (-1: no limit)".into(),
+            ))
+        }
     };
     op.wait(timeout).await;
     Ok(sync(op.to_json()))
@@ -76,9 +95,17 @@ async fn pump(mut socket: WebSocket, mut rx: tokio::sync::broadcast::Receiver<St
 
 /// `GET /1.0/operations/<id>/websocket?secret=S`: a migration channel. The
 /// secret is checked (constant time, single use) before the upgrade.
-pub async fn websocket(St(d): State, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>, ws: WebSocketUpgrade) -> Result<Response, ActionError> {
+pub async fn websocket(
+    St(d): State,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ActionError> {
     let secret = q.get("secret").map(String::as_str).unwrap_or("");
-    let waiter = d.pending.take(&id, secret).ok_or_else(|| ActionError::Forbidden("invalid or already used websocket secret".into()))?;
+    let waiter = d
+        .pending
+        .take(&id, secret)
+        .ok_or_else(|| ActionError::Forbidden("invalid or already used websocket secret".into()))?;
     Ok(ws.on_upgrade(move |socket| async move {
         let _ = waiter.send(crate::migrate::ws::from_axum(socket));
     }))

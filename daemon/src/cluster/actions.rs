@@ -57,20 +57,27 @@ fn new_node_id() -> NodeId {
 impl Daemon {
     fn require_address(&self) -> Result<String, ActionError> {
         self.listen.map(|a| a.to_string()).ok_or_else(|| {
-            ActionError::BadRequest("this member has no cluster address: restart ferryd with --listen ADDR:PORT".into())
+            ActionError::BadRequest(
+                "this member has no cluster address: restart ferryd with --listen ADDR:PORT".into(),
+            )
         })
     }
 
     fn require_standalone(&self) -> Result<(), ActionError> {
         if self.cluster().is_some() {
-            return Err(ActionError::BadRequest(format!("member \"{}\" is already part of a cluster", self.member)));
+            return Err(ActionError::BadRequest(format!(
+                "member \"{}\" is already part of a cluster",
+                self.member
+            )));
         }
         Ok(())
     }
 
     pub fn require_cluster(&self) -> Result<Arc<Cluster>, ActionError> {
         self.cluster().ok_or_else(|| {
-            ActionError::BadRequest("this member is not clustered: run `ferry cluster enable NAME` first".into())
+            ActionError::BadRequest(
+                "this member is not clustered: run `ferry cluster enable NAME` first".into(),
+            )
         })
     }
 
@@ -84,14 +91,26 @@ impl Daemon {
             )));
         }
         let address = self.require_address()?;
-        let host = address.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default();
+        let host = address
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_default();
         let cert = ClusterCert::create(&self.dir, &[host]).map_err(ClusterError::from)?;
-        let config = ClusterConfig { version: 1, name: name.to_string(), node_id: new_node_id(), address: address.clone() };
+        let config = ClusterConfig {
+            version: 1,
+            name: name.to_string(),
+            node_id: new_node_id(),
+            address: address.clone(),
+        };
         config.save(&self.dir)?;
         let cluster = self.start_cluster(config, cert).await?;
         let mut nodes = std::collections::BTreeMap::new();
         nodes.insert(cluster.config.node_id, cluster.node());
-        cluster.raft.initialize(nodes).await.map_err(|e| ActionError::Internal(format!("raft initialize: {e}")))?;
+        cluster
+            .raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| ActionError::Internal(format!("raft initialize: {e}")))?;
         cluster
             .write(Command::AddMember {
                 name: name.to_string(),
@@ -106,10 +125,16 @@ impl Daemon {
     }
 
     /// Start the raft node and switch the DB, write path and TLS to cluster mode.
-    pub async fn start_cluster(&self, config: ClusterConfig, cert: ClusterCert) -> Result<Arc<Cluster>, ClusterError> {
+    pub async fn start_cluster(
+        &self,
+        config: ClusterConfig,
+        cert: ClusterCert,
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let cluster = Cluster::start(&self.dir, config, cert.clone(), self.db()).await?;
         self.set_cluster(cluster.clone());
-        self.tls.set_mode(TlsMode::Cluster(cert)).map_err(|e| ClusterError::Refused(e.to_string()))?;
+        self.tls
+            .set_mode(TlsMode::Cluster(cert))
+            .map_err(|e| ClusterError::Refused(e.to_string()))?;
         Ok(cluster)
     }
 
@@ -119,9 +144,15 @@ impl Daemon {
         crate::core::validate_member_name(name)?;
         c.barrier().await?;
         if c.db.get_member(name)?.is_some() {
-            return Err(ActionError::Conflict(format!("member \"{name}\" is already in the cluster")));
+            return Err(ActionError::Conflict(format!(
+                "member \"{name}\" is already in the cluster"
+            )));
         }
-        let addresses: Vec<String> = c.db.list_members()?.into_iter().map(|m| m.address).collect();
+        let addresses: Vec<String> =
+            c.db.list_members()?
+                .into_iter()
+                .map(|m| m.address)
+                .collect();
         let token = JoinToken::new(name, addresses, c.cert.fingerprint(), TOKEN_TTL);
         c.write(Command::AddJoinToken {
             member_name: name.to_string(),
@@ -138,7 +169,9 @@ impl Daemon {
         self.require_standalone()?;
         let address = self.require_address()?;
         let token = JoinToken::decode(token).map_err(|e| ActionError::BadRequest(e.to_string()))?;
-        token.check_expiry(chrono::Utc::now().timestamp()).map_err(|e| ActionError::BadRequest(e.to_string()))?;
+        token
+            .check_expiry(chrono::Utc::now().timestamp())
+            .map_err(|e| ActionError::BadRequest(e.to_string()))?;
         if token.member_name != self.member {
             return Err(ActionError::BadRequest(format!(
                 "this token is for member \"{}\" but this member is \"{}\": ask for a token with `ferry cluster add {}`",
@@ -146,9 +179,12 @@ impl Daemon {
             )));
         }
         if !self.db().list_instances()?.is_empty() {
-            return Err(ActionError::BadRequest("this member has instances: delete them before joining a cluster".into()));
+            return Err(ActionError::BadRequest(
+                "this member has instances: delete them before joining a cluster".into(),
+            ));
         }
-        let tls = ferry_cluster::mtls::joiner_client_config(&token.fingerprint).map_err(ClusterError::from)?;
+        let tls = ferry_cluster::mtls::joiner_client_config(&token.fingerprint)
+            .map_err(ClusterError::from)?;
         let joiner = PeerClient::new(tls);
         let req = JoinRequest {
             name: self.member.clone(),
@@ -165,15 +201,25 @@ impl Daemon {
                     reply = Some(r);
                     break;
                 }
-                Err(super::peer::PeerError::Status { message, .. }) => return Err(ActionError::BadRequest(message)),
+                Err(super::peer::PeerError::Status { message, .. }) => {
+                    return Err(ActionError::BadRequest(message))
+                }
                 Err(e) => last = e.to_string(),
             }
         }
-        let reply = reply.ok_or_else(|| ActionError::BadRequest(format!("cannot reach the cluster: {last}")))?;
-        let cert = ClusterCert::from_pem(&reply.cert_pem, &reply.key_pem).map_err(ClusterError::from)?;
-        cert.check_fingerprint(&token.fingerprint).map_err(ClusterError::from)?;
+        let reply = reply
+            .ok_or_else(|| ActionError::BadRequest(format!("cannot reach the cluster: {last}")))?;
+        let cert =
+            ClusterCert::from_pem(&reply.cert_pem, &reply.key_pem).map_err(ClusterError::from)?;
+        cert.check_fingerprint(&token.fingerprint)
+            .map_err(ClusterError::from)?;
         cert.save(&self.dir).map_err(ClusterError::from)?;
-        let config = ClusterConfig { version: 1, name: self.member.clone(), node_id: req.node_id, address };
+        let config = ClusterConfig {
+            version: 1,
+            name: self.member.clone(),
+            node_id: req.node_id,
+            address,
+        };
         config.save(&self.dir)?;
         let cluster = self.start_cluster(config, cert).await?;
         wait_voter(&cluster).await?;
@@ -186,11 +232,19 @@ impl Daemon {
     pub async fn handle_join(self: &Arc<Self>, req: JoinRequest) -> Result<JoinReply, ActionError> {
         let c = self.require_cluster()?;
         if !c.is_leader() {
-            let (_, leader) = c.leader().ok_or_else(|| ActionError::Internal("no cluster leader yet: retry".into()))?;
-            return c.peers.call(&leader, JOIN_PATH, &req).await.map_err(|e| match e {
-                super::peer::PeerError::Status { message, .. } => ActionError::BadRequest(message),
-                other => ActionError::Internal(other.to_string()),
-            });
+            let (_, leader) = c
+                .leader()
+                .ok_or_else(|| ActionError::Internal("no cluster leader yet: retry".into()))?;
+            return c
+                .peers
+                .call(&leader, JOIN_PATH, &req)
+                .await
+                .map_err(|e| match e {
+                    super::peer::PeerError::Status { message, .. } => {
+                        ActionError::BadRequest(message)
+                    }
+                    other => ActionError::Internal(other.to_string()),
+                });
         }
         crate::core::validate_member_name(&req.name)?;
         c.write(Command::JoinMember {
@@ -204,10 +258,18 @@ impl Daemon {
         })
         .await
         .map_err(|e| ActionError::BadRequest(format!("join refused: {e}")))?;
-        let node = openraft::BasicNode { addr: req.address.clone() };
-        c.raft.add_learner(req.node_id, node, false).await.map_err(|e| ActionError::Internal(format!("add learner: {e}")))?;
+        let node = openraft::BasicNode {
+            addr: req.address.clone(),
+        };
+        c.raft
+            .add_learner(req.node_id, node, false)
+            .await
+            .map_err(|e| ActionError::Internal(format!("add learner: {e}")))?;
         tokio::spawn(promote_when_caught_up(c.clone(), req.node_id));
-        Ok(JoinReply { cert_pem: c.cert.cert_pem().to_string(), key_pem: c.cert.key_pem().to_string() })
+        Ok(JoinReply {
+            cert_pem: c.cert.cert_pem().to_string(),
+            key_pem: c.cert.key_pem().to_string(),
+        })
     }
 
     /// `GET /1.0/cluster/members?recursion=1`, Incus-shaped.
@@ -218,7 +280,13 @@ impl Daemon {
         let mut out = vec![];
         for rec in c.db.list_members()? {
             let (online, hb) = c.member_seen(&rec.name).unwrap_or_default();
-            let status = if rec.state == "evacuated" { "Evacuated" } else if online { "Online" } else { "Offline" };
+            let status = if rec.state == "evacuated" {
+                "Evacuated"
+            } else if online {
+                "Online"
+            } else {
+                "Offline"
+            };
             let role = if m.current_leader == Some(rec.node_id) {
                 "database-leader"
             } else if voters.contains(&rec.node_id) {
@@ -241,14 +309,22 @@ impl Daemon {
     /// `ferry cluster remove NAME` (on the leader; followers forward it).
     pub async fn cluster_remove(&self, name: &str) -> Result<(), ActionError> {
         let c = self.require_cluster()?;
-        let rec = c.db.get_member(name)?.ok_or_else(|| ActionError::NotFound(format!("member \"{name}\" not found")))?;
-        c.write(Command::RemoveMember { name: name.to_string() }).await?;
+        let rec =
+            c.db.get_member(name)?
+                .ok_or_else(|| ActionError::NotFound(format!("member \"{name}\" not found")))?;
+        c.write(Command::RemoveMember {
+            name: name.to_string(),
+        })
+        .await?;
         let ids: BTreeSet<NodeId> = [rec.node_id].into();
         c.raft
             .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
             .await
             .map_err(|e| ActionError::Internal(format!("raft membership change: {e}")))?;
-        let _ = c.raft.change_membership(ChangeMembers::RemoveNodes(ids), false).await;
+        let _ = c
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+            .await;
         Ok(())
     }
 }
@@ -258,9 +334,18 @@ async fn promote_when_caught_up(c: Arc<Cluster>, id: NodeId) {
     while std::time::Instant::now() < deadline {
         let m = c.raft.metrics().borrow().clone();
         let last = m.last_log_index.unwrap_or(0);
-        let matched = m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index).unwrap_or(0);
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id).cloned().flatten())
+            .map(|l| l.index)
+            .unwrap_or(0);
         if matched + 1 >= last && matched > 0 {
-            match c.raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false).await {
+            match c
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(node = id, "new member promoted to voter");
                     return;
@@ -270,7 +355,10 @@ async fn promote_when_caught_up(c: Arc<Cluster>, id: NodeId) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tracing::error!(node = id, "new member did not catch up within 120 s; it stays a learner");
+    tracing::error!(
+        node = id,
+        "new member did not catch up within 120 s; it stays a learner"
+    );
 }
 
 /// Joiner side: wait until this node is a voter and has applied the log.
@@ -278,11 +366,18 @@ async fn wait_voter(c: &Arc<Cluster>) -> Result<(), ActionError> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let m = c.raft.metrics().borrow().clone();
-        if m.membership_config.membership().voter_ids().any(|v| v == c.config.node_id) && c.db.get_member(&c.config.name)?.is_some() {
+        if m.membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == c.config.node_id)
+            && c.db.get_member(&c.config.name)?.is_some()
+        {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            return Err(ActionError::Internal("joined, but not promoted to voter within 60 s: see the leader's log".into()));
+            return Err(ActionError::Internal(
+                "joined, but not promoted to voter within 60 s: see the leader's log".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -47,7 +47,10 @@ pub enum ClusterError {
     #[error("{0}")]
     Peer(#[from] peer::PeerError),
     #[error("cannot write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `DIR/cluster.json`: who this member is in its cluster (format version 1).
@@ -70,7 +73,10 @@ impl ClusterConfig {
     pub fn save(&self, dir: &Path) -> Result<(), ClusterError> {
         let path = Self::path(dir);
         let tmp = dir.join("cluster.json.tmp");
-        let io = |source| ClusterError::Io { path: path.clone(), source };
+        let io = |source| ClusterError::Io {
+            path: path.clone(),
+            source,
+        };
         std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap()).map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)
     }
@@ -105,22 +111,43 @@ fn raft_err(e: impl std::fmt::Display) -> ClusterError {
 }
 
 fn unavailable(e: impl std::fmt::Display) -> DbError {
-    DbError::Unavailable(format!("the cluster database is unavailable ({e}); retry once a leader is elected"))
+    DbError::Unavailable(format!(
+        "the cluster database is unavailable ({e}); retry once a leader is elected"
+    ))
 }
 
 impl Cluster {
     /// Start this member's raft node on its storage under `dir`.
-    pub async fn start(dir: &Path, config: ClusterConfig, cert: ClusterCert, db: Arc<Db>) -> Result<Arc<Cluster>, ClusterError> {
+    pub async fn start(
+        dir: &Path,
+        config: ClusterConfig,
+        cert: ClusterCert,
+        db: Arc<Db>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let peers = PeerClient::new(ferry_cluster::mtls::member_client_config(&cert)?);
-        let network = net::Network { peers: peers.clone().with_timeout(Duration::from_secs(3)) };
-        let (raft, db) = raft::open_raft_with(config.node_id, dir, raft_config(), network, Some(db)).await.map_err(raft_err)?;
-        let c = Arc::new(Cluster { config, raft, db, peers, cert, seen: Mutex::new(HashMap::new()) });
+        let network = net::Network {
+            peers: peers.clone().with_timeout(Duration::from_secs(3)),
+        };
+        let (raft, db) =
+            raft::open_raft_with(config.node_id, dir, raft_config(), network, Some(db))
+                .await
+                .map_err(raft_err)?;
+        let c = Arc::new(Cluster {
+            config,
+            raft,
+            db,
+            peers,
+            cert,
+            seen: Mutex::new(HashMap::new()),
+        });
         tokio::spawn(heartbeat_loop(Arc::downgrade(&c)));
         Ok(c)
     }
 
     pub fn node(&self) -> openraft::BasicNode {
-        openraft::BasicNode { addr: self.config.address.clone() }
+        openraft::BasicNode {
+            addr: self.config.address.clone(),
+        }
     }
 
     pub fn leader(&self) -> Option<(NodeId, String)> {
@@ -169,7 +196,11 @@ impl Cluster {
             .wait(Some(Duration::from_secs(10)))
             .applied_index_at_least(Some(log_index), "local apply of own write")
             .await
-            .map_err(|e| unavailable(format!("committed, but not applied on this member yet: {e}")))?;
+            .map_err(|e| {
+                unavailable(format!(
+                    "committed, but not applied on this member yet: {e}"
+                ))
+            })?;
         result.into_result()
     }
 
@@ -179,7 +210,9 @@ impl Cluster {
         let index = match self.raft.ensure_linearizable().await {
             Ok(id) => id.map(|l| l.index).unwrap_or(0),
             Err(_) => {
-                let (_, addr) = self.leader().ok_or_else(|| ClusterError::Raft("no leader".into()))?;
+                let (_, addr) = self
+                    .leader()
+                    .ok_or_else(|| ClusterError::Raft("no leader".into()))?;
                 self.peers.call::<_, u64>(&addr, BARRIER_PATH, &()).await?
             }
         };
@@ -198,7 +231,10 @@ impl Cluster {
     }
 
     pub fn record_heartbeat(&self, hb: Heartbeat) {
-        self.seen.lock().unwrap().insert(hb.name.clone(), (Instant::now(), hb));
+        self.seen
+            .lock()
+            .unwrap()
+            .insert(hb.name.clone(), (Instant::now(), hb));
     }
 
     /// Is `name` online? Uses the last heartbeat; a member not heard from yet
@@ -208,7 +244,10 @@ impl Cluster {
             return true;
         }
         let peers = self.peers.clone().with_timeout(Duration::from_secs(2));
-        match peers.call::<_, Heartbeat>(address, HEARTBEAT_PATH, &local_heartbeat(&self.config.name)).await {
+        match peers
+            .call::<_, Heartbeat>(address, HEARTBEAT_PATH, &local_heartbeat(&self.config.name))
+            .await
+        {
             Ok(hb) => {
                 self.record_heartbeat(hb);
                 true
@@ -223,7 +262,8 @@ impl Cluster {
             return Some((true, local_heartbeat(name)));
         }
         let seen = self.seen.lock().unwrap();
-        seen.get(name).map(|(t, hb)| (t.elapsed() < OFFLINE_AFTER, hb.clone()))
+        seen.get(name)
+            .map(|(t, hb)| (t.elapsed() < OFFLINE_AFTER, hb.clone()))
     }
 }
 
@@ -232,7 +272,11 @@ impl Cluster {
 /// entries — a tuning knob, used by tests to force catch-up by snapshot.
 fn raft_config() -> openraft::Config {
     let mut c = raft::default_config();
-    if let Some(n) = std::env::var("FERRY_RAFT_SNAPSHOT_EVERY").ok().and_then(|v| v.parse::<u64>().ok()).filter(|n| *n > 0) {
+    if let Some(n) = std::env::var("FERRY_RAFT_SNAPSHOT_EVERY")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n > 0)
+    {
         c.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(n);
         c.max_in_snapshot_log_to_keep = 0;
         c.purge_batch_size = 1;
@@ -250,7 +294,11 @@ pub fn mem_free() -> u64 {
 }
 
 pub fn local_heartbeat(name: &str) -> Heartbeat {
-    Heartbeat { name: name.to_string(), version: crate::core::VERSION.to_string(), mem_free: mem_free() }
+    Heartbeat {
+        name: name.to_string(),
+        version: crate::core::VERSION.to_string(),
+        mem_free: mem_free(),
+    }
 }
 
 /// Every second, ask every other member for its heartbeat (over mTLS).
@@ -258,12 +306,21 @@ async fn heartbeat_loop(cluster: std::sync::Weak<Cluster>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(c) = cluster.upgrade() else { return };
-        let Ok(members) = c.db.list_members() else { continue };
+        let Ok(members) = c.db.list_members() else {
+            continue;
+        };
         for m in members.into_iter().filter(|m| m.name != c.config.name) {
             let c2 = c.clone();
             tokio::spawn(async move {
                 let peers = c2.peers.clone().with_timeout(Duration::from_secs(2));
-                if let Ok(hb) = peers.call::<_, Heartbeat>(&m.address, HEARTBEAT_PATH, &local_heartbeat(&c2.config.name)).await {
+                if let Ok(hb) = peers
+                    .call::<_, Heartbeat>(
+                        &m.address,
+                        HEARTBEAT_PATH,
+                        &local_heartbeat(&c2.config.name),
+                    )
+                    .await
+                {
                     c2.record_heartbeat(hb);
                 }
             });

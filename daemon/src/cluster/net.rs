@@ -3,10 +3,13 @@
 //! with the JSON of `Result<response, RaftError>`.
 
 use ferry_cluster::raft::{NodeId, TypeConfig};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
@@ -35,7 +38,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
-        Connection { target, addr: node.addr.clone(), peers: self.peers.clone() }
+        Connection {
+            target,
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
+        }
     }
 }
 
@@ -46,7 +53,8 @@ impl Connection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let reply: Result<Result<Resp, E>, PeerError> = self.peers.call(&self.addr, path, req).await;
+        let reply: Result<Result<Resp, E>, PeerError> =
+            self.peers.call(&self.addr, path, req).await;
         match reply {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
@@ -57,7 +65,11 @@ impl Connection {
 }
 
 impl RaftNetwork<TypeConfig> for Connection {
-    async fn append_entries(&mut self, rpc: AppendEntriesRequest<TypeConfig>, _: RPCOption) -> RpcResult<AppendEntriesResponse<NodeId>> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         self.rpc(APPEND_PATH, &rpc).await
     }
 
@@ -69,7 +81,11 @@ impl RaftNetwork<TypeConfig> for Connection {
         self.rpc(SNAPSHOT_PATH, &rpc).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, _: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
         self.rpc(VOTE_PATH, &rpc).await
     }
 }

@@ -18,7 +18,11 @@ pub enum PeerError {
     #[error("cannot reach member at {addr}: {detail}")]
     Connect { addr: String, detail: String },
     #[error("member at {addr} answered {status}: {message}")]
-    Status { addr: String, status: u16, message: String },
+    Status {
+        addr: String,
+        status: u16,
+        message: String,
+    },
     #[error("bad answer from member at {addr}: {detail}")]
     Decode { addr: String, detail: String },
 }
@@ -46,7 +50,12 @@ const POOL_PER_PEER: usize = 8;
 
 impl PeerClient {
     pub fn new(tls: rustls::ClientConfig) -> Self {
-        PeerClient { tls: Arc::new(tls), timeout: Duration::from_secs(10), headers: vec![], pool: Default::default() }
+        PeerClient {
+            tls: Arc::new(tls),
+            timeout: Duration::from_secs(10),
+            headers: vec![],
+            pool: Default::default(),
+        }
     }
 
     pub fn with_timeout(mut self, t: Duration) -> Self {
@@ -61,14 +70,32 @@ impl PeerClient {
     }
 
     /// One request, on a kept-alive connection to `addr` if one is idle.
-    pub async fn send(&self, addr: &str, method: Method, path: &str, body: Bytes) -> Result<PeerResponse, PeerError> {
+    pub async fn send(
+        &self,
+        addr: &str,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<PeerResponse, PeerError> {
         tokio::time::timeout(self.timeout, self.send_inner(addr, method, path, body))
             .await
-            .map_err(|_| PeerError::Connect { addr: addr.into(), detail: format!("no answer within {:?}", self.timeout) })?
+            .map_err(|_| PeerError::Connect {
+                addr: addr.into(),
+                detail: format!("no answer within {:?}", self.timeout),
+            })?
     }
 
-    async fn send_inner(&self, addr: &str, method: Method, path: &str, body: Bytes) -> Result<PeerResponse, PeerError> {
-        let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
+    async fn send_inner(
+        &self,
+        addr: &str,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<PeerResponse, PeerError> {
+        let conn_err = |detail: String| PeerError::Connect {
+            addr: addr.into(),
+            detail,
+        };
         let mut sender = self.sender(addr).await?;
         let mut req = Request::builder().method(method);
         for (k, v) in &self.headers {
@@ -80,10 +107,22 @@ impl PeerClient {
             .header("content-type", "application/json")
             .body(Full::new(body))
             .map_err(|e| conn_err(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| conn_err(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
         let status = resp.status();
-        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = resp.into_body().collect().await.map_err(|e| conn_err(e.to_string()))?.to_bytes();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| conn_err(e.to_string()))?
+            .to_bytes();
         if !sender.is_closed() {
             let mut pool = self.pool.lock().unwrap();
             let idle = pool.entry(addr.to_string()).or_default();
@@ -91,7 +130,11 @@ impl PeerClient {
                 idle.push(sender);
             }
         }
-        Ok(PeerResponse { status, content_type, body })
+        Ok(PeerResponse {
+            status,
+            content_type,
+            body,
+        })
     }
 
     /// An idle pooled connection that is still usable, else a new one.
@@ -105,9 +148,13 @@ impl PeerClient {
             }
         }
         let tls = self.connect(addr).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| PeerError::Connect { addr: addr.into(), detail: e.to_string() })?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| PeerError::Connect {
+                    addr: addr.into(),
+                    detail: e.to_string(),
+                })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -115,9 +162,17 @@ impl PeerClient {
     }
 
     /// TCP + TLS (pinned to the cluster certificate) to a peer.
-    async fn connect(&self, addr: &str) -> Result<tokio_rustls::client::TlsStream<TcpStream>, PeerError> {
-        let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
-        let tcp = TcpStream::connect(addr).await.map_err(|e| conn_err(e.to_string()))?;
+    async fn connect(
+        &self,
+        addr: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, PeerError> {
+        let conn_err = |detail: String| PeerError::Connect {
+            addr: addr.into(),
+            detail,
+        };
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         TlsConnector::from(self.tls.clone())
             .connect(ferry_cluster::mtls::cluster_server_name(), tcp)
@@ -126,31 +181,58 @@ impl PeerClient {
     }
 
     /// Open a websocket to a peer (the migration channels).
-    pub async fn websocket(&self, addr: &str, path: &str) -> Result<crate::migrate::ws::WsPipe, PeerError> {
-        let conn_err = |detail: String| PeerError::Connect { addr: addr.into(), detail };
+    pub async fn websocket(
+        &self,
+        addr: &str,
+        path: &str,
+    ) -> Result<crate::migrate::ws::WsPipe, PeerError> {
+        let conn_err = |detail: String| PeerError::Connect {
+            addr: addr.into(),
+            detail,
+        };
         let tls = self.connect(addr).await?;
         let url = format!("wss://ferry-cluster{path}");
-        let (ws, resp) = tokio::time::timeout(self.timeout, tokio_tungstenite::client_async(url, tls))
-            .await
-            .map_err(|_| conn_err("websocket handshake timed out".into()))?
-            .map_err(|e| conn_err(format!("websocket: {e}")))?;
+        let (ws, resp) =
+            tokio::time::timeout(self.timeout, tokio_tungstenite::client_async(url, tls))
+                .await
+                .map_err(|_| conn_err("websocket handshake timed out".into()))?
+                .map_err(|e| conn_err(format!("websocket: {e}")))?;
         if resp.status().as_u16() != 101 {
-            return Err(PeerError::Status { addr: addr.into(), status: resp.status().as_u16(), message: "websocket refused".into() });
+            return Err(PeerError::Status {
+                addr: addr.into(),
+                status: resp.status().as_u16(),
+                message: "websocket refused".into(),
+            });
         }
         Ok(crate::migrate::ws::from_tungstenite(ws))
     }
 
     /// POST JSON, expect 200 with a JSON body of type R.
-    pub async fn call<T: Serialize, R: DeserializeOwned>(&self, addr: &str, path: &str, body: &T) -> Result<R, PeerError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| PeerError::Decode { addr: addr.into(), detail: e.to_string() })?;
+    pub async fn call<T: Serialize, R: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &T,
+    ) -> Result<R, PeerError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| PeerError::Decode {
+            addr: addr.into(),
+            detail: e.to_string(),
+        })?;
         let resp = self.send(addr, Method::POST, path, bytes.into()).await?;
         if resp.status != StatusCode::OK {
             let message = serde_json::from_slice::<serde_json::Value>(&resp.body)
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
-            return Err(PeerError::Status { addr: addr.into(), status: resp.status.as_u16(), message });
+            return Err(PeerError::Status {
+                addr: addr.into(),
+                status: resp.status.as_u16(),
+                message,
+            });
         }
-        serde_json::from_slice(&resp.body).map_err(|e| PeerError::Decode { addr: addr.into(), detail: e.to_string() })
+        serde_json::from_slice(&resp.body).map_err(|e| PeerError::Decode {
+            addr: addr.into(),
+            detail: e.to_string(),
+        })
     }
 }

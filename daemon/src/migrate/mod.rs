@@ -37,8 +37,16 @@ pub struct Secrets {
 
 impl Secrets {
     pub fn new() -> Secrets {
-        let s = || (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect::<String>();
-        Secrets { control: s(), state: s(), fs: s() }
+        let s = || {
+            (0..32)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect::<String>()
+        };
+        Secrets {
+            control: s(),
+            state: s(),
+            fs: s(),
+        }
     }
 }
 
@@ -65,7 +73,11 @@ pub struct Pending {
 }
 
 fn ct_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 impl Pending {
@@ -77,7 +89,11 @@ impl Pending {
             v.push((s.to_string(), tx));
             rx
         };
-        let rx = [mk(&secrets.control, &mut v), mk(&secrets.state, &mut v), mk(&secrets.fs, &mut v)];
+        let rx = [
+            mk(&secrets.control, &mut v),
+            mk(&secrets.state, &mut v),
+            mk(&secrets.fs, &mut v),
+        ];
         self.map.lock().unwrap().insert(op.to_string(), v);
         rx
     }

@@ -5,7 +5,9 @@
 //! per frame) or a byte stream for the bulk channels.
 
 use axum::extract::ws::{Message as AxMsg, WebSocket};
-use ferry_migration::{decode_message, encode_message, ChannelError, Message, MessageChannel, DEFAULT_MAX_FRAME};
+use ferry_migration::{
+    decode_message, encode_message, ChannelError, Message, MessageChannel, DEFAULT_MAX_FRAME,
+};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
@@ -45,7 +47,10 @@ pub fn from_axum(mut ws: WebSocket) -> WsPipe {
         }
         let _ = ws.send(AxMsg::Close(None)).await;
     });
-    WsPipe { tx: out_tx, rx: in_rx }
+    WsPipe {
+        tx: out_tx,
+        rx: in_rx,
+    }
 }
 
 /// Pump a tokio-tungstenite (client side) websocket.
@@ -77,7 +82,10 @@ where
         }
         let _ = sink.send(TMsg::Close(None)).await;
     });
-    WsPipe { tx: out_tx, rx: in_rx }
+    WsPipe {
+        tx: out_tx,
+        rx: in_rx,
+    }
 }
 
 /// The control channel: one JSON message per binary frame.
@@ -86,7 +94,11 @@ pub struct WsControl(pub WsPipe);
 impl MessageChannel for WsControl {
     async fn send(&mut self, msg: &Message) -> Result<(), ChannelError> {
         let bytes = encode_message(msg, DEFAULT_MAX_FRAME)?;
-        self.0.tx.send(bytes).await.map_err(|_| ChannelError::Closed)
+        self.0
+            .tx
+            .send(bytes)
+            .await
+            .map_err(|_| ChannelError::Closed)
     }
 
     async fn recv(&mut self) -> Result<Message, ChannelError> {

@@ -122,7 +122,8 @@ pub(crate) fn power(state: &str) -> VolatileChanges {
 /// the cgroup it runs in here (member-specific, like Incus's device keys).
 pub(crate) fn running(spec: &InstanceSpec) -> VolatileChanges {
     let mut v = power("RUNNING");
-    let cg = Cgroup::for_instance(&spec.name, &spec.paths.volume).map(|c| c.dir.display().to_string());
+    let cg =
+        Cgroup::for_instance(&spec.name, &spec.paths.volume).map(|c| c.dir.display().to_string());
     v.insert("volatile.cgroup".to_string(), cg);
     v
 }

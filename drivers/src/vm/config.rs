@@ -29,7 +29,13 @@ pub struct VmConfig {
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig { memory_mib: 256, cpus: 1, dirty_start_mib: 4, dirty_mib: 16, interval_ms: 100 }
+        VmConfig {
+            memory_mib: 256,
+            cpus: 1,
+            dirty_start_mib: 4,
+            dirty_mib: 16,
+            interval_ms: 100,
+        }
     }
 }
 
@@ -44,7 +50,9 @@ fn invalid(msg: String) -> DriverError {
 fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, DriverError> {
     match v.trim().parse::<u32>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(invalid(format!("{key}={v:?}: expected an integer from {min} to {max}"))),
+        _ => Err(invalid(format!(
+            "{key}={v:?}: expected an integer from {min} to {max}"
+        ))),
     }
 }
 
@@ -71,7 +79,9 @@ impl VmConfig {
     }
 
     /// Parse config keys (unknown keys are refused, see [`ALLOWED_PREFIXES`]).
-    pub fn parse<'a>(config: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<VmConfig, DriverError> {
+    pub fn parse<'a>(
+        config: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<VmConfig, DriverError> {
         let mut c = VmConfig::default();
         for (key, value) in config {
             match key {
@@ -119,10 +129,15 @@ impl VmConfig {
 }
 
 fn parse_memory(v: &str) -> Result<u64, DriverError> {
-    let bytes = parse_size(v)
-        .ok_or_else(|| invalid(format!("limits.memory={v:?}: expected a size such as 256MiB or 1GiB")))?;
+    let bytes = parse_size(v).ok_or_else(|| {
+        invalid(format!(
+            "limits.memory={v:?}: expected a size such as 256MiB or 1GiB"
+        ))
+    })?;
     if bytes % MIB != 0 {
-        return Err(invalid(format!("limits.memory={v:?}: must be a whole number of MiB")));
+        return Err(invalid(format!(
+            "limits.memory={v:?}: must be a whole number of MiB"
+        )));
     }
     let mib = bytes / MIB;
     if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {

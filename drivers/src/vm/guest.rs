@@ -22,7 +22,11 @@ pub fn last_counter_line(text: &str) -> Option<u64> {
         Some(i) => &text[..i],
         None => return None,
     };
-    complete.lines().rev().find_map(|l| l.trim_end_matches('\r').strip_prefix("counter ").and_then(|n| n.trim().parse().ok()))
+    complete.lines().rev().find_map(|l| {
+        l.trim_end_matches('\r')
+            .strip_prefix("counter ")
+            .and_then(|n| n.trim().parse().ok())
+    })
 }
 
 /// Last `counter N` of a console log (reads only its tail).
@@ -45,9 +49,18 @@ mod tests {
 
     #[test]
     fn xp_output() {
-        assert_eq!(parse_xp("0000000000009000: 0x000000000001e746\r\n", 0x9000), Some(0x1e746));
-        assert_eq!(parse_xp("0000000000009000: 0x0000000000000000\n", 0x9000), Some(0));
-        assert_eq!(parse_xp("0000000000008000: 0x0000000000000005\n", 0x9000), None);
+        assert_eq!(
+            parse_xp("0000000000009000: 0x000000000001e746\r\n", 0x9000),
+            Some(0x1e746)
+        );
+        assert_eq!(
+            parse_xp("0000000000009000: 0x0000000000000000\n", 0x9000),
+            Some(0)
+        );
+        assert_eq!(
+            parse_xp("0000000000008000: 0x0000000000000005\n", 0x9000),
+            None
+        );
         assert_eq!(parse_xp("Cannot access memory\n", 0x9000), None);
         assert_eq!(parse_xp("", 0x9000), None);
     }
@@ -56,7 +69,10 @@ mod tests {
     fn console_lines() {
         assert_eq!(last_counter_line("counter 0\ncounter 12\ncoun"), Some(12));
         assert_eq!(last_counter_line("counter 0\ncounter 12\n"), Some(12));
-        assert_eq!(last_counter_line("counter 7\ntestvm: exception 0D 00\n"), Some(7));
+        assert_eq!(
+            last_counter_line("counter 7\ntestvm: exception 0D 00\n"),
+            Some(7)
+        );
         assert_eq!(last_counter_line("counter 1"), None);
         assert_eq!(last_counter_line(""), None);
         let dir = tempfile::tempdir().unwrap();

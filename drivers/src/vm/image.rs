@@ -63,7 +63,10 @@ impl GuestParams {
 /// block of the version we write.
 pub fn check_template(image: &[u8]) -> Result<(), String> {
     if image.len() < 1024 || image.len() & 511 != 0 {
-        return Err(format!("size {} is not a boot sector plus code sectors", image.len()));
+        return Err(format!(
+            "size {} is not a boot sector plus code sectors",
+            image.len()
+        ));
     }
     if image[510..512] != [0x55, 0xaa] {
         return Err("no boot signature".into());
@@ -73,7 +76,9 @@ pub fn check_template(image: &[u8]) -> Result<(), String> {
     let version = u16::from_le_bytes(p[4..6].try_into().unwrap());
     let size = u16::from_le_bytes(p[6..8].try_into().unwrap());
     if magic != PARAMS_MAGIC || version != PARAMS_VERSION || size as usize != PARAMS_SIZE {
-        return Err(format!("parameter block magic/version/size {magic:#x}/{version}/{size} not as expected"));
+        return Err(format!(
+            "parameter block magic/version/size {magic:#x}/{version}/{size} not as expected"
+        ));
     }
     Ok(())
 }
@@ -87,7 +92,9 @@ pub fn patch_params(image: &mut [u8], params: &GuestParams) -> Result<(), String
 
 /// FNV-1a 64: a stable name for the cached template of this guest source.
 fn source_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Path of the assembled template in the image cache.
@@ -102,9 +109,13 @@ pub async fn ensure_template(images: &Path) -> Result<PathBuf, DriverError> {
     if path.exists() {
         return Ok(path);
     }
-    tokio::fs::create_dir_all(images).await.map_err(DriverError::io(format!("create {}", images.display())))?;
+    tokio::fs::create_dir_all(images)
+        .await
+        .map_err(DriverError::io(format!("create {}", images.display())))?;
     let tmp = images.join(format!(".testvm-build-{}", std::process::id()));
-    tokio::fs::create_dir_all(&tmp).await.map_err(DriverError::io(format!("create {}", tmp.display())))?;
+    tokio::fs::create_dir_all(&tmp)
+        .await
+        .map_err(DriverError::io(format!("create {}", tmp.display())))?;
     let result = assemble(&tmp, &path).await;
     let _ = tokio::fs::remove_dir_all(&tmp).await;
     result.map(|_| path)
@@ -113,32 +124,59 @@ pub async fn ensure_template(images: &Path) -> Result<PathBuf, DriverError> {
 async fn assemble(tmp: &Path, dest: &Path) -> Result<(), DriverError> {
     let src = tmp.join("testvm.asm");
     let out = tmp.join("testvm.bin");
-    tokio::fs::write(&src, TESTVM_ASM).await.map_err(DriverError::io(format!("write {}", src.display())))?;
-    let run = Command::new("nasm").arg("-f").arg("bin").arg("-o").arg(&out).arg(&src).output().await;
+    tokio::fs::write(&src, TESTVM_ASM)
+        .await
+        .map_err(DriverError::io(format!("write {}", src.display())))?;
+    let run = Command::new("nasm")
+        .arg("-f")
+        .arg("bin")
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .await;
     let run = match run {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DriverError::MissingTool { tool: "nasm".into(), detail: "not found in PATH".into() })
+            return Err(DriverError::MissingTool {
+                tool: "nasm".into(),
+                detail: "not found in PATH".into(),
+            })
         }
         Err(e) => return Err(DriverError::io("run nasm")(e)),
     };
     if !run.status.success() {
         return Err(DriverError::Command {
             program: "nasm".into(),
-            detail: format!("assembling the testvm guest: {}", String::from_utf8_lossy(&run.stderr).trim()),
+            detail: format!(
+                "assembling the testvm guest: {}",
+                String::from_utf8_lossy(&run.stderr).trim()
+            ),
         });
     }
-    let bytes = tokio::fs::read(&out).await.map_err(DriverError::io(format!("read {}", out.display())))?;
-    check_template(&bytes).map_err(|e| DriverError::Command { program: "nasm".into(), detail: format!("bad testvm image: {e}") })?;
+    let bytes = tokio::fs::read(&out)
+        .await
+        .map_err(DriverError::io(format!("read {}", out.display())))?;
+    check_template(&bytes).map_err(|e| DriverError::Command {
+        program: "nasm".into(),
+        detail: format!("bad testvm image: {e}"),
+    })?;
     tokio::fs::rename(&out, dest)
         .await
-        .map_err(DriverError::io(format!("rename {} to {}", out.display(), dest.display())))
+        .map_err(DriverError::io(format!(
+            "rename {} to {}",
+            out.display(),
+            dest.display()
+        )))
 }
 
 /// Write a new instance disk: template + parameters, padded to [`DISK_SIZE`].
 pub fn write_disk(template: &Path, disk: &Path, params: &GuestParams) -> Result<(), DriverError> {
-    let mut image = std::fs::read(template).map_err(DriverError::io(format!("read {}", template.display())))?;
-    patch_params(&mut image, params).map_err(|e| DriverError::InvalidConfig(format!("testvm template {}: {e}", template.display())))?;
+    let mut image =
+        std::fs::read(template).map_err(DriverError::io(format!("read {}", template.display())))?;
+    patch_params(&mut image, params).map_err(|e| {
+        DriverError::InvalidConfig(format!("testvm template {}: {e}", template.display()))
+    })?;
     let tmp = disk.with_extension("img.tmp");
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -157,12 +195,20 @@ pub fn write_disk(template: &Path, disk: &Path, params: &GuestParams) -> Result<
 /// the next cold boot).
 pub fn repatch_disk(disk: &Path, params: &GuestParams) -> Result<(), DriverError> {
     let ctx = || format!("update the test guest parameters in {}", disk.display());
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(disk).map_err(DriverError::io(ctx()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .map_err(DriverError::io(ctx()))?;
     let mut head = vec![0u8; 1024];
     f.read_exact(&mut head).map_err(DriverError::io(ctx()))?;
-    check_template(&head).map_err(|e| DriverError::WrongState(format!("{}: not a testvm disk ({e})", disk.display())))?;
-    f.seek(SeekFrom::Start(PARAMS_OFFSET as u64)).map_err(DriverError::io(ctx()))?;
-    f.write_all(&params.encode()).map_err(DriverError::io(ctx()))?;
+    check_template(&head).map_err(|e| {
+        DriverError::WrongState(format!("{}: not a testvm disk ({e})", disk.display()))
+    })?;
+    f.seek(SeekFrom::Start(PARAMS_OFFSET as u64))
+        .map_err(DriverError::io(ctx()))?;
+    f.write_all(&params.encode())
+        .map_err(DriverError::io(ctx()))?;
     f.sync_all().map_err(DriverError::io(ctx()))
 }
 
@@ -174,14 +220,26 @@ mod tests {
         let mut img = vec![0u8; 2048];
         img[510] = 0x55;
         img[511] = 0xaa;
-        let p = GuestParams { map_2m: 10, dirty_start_mib: 4, dirty_mib: 16, interval_ms: 100 }.encode();
+        let p = GuestParams {
+            map_2m: 10,
+            dirty_start_mib: 4,
+            dirty_mib: 16,
+            interval_ms: 100,
+        }
+        .encode();
         img[PARAMS_OFFSET..PARAMS_OFFSET + PARAMS_SIZE].copy_from_slice(&p);
         img
     }
 
     #[test]
     fn encode_layout() {
-        let b = GuestParams { map_2m: 386, dirty_start_mib: 4, dirty_mib: 768, interval_ms: 100 }.encode();
+        let b = GuestParams {
+            map_2m: 386,
+            dirty_start_mib: 4,
+            dirty_mib: 768,
+            interval_ms: 100,
+        }
+        .encode();
         assert_eq!(&b[0..4], b"FPRM");
         assert_eq!(u16::from_le_bytes([b[4], b[5]]), 1);
         assert_eq!(u16::from_le_bytes([b[6], b[7]]), 24);
@@ -193,10 +251,16 @@ mod tests {
     #[test]
     fn patching() {
         let mut img = fake_template();
-        let cfg = VmConfig { dirty_mib: 64, ..VmConfig::default() };
+        let cfg = VmConfig {
+            dirty_mib: 64,
+            ..VmConfig::default()
+        };
         let p = GuestParams::from_config(&cfg);
         patch_params(&mut img, &p).unwrap();
-        assert_eq!(&img[PARAMS_OFFSET..PARAMS_OFFSET + PARAMS_SIZE], &p.encode());
+        assert_eq!(
+            &img[PARAMS_OFFSET..PARAMS_OFFSET + PARAMS_SIZE],
+            &p.encode()
+        );
         assert_eq!(p.map_2m, 34);
         let mut bad = vec![0u8; 1024];
         assert!(patch_params(&mut bad, &p).is_err());
@@ -214,7 +278,11 @@ mod tests {
 
     #[tokio::test]
     async fn real_template_assembles() {
-        if std::process::Command::new("nasm").arg("-v").output().is_err() {
+        if std::process::Command::new("nasm")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
             eprintln!("skipped: nasm not installed");
             return;
         }
@@ -223,7 +291,11 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         check_template(&bytes).unwrap();
         let defaults = GuestParams::from_config(&VmConfig::default()).encode();
-        assert_eq!(&bytes[PARAMS_OFFSET..PARAMS_OFFSET + PARAMS_SIZE], &defaults, "asm defaults differ from VmConfig");
+        assert_eq!(
+            &bytes[PARAMS_OFFSET..PARAMS_OFFSET + PARAMS_SIZE],
+            &defaults,
+            "asm defaults differ from VmConfig"
+        );
         // Cached: a second call reuses the file; no temporary left behind.
         assert_eq!(ensure_template(dir.path()).await.unwrap(), path);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -235,10 +307,18 @@ mod tests {
         let tpl = dir.path().join("t.bin");
         std::fs::write(&tpl, fake_template()).unwrap();
         let disk = dir.path().join("disk.img");
-        let p = GuestParams { map_2m: 3, dirty_start_mib: 2, dirty_mib: 4, interval_ms: 50 };
+        let p = GuestParams {
+            map_2m: 3,
+            dirty_start_mib: 2,
+            dirty_mib: 4,
+            interval_ms: 50,
+        };
         write_disk(&tpl, &disk, &p).unwrap();
         assert_eq!(std::fs::metadata(&disk).unwrap().len(), DISK_SIZE);
-        let p2 = GuestParams { interval_ms: 200, ..p };
+        let p2 = GuestParams {
+            interval_ms: 200,
+            ..p
+        };
         repatch_disk(&disk, &p2).unwrap();
         let b = std::fs::read(&disk).unwrap();
         assert_eq!(&b[PARAMS_OFFSET..PARAMS_OFFSET + PARAMS_SIZE], &p2.encode());

@@ -80,7 +80,13 @@ pub struct MigrateParams {
 
 impl Default for MigrateParams {
     fn default() -> Self {
-        MigrateParams { auto_converge: true, xbzrle: false, postcopy: false, max_bandwidth: None, downtime_limit_ms: 300 }
+        MigrateParams {
+            auto_converge: true,
+            xbzrle: false,
+            postcopy: false,
+            max_bandwidth: None,
+            downtime_limit_ms: 300,
+        }
     }
 }
 
@@ -139,7 +145,12 @@ pub struct MigrationProgress {
 impl MigrationProgress {
     /// "X MiB remaining (Y MiB/s) (Z% CPU throttle)".
     pub fn summary(&self) -> String {
-        let mut s = format!("{} MiB remaining ({} MiB/s), pass {}", self.remaining >> 20, self.rate >> 20, self.dirty_sync_count);
+        let mut s = format!(
+            "{} MiB remaining ({} MiB/s), pass {}",
+            self.remaining >> 20,
+            self.rate >> 20,
+            self.dirty_sync_count
+        );
         if self.cpu_throttle_percent > 0 {
             s.push_str(&format!(" ({}% CPU throttle)", self.cpu_throttle_percent));
         }
@@ -197,7 +208,10 @@ impl PostcopyTrigger {
 }
 
 fn migration_error(detail: String) -> DriverError {
-    DriverError::Command { program: "QEMU live migration".into(), detail }
+    DriverError::Command {
+        program: "QEMU live migration".into(),
+        detail,
+    }
 }
 
 /// Statuses in which a migration is still under way on the source.
@@ -229,14 +243,23 @@ impl VmDriver {
     pub fn launch_config(&self, spec: &InstanceSpec) -> Result<LaunchConfig, DriverError> {
         let f = VmFiles::of(spec);
         if qemu::running_pid(&f).is_none() {
-            return Err(DriverError::WrongState(format!("VM {} is not running: nothing to migrate live", spec.name)));
+            return Err(DriverError::WrongState(format!(
+                "VM {} is not running: nothing to migrate live",
+                spec.name
+            )));
         }
         if let Some(r) = state::read_record(&state::launch_record_path(spec)) {
             return Ok(r);
         }
         let cfg = VmConfig::from_spec(spec)?;
         let l = Launch::new(spec, &cfg, qemu::pick_accel());
-        Ok(LaunchRecord { version: 1, machine: l.machine, memory_mib: l.memory_mib, cpus: l.cpus, qemu_version: String::new() })
+        Ok(LaunchRecord {
+            version: 1,
+            machine: l.machine,
+            memory_mib: l.memory_mib,
+            cpus: l.cpus,
+            qemu_version: String::new(),
+        })
     }
 
     /// Target side: start QEMU waiting for the stream on `stream_fd`. The
@@ -254,7 +277,10 @@ impl VmDriver {
         VmConfig::from_spec(spec)?;
         let f = VmFiles::of(spec);
         if let Some(pid) = qemu::running_pid(&f) {
-            return Err(DriverError::WrongState(format!("VM {} already runs on this member (QEMU pid {pid})", spec.name)));
+            return Err(DriverError::WrongState(format!(
+                "VM {} already runs on this member (QEMU pid {pid})",
+                spec.name
+            )));
         }
         if !f.disk.exists() {
             return Err(DriverError::WrongState(format!(
@@ -313,7 +339,15 @@ impl VmDriver {
         progress: impl Fn(MigrationProgress) + Send,
         ctx: &OpCtx,
     ) -> Result<OutgoingStats, DriverError> {
-        self.migrate_outgoing_with(spec, params, stream_fd, &PostcopyTrigger::default(), progress, ctx).await
+        self.migrate_outgoing_with(
+            spec,
+            params,
+            stream_fd,
+            &PostcopyTrigger::default(),
+            progress,
+            ctx,
+        )
+        .await
     }
 
     /// [`migrate_outgoing`](Self::migrate_outgoing) with a handle to switch
@@ -329,8 +363,12 @@ impl VmDriver {
     ) -> Result<OutgoingStats, DriverError> {
         params.validate()?;
         let f = VmFiles::of(spec);
-        let pid = qemu::running_pid(&f)
-            .ok_or_else(|| DriverError::WrongState(format!("VM {} is not running: nothing to migrate live", spec.name)))?;
+        let pid = qemu::running_pid(&f).ok_or_else(|| {
+            DriverError::WrongState(format!(
+                "VM {} is not running: nothing to migrate live",
+                spec.name
+            ))
+        })?;
         let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
         let status = qmp.status().await?;
         let prior = qmp.query_migrate().await?;
@@ -402,7 +440,10 @@ impl VmDriver {
     pub async fn migrate_resume_source(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
         let f = VmFiles::of(spec);
         if qemu::running_pid(&f).is_none() {
-            return Err(DriverError::WrongState(format!("VM {} has no QEMU on this member to resume", spec.name)));
+            return Err(DriverError::WrongState(format!(
+                "VM {} has no QEMU on this member to resume",
+                spec.name
+            )));
         }
         let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
         match qmp.status().await?.as_str() {
@@ -491,14 +532,20 @@ impl<'a> OutgoingWatch<'a> {
         self.last_reported_bytes = transferred;
     }
 
-    async fn run(&mut self, qmp: &mut Qmp, progress: &(impl Fn(MigrationProgress) + Send)) -> Result<OutgoingStats, Failure> {
+    async fn run(
+        &mut self,
+        qmp: &mut Qmp,
+        progress: &(impl Fn(MigrationProgress) + Send),
+    ) -> Result<OutgoingStats, Failure> {
         loop {
             let info = match qmp.query_migrate().await {
                 Ok(i) => i,
                 Err(e) => return Err(self.lost_source(e)),
             };
             self.note_events(qmp.drain_events());
-            self.max_throttle = self.max_throttle.max(info.cpu_throttle_percent.unwrap_or(0));
+            self.max_throttle = self
+                .max_throttle
+                .max(info.cpu_throttle_percent.unwrap_or(0));
             match info.status.as_str() {
                 "completed" => {
                     let stats = self.completed(qmp, info).await;
@@ -530,7 +577,9 @@ impl<'a> OutgoingWatch<'a> {
     }
 
     fn lost_source(&self, e: DriverError) -> Failure {
-        let e = migration_error(format!("lost the source QEMU's monitor during the migration: {e}"));
+        let e = migration_error(format!(
+            "lost the source QEMU's monitor during the migration: {e}"
+        ));
         if self.postcopy_requested {
             Failure::PostCopy(e)
         } else {
@@ -547,7 +596,11 @@ impl<'a> OutgoingWatch<'a> {
             )));
         }
         if self.cancel_sent && info.status == "cancelled" {
-            let what = if self.ctx.is_cancelled() { "live migration" } else { "live migration (stalled)" };
+            let what = if self.ctx.is_cancelled() {
+                "live migration"
+            } else {
+                "live migration (stalled)"
+            };
             return Failure::PreCopy(if self.ctx.is_cancelled() {
                 DriverError::Cancelled(format!("{what}: the VM keeps running on the source"))
             } else {
@@ -563,7 +616,11 @@ impl<'a> OutgoingWatch<'a> {
     }
 
     async fn maybe_switch_postcopy(&mut self, qmp: &mut Qmp, info: &MigrateInfo) {
-        if !self.params.postcopy || self.postcopy_requested || self.cancel_sent || info.status != "active" {
+        if !self.params.postcopy
+            || self.postcopy_requested
+            || self.cancel_sent
+            || info.status != "active"
+        {
             return;
         }
         if info.dirty_sync_count.unwrap_or(0) < 2 && !self.trigger.fired() {
@@ -577,7 +634,11 @@ impl<'a> OutgoingWatch<'a> {
         }
     }
 
-    async fn handle_cancel_and_stall(&mut self, qmp: &mut Qmp, info: &MigrateInfo) -> Result<(), Failure> {
+    async fn handle_cancel_and_stall(
+        &mut self,
+        qmp: &mut Qmp,
+        info: &MigrateInfo,
+    ) -> Result<(), Failure> {
         let bytes = info.transferred.unwrap_or(0);
         if bytes != self.last_bytes {
             self.last_bytes = bytes;
@@ -840,9 +901,23 @@ mod tests {
         assert!(p.auto_converge && !p.postcopy && !p.xbzrle);
         assert_eq!((p.max_bandwidth, p.downtime_limit_ms), (None, 300));
         p.validate().unwrap();
-        assert!(MigrateParams { max_bandwidth: Some(0), ..p.clone() }.validate().is_err());
-        assert!(MigrateParams { downtime_limit_ms: 0, ..p.clone() }.validate().is_err());
-        let caps = MigrateParams { postcopy: true, ..p.clone() }.capabilities();
+        assert!(MigrateParams {
+            max_bandwidth: Some(0),
+            ..p.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(MigrateParams {
+            downtime_limit_ms: 0,
+            ..p.clone()
+        }
+        .validate()
+        .is_err());
+        let caps = MigrateParams {
+            postcopy: true,
+            ..p.clone()
+        }
+        .capabilities();
         assert!(caps.contains(&(Cap::postcopy_ram, true)) && caps.contains(&(Cap::events, true)));
         let parsed: MigrateParams = serde_json::from_str(r#"{"postcopy": true}"#).unwrap();
         assert!(parsed.postcopy && parsed.auto_converge && parsed.downtime_limit_ms == 300);
@@ -857,12 +932,22 @@ mod tests {
             cpu_throttle_percent: 40,
             ..Default::default()
         };
-        assert_eq!(p.summary(), "64 MiB remaining (32 MiB/s), pass 3 (40% CPU throttle)");
+        assert_eq!(
+            p.summary(),
+            "64 MiB remaining (32 MiB/s), pass 3 (40% CPU throttle)"
+        );
     }
 
     #[test]
     fn statuses() {
-        for s in ["setup", "active", "device", "postcopy-active", "postcopy-paused", "cancelling"] {
+        for s in [
+            "setup",
+            "active",
+            "device",
+            "postcopy-active",
+            "postcopy-paused",
+            "cancelling",
+        ] {
             assert!(in_progress(s), "{s}");
         }
         for s in ["none", "completed", "failed", "cancelled"] {

@@ -45,7 +45,10 @@ impl VmDriver {
     pub async fn read_counter(&self, spec: &InstanceSpec) -> Result<u64, DriverError> {
         let f = VmFiles::of(spec);
         if qemu::running_pid(&f).is_none() {
-            return Err(DriverError::WrongState(format!("VM {} is not running", spec.name)));
+            return Err(DriverError::WrongState(format!(
+                "VM {} is not running",
+                spec.name
+            )));
         }
         let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
         let out = qmp.hmp(&format!("xp /1gx {COUNTER_ADDR:#x}")).await?;
@@ -92,30 +95,51 @@ impl Lifecycle for VmDriver {
         VmConfig::from_spec(spec).map(|_| ())
     }
 
-    async fn create(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn create(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         let cfg = VmConfig::from_spec(spec)?;
         let f = VmFiles::of(spec);
         if f.disk.exists() {
-            return Err(DriverError::WrongState(format!("VM {} already has a disk at {}", spec.name, f.disk.display())));
+            return Err(DriverError::WrongState(format!(
+                "VM {} already has a disk at {}",
+                spec.name,
+                f.disk.display()
+            )));
         }
         ctx.progress("stage", "building the testvm image");
         let template = image::ensure_template(&spec.paths.images).await?;
         ctx.check_cancelled("create")?;
-        std::fs::create_dir_all(&spec.paths.volume)
-            .map_err(DriverError::io(format!("create {}", spec.paths.volume.display())))?;
+        std::fs::create_dir_all(&spec.paths.volume).map_err(DriverError::io(format!(
+            "create {}",
+            spec.paths.volume.display()
+        )))?;
         ctx.progress("stage", "writing the disk");
         image::write_disk(&template, &f.disk, &image::GuestParams::from_config(&cfg))?;
         Ok(VolatileChanges::new())
     }
 
-    async fn start(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn start(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         let cfg = VmConfig::from_spec(spec)?;
         let f = VmFiles::of(spec);
         if let Some(pid) = qemu::running_pid(&f) {
-            return Err(DriverError::WrongState(format!("VM {} is already running (QEMU pid {pid})", spec.name)));
+            return Err(DriverError::WrongState(format!(
+                "VM {} is already running (QEMU pid {pid})",
+                spec.name
+            )));
         }
         if !f.disk.exists() {
-            return Err(DriverError::WrongState(format!("VM {} has no disk at {}", spec.name, f.disk.display())));
+            return Err(DriverError::WrongState(format!(
+                "VM {} has no disk at {}",
+                spec.name,
+                f.disk.display()
+            )));
         }
         let version = qemu::qemu_version().await?;
         image::repatch_disk(&f.disk, &image::GuestParams::from_config(&cfg))?;
@@ -135,17 +159,32 @@ impl Lifecycle for VmDriver {
             let _ = qemu::kill_and_clean(&f, pid).await;
             return Err(e);
         }
-        state::write_record(&state::launch_record_path(spec), &state::LaunchRecord::of(&launch, version))?;
+        state::write_record(
+            &state::launch_record_path(spec),
+            &state::LaunchRecord::of(&launch, version),
+        )?;
         Ok(VolatileChanges::new())
     }
 
-    async fn stop(&self, spec: &InstanceSpec, force: bool, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn stop(
+        &self,
+        spec: &InstanceSpec,
+        force: bool,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         let f = VmFiles::of(spec);
         let Some(pid) = qemu::running_pid(&f) else {
             qemu::clean_runtime(&f);
             return Ok(VolatileChanges::new());
         };
-        ctx.progress("stage", if force { "killing QEMU" } else { "stopping QEMU" });
+        ctx.progress(
+            "stage",
+            if force {
+                "killing QEMU"
+            } else {
+                "stopping QEMU"
+            },
+        );
         if force {
             qemu::kill_and_clean(&f, pid).await?;
         } else {
@@ -157,20 +196,32 @@ impl Lifecycle for VmDriver {
 
     async fn state(&self, spec: &InstanceSpec) -> Result<RuntimeState, DriverError> {
         let f = VmFiles::of(spec);
-        let Some(pid) = qemu::running_pid(&f) else { return Ok(RuntimeState::default()) };
+        let Some(pid) = qemu::running_pid(&f) else {
+            return Ok(RuntimeState::default());
+        };
         let (vcpus, rss) = qemu::usage(pid);
         let processes = if vcpus > 0 {
             vcpus
         } else {
-            VmConfig::from_spec(spec).map(|c| c.cpus as i64).unwrap_or(0)
+            VmConfig::from_spec(spec)
+                .map(|c| c.cpus as i64)
+                .unwrap_or(0)
         };
-        Ok(RuntimeState { running: true, pid, processes, memory_usage: rss })
+        Ok(RuntimeState {
+            running: true,
+            pid,
+            processes,
+            memory_usage: rss,
+        })
     }
 
     async fn delete(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
         let f = VmFiles::of(spec);
         if let Some(pid) = qemu::running_pid(&f) {
-            return Err(DriverError::WrongState(format!("VM {} is running (QEMU pid {pid}): stop it first", spec.name)));
+            return Err(DriverError::WrongState(format!(
+                "VM {} is running (QEMU pid {pid}): stop it first",
+                spec.name
+            )));
         }
         let p = &spec.paths;
         match std::fs::remove_dir_all(&p.volume) {
@@ -188,11 +239,19 @@ impl Lifecycle for VmDriver {
 }
 
 impl StateSave for VmDriver {
-    async fn save_state(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn save_state(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         state::save(spec, ctx).await
     }
 
-    async fn restore_state(&self, spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
+    async fn restore_state(
+        &self,
+        spec: &InstanceSpec,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         state::restore(spec, ctx).await
     }
 
@@ -219,27 +278,50 @@ mod tests {
             name: "v1".into(),
             kind: InstanceType::VirtualMachine,
             image: image.into(),
-            config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             volatile: Default::default(),
-            paths: InstancePaths { volume: "/x/v".into(), run: "/x/r".into(), logs: "/x/l".into(), images: "/x/i".into() },
+            paths: InstancePaths {
+                volume: "/x/v".into(),
+                run: "/x/r".into(),
+                logs: "/x/l".into(),
+                images: "/x/i".into(),
+            },
         }
     }
 
     #[test]
     fn validate() {
         let d = VmDriver::default();
-        assert!(d.validate(&spec("testvm", &[("limits.memory", "512MiB")])).is_ok());
+        assert!(d
+            .validate(&spec("testvm", &[("limits.memory", "512MiB")]))
+            .is_ok());
         let e = d.validate(&spec("busybox", &[])).unwrap_err();
-        assert!(matches!(e, DriverError::InvalidConfig(_)) && e.to_string().contains("testvm"), "{e}");
-        assert!(d.validate(&spec("testvm", &[("raw.qemu", "-foo")])).is_err());
-        assert!(d.validate(&spec("testvm", &[("limits.memory", "64MiB"), ("testvm.dirty_mib", "64")])).is_err());
+        assert!(
+            matches!(e, DriverError::InvalidConfig(_)) && e.to_string().contains("testvm"),
+            "{e}"
+        );
+        assert!(d
+            .validate(&spec("testvm", &[("raw.qemu", "-foo")]))
+            .is_err());
+        assert!(d
+            .validate(&spec(
+                "testvm",
+                &[("limits.memory", "64MiB"), ("testvm.dirty_mib", "64")]
+            ))
+            .is_err());
     }
 
     #[test]
     fn stopped_vm_state() {
         let d = VmDriver::default();
         let s = spec("testvm", &[]);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         assert_eq!(rt.block_on(d.state(&s)).unwrap(), RuntimeState::default());
         assert!(!d.has_saved_state(&s));
     }

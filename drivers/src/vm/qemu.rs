@@ -1,8 +1,8 @@
 //! QEMU processes: command line, launch (`-daemonize`, so QEMU outlives
 //! ferryd), liveness from the pidfile and `/proc`, and killing.
 
-use std::path::{Path, PathBuf};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,10 @@ pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// The QEMU binary to run: `$FERRY_QEMU` if set (e.g. to run a member on
 /// Debian's QEMU 7.2 beside 10.0), else `qemu-system-x86_64` from PATH.
 pub fn qemu_binary() -> String {
-    std::env::var("FERRY_QEMU").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| QEMU_BINARY.to_string())
+    std::env::var("FERRY_QEMU")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| QEMU_BINARY.to_string())
 }
 /// Versioned machine type known to QEMU 7.2 and newer: the guest ABI (and the
 /// migration stream) stays the same whichever QEMU a member runs.
@@ -144,9 +147,16 @@ pub fn build_args(l: &Launch, f: &VmFiles) -> Vec<String> {
 /// Parse `QEMU emulator version 10.0.2 (Debian ...)`.
 pub fn parse_version(out: &str) -> Option<(u32, u32, u32)> {
     let rest = out.split("version").nth(1)?.trim_start();
-    let v: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let v: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     let mut it = v.split('.').map(|n| n.parse::<u32>().ok());
-    Some((it.next()??, it.next().flatten().unwrap_or(0), it.next().flatten().unwrap_or(0)))
+    Some((
+        it.next()??,
+        it.next().flatten().unwrap_or(0),
+        it.next().flatten().unwrap_or(0),
+    ))
 }
 
 /// The installed QEMU's version (asked once per process and binary).
@@ -158,12 +168,23 @@ pub async fn qemu_version() -> Result<(u32, u32, u32), DriverError> {
     if let Some(v) = cache.lock().unwrap().get(&bin) {
         return Ok(*v);
     }
-    let missing = |detail: String| DriverError::MissingTool { tool: bin.clone(), detail };
-    let out = Command::new(&bin).arg("--version").output().await.map_err(|e| missing(e.to_string()))?;
+    let missing = |detail: String| DriverError::MissingTool {
+        tool: bin.clone(),
+        detail,
+    };
+    let out = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| missing(e.to_string()))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let v = parse_version(&text).ok_or_else(|| missing(format!("cannot read its version from {:?}", text.trim())))?;
+    let v = parse_version(&text)
+        .ok_or_else(|| missing(format!("cannot read its version from {:?}", text.trim())))?;
     if (v.0, v.1) < MIN_VERSION {
-        return Err(missing(format!("version {}.{}.{} is older than {}.{}", v.0, v.1, v.2, MIN_VERSION.0, MIN_VERSION.1)));
+        return Err(missing(format!(
+            "version {}.{}.{} is older than {}.{}",
+            v.0, v.1, v.2, MIN_VERSION.0, MIN_VERSION.1
+        )));
     }
     cache.lock().unwrap().insert(bin, v);
     Ok(v)
@@ -171,7 +192,11 @@ pub async fn qemu_version() -> Result<(u32, u32, u32), DriverError> {
 
 /// KVM when /dev/kvm can be opened, else TCG (with a warning: much slower).
 pub fn pick_accel() -> Accel {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => Accel::Kvm,
         Err(e) => {
             tracing::warn!("/dev/kvm is not usable ({e}): running VMs under TCG emulation, which is much slower");
@@ -183,7 +208,9 @@ pub fn pick_accel() -> Accel {
 /// Start QEMU; returns once it has daemonized (QMP socket listening).
 pub async fn launch(l: &Launch, f: &VmFiles) -> Result<u32, DriverError> {
     for dir in [f.qmp.parent(), f.console.parent()].into_iter().flatten() {
-        tokio::fs::create_dir_all(dir).await.map_err(DriverError::io(format!("create {}", dir.display())))?;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(DriverError::io(format!("create {}", dir.display())))?;
     }
     if f.qmp.as_os_str().len() >= 108 {
         return Err(DriverError::InvalidConfig(format!(
@@ -196,15 +223,25 @@ pub async fn launch(l: &Launch, f: &VmFiles) -> Result<u32, DriverError> {
     let args = build_args(l, f);
     let bin = qemu_binary();
     tracing::debug!("starting {bin} {}", args.join(" "));
-    let cmd = Command::new(&bin).args(&args).stdin(std::process::Stdio::null()).output();
+    let cmd = Command::new(&bin)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .output();
     let out = tokio::time::timeout(Duration::from_secs(60), cmd)
         .await
         .map_err(|_| DriverError::Timeout(format!("{bin} did not daemonize within 60 s")))?
-        .map_err(|e| DriverError::MissingTool { tool: bin.clone(), detail: e.to_string() })?;
+        .map_err(|e| DriverError::MissingTool {
+            tool: bin.clone(),
+            detail: e.to_string(),
+        })?;
     if !out.status.success() {
         return Err(DriverError::Command {
             program: bin.clone(),
-            detail: format!("{} ({})", String::from_utf8_lossy(&out.stderr).trim(), out.status),
+            detail: format!(
+                "{} ({})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            ),
         });
     }
     read_pid(&f.pidfile).ok_or_else(|| DriverError::Command {
@@ -226,14 +263,22 @@ pub fn running_pid(f: &VmFiles) -> Option<u32> {
 }
 
 fn is_our_qemu(pid: u32, qmp: &Path) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next());
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.trim_start().chars().next());
     if matches!(state, Some('Z') | Some('X') | None) {
         return false;
     }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     let needle = esc(qmp);
-    cmdline.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(&needle))
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
 }
 
 /// vCPU threads ("CPU n/KVM" or "CPU n/TCG" with debug-threads=on) and RSS bytes.
@@ -285,7 +330,9 @@ pub fn signal(f: &VmFiles, pid: u32, sig: Signal) {
 pub async fn kill_and_clean(f: &VmFiles, pid: u32) -> Result<(), DriverError> {
     signal(f, pid, Signal::SIGKILL);
     if !wait_exit(f, pid, Duration::from_secs(10)).await {
-        return Err(DriverError::Timeout(format!("QEMU (pid {pid}) did not die after SIGKILL within 10 s")));
+        return Err(DriverError::Timeout(format!(
+            "QEMU (pid {pid}) did not die after SIGKILL within 10 s"
+        )));
     }
     clean_runtime(f);
     Ok(())
@@ -325,26 +372,65 @@ mod tests {
         };
         let a = build_args(&l, &files());
         let s = a.join(" ");
-        assert!(s.contains("-machine pc-i440fx-7.2 -accel kvm -m 512M -smp 2 -nodefaults"), "{s}");
-        assert!(s.contains("-drive file=/v/x,,y/disk.img,format=raw,if=ide"), "{s}");
-        assert!(s.contains("-chardev file,id=console,path=/l/console.log,append=on -serial chardev:console"), "{s}");
+        assert!(
+            s.contains("-machine pc-i440fx-7.2 -accel kvm -m 512M -smp 2 -nodefaults"),
+            "{s}"
+        );
+        assert!(
+            s.contains("-drive file=/v/x,,y/disk.img,format=raw,if=ide"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "-chardev file,id=console,path=/l/console.log,append=on -serial chardev:console"
+            ),
+            "{s}"
+        );
         assert!(s.contains("-chardev socket,id=qmp,path=/r/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control"));
         assert!(s.contains("-pidfile /r/qemu.pid -daemonize"));
         assert!(!s.contains("-incoming"));
-        let inc = build_args(&Launch { incoming: true, accel: Accel::Tcg, ..l.clone() }, &files());
+        let inc = build_args(
+            &Launch {
+                incoming: true,
+                accel: Accel::Tcg,
+                ..l.clone()
+            },
+            &files(),
+        );
         assert!(inc.join(" ").ends_with("-incoming defer -S"));
         assert!(inc.join(" ").contains("-accel tcg"));
-        let live = build_args(&Launch { incoming: true, autostart: true, ..l.clone() }, &files());
-        assert!(live.join(" ").ends_with("-daemonize -incoming defer"), "{live:?}");
+        let live = build_args(
+            &Launch {
+                incoming: true,
+                autostart: true,
+                ..l.clone()
+            },
+            &files(),
+        );
+        assert!(
+            live.join(" ").ends_with("-daemonize -incoming defer"),
+            "{live:?}"
+        );
         // Identical devices apart from the incoming flags.
-        assert_eq!(&inc[..inc.len() - 3].iter().filter(|x| *x != "tcg").collect::<Vec<_>>(),
-                   &a.iter().filter(|x| *x != "kvm").collect::<Vec<_>>());
+        assert_eq!(
+            &inc[..inc.len() - 3]
+                .iter()
+                .filter(|x| *x != "tcg")
+                .collect::<Vec<_>>(),
+            &a.iter().filter(|x| *x != "kvm").collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn versions() {
-        assert_eq!(parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"), Some((10, 0, 2)));
-        assert_eq!(parse_version("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u16)"), Some((7, 2, 15)));
+        assert_eq!(
+            parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright"),
+            Some((10, 0, 2))
+        );
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u16)"),
+            Some((7, 2, 15))
+        );
         assert_eq!(parse_version("QEMU emulator version 8.1"), Some((8, 1, 0)));
         assert_eq!(parse_version("something else"), None);
     }

@@ -49,7 +49,9 @@ pub struct QmpEvent {
 impl QmpEvent {
     /// `data.status` of MIGRATION events ("active", "completed", ...).
     pub fn migration_status(&self) -> Option<&str> {
-        (self.name == "MIGRATION").then(|| self.data.get("status").and_then(Value::as_str)).flatten()
+        (self.name == "MIGRATION")
+            .then(|| self.data.get("status").and_then(Value::as_str))
+            .flatten()
     }
 }
 
@@ -58,9 +60,19 @@ pub fn parse_event(line: &[u8]) -> Option<QmpEvent> {
     let v: Value = serde_json::from_slice(line).ok()?;
     let name = v.get("event")?.as_str()?.to_string();
     let ts = v.get("timestamp");
-    let secs = ts.and_then(|t| t.get("seconds")).and_then(Value::as_u64).unwrap_or(0);
-    let usecs = ts.and_then(|t| t.get("microseconds")).and_then(Value::as_u64).unwrap_or(0);
-    Some(QmpEvent { name, data: v.get("data").cloned().unwrap_or(Value::Null), timestamp_us: secs * 1_000_000 + usecs })
+    let secs = ts
+        .and_then(|t| t.get("seconds"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let usecs = ts
+        .and_then(|t| t.get("microseconds"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Some(QmpEvent {
+        name,
+        data: v.get("data").cloned().unwrap_or(Value::Null),
+        timestamp_us: secs * 1_000_000 + usecs,
+    })
 }
 
 /// AsyncRead adapter that removes event lines from the QMP stream.
@@ -90,7 +102,11 @@ impl<R> EventFilter<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for EventFilter<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             if this.out_pos < this.out.len() {
@@ -164,13 +180,20 @@ impl MigrateInfo {
         let ram = v.get("ram");
         let ram_u = |k: &str| ram.and_then(|r| r.get(k)).and_then(Value::as_u64);
         MigrateInfo {
-            status: v.get("status").and_then(Value::as_str).unwrap_or("none").to_string(),
+            status: v
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_string(),
             total_time_ms: v.get("total-time").and_then(Value::as_u64),
             downtime_ms: v.get("downtime").and_then(Value::as_u64),
             transferred: ram_u("transferred"),
             remaining: ram_u("remaining"),
             total: ram_u("total"),
-            error: v.get("error-desc").and_then(Value::as_str).map(str::to_string),
+            error: v
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             dirty_sync_count: ram_u("dirty-sync-count"),
             cpu_throttle_percent: v.get("cpu-throttle-percentage").and_then(Value::as_u64),
             mbps: ram.and_then(|r| r.get("mbps")).and_then(Value::as_f64),
@@ -209,7 +232,9 @@ impl Qmp {
         let what = format!("connect to QMP socket {}", path.display());
         tokio::time::timeout(timeout, Self::connect_inner(path, &what))
             .await
-            .map_err(|_| DriverError::Timeout(format!("{what}: no QMP greeting within {timeout:?}")))?
+            .map_err(|_| {
+                DriverError::Timeout(format!("{what}: no QMP greeting within {timeout:?}"))
+            })?
     }
 
     async fn connect_inner(path: &Path, what: &str) -> Result<Qmp, DriverError> {
@@ -217,21 +242,43 @@ impl Qmp {
         let raw_fd = sock.as_raw_fd();
         let (r, w): (OwnedReadHalf, OwnedWriteHalf) = sock.into_split();
         let (tx, events) = mpsc::unbounded_channel();
-        let filter = EventFilter { inner: r, pending: Vec::new(), out: Vec::new(), out_pos: 0, eof: false, events: tx };
-        let negotiation = QmpStreamTokio::open_split(filter, w).await.map_err(qmp_err(what))?;
+        let filter = EventFilter {
+            inner: r,
+            pending: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            eof: false,
+            events: tx,
+        };
+        let negotiation = QmpStreamTokio::open_split(filter, w)
+            .await
+            .map_err(qmp_err(what))?;
         let stream = negotiation.negotiate().await.map_err(qmp_err(what))?;
         let (service, responses) = stream.into_parts();
         let pump = tokio::spawn(responses.into_future());
-        Ok(Qmp { service, events, pump, raw_fd, command_timeout: Duration::from_secs(30) })
+        Ok(Qmp {
+            service,
+            events,
+            pump,
+            raw_fd,
+            command_timeout: Duration::from_secs(30),
+        })
     }
 
     /// Run one typed qapi command.
     pub async fn execute<C: qmp::QmpCommand>(&mut self, cmd: C) -> Result<C::Ok, DriverError> {
         let name = C::NAME;
         match tokio::time::timeout(self.command_timeout, self.service.execute(cmd)).await {
-            Err(_) => Err(DriverError::Timeout(format!("QMP command {name} got no reply within {:?}", self.command_timeout))),
-            Ok(Err(qapi::ExecuteError::Qapi(e))) => Err(DriverError::Qmp(format!("{name} failed: {e}"))),
-            Ok(Err(qapi::ExecuteError::Io(e))) => Err(DriverError::Qmp(format!("{name}: connection to QEMU lost: {e}"))),
+            Err(_) => Err(DriverError::Timeout(format!(
+                "QMP command {name} got no reply within {:?}",
+                self.command_timeout
+            ))),
+            Ok(Err(qapi::ExecuteError::Qapi(e))) => {
+                Err(DriverError::Qmp(format!("{name} failed: {e}")))
+            }
+            Ok(Err(qapi::ExecuteError::Io(e))) => Err(DriverError::Qmp(format!(
+                "{name}: connection to QEMU lost: {e}"
+            ))),
             Ok(Ok(v)) => Ok(v),
         }
     }
@@ -245,30 +292,51 @@ impl Qmp {
             let cmsg = [ControlMessage::ScmRights(&fds)];
             match sendmsg::<()>(self.raw_fd, &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
                 Ok(1) => break,
-                Ok(n) => return Err(DriverError::Qmp(format!("passing fd {name}: sent {n} bytes"))),
+                Ok(n) => {
+                    return Err(DriverError::Qmp(format!(
+                        "passing fd {name}: sent {n} bytes"
+                    )))
+                }
                 Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) if tries < 500 => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(e) => return Err(DriverError::Qmp(format!("passing fd {name} over the QMP socket: {e}"))),
+                Err(e) => {
+                    return Err(DriverError::Qmp(format!(
+                        "passing fd {name} over the QMP socket: {e}"
+                    )))
+                }
             }
         }
-        self.execute(qmp::getfd { fdname: name.to_string() }).await.map(|_| ())
+        self.execute(qmp::getfd {
+            fdname: name.to_string(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Release an fd given with [`send_fd`](Self::send_fd) that QEMU did not consume.
     pub async fn close_fd(&mut self, name: &str) -> Result<(), DriverError> {
-        self.execute(qmp::closefd { fdname: name.to_string() }).await.map(|_| ())
+        self.execute(qmp::closefd {
+            fdname: name.to_string(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Run status (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
     pub async fn status(&mut self) -> Result<String, DriverError> {
         let v = self.execute(RawQueryStatus {}).await?;
-        Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+        Ok(v.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string())
     }
 
     pub async fn query_migrate(&mut self) -> Result<MigrateInfo, DriverError> {
-        Ok(MigrateInfo::from_json(&self.execute(RawQueryMigrate {}).await?))
+        Ok(MigrateInfo::from_json(
+            &self.execute(RawQueryMigrate {}).await?,
+        ))
     }
 
     pub async fn stop(&mut self) -> Result<(), DriverError> {
@@ -289,18 +357,29 @@ impl Qmp {
     }
 
     pub async fn migrate(&mut self, uri: &str) -> Result<(), DriverError> {
-        let cmd = qmp::migrate { uri: Some(uri.to_string()), channels: None, detach: None, resume: None };
+        let cmd = qmp::migrate {
+            uri: Some(uri.to_string()),
+            channels: None,
+            detach: None,
+            resume: None,
+        };
         self.execute(cmd).await.map(|_| ())
     }
 
     pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), DriverError> {
-        let cmd = qmp::migrate_incoming { uri: Some(uri.to_string()), channels: None, exit_on_error: None };
+        let cmd = qmp::migrate_incoming {
+            uri: Some(uri.to_string()),
+            channels: None,
+            exit_on_error: None,
+        };
         self.execute(cmd).await.map(|_| ())
     }
 
     /// Switch a running pre-copy migration (with `postcopy-ram`) to post-copy.
     pub async fn migrate_start_postcopy(&mut self) -> Result<(), DriverError> {
-        self.execute(qmp::migrate_start_postcopy {}).await.map(|_| ())
+        self.execute(qmp::migrate_start_postcopy {})
+            .await
+            .map(|_| ())
     }
 
     pub async fn migrate_cancel(&mut self) -> Result<(), DriverError> {
@@ -308,32 +387,56 @@ impl Qmp {
     }
 
     /// Enable or disable migration capabilities.
-    pub async fn set_capabilities(&mut self, caps: &[(qmp::MigrationCapability, bool)]) -> Result<(), DriverError> {
+    pub async fn set_capabilities(
+        &mut self,
+        caps: &[(qmp::MigrationCapability, bool)],
+    ) -> Result<(), DriverError> {
         let capabilities = caps
             .iter()
-            .map(|(capability, state)| qmp::MigrationCapabilityStatus { capability: *capability, state: *state })
+            .map(|(capability, state)| qmp::MigrationCapabilityStatus {
+                capability: *capability,
+                state: *state,
+            })
             .collect();
-        self.execute(qmp::migrate_set_capabilities { capabilities }).await.map(|_| ())
+        self.execute(qmp::migrate_set_capabilities { capabilities })
+            .await
+            .map(|_| ())
     }
 
     /// Set migration parameters (fields left `None` are unchanged).
-    pub async fn set_parameters(&mut self, params: qmp::MigrateSetParameters) -> Result<(), DriverError> {
-        self.execute(qmp::migrate_set_parameters(params)).await.map(|_| ())
+    pub async fn set_parameters(
+        &mut self,
+        params: qmp::MigrateSetParameters,
+    ) -> Result<(), DriverError> {
+        self.execute(qmp::migrate_set_parameters(params))
+            .await
+            .map(|_| ())
     }
 
     /// Limit (or, with a huge value, unlimit) the migration bandwidth in bytes/s.
     pub async fn set_max_bandwidth(&mut self, bytes_per_s: u64) -> Result<(), DriverError> {
-        self.set_parameters(qmp::MigrateSetParameters { max_bandwidth: Some(bytes_per_s), ..Default::default() }).await
+        self.set_parameters(qmp::MigrateSetParameters {
+            max_bandwidth: Some(bytes_per_s),
+            ..Default::default()
+        })
+        .await
     }
 
     /// HMP command through QMP; returns its text output.
     pub async fn hmp(&mut self, command_line: &str) -> Result<String, DriverError> {
-        self.execute(qmp::human_monitor_command { command_line: command_line.to_string(), cpu_index: None }).await
+        self.execute(qmp::human_monitor_command {
+            command_line: command_line.to_string(),
+            cpu_index: None,
+        })
+        .await
     }
 
     /// Next event, waiting at most `timeout`; `None` on timeout or closed connection.
     pub async fn next_event(&mut self, timeout: Duration) -> Option<QmpEvent> {
-        tokio::time::timeout(timeout, self.events.recv()).await.ok().flatten()
+        tokio::time::timeout(timeout, self.events.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Whether the connection to QEMU is gone (the event pump ended).
@@ -371,7 +474,14 @@ mod tests {
     async fn filter_removes_event_lines() {
         let input: &[u8] = b"{\"QMP\": {}}\n{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\n{\"return\": {}}\n{\"ret";
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut f = EventFilter { inner: input, pending: vec![], out: vec![], out_pos: 0, eof: false, events: tx };
+        let mut f = EventFilter {
+            inner: input,
+            pending: vec![],
+            out: vec![],
+            out_pos: 0,
+            eof: false,
+            events: tx,
+        };
         let mut s = String::new();
         f.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "{\"QMP\": {}}\n{\"return\": {}}\n{\"ret");
@@ -386,9 +496,17 @@ mod tests {
         .unwrap();
         let i = MigrateInfo::from_json(&v);
         assert_eq!(i.status, "completed");
-        assert_eq!((i.total_time_ms, i.downtime_ms, i.transferred), (Some(812), Some(20), Some(1000)));
-        let f = MigrateInfo::from_json(&serde_json::json!({"status": "failed", "error-desc": "disk full"}));
+        assert_eq!(
+            (i.total_time_ms, i.downtime_ms, i.transferred),
+            (Some(812), Some(20), Some(1000))
+        );
+        let f = MigrateInfo::from_json(
+            &serde_json::json!({"status": "failed", "error-desc": "disk full"}),
+        );
         assert_eq!(f.error.as_deref(), Some("disk full"));
-        assert_eq!(MigrateInfo::from_json(&serde_json::json!({})).status, "none");
+        assert_eq!(
+            MigrateInfo::from_json(&serde_json::json!({})).status,
+            "none"
+        );
     }
 }

@@ -76,12 +76,22 @@ fn migration_timeout(memory_mib: u64) -> Duration {
 fn failed(what: &str, info: &MigrateInfo) -> DriverError {
     DriverError::Command {
         program: "QEMU migration".into(),
-        detail: format!("{what} ended {}: {}", info.status, info.error.as_deref().unwrap_or("no error description")),
+        detail: format!(
+            "{what} ended {}: {}",
+            info.status,
+            info.error.as_deref().unwrap_or("no error description")
+        ),
     }
 }
 
 /// Poll `query-migrate` until `completed`. Cancellation and timeout return errors.
-async fn wait_completed(qmp: &mut Qmp, ctx: &OpCtx, what: &str, timeout: Duration, outgoing: bool) -> Result<MigrateInfo, DriverError> {
+async fn wait_completed(
+    qmp: &mut Qmp,
+    ctx: &OpCtx,
+    what: &str,
+    timeout: Duration,
+    outgoing: bool,
+) -> Result<MigrateInfo, DriverError> {
     let deadline = Instant::now() + timeout;
     let mut last_report = Instant::now();
     loop {
@@ -102,11 +112,17 @@ async fn wait_completed(qmp: &mut Qmp, ctx: &OpCtx, what: &str, timeout: Duratio
         if last_report.elapsed() >= Duration::from_millis(500) {
             last_report = Instant::now();
             if let (Some(t), Some(total)) = (info.transferred, info.total) {
-                ctx.progress("state_progress", &format!("{} MiB of {} MiB", t >> 20, total >> 20));
+                ctx.progress(
+                    "state_progress",
+                    &format!("{} MiB of {} MiB", t >> 20, total >> 20),
+                );
             }
         }
         if Instant::now() >= deadline {
-            return Err(DriverError::Timeout(format!("{what}: migration still {} after {timeout:?}", info.status)));
+            return Err(DriverError::Timeout(format!(
+                "{what}: migration still {} after {timeout:?}",
+                info.status
+            )));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -118,7 +134,12 @@ async fn rollback_save(qmp: &mut Qmp, was_running: bool) -> Result<(), DriverErr
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         match qmp.query_migrate().await.map(|i| i.status) {
-            Ok(s) if matches!(s.as_str(), "setup" | "active" | "cancelling" | "device" | "pre-switchover") => {
+            Ok(s)
+                if matches!(
+                    s.as_str(),
+                    "setup" | "active" | "cancelling" | "device" | "pre-switchover"
+                ) =>
+            {
                 tokio::time::sleep(POLL).await
             }
             _ => break,
@@ -134,14 +155,19 @@ async fn rollback_save(qmp: &mut Qmp, was_running: bool) -> Result<(), DriverErr
 /// Stateful stop.
 pub async fn save(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
     let f = VmFiles::of(spec);
-    let pid = qemu::running_pid(&f).ok_or_else(|| DriverError::WrongState(format!("VM {} is not running", spec.name)))?;
+    let pid = qemu::running_pid(&f)
+        .ok_or_else(|| DriverError::WrongState(format!("VM {} is not running", spec.name)))?;
     let record = match read_record(&launch_record_path(spec)) {
         Some(r) => r,
-        None => LaunchRecord::of(&Launch::new(spec, &VmConfig::from_spec(spec)?, qemu::pick_accel()), qemu::qemu_version().await?),
+        None => LaunchRecord::of(
+            &Launch::new(spec, &VmConfig::from_spec(spec)?, qemu::pick_accel()),
+            qemu::qemu_version().await?,
+        ),
     };
     ctx.check_cancelled("stateful stop")?;
     let started = Instant::now();
-    std::fs::create_dir_all(&f.state_dir).map_err(DriverError::io(format!("create {}", f.state_dir.display())))?;
+    std::fs::create_dir_all(&f.state_dir)
+        .map_err(DriverError::io(format!("create {}", f.state_dir.display())))?;
     let tmp = f.state_file.with_extension("state.tmp");
     let file = File::create(&tmp).map_err(DriverError::io(format!("create {}", tmp.display())))?;
 
@@ -154,8 +180,16 @@ pub async fn save(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, D
         qmp.set_max_bandwidth(SAVE_BANDWIDTH).await?;
         qmp.send_fd(FD_NAME, file.as_fd()).await?;
         qmp.migrate(&format!("fd:{FD_NAME}")).await?;
-        let info = wait_completed(&mut qmp, ctx, "saving the VM state", migration_timeout(record.memory_mib), true).await?;
-        file.sync_all().map_err(DriverError::io(format!("sync {}", tmp.display())))?;
+        let info = wait_completed(
+            &mut qmp,
+            ctx,
+            "saving the VM state",
+            migration_timeout(record.memory_mib),
+            true,
+        )
+        .await?;
+        file.sync_all()
+            .map_err(DriverError::io(format!("sync {}", tmp.display())))?;
         Ok::<_, DriverError>(info)
     }
     .await;
@@ -165,7 +199,9 @@ pub async fn save(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, D
             let _ = std::fs::remove_file(&tmp);
             return Err(match rollback_save(&mut qmp, was_running).await {
                 Ok(()) => e,
-                Err(r) => DriverError::Qmp(format!("{e}; and resuming the VM afterwards failed: {r}")),
+                Err(r) => {
+                    DriverError::Qmp(format!("{e}; and resuming the VM afterwards failed: {r}"))
+                }
             });
         }
     };
@@ -188,10 +224,16 @@ pub async fn save(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, D
     }
     qemu::clean_runtime(&f);
     let _ = std::fs::remove_file(launch_record_path(spec));
-    let size = std::fs::metadata(&f.state_file).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&f.state_file)
+        .map(|m| m.len())
+        .unwrap_or(0);
     ctx.progress(
         "state_time",
-        &format!("saved {} MiB in {saved_ms} ms (QEMU migration {} ms)", size >> 20, info.total_time_ms.unwrap_or(0)),
+        &format!(
+            "saved {} MiB in {saved_ms} ms (QEMU migration {} ms)",
+            size >> 20,
+            info.total_time_ms.unwrap_or(0)
+        ),
     );
     Ok(VolatileChanges::new())
 }
@@ -200,10 +242,16 @@ pub async fn save(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, D
 pub async fn restore(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, DriverError> {
     let f = VmFiles::of(spec);
     if qemu::running_pid(&f).is_some() {
-        return Err(DriverError::WrongState(format!("VM {} is already running", spec.name)));
+        return Err(DriverError::WrongState(format!(
+            "VM {} is already running",
+            spec.name
+        )));
     }
     if !f.state_file.exists() {
-        return Err(DriverError::WrongState(format!("VM {} has no saved state: start it without one", spec.name)));
+        return Err(DriverError::WrongState(format!(
+            "VM {} has no saved state: start it without one",
+            spec.name
+        )));
     }
     let version = qemu::qemu_version().await?;
     let cfg = VmConfig::from_spec(spec)?;
@@ -214,7 +262,8 @@ pub async fn restore(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges
         launch.cpus = r.cpus;
     }
     launch.incoming = true;
-    let file = File::open(&f.state_file).map_err(DriverError::io(format!("open {}", f.state_file.display())))?;
+    let file = File::open(&f.state_file)
+        .map_err(DriverError::io(format!("open {}", f.state_file.display())))?;
     ctx.check_cancelled("stateful start")?;
     let started = Instant::now();
     ctx.progress("stage", "starting QEMU for the saved state");
@@ -224,13 +273,22 @@ pub async fn restore(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges
         ctx.progress("stage", "loading the VM's memory");
         qmp.send_fd(FD_NAME, file.as_fd()).await?;
         qmp.migrate_incoming(&format!("fd:{FD_NAME}")).await?;
-        let info = wait_completed(&mut qmp, ctx, "loading the VM state", migration_timeout(launch.memory_mib), false).await?;
+        let info = wait_completed(
+            &mut qmp,
+            ctx,
+            "loading the VM state",
+            migration_timeout(launch.memory_mib),
+            false,
+        )
+        .await?;
         ctx.check_cancelled("stateful start")?;
         ctx.progress("stage", "resuming the VM");
         qmp.cont().await?;
         let status = qmp.status().await?;
         if status != "running" {
-            return Err(DriverError::Qmp(format!("VM is {status} after resuming from the saved state")));
+            return Err(DriverError::Qmp(format!(
+                "VM is {status} after resuming from the saved state"
+            )));
         }
         Ok::<_, DriverError>(info)
     }
@@ -242,10 +300,16 @@ pub async fn restore(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges
             return Err(e);
         }
     };
-    write_record(&launch_record_path(spec), &LaunchRecord::of(&launch, version))?;
+    write_record(
+        &launch_record_path(spec),
+        &LaunchRecord::of(&launch, version),
+    )?;
     drop(file);
     let _ = std::fs::remove_dir_all(&f.state_dir);
     let _ = info; // the incoming side reports no timings
-    ctx.progress("state_time", &format!("restored in {} ms", started.elapsed().as_millis()));
+    ctx.progress(
+        "state_time",
+        &format!("restored in {} ms", started.elapsed().as_millis()),
+    );
     Ok(VolatileChanges::new())
 }

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use ferry_test::{raw_unix, wait_for, Member};
 use serde_json::Value;
 
-const USAGE: &str = "usage: raft-bench [--writes N] [--warmup N] [--secs S] [--concurrency 1,4,16] \
+const USAGE: &str =
+    "usage: raft-bench [--writes N] [--warmup N] [--secs S] [--concurrency 1,4,16] \
 [--write-doc PATH] [--no-profile] [--no-solo]
 
   --writes N        sequential writes per latency scenario (default 500)
@@ -47,24 +48,49 @@ struct Opts {
 }
 
 fn parse_args() -> Opts {
-    let mut o = Opts { writes: 500, warmup: 20, secs: 4.0, concurrency: vec![1, 4, 16], write_doc: None, profile: true, solo: true };
+    let mut o = Opts {
+        writes: 500,
+        warmup: 20,
+        secs: 4.0,
+        concurrency: vec![1, 4, 16],
+        write_doc: None,
+        profile: true,
+        solo: true,
+    };
     let mut args = std::env::args().skip(1);
     let bad = |m: String| -> ! {
         eprintln!("raft-bench: {m}\n{USAGE}");
         std::process::exit(2)
     };
     while let Some(a) = args.next() {
-        let mut val = |name: &str| args.next().unwrap_or_else(|| bad(format!("{name} needs a value")));
+        let mut val = |name: &str| {
+            args.next()
+                .unwrap_or_else(|| bad(format!("{name} needs a value")))
+        };
         match a.as_str() {
-            "--writes" => o.writes = val("--writes").parse().unwrap_or_else(|e| bad(format!("--writes: {e}"))),
-            "--warmup" => o.warmup = val("--warmup").parse().unwrap_or_else(|e| bad(format!("--warmup: {e}"))),
-            "--secs" => o.secs = val("--secs").parse().unwrap_or_else(|e| bad(format!("--secs: {e}"))),
+            "--writes" => {
+                o.writes = val("--writes")
+                    .parse()
+                    .unwrap_or_else(|e| bad(format!("--writes: {e}")))
+            }
+            "--warmup" => {
+                o.warmup = val("--warmup")
+                    .parse()
+                    .unwrap_or_else(|e| bad(format!("--warmup: {e}")))
+            }
+            "--secs" => {
+                o.secs = val("--secs")
+                    .parse()
+                    .unwrap_or_else(|e| bad(format!("--secs: {e}")))
+            }
             "--concurrency" => {
                 o.concurrency = val("--concurrency")
                     .split(',')
                     .map(|s| s.trim().parse::<usize>().ok().filter(|n| *n > 0))
                     .collect::<Option<Vec<_>>>()
-                    .unwrap_or_else(|| bad("--concurrency takes positive numbers, e.g. 1,4,16".into()))
+                    .unwrap_or_else(|| {
+                        bad("--concurrency takes positive numbers, e.g. 1,4,16".into())
+                    })
             }
             "--write-doc" => o.write_doc = Some(PathBuf::from(val("--write-doc"))),
             "--no-profile" => o.profile = false,
@@ -106,7 +132,14 @@ fn stats(lat: &[Duration]) -> Stats {
     let mut v: Vec<f64> = lat.iter().copied().map(ms).collect();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-    Stats { n: v.len(), p50: pct(0.50), p90: pct(0.90), p99: pct(0.99), max: v[v.len() - 1], mean: v.iter().sum::<f64>() / v.len() as f64 }
+    Stats {
+        n: v.len(),
+        p50: pct(0.50),
+        p90: pct(0.90),
+        p99: pct(0.99),
+        max: v[v.len() - 1],
+        mean: v.iter().sum::<f64>() / v.len() as f64,
+    }
 }
 
 // ---------------------------------------------------------------- client
@@ -121,13 +154,21 @@ async fn patch(sock: &Path, inst: &str, key: &str, val: usize) -> Result<Duratio
     if code == 200 {
         Ok(d)
     } else {
-        Err((code, v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+        Err((
+            code,
+            v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string()),
+        ))
     }
 }
 
 async fn config_value(m: &Member, inst: &str, key: &str) -> Option<String> {
     let (code, v) = raw_unix(&sock(m), "GET", &format!("/1.0/instances/{inst}"), None).await;
-    (code == 200).then(|| v["metadata"]["config"][key].as_str().map(str::to_string)).flatten()
+    (code == 200)
+        .then(|| v["metadata"]["config"][key].as_str().map(str::to_string))
+        .flatten()
 }
 
 fn sock(m: &Member) -> PathBuf {
@@ -148,14 +189,23 @@ fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }
 
 /// `warmup + writes` sequential PATCHes of `inst` sent to `via`; checks the last value landed.
-async fn sequential(label: &str, via: &Member, inst: &str, daemons: &[(String, u32)], o: &Opts) -> SeqResult {
+async fn sequential(
+    label: &str,
+    via: &Member,
+    inst: &str,
+    daemons: &[(String, u32)],
+    o: &Opts,
+) -> SeqResult {
     let key = "user.k";
     let mut lat = Vec::with_capacity(o.writes);
     let (mut errors, mut first_error) = (0, None);
@@ -183,13 +233,28 @@ async fn sequential(label: &str, via: &Member, inst: &str, daemons: &[(String, u
     let cpu = daemons
         .iter()
         .zip(&cpu0)
-        .map(|((name, pid), c0)| (name.clone(), ms(cpu_time(*pid).saturating_sub(*c0)) / o.writes as f64))
+        .map(|((name, pid), c0)| {
+            (
+                name.clone(),
+                ms(cpu_time(*pid).saturating_sub(*c0)) / o.writes as f64,
+            )
+        })
         .collect();
     if let Some(i) = last_ok {
         let got = config_value(via, inst, key).await;
-        assert_eq!(got.as_deref(), Some(i.to_string().as_str()), "{label}: the last acknowledged write is not visible");
+        assert_eq!(
+            got.as_deref(),
+            Some(i.to_string().as_str()),
+            "{label}: the last acknowledged write is not visible"
+        );
     }
-    let r = SeqResult { label: label.into(), stats: stats(&lat), errors, first_error, cpu };
+    let r = SeqResult {
+        label: label.into(),
+        stats: stats(&lat),
+        errors,
+        first_error,
+        cpu,
+    };
     let s = r.stats;
     eprintln!(
         "  {label}: p50 {:.2} ms  p99 {:.2} ms  ({} writes, {} errors, {:.1} s, daemon CPU {:.2} ms/write)",
@@ -262,8 +327,15 @@ async fn throughput(via: &Member, insts: Vec<String>, secs: f64) -> TputResult {
             first_error = f;
         }
     }
-    let r =
-        TputResult { writers: n, ops_per_sec: lat.len() as f64 / secs, stats: stats(&lat), ok: lat.len(), conflicts, errors, first_error };
+    let r = TputResult {
+        writers: n,
+        ops_per_sec: lat.len() as f64 / secs,
+        stats: stats(&lat),
+        ok: lat.len(),
+        conflicts,
+        errors,
+        first_error,
+    };
     eprintln!(
         "  {n} writer(s) on {distinct} instance(s): {:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} conflicts, {} errors",
         r.ops_per_sec, r.stats.p50, r.stats.p99, r.conflicts, r.errors
@@ -275,26 +347,45 @@ async fn throughput(via: &Member, insts: Vec<String>, secs: f64) -> TputResult {
 
 fn members(m: &Member) -> Vec<Value> {
     let out = m.ferry_ok(&["cluster", "list", "--format", "json"]);
-    serde_json::from_str::<Value>(&out).expect("cluster list json").as_array().expect("array").clone()
+    serde_json::from_str::<Value>(&out)
+        .expect("cluster list json")
+        .as_array()
+        .expect("array")
+        .clone()
 }
 
 fn leader_of(m: &Member) -> Option<String> {
-    members(m).into_iter().find(|x| x["roles"][0] == "database-leader").and_then(|x| x["server_name"].as_str().map(str::to_string))
+    members(m)
+        .into_iter()
+        .find(|x| x["roles"][0] == "database-leader")
+        .and_then(|x| x["server_name"].as_str().map(str::to_string))
 }
 
 fn form_cluster() -> Vec<Member> {
-    let ms: Vec<Member> = ["m1", "m2", "m3"].iter().map(|n| Member::start(n)).collect();
+    let ms: Vec<Member> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|n| Member::start(n))
+        .collect();
     ms[0].ferry_ok(&["cluster", "enable", "m1"]);
     for m in &ms[1..] {
-        let token = ms[0].ferry_ok(&["cluster", "add", &m.name]).trim().to_string();
+        let token = ms[0]
+            .ferry_ok(&["cluster", "add", &m.name])
+            .trim()
+            .to_string();
         m.ferry_ok(&["cluster", "join", &token]);
     }
     for m in &ms {
         wait_for(30, "all three members online and voting", || {
             let list = members(m);
             let ok = list.len() == 3
-                && list.iter().all(|x| x["status"] == "Online" && x["database"] == true)
-                && list.iter().filter(|x| x["roles"][0] == "database-leader").count() == 1;
+                && list
+                    .iter()
+                    .all(|x| x["status"] == "Online" && x["database"] == true)
+                && list
+                    .iter()
+                    .filter(|x| x["roles"][0] == "database-leader")
+                    .count()
+                    == 1;
             ok.then_some(())
         });
     }
@@ -334,7 +425,11 @@ async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::R
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let code = head
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
             let len: usize = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
@@ -361,7 +456,10 @@ async fn rpc_cost(m: &Member, n: usize) -> Option<RpcCost> {
     let connect = || async {
         let tcp = tokio::net::TcpStream::connect(&m.https).await.ok()?;
         let _ = tcp.set_nodelay(true);
-        connector.connect(ferry_cluster::mtls::cluster_server_name(), tcp).await.ok()
+        connector
+            .connect(ferry_cluster::mtls::cluster_server_name(), tcp)
+            .await
+            .ok()
     };
     // Fresh connection per request.
     let (mut fresh, mut hs) = (Vec::new(), Vec::new());
@@ -374,7 +472,10 @@ async fn rpc_cost(m: &Member, n: usize) -> Option<RpcCost> {
         (read_response(&mut tls).await.ok()? == 200).then_some(())?;
         fresh.push(t.elapsed());
     }
-    let (server_cpu, client_cpu) = (cpu_time(m.pid()).saturating_sub(s0), cpu_time(std::process::id()).saturating_sub(c0));
+    let (server_cpu, client_cpu) = (
+        cpu_time(m.pid()).saturating_sub(s0),
+        cpu_time(std::process::id()).saturating_sub(c0),
+    );
     // One kept-alive connection.
     let mut tls = connect().await?;
     let mut reused = Vec::new();
@@ -418,7 +519,12 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// 4 KiB write + fsync (what an SQLite WAL commit with synchronous=FULL costs at
@@ -459,7 +565,9 @@ fn machine() -> Machine {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|s| s.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_default();
-    let hyper = cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
+    let hyper = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
     let virt = match sh("systemd-detect-virt", &[]) {
         v if !v.is_empty() && v != "none" => format!("VM ({v})"),
         _ if hyper => "VM".to_string(),
@@ -472,11 +580,19 @@ fn machine() -> Machine {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
     let tmp = std::env::temp_dir();
-    let fs = sh("findmnt", &["-no", "FSTYPE,SOURCE", "-T", tmp.to_str().unwrap()]).split_whitespace().collect::<Vec<_>>().join(" on ");
+    let fs = sh(
+        "findmnt",
+        &["-no", "FSTYPE,SOURCE", "-T", tmp.to_str().unwrap()],
+    )
+    .split_whitespace()
+    .collect::<Vec<_>>()
+    .join(" on ");
     let (fsync_overwrite, fsync_append) = fsync_baseline(&tmp);
     Machine {
         cpu,
-        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         mem_gib: mem_kb / 1024.0 / 1024.0,
         kernel: sh("uname", &["-r"]),
         virt,
@@ -504,32 +620,69 @@ fn parse_perf_trace(text: &str) -> Vec<Sys> {
     // Entry lines interrupted by another event ("...") are completed by "[continued]" lines.
     let mut pending: BTreeMap<i32, (String, Option<i32>)> = BTreeMap::new();
     for line in text.lines() {
-        let Some((head, rest)) = line.split_once("): ") else { continue };
-        let Some((ts, dur)) = head.split_once('(') else { continue };
-        let Ok(ts) = ts.trim().parse::<f64>() else { continue };
-        let dur = dur.trim().trim_end_matches("ms").trim().parse::<f64>().ok();
-        // "comm/tid syscall(...)": comm may contain '/' or spaces; the tid is digits then a space.
-        let Some((tid, body)) = rest.char_indices().filter(|(_, c)| *c == '/').find_map(|(i, _)| {
-            let after = &rest[i + 1..];
-            let digits: String = after.chars().take_while(|c| c.is_ascii_digit()).collect();
-            (!digits.is_empty() && after[digits.len()..].starts_with(' '))
-                .then(|| (digits.parse::<i32>().unwrap(), after[digits.len()..].trim_start()))
-        }) else {
+        let Some((head, rest)) = line.split_once("): ") else {
             continue;
         };
-        let ret = body.rsplit_once("= ").and_then(|(_, r)| r.split_whitespace().next()).and_then(|r| r.parse::<i64>().ok());
+        let Some((ts, dur)) = head.split_once('(') else {
+            continue;
+        };
+        let Ok(ts) = ts.trim().parse::<f64>() else {
+            continue;
+        };
+        let dur = dur.trim().trim_end_matches("ms").trim().parse::<f64>().ok();
+        // "comm/tid syscall(...)": comm may contain '/' or spaces; the tid is digits then a space.
+        let Some((tid, body)) =
+            rest.char_indices()
+                .filter(|(_, c)| *c == '/')
+                .find_map(|(i, _)| {
+                    let after = &rest[i + 1..];
+                    let digits: String = after.chars().take_while(|c| c.is_ascii_digit()).collect();
+                    (!digits.is_empty() && after[digits.len()..].starts_with(' ')).then(|| {
+                        (
+                            digits.parse::<i32>().unwrap(),
+                            after[digits.len()..].trim_start(),
+                        )
+                    })
+                })
+        else {
+            continue;
+        };
+        let ret = body
+            .rsplit_once("= ")
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .and_then(|r| r.parse::<i64>().ok());
         if let Some(cont) = body.strip_prefix("... [continued]: ") {
             let name = cont.split('(').next().unwrap_or("").to_string();
-            let fd = pending.remove(&tid).filter(|(n, _)| *n == name).and_then(|(_, fd)| fd);
+            let fd = pending
+                .remove(&tid)
+                .filter(|(n, _)| *n == name)
+                .and_then(|(_, fd)| fd);
             if let Some(dur) = dur {
-                out.push(Sys { ts, dur, tid, name, fd, ret });
+                out.push(Sys {
+                    ts,
+                    dur,
+                    tid,
+                    name,
+                    fd,
+                    ret,
+                });
             }
             continue;
         }
         let name = body.split('(').next().unwrap_or("").to_string();
-        let fd = body.split_once("fd: ").and_then(|(_, r)| r.split([',', ')']).next()).and_then(|s| s.trim().parse().ok());
+        let fd = body
+            .split_once("fd: ")
+            .and_then(|(_, r)| r.split([',', ')']).next())
+            .and_then(|s| s.trim().parse().ok());
         match dur {
-            Some(dur) => out.push(Sys { ts, dur, tid, name, fd, ret }),
+            Some(dur) => out.push(Sys {
+                ts,
+                dur,
+                tid,
+                name,
+                fd,
+                ret,
+            }),
             None => {
                 pending.insert(tid, (name, fd));
             }
@@ -540,7 +693,9 @@ fn parse_perf_trace(text: &str) -> Vec<Sys> {
 
 fn tgid_of(tid: i32) -> Option<i32> {
     let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 struct ProfileScenario {
@@ -557,15 +712,35 @@ struct ProfileScenario {
 /// window (offsets from the client's connect): leader log append, the first
 /// follower log append to finish (the quorum), leader apply.
 fn critical_path(lat: f64, s: f64, evs: &[&(f64, f64, i32, String)]) -> Option<[f64; 7]> {
-    let find = |pred: &dyn Fn(&str) -> bool, after: f64| evs.iter().find(|e| e.0 - s >= after && pred(&e.3)).map(|e| (e.0 - s, e.1));
-    let (la, la_d) = find(&|l| l.starts_with("leader ") && l.ends_with("fsync(raft.db-wal)"), 0.0)?;
+    let find = |pred: &dyn Fn(&str) -> bool, after: f64| {
+        evs.iter()
+            .find(|e| e.0 - s >= after && pred(&e.3))
+            .map(|e| (e.0 - s, e.1))
+    };
+    let (la, la_d) = find(
+        &|l| l.starts_with("leader ") && l.ends_with("fsync(raft.db-wal)"),
+        0.0,
+    )?;
     let (fa, fa_d) = evs
         .iter()
-        .filter(|e| e.3.starts_with("follower ") && e.3.ends_with("fsync(raft.db-wal)") && e.0 - s >= la)
+        .filter(|e| {
+            e.3.starts_with("follower ") && e.3.ends_with("fsync(raft.db-wal)") && e.0 - s >= la
+        })
         .map(|e| (e.0 - s, e.1))
         .min_by(|a, b| (a.0 + a.1).partial_cmp(&(b.0 + b.1)).unwrap())?;
-    let (ap, ap_d) = find(&|l| l.starts_with("leader ") && l.ends_with("fsync(ferry.db-wal)"), fa + fa_d)?;
-    Some([la, la_d, fa - (la + la_d), fa_d, ap - (fa + fa_d), ap_d, lat - (ap + ap_d)])
+    let (ap, ap_d) = find(
+        &|l| l.starts_with("leader ") && l.ends_with("fsync(ferry.db-wal)"),
+        fa + fa_d,
+    )?;
+    Some([
+        la,
+        la_d,
+        fa - (la + la_d),
+        fa_d,
+        ap - (fa + fa_d),
+        ap_d,
+        lat - (ap + ap_d),
+    ])
 }
 
 struct Profile {
@@ -583,7 +758,14 @@ fn start_perf(out: &Path) -> Option<PerfTrace> {
         return None;
     }
     let child = Command::new("perf")
-        .args(["trace", "-a", "-o", out.to_str().unwrap(), "-e", "fsync,fdatasync,connect,accept4"])
+        .args([
+            "trace",
+            "-a",
+            "-o",
+            out.to_str().unwrap(),
+            "-e",
+            "fsync,fdatasync,connect,accept4",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -591,11 +773,17 @@ fn start_perf(out: &Path) -> Option<PerfTrace> {
         .ok()?;
     // perf trace -a needs a moment to open its events on every CPU.
     std::thread::sleep(Duration::from_millis(2000));
-    Some(PerfTrace { child, out: out.to_path_buf() })
+    Some(PerfTrace {
+        child,
+        out: out.to_path_buf(),
+    })
 }
 
 fn stop_perf(mut p: PerfTrace) -> Option<String> {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.child.id() as i32), nix::sys::signal::Signal::SIGINT);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while p.child.try_wait().ok().flatten().is_none() {
         if Instant::now() > deadline {
@@ -614,7 +802,12 @@ fn plan_leader_direct(label: &str) -> bool {
 
 /// Traced, spaced-out writes (`(label, via, inst)` each `count` times); attributes
 /// each write's fsyncs and connections to members by role.
-async fn profile(cluster: &[Member], leader: &str, plan: &[(&str, usize, &str)], count: usize) -> Option<Profile> {
+async fn profile(
+    cluster: &[Member],
+    leader: &str,
+    plan: &[(&str, usize, &str)],
+    count: usize,
+) -> Option<Profile> {
     let tmp = tempfile::tempdir().ok()?;
     let perf = start_perf(&tmp.path().join("trace.txt"))?;
     eprintln!("== profile: {count} spaced-out writes per path under `perf trace -a`");
@@ -638,7 +831,16 @@ async fn profile(cluster: &[Member], leader: &str, plan: &[(&str, usize, &str)],
     // Who is who: member pids, and the files behind their fds.
     let roles: BTreeMap<i32, String> = cluster
         .iter()
-        .map(|m| (m.pid() as i32, if m.name == leader { format!("leader {}", m.name) } else { format!("follower {}", m.name) }))
+        .map(|m| {
+            (
+                m.pid() as i32,
+                if m.name == leader {
+                    format!("leader {}", m.name)
+                } else {
+                    format!("follower {}", m.name)
+                },
+            )
+        })
         .collect();
     let mut tgids: BTreeMap<i32, Option<i32>> = BTreeMap::new();
     let fdpath = |pid: i32, fd: i32| -> String {
@@ -657,9 +859,15 @@ async fn profile(cluster: &[Member], leader: &str, plan: &[(&str, usize, &str)],
             }
             continue;
         }
-        let Some(role) = roles.get(&tgid) else { continue };
+        let Some(role) = roles.get(&tgid) else {
+            continue;
+        };
         let label = match e.name.as_str() {
-            "fsync" | "fdatasync" => format!("{role}: {}({})", e.name, e.fd.map(|fd| fdpath(tgid, fd)).unwrap_or_default()),
+            "fsync" | "fdatasync" => format!(
+                "{role}: {}({})",
+                e.name,
+                e.fd.map(|fd| fdpath(tgid, fd)).unwrap_or_default()
+            ),
             "connect" => format!("{role}: connect (new TCP+TLS peer connection)"),
             "accept4" if e.ret.is_some_and(|r| r >= 0) => format!("{role}: accept"),
             _ => continue,
@@ -672,7 +880,11 @@ async fn profile(cluster: &[Member], leader: &str, plan: &[(&str, usize, &str)],
     let note = if starts.len() == total {
         String::new()
     } else {
-        format!("perf saw {} client connects for {} writes: profile attribution is approximate", starts.len(), total)
+        format!(
+            "perf saw {} client connects for {} writes: profile attribution is approximate",
+            starts.len(),
+            total
+        )
     };
     let mut scenarios = Vec::new();
     let mut k = 0;
@@ -684,7 +896,10 @@ async fn profile(cluster: &[Member], leader: &str, plan: &[(&str, usize, &str)],
             k += 1;
             let end = s + ms(*d);
             let mut m: BTreeMap<String, (usize, f64)> = BTreeMap::new();
-            let evs: Vec<&(f64, f64, i32, String)> = labelled.iter().filter(|e| e.2 != me && e.0 >= s && e.0 <= end).collect();
+            let evs: Vec<&(f64, f64, i32, String)> = labelled
+                .iter()
+                .filter(|e| e.2 != me && e.0 >= s && e.0 <= end)
+                .collect();
             for e in &evs {
                 let x = m.entry(e.3.clone()).or_default();
                 x.0 += 1;
@@ -701,24 +916,36 @@ async fn profile(cluster: &[Member], leader: &str, plan: &[(&str, usize, &str)],
         keys.dedup();
         let mut rows = Vec::new();
         for key in keys {
-            let mut counts: Vec<usize> = per_write.iter().map(|m| m.get(&key).map(|x| x.0).unwrap_or(0)).collect();
+            let mut counts: Vec<usize> = per_write
+                .iter()
+                .map(|m| m.get(&key).map(|x| x.0).unwrap_or(0))
+                .collect();
             counts.sort();
             let median = counts[counts.len() / 2] as f64;
-            let (n, sum) = per_write.iter().filter_map(|m| m.get(&key)).fold((0, 0.0), |a, x| (a.0 + x.0, a.1 + x.1));
+            let (n, sum) = per_write
+                .iter()
+                .filter_map(|m| m.get(&key))
+                .fold((0, 0.0), |a, x| (a.0 + x.0, a.1 + x.1));
             rows.push((key, median, if n > 0 { sum / n as f64 } else { 0.0 }));
         }
         // Timeline of the median-latency write.
         let mut order: Vec<usize> = (0..windows.len()).collect();
         order.sort_by(|a, b| windows[*a].0.partial_cmp(&windows[*b].0).unwrap());
         let (lat, s, evs) = &windows[order[order.len() / 2]];
-        let mut timeline = vec![format!("{:>7.2} ms  client connects to the unix socket, sends PATCH", 0.0)];
+        let mut timeline = vec![format!(
+            "{:>7.2} ms  client connects to the unix socket, sends PATCH",
+            0.0
+        )];
         for e in evs {
             timeline.push(format!("{:>7.2} ms  {} ({:.2} ms)", e.0 - s, e.3, e.1));
         }
         timeline.push(format!("{:>7.2} ms  client has the response", lat));
         let mut path = Vec::new();
         if plan_leader_direct(label) {
-            let parts: Vec<[f64; 7]> = windows.iter().filter_map(|(lat, s, evs)| critical_path(*lat, *s, evs)).collect();
+            let parts: Vec<[f64; 7]> = windows
+                .iter()
+                .filter_map(|(lat, s, evs)| critical_path(*lat, *s, evs))
+                .collect();
             let names = [
                 "client → leader: HTTP over the unix socket, checks, raft proposal",
                 "leader: log append fsync (raft.db-wal)",
@@ -736,7 +963,13 @@ async fn profile(cluster: &[Member], leader: &str, plan: &[(&str, usize, &str)],
                 }
             }
         }
-        scenarios.push(ProfileScenario { label: label.to_string(), rows, median_latency: *lat, timeline, path });
+        scenarios.push(ProfileScenario {
+            label: label.to_string(),
+            rows,
+            median_latency: *lat,
+            timeline,
+            path,
+        });
     }
     Some(Profile { scenarios, note })
 }
@@ -764,23 +997,44 @@ fn render(r: &Report) -> String {
     let mut s = String::new();
     let m = &r.machine;
     let _ = writeln!(s, "### Results: `{}` build, {}\n", r.profile_name, r.date);
-    let _ = writeln!(s, "- ferry: {}; arguments: `{}`; the run took {:.0} s", r.commit, r.opts_line, r.total.as_secs_f64());
-    let _ = writeln!(s, "- machine: {}, {} CPUs, {:.0} GiB RAM, {}, Linux {}", m.cpu, m.cpus, m.mem_gib, m.virt, m.kernel);
+    let _ = writeln!(
+        s,
+        "- ferry: {}; arguments: `{}`; the run took {:.0} s",
+        r.commit,
+        r.opts_line,
+        r.total.as_secs_f64()
+    );
+    let _ = writeln!(
+        s,
+        "- machine: {}, {} CPUs, {:.0} GiB RAM, {}, Linux {}",
+        m.cpu, m.cpus, m.mem_gib, m.virt, m.kernel
+    );
     let _ = writeln!(s, "- data dirs on {}", m.fs);
     let _ = writeln!(
         s,
         "- disk: 4 KiB write + fsync p50 {:.2} ms / p99 {:.2} ms (overwrite), p50 {:.2} ms / p99 {:.2} ms (append)",
         m.fsync_overwrite.p50, m.fsync_overwrite.p99, m.fsync_append.p50, m.fsync_append.p99
     );
-    let _ = writeln!(s, "- load average before / after: {} / {}\n", r.load_before, r.load_after);
-    let _ = writeln!(s, "Sequential writes (one at a time), latency as the client sees it, in ms:\n");
+    let _ = writeln!(
+        s,
+        "- load average before / after: {} / {}\n",
+        r.load_before, r.load_after
+    );
+    let _ = writeln!(
+        s,
+        "Sequential writes (one at a time), latency as the client sees it, in ms:\n"
+    );
     let _ = writeln!(s, "| path | writes | p50 | p90 | p99 | max | mean | errors | daemon CPU per write (leader + followers) |");
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for x in r.solo.iter().chain(&r.seq) {
         let t = x.stats;
         let total: f64 = x.cpu.iter().map(|c| c.1).sum();
         let parts: Vec<String> = x.cpu.iter().map(|c| format!("{:.2}", c.1)).collect();
-        let cpu = if parts.len() > 1 { format!("{total:.2} ({})", parts.join(" + ")) } else { format!("{total:.2}") };
+        let cpu = if parts.len() > 1 {
+            format!("{total:.2} ({})", parts.join(" + "))
+        } else {
+            format!("{total:.2}")
+        };
         let _ = writeln!(
             s,
             "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
@@ -789,14 +1043,22 @@ fn render(r: &Report) -> String {
     }
     for x in r.solo.iter().chain(&r.seq) {
         if let Some(e) = &x.first_error {
-            let _ = writeln!(s, "\nFirst error of \"{}\": `{}`", x.label, e.replace('`', "'"));
+            let _ = writeln!(
+                s,
+                "\nFirst error of \"{}\": `{}`",
+                x.label,
+                e.replace('`', "'")
+            );
         }
     }
     let _ = writeln!(
         s,
         "\nThroughput: N concurrent writers, each PATCHing its own instance (key `user.k<i>`), sent to the leader (the owner):\n"
     );
-    let _ = writeln!(s, "| writers | writes/s | p50 ms | p99 ms | max ms | writes | errors |");
+    let _ = writeln!(
+        s,
+        "| writers | writes/s | p50 ms | p99 ms | max ms | writes | errors |"
+    );
     let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
     for t in &r.tput {
         let _ = writeln!(
@@ -807,7 +1069,12 @@ fn render(r: &Report) -> String {
     }
     for t in r.tput.iter().chain(&r.contention) {
         if let Some(e) = &t.first_error {
-            let _ = writeln!(s, "\nFirst error with {} writers: `{}`", t.writers, e.replace('`', "'"));
+            let _ = writeln!(
+                s,
+                "\nFirst error with {} writers: `{}`",
+                t.writers,
+                e.replace('`', "'")
+            );
         }
     }
     if let Some(c) = &r.contention {
@@ -830,8 +1097,16 @@ fn render(r: &Report) -> String {
             "| fresh TCP + mTLS handshake per request (as ferryd does) | {:.2} | {:.2} | server {:.2} + client {:.2} |",
             c.fresh.p50, c.fresh.p99, c.server_cpu_ms, c.client_cpu_ms
         );
-        let _ = writeln!(s, "| of which connect + handshake | {:.2} | {:.2} | |", c.handshake.p50, c.handshake.p99);
-        let _ = writeln!(s, "| kept-alive connection | {:.2} | {:.2} | |", c.reused.p50, c.reused.p99);
+        let _ = writeln!(
+            s,
+            "| of which connect + handshake | {:.2} | {:.2} | |",
+            c.handshake.p50, c.handshake.p99
+        );
+        let _ = writeln!(
+            s,
+            "| kept-alive connection | {:.2} | {:.2} | |",
+            c.reused.p50, c.reused.p99
+        );
     }
     if let Some(p) = &r.profile {
         let _ = writeln!(
@@ -843,7 +1118,11 @@ fn render(r: &Report) -> String {
             let _ = writeln!(s, "Note: {}\n", p.note);
         }
         for sc in &p.scenarios {
-            let _ = writeln!(s, "*{}* (median latency under trace {:.2} ms):\n", sc.label, sc.median_latency);
+            let _ = writeln!(
+                s,
+                "*{}* (median latency under trace {:.2} ms):\n",
+                sc.label, sc.median_latency
+            );
             let _ = writeln!(s, "| event during the write | per write | ms per call |");
             let _ = writeln!(s, "|---|---:|---:|");
             for (k, c, d) in &sc.rows {
@@ -872,11 +1151,16 @@ fn render(r: &Report) -> String {
 }
 
 fn write_doc(path: &Path, profile: &str, section: &str) -> std::io::Result<()> {
-    let begin = format!("<!-- raft-bench:{profile}:begin (generated by raft-bench --write-doc; do not edit) -->");
+    let begin = format!(
+        "<!-- raft-bench:{profile}:begin (generated by raft-bench --write-doc; do not edit) -->"
+    );
     let end = format!("<!-- raft-bench:{profile}:end -->");
     let block = format!("{begin}\n{}\n{end}", section.trim_end());
     let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (old.find(&format!("<!-- raft-bench:{profile}:begin")), old.find(&end)) {
+    let new = match (
+        old.find(&format!("<!-- raft-bench:{profile}:begin")),
+        old.find(&end),
+    ) {
         (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], block, &old[e + end.len()..]),
         _ if old.is_empty() => format!("# Benchmarks\n\n{block}\n"),
         _ => format!("{}\n\n{block}\n", old.trim_end()),
@@ -890,17 +1174,47 @@ fn write_doc(path: &Path, profile: &str, section: &str) -> std::io::Result<()> {
 async fn main() {
     let o = parse_args();
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("raft-bench: needs root (ferryd creates namespaces); run scripts/bench-raft.sh as root");
+        eprintln!(
+            "raft-bench: needs root (ferryd creates namespaces); run scripts/bench-raft.sh as root"
+        );
         std::process::exit(1);
     }
     let t_all = Instant::now();
     let bin = ferry_test::bin_dir();
-    let profile_name = bin.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let profile_name = bin
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let commit = {
-        let head = sh("git", &["-C", workspace.to_str().unwrap(), "rev-parse", "--short", "HEAD"]);
-        let dirty = !sh("git", &["-C", workspace.to_str().unwrap(), "status", "--porcelain", "--untracked-files=no"]).is_empty();
-        format!("commit {head}{}", if dirty { " + uncommitted changes" } else { "" })
+        let head = sh(
+            "git",
+            &[
+                "-C",
+                workspace.to_str().unwrap(),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
+        );
+        let dirty = !sh(
+            "git",
+            &[
+                "-C",
+                workspace.to_str().unwrap(),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+            ],
+        )
+        .is_empty();
+        format!(
+            "commit {head}{}",
+            if dirty { " + uncommitted changes" } else { "" }
+        )
     };
     let load_before = loadavg();
     eprintln!("== machine (binaries in {})", bin.display());
@@ -914,7 +1228,14 @@ async fn main() {
         eprintln!("== standalone member (no cluster): the same write, one local SQLite commit");
         let m = Member::start("solo");
         create(&m, "w", None);
-        let r = sequential("standalone member, no raft (floor)", &m, "w", &[("solo".into(), m.pid())], &o).await;
+        let r = sequential(
+            "standalone member, no raft (floor)",
+            &m,
+            "w",
+            &[("solo".into(), m.pid())],
+            &o,
+        )
+        .await;
         drop(m);
         Some(r)
     } else {
@@ -939,21 +1260,35 @@ async fn main() {
     create(&ms[li], "w", Some(&leader));
     create(&ms[li], "wf", Some(&ms[f1].name.clone()));
 
-    eprintln!("== sequential writes ({} per path after {} warm-up)", o.writes, o.warmup);
-    let (ln, f1n, f2n) = (ms[li].name.clone(), ms[f1].name.clone(), ms[f2].name.clone());
+    eprintln!(
+        "== sequential writes ({} per path after {} warm-up)",
+        o.writes, o.warmup
+    );
+    let (ln, f1n, f2n) = (
+        ms[li].name.clone(),
+        ms[f1].name.clone(),
+        ms[f2].name.clone(),
+    );
     let plan: Vec<(String, usize, &str)> = vec![
         (format!("`w` on the leader ({ln}), sent to the leader"), li, "w"),
         (format!("`w` on the leader ({ln}), sent to follower {f2n}: API request forwarded to the owner"), f2, "w"),
         (format!("`wf` on follower {f1n}, sent to {f1n}: raft write forwarded to the leader"), f1, "wf"),
         (format!("`wf` on follower {f1n}, sent to follower {f2n}: both forwards"), f2, "wf"),
     ];
-    let daemons: Vec<(String, u32)> = [li, f1, f2].iter().map(|i| (ms[*i].name.clone(), ms[*i].pid())).collect();
+    let daemons: Vec<(String, u32)> = [li, f1, f2]
+        .iter()
+        .map(|i| (ms[*i].name.clone(), ms[*i].pid()))
+        .collect();
     let mut seq = Vec::new();
     for (label, via, inst) in &plan {
         seq.push(sequential(label, &ms[*via], inst, &daemons, &o).await);
     }
     let now_leader = leader_of(&ms[li]);
-    assert_eq!(now_leader.as_deref(), Some(leader.as_str()), "the leader changed during the run: the figures are not comparable");
+    assert_eq!(
+        now_leader.as_deref(),
+        Some(leader.as_str()),
+        "the leader changed during the run: the figures are not comparable"
+    );
 
     let max_c = o.concurrency.iter().copied().max().unwrap_or(1);
     eprintln!("== throughput: creating {max_c} instances on the leader");
@@ -979,8 +1314,14 @@ async fn main() {
     }
 
     let profile = if o.profile {
-        let pplan =
-            [("`w` on the leader, sent to the leader", li, "w"), ("`wf` on a follower, sent to it (raft write forwarded)", f1, "wf")];
+        let pplan = [
+            ("`w` on the leader, sent to the leader", li, "w"),
+            (
+                "`wf` on a follower, sent to it (raft write forwarded)",
+                f1,
+                "wf",
+            ),
+        ];
         let p = profile(&ms, &leader, &pplan, 40).await;
         if p.is_none() {
             eprintln!("  (no profile: `perf trace` is not available)");
