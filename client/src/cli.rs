@@ -123,6 +123,10 @@ pub struct LaunchArgs {
     /// Cluster member to place the instance on (default: the online member with the most free memory)
     #[arg(long)]
     pub target: Option<String>,
+    /// Storage pool: `default` (member-local) or `shared` (a directory every
+    /// member sees; moves copy no storage)
+    #[arg(short = 's', long = "storage")]
+    pub storage: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -76,7 +76,7 @@ pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
         })?),
     };
     if a.postcopy {
-        eprintln!("Warning: with --postcopy the VM runs on the target before all its memory arrived; if the link breaks during the move, the VM is lost.");
+        eprintln!("Warning: with --postcopy the instance runs on the target before all its memory arrived; if the link breaks during the move, the instance is lost.");
     }
     let body = json!({"migration": true, "live": !a.stateless, "bandwidth": bandwidth, "max_downtime_ms": a.max_downtime, "postcopy": a.postcopy});
     let path = format!("/1.0/instances/{}?target={}", a.name, a.target);
@@ -85,22 +85,20 @@ pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
     if ctx.json() {
         ctx.print_json(&op.metadata);
     } else {
-        let plan = &op.metadata["plan"];
-        let live = matches!(
-            plan["state"]["type"].as_str(),
-            Some("criu_page_server") | Some("vm_qemu_live")
-        );
+        let path = op.metadata["path"].as_str().unwrap_or("moved");
         let downtime = op.metadata["downtime_ms"]
             .as_u64()
             .map(|d| format!(", {d} ms frozen"))
             .unwrap_or_default();
         eprintln!(
-            "Moved {} to {} ({}; {} ms in all{downtime})",
+            "Moved {} to {} ({path}; {} ms in all{downtime})",
             a.name,
             a.target,
-            if live { "live" } else { "stateless" },
             op.metadata["total_ms"].as_u64().unwrap_or(0)
         );
+        if let Some(why) = op.metadata["why"].as_str() {
+            eprintln!("Note: {why}");
+        }
     }
     Ok(0)
 }

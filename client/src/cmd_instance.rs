@@ -23,13 +23,17 @@ pub fn launch_body(args: &LaunchArgs) -> Value {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    json!({
+    let mut body = json!({
         "name": args.name,
         "type": if args.vm { "virtual-machine" } else { "container" },
         "source": {"type": "image", "alias": args.image},
         "config": config,
         "start": !args.no_start,
-    })
+    });
+    if let Some(pool) = &args.storage {
+        body["devices"] = json!({"root": {"type": "disk", "path": "/", "pool": pool}});
+    }
+    body
 }
 
 pub async fn launch(ctx: &Ctx, args: &LaunchArgs) -> Result<i32> {

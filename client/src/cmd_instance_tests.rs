@@ -88,6 +88,10 @@ fn launch_request_body() {
         launch_body(&a),
         json!({"name":"v1","type":"virtual-machine","source":{"type":"image","alias":"debian"},"config":{},"start":false})
     );
+    let Command::Launch(a) = parse(&["launch", "busybox", "c2", "--storage", "shared"]) else {
+        panic!()
+    };
+    assert_eq!(launch_body(&a)["devices"]["root"]["pool"], "shared");
 }
 
 #[test]

@@ -63,6 +63,7 @@ pub struct Daemon {
     pub events: EventBus,
     pub pending: crate::migrate::Pending,
     leases: Leases,
+    pub settings: crate::settings::Settings,
 }
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -72,6 +73,7 @@ impl Daemon {
         dir: PathBuf,
         member: String,
         listen: Option<std::net::SocketAddr>,
+        settings: crate::settings::Settings,
     ) -> anyhow::Result<Arc<Daemon>> {
         for sub in [
             "",
@@ -109,6 +111,7 @@ impl Daemon {
             member,
             leases: Leases::default(),
             pending: Default::default(),
+            settings,
         });
         if let (Some(cfg), Some(cert)) = (
             crate::cluster::ClusterConfig::load(&d.dir),
@@ -159,13 +162,12 @@ impl Daemon {
             InstanceType::Container => "containers",
             InstanceType::VirtualMachine => "virtual-machines",
         };
+        let pool_dir = match (&self.settings.shared_pool, pool) {
+            (Some(p), crate::settings::SHARED_POOL) => p.clone(),
+            _ => self.dir.join("storage-pools").join(pool),
+        };
         InstancePaths {
-            volume: self
-                .dir
-                .join("storage-pools")
-                .join(pool)
-                .join(kind_dir)
-                .join(name),
+            volume: pool_dir.join(kind_dir).join(name),
             run: self.dir.join("run").join(name),
             logs: self.dir.join("logs").join(name),
             images: self.dir.join("images"),
@@ -489,13 +491,14 @@ impl Daemon {
                 "Config key {k:?} is volatile and set by ferry: remove it"
             )));
         }
+        let pool = self.pool_of(&req.devices)?;
         let now = now_rfc3339();
         let rec = InstanceRecord {
             name: req.name.clone(),
             kind: kind.as_str().into(),
             member: self.member.clone(),
             status: "Stopped".into(),
-            storage_pool: "default".into(),
+            storage_pool: pool,
             image,
             description: req.description.clone(),
             config: req.config.clone(),
@@ -525,6 +528,30 @@ impl Daemon {
                 d.run_create(op, rec, spec, driver, start).await
             },
         ))
+    }
+
+    /// The storage pool of a new instance: its root disk device's `pool`.
+    fn pool_of(&self, devices: &Value) -> Result<String, ActionError> {
+        let pool = match devices.get("root").and_then(|r| r.get("pool")) {
+            None | Some(Value::Null) => return Ok("default".into()),
+            Some(Value::String(p)) => p.clone(),
+            Some(other) => {
+                return Err(ActionError::BadRequest(format!(
+                    "devices.root.pool must be a pool name, not {other}"
+                )))
+            }
+        };
+        match pool.as_str() {
+            "default" => Ok(pool),
+            crate::settings::SHARED_POOL if self.settings.shared_pool.is_some() => Ok(pool),
+            crate::settings::SHARED_POOL => Err(ActionError::BadRequest(format!(
+                "Storage pool \"shared\" is not configured on member \"{}\": start its ferryd with --shared-pool PATH",
+                self.member
+            ))),
+            _ => Err(ActionError::BadRequest(format!(
+                "Storage pool {pool:?} not found: use \"default\" or \"shared\""
+            ))),
+        }
     }
 
     async fn run_create(

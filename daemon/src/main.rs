@@ -13,6 +13,7 @@ mod events;
 mod migrate;
 mod ops;
 mod server;
+mod settings;
 mod tls;
 
 #[derive(Parser, Debug)]
@@ -31,6 +32,20 @@ struct Args {
     /// This member's name (defaults to the host name).
     #[arg(long)]
     name: Option<String>,
+    /// Highest migration protocol version this member speaks: `2` (current)
+    /// or `1`/`previous` while older members remain during a rolling
+    /// upgrade (moves then use a stateful stop instead of a live transfer).
+    #[arg(long, env = "FERRY_MIGRATION_PROTOCOL", default_value = "current",
+          value_parser = settings::Settings::parse_protocol)]
+    migration_protocol: ferry_migration::VersionRange,
+    /// Default bandwidth cap for moves from this member (e.g. `100MiB`, per
+    /// second); a move's own `--bandwidth` wins. Unset: unlimited.
+    #[arg(long, env = "FERRY_MIGRATION_BANDWIDTH", value_parser = settings::Settings::parse_bandwidth)]
+    migration_bandwidth: Option<u64>,
+    /// Where the `shared` storage pool (a directory every member sees) is
+    /// mounted on this member. Unset: no shared pool here.
+    #[arg(long, env = "FERRY_SHARED_POOL")]
+    shared_pool: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info,ferryd=debug`.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     log: String,
@@ -61,7 +76,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
-    let daemon = core::Daemon::open(args.dir.clone(), name, args.listen)
+    let settings = settings::Settings {
+        migration_protocol: args.migration_protocol,
+        migration_bandwidth: args.migration_bandwidth,
+        shared_pool: args.shared_pool,
+    };
+    let daemon = core::Daemon::open(args.dir.clone(), name, args.listen, settings)
         .await
         .with_context(|| format!("cannot open ferry data dir {}", args.dir.display()))?;
     server::serve(daemon, args.listen).await

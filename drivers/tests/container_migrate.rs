@@ -17,7 +17,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_drivers::container::{forkstart_main, ContainerDriver, PagesTo};
+use ferry_drivers::container::{forkstart_main, ContainerDriver, LazyFrom, LazyServe, PagesTo};
 use ferry_drivers::storage::{
     read_archive, write_archive, ArchiveOptions, ArchiveStats, ExtractOptions, Manifest,
 };
@@ -292,7 +292,14 @@ async fn move_between_members(base: PathBuf, mode: Pages) -> TestResult {
         !d.state(&a).await.map_err(e("state A"))?.running,
         "A still running"
     );
-    ensure!(!is_mounted(&root_a), "A's rootfs still mounted");
+    ensure!(
+        !is_mounted(&a.paths.run.join("rootfs")),
+        "A's rootfs still mounted"
+    );
+    ensure!(
+        is_mounted(&b.paths.run.join("rootfs")),
+        "B's rootfs mount point not mounted"
+    );
     let cgs = ferry_cgroups(&name);
     ensure!(cgs.len() == 1, "cgroups after finish: {cgs:?}");
     ensure!(
@@ -463,6 +470,367 @@ async fn dump_then_resume(base: PathBuf) -> TestResult {
     Ok(())
 }
 
+/// Two members on one `shared` pool: the SAME volume path, different run
+/// dirs. Each binds the volume's rootfs at its own `run/rootfs`; the source
+/// letting go leaves the target's mount, cgroup and the volume alone.
+async fn move_shared_volume(base: PathBuf) -> TestResult {
+    let d = ContainerDriver::default();
+    let name = format!("shv-{}", std::process::id());
+    let a = spec(&base.join("a"), &name);
+    let mut b = spec(&base.join("b"), &name);
+    b.paths.volume = a.paths.volume.clone();
+    let _g = Cleanup(vec![a.clone(), b.clone()]);
+    let ctx = OpCtx::detached();
+    d.create(&a, &ctx).await.map_err(e("create on A"))?;
+    d.start(&a, &ctx).await.map_err(e("start on A"))?;
+    let pid_a = d.state(&a).await.map_err(e("state"))?.pid;
+    let (mnt_a, mnt_b) = (a.paths.run.join("rootfs"), b.paths.run.join("rootfs"));
+    ensure!(is_mounted(&mnt_a), "A's mount point {mnt_a:?} not mounted");
+    ensure!(
+        !is_mounted(&a.paths.volume.join("rootfs")),
+        "the volume's rootfs itself is mounted"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let images_a = base.join("a/migrate-images");
+    let images_b = base.join("b/migrate-images");
+    let info = d
+        .migrate_dump_with(&a, &images_a, PagesTo::Files, &ctx)
+        .await
+        .map_err(e("migrate_dump"))?;
+    // The init truncates and rewrites the file: a dump may catch it empty.
+    let at_dump = counter(&a).unwrap_or(0);
+    ship_images(&images_a, &images_b)?;
+    d.migrate_restore(&b, &images_b, &ctx)
+        .await
+        .map_err(e("migrate_restore on B (same volume)"))?;
+    println!(
+        "  FROZEN (shared volume, pages as files): {}",
+        ms(info.frozen_at.elapsed())
+    );
+    let st_b = d.state(&b).await.map_err(e("state B"))?;
+    ensure!(st_b.running && st_b.pid != pid_a, "B: {st_b:?}");
+    ensure!(
+        is_mounted(&mnt_a) && is_mounted(&mnt_b),
+        "both members' mount points must be mounted during the move"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = counter(&b).ok_or("no counter on B")?;
+    ensure!(
+        after > at_dump,
+        "counter not continuing on B: {at_dump} -> {after}"
+    );
+
+    d.migrate_finish_source(&a, &ctx)
+        .await
+        .map_err(e("migrate_finish_source"))?;
+    ensure!(pid_gone(pid_a), "A's init {pid_a} still alive");
+    ensure!(!is_mounted(&mnt_a), "A's mount point still mounted");
+    ensure!(is_mounted(&mnt_b), "B's root mount gone after A's finish");
+    ensure!(
+        a.paths.volume.join("rootfs/sbin/init").is_file(),
+        "the shared volume lost its files"
+    );
+    let st_b = d.state(&b).await.map_err(e("state B"))?;
+    ensure!(st_b.running, "B stopped by A's finish: {st_b:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = counter(&b).ok_or("no counter on B")?;
+    println!("  counter at dump {at_dump}, on B {after}, after A's finish {later}");
+    ensure!(
+        later > after,
+        "B stuck after A's finish: {after} -> {later}"
+    );
+    // A process inside B still sees its root.
+    let out = tempfile::tempfile().map_err(e("tempfile"))?;
+    let argv = ["test", "-x", "/sbin/init"].map(String::from);
+    let rc = d
+        .exec(&b, &argv, &BTreeMap::new(), out.try_clone().unwrap(), out)
+        .await
+        .map_err(e("exec in B"))?;
+    ensure!(rc == 0, "B's root is not intact (test -x /sbin/init: {rc})");
+    d.stop(&b, false, &ctx).await.map_err(e("stop on B"))?;
+    ensure!(
+        !is_mounted(&mnt_b),
+        "B's mount point still mounted after stop"
+    );
+    ensure!(ferry_cgroups(&name).is_empty(), "cgroups left after stop");
+    d.delete(&b).await.map_err(e("delete on B"))?;
+    Ok(())
+}
+
+/// A relay task: bytes copied (target->source, source->target).
+type Relay = tokio::task::JoinHandle<std::io::Result<(u64, u64)>>;
+
+/// A loopback TCP relay standing in for the daemon's websocket: accepts
+/// one connection (from the target's lazy-pages daemon) and pipes it to
+/// `to` (the source's serving dump).
+async fn tcp_relay(to: std::net::SocketAddr) -> Result<(std::net::SocketAddr, Relay), String> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(e("bind relay"))?;
+    let addr = l.local_addr().map_err(e("relay addr"))?;
+    let h = tokio::spawn(async move {
+        let (mut t, _) = l.accept().await?;
+        let mut s = tokio::net::TcpStream::connect(to).await?;
+        t.set_nodelay(true)?;
+        s.set_nodelay(true)?;
+        tokio::io::copy_bidirectional(&mut t, &mut s).await
+    });
+    Ok((addr, h))
+}
+
+/// Two unix socketpairs and a task copying between their inner ends: the
+/// source's `--ps-socket`, the target's, and the relay.
+fn socket_relay() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd, Relay), String> {
+    use std::os::unix::net::UnixStream;
+    let (src_criu, src_relay) = UnixStream::pair().map_err(e("socketpair"))?;
+    let (dst_criu, dst_relay) = UnixStream::pair().map_err(e("socketpair"))?;
+    let h = tokio::spawn(async move {
+        src_relay.set_nonblocking(true)?;
+        dst_relay.set_nonblocking(true)?;
+        let mut s = tokio::net::UnixStream::from_std(src_relay)?;
+        let mut t = tokio::net::UnixStream::from_std(dst_relay)?;
+        tokio::io::copy_bidirectional(&mut t, &mut s).await
+    });
+    Ok((src_criu.into(), dst_criu.into(), h))
+}
+
+/// Post-copy move A -> B: lazy dump on A, images shipped, lazy-pages +
+/// lazy restore on B with the page stream relayed, the container runs on
+/// B before its memory arrived; A serves the rest and is removed.
+async fn lazy_move(base: PathBuf, socket: bool) -> TestResult {
+    let d = ContainerDriver::default();
+    ContainerDriver::lazy_pages_support()
+        .await
+        .map_err(e("lazy_pages_support"))?;
+    let name = format!("lz{}-{}", socket as u8, std::process::id());
+    let (a, b) = (spec(&base.join("a"), &name), spec(&base.join("b"), &name));
+    let _g = Cleanup(vec![a.clone(), b.clone()]);
+    let ctx = OpCtx::detached();
+    d.create(&a, &ctx).await.map_err(e("create on A"))?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    d.start(&a, &ctx).await.map_err(e("start on A"))?;
+    let pid_a = d.state(&a).await.map_err(e("state"))?.pid;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (root_a, root_b) = (a.paths.volume.join("rootfs"), b.paths.volume.join("rootfs"));
+    std::fs::create_dir_all(&b.paths.volume).map_err(e("mkdir B volume"))?;
+    let pass1 = copy_rootfs(&root_a, &root_b, None)?;
+
+    let images_a = base.join("a/migrate-images");
+    let images_b = base.join("b/migrate-images");
+    let (serve, dst_sock, sock_relay) = if socket {
+        let (src, dst, h) = socket_relay()?;
+        (LazyServe::Socket(src), Some(dst), Some(h))
+    } else {
+        (LazyServe::Tcp, None, None)
+    };
+    let mut dump = d
+        .migrate_dump_lazy(&a, &images_a, serve, &ctx)
+        .await
+        .map_err(e("migrate_dump_lazy"))?;
+    // The init truncates and rewrites the file: a dump may catch it empty.
+    let at_dump = counter(&a).unwrap_or(0);
+    let ready = dump.info().frozen_at.elapsed();
+    let pass2 = copy_rootfs(&root_a, &root_b, pass1.manifest.clone())?;
+    let (shipped, _) = ship_images(&images_a, &images_b)?;
+    let (from, tcp_relay_task) = match dst_sock {
+        Some(s) => (LazyFrom::Socket(s), None),
+        None => {
+            let to = dump.addr().ok_or("lazy dump without a TCP address")?;
+            let (relay, h) = tcp_relay(to).await?;
+            println!("  dump serves on {to}, relay on {relay}");
+            (LazyFrom::Tcp(relay), Some(h))
+        }
+    };
+    let mut pages = d
+        .lazy_pages(&images_b, from, &ctx)
+        .await
+        .map_err(e("lazy_pages"))?;
+    let t = Instant::now();
+    d.migrate_restore_lazy(&b, &images_b, &mut pages, &ctx)
+        .await
+        .map_err(e("migrate_restore_lazy"))?;
+    let restore = t.elapsed();
+    let frozen = dump.info().frozen_at.elapsed();
+    dump.commit();
+    let r = d.migrate_resume_source(&a, &ctx).await;
+    ensure!(
+        matches!(r, Err(DriverError::WrongState(_))),
+        "resume of a committed lazy source not refused: {r:?}"
+    );
+    println!(
+        "  lazy dump ready in {} (images {} B incl. {} B shipped, {} rootfs entries in pass 2), restore {}",
+        ms(dump.info().dump_time),
+        dump.info().image_bytes,
+        shipped,
+        pass2.entries,
+        ms(restore)
+    );
+    println!(
+        "  FROZEN freeze -> running on target (post-copy, {}): {} (images ready at {})",
+        if socket {
+            "unix socket relay"
+        } else {
+            "TCP relay"
+        },
+        ms(frozen),
+        ms(ready)
+    );
+    let st_b = d.state(&b).await.map_err(e("state B"))?;
+    ensure!(
+        st_b.running && st_b.pid != pid_a,
+        "B after restore: {st_b:?}"
+    );
+    let after = counter(&b).ok_or("no counter on B")?;
+    ensure!(after >= at_dump, "counter reset on B: {after} < {at_dump}");
+
+    let (served, fetched) =
+        tokio::join!(d.migrate_lazy_finish_source(&a, dump, &ctx), pages.wait());
+    let fetched = fetched.map_err(e("lazy-pages wait"))?;
+    let served = served.map_err(e("migrate_lazy_finish_source"))?;
+    println!(
+        "  all pages fetched {} after lazy-pages start; source served for {}",
+        ms(fetched),
+        ms(served.serving),
+    );
+    for h in [sock_relay, tcp_relay_task].into_iter().flatten() {
+        let (x, y) = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .map_err(|_| "relay did not end".to_string())?
+            .map_err(e("relay task"))?
+            .map_err(e("relay"))?;
+        println!("  relayed {x} B target->source, {y} B source->target");
+    }
+    ensure!(
+        !images_b.exists(),
+        "images dir kept after all pages arrived"
+    );
+    ensure!(pid_gone(pid_a), "A's init {pid_a} still alive");
+    ensure!(
+        !d.state(&a).await.map_err(e("state A"))?.running,
+        "A running"
+    );
+    ensure!(
+        !is_mounted(&a.paths.run.join("rootfs")),
+        "A's rootfs still mounted"
+    );
+    ensure!(
+        !a.paths.run.join("migrate-dumped").exists()
+            && !a.paths.run.join("migrate-lazy-committed").exists(),
+        "markers left in A's run dir"
+    );
+    let tables_b = nft_tables(st_b.pid)?;
+    ensure!(!tables_b.contains("CRIU-"), "lock left on B: {tables_b:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = counter(&b).ok_or("no counter on B")?;
+    println!("  counter at dump {at_dump}, right after restore {after}, after the finish {later}");
+    ensure!(later > after, "counter stuck on B: {after} -> {later}");
+    ensure!(counter(&a) == Some(at_dump), "counter moved on A");
+    d.delete(&a).await.map_err(e("delete on A"))?;
+    d.stop(&b, false, &ctx).await.map_err(e("stop on B"))?;
+    d.delete(&b).await.map_err(e("delete on B"))?;
+    ensure!(ferry_cgroups(&name).is_empty(), "cgroups left");
+    Ok(())
+}
+
+async fn lazy_move_tcp_relay(base: PathBuf) -> TestResult {
+    lazy_move(base, false).await
+}
+
+async fn lazy_move_socket_relay(base: PathBuf) -> TestResult {
+    lazy_move(base, true).await
+}
+
+/// The target's lazy-pages daemon dies before the restore: the restore
+/// fails at once and the source resumes as the same, counting process.
+async fn lazy_abort_before_restore(base: PathBuf) -> TestResult {
+    let d = ContainerDriver::default();
+    let name = format!("lza-{}", std::process::id());
+    let (a, b) = (spec(&base.join("a"), &name), spec(&base.join("b"), &name));
+    let _g = Cleanup(vec![a.clone(), b.clone()]);
+    let ctx = OpCtx::detached();
+    d.create(&a, &ctx).await.map_err(e("create on A"))?;
+    d.start(&a, &ctx).await.map_err(e("start on A"))?;
+    let pid_a = d.state(&a).await.map_err(e("state"))?.pid;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    std::fs::create_dir_all(&b.paths.volume).map_err(e("mkdir B volume"))?;
+    copy_rootfs(
+        &a.paths.volume.join("rootfs"),
+        &b.paths.volume.join("rootfs"),
+        None,
+    )?;
+    let images_a = base.join("a/migrate-images");
+    let images_b = base.join("b/migrate-images");
+    let dump = d
+        .migrate_dump_lazy(&a, &images_a, LazyServe::Tcp, &ctx)
+        .await
+        .map_err(e("migrate_dump_lazy"))?;
+    // The init truncates and rewrites the file: a dump may catch it empty.
+    let at_dump = counter(&a).unwrap_or(0);
+    ship_images(&images_a, &images_b)?;
+    let (relay, relay_task) = tcp_relay(dump.addr().ok_or("no addr")?).await?;
+    let mut pages = d
+        .lazy_pages(&images_b, LazyFrom::Tcp(relay), &ctx)
+        .await
+        .map_err(e("lazy_pages"))?;
+    // It crashes (killed behind the driver's back).
+    let lp = pages.pid().ok_or("no lazy-pages pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lp as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(e("kill lazy-pages"))?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = Instant::now();
+    let r = d
+        .migrate_restore_lazy(&b, &images_b, &mut pages, &ctx)
+        .await;
+    println!(
+        "  restore without lazy-pages: {} in {}",
+        r.as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or(""),
+        ms(t.elapsed())
+    );
+    ensure!(r.is_err(), "restore without a lazy-pages daemon succeeded");
+    ensure!(pid_gone(lp), "lazy-pages {lp} still alive");
+    ensure!(
+        !d.state(&b).await.map_err(e("state B"))?.running,
+        "B running after a failed restore"
+    );
+    let t = Instant::now();
+    d.migrate_lazy_abort_source(&a, dump, &ctx)
+        .await
+        .map_err(e("migrate_lazy_abort_source"))?;
+    println!("  source resumed in {}", ms(t.elapsed()));
+    relay_task.abort();
+    let st = d.state(&a).await.map_err(e("state A"))?;
+    ensure!(st.running && st.pid == pid_a, "not the same init: {st:?}");
+    ensure!(proc_state(pid_a) != Some('T'), "init still stopped");
+    let tables = nft_tables(pid_a)?;
+    ensure!(!tables.contains("CRIU-"), "lock table left: {tables:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = counter(&a).ok_or("no counter")?;
+    println!("  counter at dump {at_dump}, 500ms after resume {later}");
+    ensure!(later > at_dump, "counter stuck after resume");
+    // It can move again afterwards.
+    let _ = std::fs::remove_dir_all(&images_a);
+    d.migrate_dump(&a, &images_a, None, &ctx)
+        .await
+        .map_err(e("dump after abort"))?;
+    d.migrate_resume_source(&a, &ctx)
+        .await
+        .map_err(e("resume after second dump"))?;
+    d.stop(&a, false, &ctx).await.map_err(e("stop A"))?;
+    d.delete(&a).await.map_err(e("delete A"))?;
+    d.delete(&b).await.map_err(e("delete B"))?;
+    Ok(())
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("forkstart") {
@@ -486,11 +854,19 @@ fn main() {
         return;
     }
     let filter = argv.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
-    let tests: [(&str, TestFn); 4] = [
+    let tests: [(&str, TestFn); 8] = [
         ("move_page_server", |b| Box::pin(move_page_server(b))),
         ("move_relayed", |b| Box::pin(move_relayed(b))),
         ("dump_then_resume", |b| Box::pin(dump_then_resume(b))),
         ("move_files", |b| Box::pin(move_files(b))),
+        ("move_shared_volume", |b| Box::pin(move_shared_volume(b))),
+        ("lazy_move_tcp_relay", |b| Box::pin(lazy_move_tcp_relay(b))),
+        ("lazy_move_socket_relay", |b| {
+            Box::pin(lazy_move_socket_relay(b))
+        }),
+        ("lazy_abort_before_restore", |b| {
+            Box::pin(lazy_abort_before_restore(b))
+        }),
     ];
     common::run(&tests, filter.as_deref(), "ferry-mv-");
 }

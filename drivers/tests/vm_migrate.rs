@@ -35,12 +35,13 @@ fn use_qemu_of(side_var: &str) {
 }
 
 /// Two members' trees and one VM name.
+/// Fields drop in order: the QEMU guards (which read the pidfiles) before the tree.
 struct Members {
-    _dir: tempfile::TempDir,
     a: InstanceSpec,
     b: InstanceSpec,
     _ga: KillOnDrop,
     _gb: KillOnDrop,
+    _dir: tempfile::TempDir,
 }
 
 fn members(name: &str, config: &[(&str, &str)]) -> Members {

@@ -106,6 +106,13 @@ pub struct Plan {
     pub options: MoveOptions,
     /// Why offered items were not taken (fallbacks, dropped features).
     pub reasons: Vec<String>,
+    /// The protocol version both sides agreed on (set by the state machines).
+    #[serde(default = "v1")]
+    pub version: u32,
+}
+
+fn v1() -> u32 {
+    1
 }
 
 impl Plan {
@@ -271,22 +278,28 @@ impl Since for QemuFeature {
     }
 }
 
+/// Version 1 (ferry 0.1) moved storage (archive or shared pool) and state
+/// only as a stateful stop + state file; version 2 added the live transfers
+/// (CRIU page server, pre-dump, lazy pages, QEMU-to-QEMU) and block mirror.
 impl Since for FsTransfer {
     fn since(&self) -> u32 {
-        if *self == FsTransfer::Unknown {
-            u32::MAX
-        } else {
-            1
+        match self {
+            FsTransfer::Unknown => u32::MAX,
+            FsTransfer::BlockMirror { .. } => 2,
+            FsTransfer::Archive { .. } | FsTransfer::Shared { .. } => 1,
         }
     }
 }
 
 impl Since for StateTransfer {
     fn since(&self) -> u32 {
-        if *self == StateTransfer::Unknown {
-            u32::MAX
-        } else {
-            1
+        match self {
+            StateTransfer::Unknown => u32::MAX,
+            StateTransfer::CriuPageServer
+            | StateTransfer::CriuPreDump { .. }
+            | StateTransfer::CriuLazyPages
+            | StateTransfer::VmQemuLive { .. } => 2,
+            StateTransfer::StatefulStopFile | StateTransfer::None => 1,
         }
     }
 }
@@ -321,6 +334,31 @@ impl Offer {
         restrict_state(&mut self.state, version);
         keep(&mut self.state_compression, version);
         self
+    }
+
+    /// Why `version` changes what this offer can get (for the plan's
+    /// reasons): the known transfer types it cannot express.
+    pub fn version_notes(&self, version: u32) -> Vec<String> {
+        let dropped: Vec<String> = self
+            .state
+            .iter()
+            .filter(|s| **s != StateTransfer::Unknown && s.since() > version)
+            .map(wire)
+            .chain(
+                self.fs
+                    .iter()
+                    .filter(|f| **f != FsTransfer::Unknown && f.since() > version)
+                    .map(wire),
+            )
+            .collect();
+        if dropped.is_empty() {
+            return vec![];
+        }
+        vec![format!(
+            "the members agreed on migration protocol v{version}, which has no {} (a member \
+             speaks the previous protocol version)",
+            dropped.join(", ")
+        )]
     }
 }
 
@@ -581,6 +619,7 @@ pub fn negotiate(offer: &Offer, caps: &Capabilities) -> Result<Plan, Negotiation
         snapshots: offer.snapshots.clone(),
         options: offer.options.clone(),
         reasons,
+        version: 1,
     };
     plan.options.postcopy = plan.is_postcopy();
     Ok(plan)

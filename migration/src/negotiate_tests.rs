@@ -327,7 +327,7 @@ fn for_version_drops_what_the_version_cannot_express() {
         features: vec![Q::Unknown, Q::AutoConverge],
     };
     offer.fs = vec![F::Unknown, archive(&[C::Unknown, C::Zstd])];
-    let o = offer.for_version(1);
+    let o = offer.clone().for_version(2);
     assert_eq!(o.fs, vec![archive(&[C::Zstd])]);
     assert_eq!(
         o.state,
@@ -338,6 +338,27 @@ fn for_version_drops_what_the_version_cannot_express() {
             S::StatefulStopFile
         ]
     );
+    assert!(offer.version_notes(2).is_empty());
+    // Version 1 has no live transfer: only the stateful stop remains.
+    let notes = offer.version_notes(1);
+    let o = offer.for_version(1);
+    assert_eq!(o.fs, vec![archive(&[C::Zstd])]);
+    assert_eq!(o.state, vec![S::StatefulStopFile]);
+    assert!(
+        notes.len() == 1 && notes[0].contains("protocol v1") && notes[0].contains("vm_qemu_live"),
+        "{notes:?}"
+    );
+}
+
+#[test]
+fn a_v1_peer_gets_a_stateful_stop_instead_of_a_live_move() {
+    let plan = negotiate(
+        &container_offer().for_version(1),
+        &full_container_caps().for_version(1),
+    )
+    .unwrap();
+    assert_eq!(plan.state, StatePlan::StatefulStopFile);
+    assert!(plan.is_stateful() && !plan.is_live());
 }
 
 #[test]

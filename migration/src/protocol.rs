@@ -1,4 +1,4 @@
-//! # The ferry migration protocol (version 1)
+//! # The ferry migration protocol (version 2)
 //!
 //! Two members move one instance over three channels:
 //!
@@ -12,7 +12,14 @@
 //!
 //! On the byte channels an empty frame ends that direction (half-close).
 //! The version is agreed from the `Hello`s, the first message each side sends.
-//! Current version 1; previous accepted version 1 (there is none older). A
+//! Current version 2; previous accepted version 1. Version 1 (ferry 0.1)
+//! moves storage as an archive or on a shared pool and runtime state only by
+//! a stateful stop (`stateful_stop_file`: CRIU images or a QEMU state file
+//! travel on fs after the storage; the target starts statefully). Version 2
+//! adds the live transfers: `criu_page_server`, `criu_pre_dump`,
+//! `criu_lazy_pages`, `vm_qemu_live` and the `block_mirror` fs type. A
+//! member started with `--migration-protocol 1` speaks only version 1 (a
+//! rolling upgrade keeps old and new members able to move instances). A
 //! member speaking `min..=max` and a peer speaking `pmin..=pmax` agree on
 //! `min(max, pmax)` if that is `>= max(min, pmin)` ([`agree_version`]); each
 //! side then drops from its offer/capabilities what the agreed version cannot
@@ -27,8 +34,8 @@
 //!
 //! ```text
 //!  source (S)                       control            state      fs      target (T)
-//!   Hello{1..1, source}       ─────────────────────►
-//!                             ◄───────────────────── Hello{1..1, target}
+//!   Hello{1..2, source}       ─────────────────────►
+//!                             ◄───────────────────── Hello{1..2, target}
 //!   Offer{container, fs:[archive{zstd,none}, shared{p}],
 //!         state:[criu_pre_dump?, criu_page_server, criu_lazy_pages?,
 //!                stateful_stop_file], stateful, live} ──►
@@ -127,7 +134,7 @@ use thiserror::Error;
 use crate::negotiate::{negotiate, Capabilities, NegotiationError, Plan};
 
 /// The protocol version this build speaks natively.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still accepts (current and previous).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -592,7 +599,8 @@ impl TargetState {
             (S::Resumed { .. }, Message::Cancel { .. }) => Err(ProtocolError::TooLateToCancel),
             (_, Message::Cancel { reason }) => Ok(S::Cancelled { reason }),
             (S::AwaitOffer { version, caps }, Message::Offer(offer)) => {
-                let plan = negotiate(&offer.for_version(version), &caps)?;
+                let mut plan = negotiate(&offer.for_version(version), &caps)?;
+                plan.version = version;
                 Ok(S::Transfer {
                     version,
                     plan,
@@ -798,7 +806,8 @@ impl SourceState {
             (S::Resumed { .. }, Message::Cancel { .. }) => Err(ProtocolError::TooLateToCancel),
             (_, Message::Cancel { reason }) => Ok(S::Cancelled { reason }),
             (S::AwaitResponse { version, offer }, Message::Response(resp)) => {
-                let plan = crate::negotiate::check_response(&offer, &resp)?;
+                let mut plan = crate::negotiate::check_response(&offer, &resp)?;
+                plan.version = version;
                 Ok(S::Transfer {
                     version,
                     plan,

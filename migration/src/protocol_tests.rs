@@ -372,7 +372,7 @@ fn agree_version_picks_the_highest_common() {
 
 #[test]
 fn version_ranges_are_validated() {
-    assert_eq!(VersionRange::CURRENT, VersionRange { min: 1, max: 1 });
+    assert_eq!(VersionRange::CURRENT, VersionRange { min: 1, max: 2 });
     assert_eq!(
         VersionRange::previous_only(),
         VersionRange {
@@ -381,9 +381,10 @@ fn version_ranges_are_validated() {
         }
     );
     assert!(VersionRange::new(1, 1).is_ok());
+    assert!(VersionRange::new(1, 2).is_ok());
     assert!(
-        VersionRange::new(1, 2).is_err(),
-        "this build cannot speak v2"
+        VersionRange::new(1, 3).is_err(),
+        "this build cannot speak v3"
     );
     assert!(VersionRange::new(0, 1).is_err());
 }
@@ -391,8 +392,8 @@ fn version_ranges_are_validated() {
 #[test]
 fn hello_with_newer_min_version_is_refused() {
     let peer = Message::Hello(Hello {
-        protocol_version: 3,
-        min_version: 2,
+        protocol_version: 4,
+        min_version: 3,
         software_version: "ferry 9".into(),
         role: Role::Source,
     });
@@ -402,7 +403,7 @@ fn hello_with_newer_min_version_is_refused() {
     assert!(
         matches!(
             e,
-            ProtocolError::Version(VersionError::NoCommonVersion { peer_min: 2, .. })
+            ProtocolError::Version(VersionError::NoCommonVersion { peer_min: 3, .. })
         ),
         "{e}"
     );
@@ -413,7 +414,7 @@ fn wire_shapes() {
     let j = |m: &Message| serde_json::to_value(m).unwrap();
     assert_eq!(
         j(&hello(Role::Source)),
-        serde_json::json!({"type":"hello","protocol_version":1,"min_version":1,"software_version":"ferry test","role":"source"})
+        serde_json::json!({"type":"hello","protocol_version":2,"min_version":1,"software_version":"ferry test","role":"source"})
     );
     assert_eq!(
         j(&Message::StateReady {}),

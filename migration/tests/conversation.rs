@@ -152,8 +152,8 @@ async fn happy_path_live_container_move() {
     let (src, stages) = source.await.unwrap().expect("source succeeds");
     let tgt = target.await.unwrap().expect("target succeeds");
 
-    assert!(matches!(src, SourceState::Done { version: 1, .. }));
-    assert!(matches!(tgt, TargetState::Done { version: 1, .. }));
+    assert!(matches!(src, SourceState::Done { version: 2, .. }));
+    assert!(matches!(tgt, TargetState::Done { version: 2, .. }));
     assert_eq!(src.plan(), tgt.plan(), "both sides carry out the same plan");
     let plan = src.plan().unwrap();
     assert!(plan.is_live());
@@ -189,7 +189,7 @@ async fn version_mismatch_fails_clearly_on_both_sides() {
     }))
     .await
     .unwrap();
-    assert!(matches!(peer.recv().await.unwrap(), Message::Hello(h) if h.protocol_version == 1));
+    assert!(matches!(peer.recv().await.unwrap(), Message::Hello(h) if h.protocol_version == 2));
     let err = target.await.unwrap().unwrap_err();
     let text = err.to_string();
     assert!(
@@ -233,16 +233,16 @@ async fn target_refusal_reaches_the_source_as_peer_failure() {
     ));
 }
 
-/// What a v2 build would know: each value with the version that added it.
-const V2_QEMU_FEATURES: &[(&str, u32)] = &[
-    ("auto_converge", 1),
-    ("xbzrle", 1),
-    ("dirty_limit", 2),
-    ("postcopy", 1),
+/// What a v3 build would know: each value with the version that added it.
+const V3_QEMU_FEATURES: &[(&str, u32)] = &[
+    ("auto_converge", 2),
+    ("xbzrle", 2),
+    ("dirty_limit", 3),
+    ("postcopy", 2),
 ];
 
-fn v2_offer(version: u32, sloppy: bool) -> Value {
-    let features: Vec<&str> = V2_QEMU_FEATURES
+fn v3_offer(version: u32, sloppy: bool) -> Value {
+    let features: Vec<&str> = V3_QEMU_FEATURES
         .iter()
         .filter(|(_, since)| sloppy || *since <= version)
         .map(|(f, _)| *f)
@@ -251,7 +251,7 @@ fn v2_offer(version: u32, sloppy: bool) -> Value {
         json!({"type": "vm_qemu_live", "features": features}),
         json!({"type": "stateful_stop_file"}),
     ];
-    if sloppy || version >= 2 {
+    if sloppy || version >= 3 {
         state.insert(0, json!({"type": "vm_qemu_multifd", "channels": 4}));
     }
     json!({
@@ -260,15 +260,15 @@ fn v2_offer(version: u32, sloppy: bool) -> Value {
         "state": state,
         "volume_size": 1024, "stateful": true, "live": true,
         "options": {"postcopy": false, "bandwidth": 1000000},
-        "v2_migration_window": "22:00-23:00"
+        "v3_migration_window": "22:00-23:00"
     })
 }
 
-/// A simulated v2 source (raw JSON frames) against this v1 target: they
-/// agree on v1 and nothing v2-only makes it into the plan — whether the v2
-/// peer trims its offer to v1 (as it must) or sends v2 values anyway.
+/// A simulated v3 source (raw JSON frames) against this v2 target: they
+/// agree on v2 and nothing v3-only makes it into the plan — whether the v3
+/// peer trims its offer to v2 (as it must) or sends v3 values anyway.
 #[tokio::test]
-async fn v2_source_and_v1_target_agree_on_v1() {
+async fn v3_source_and_v2_target_agree_on_v2() {
     for sloppy in [false, true] {
         let (a, b) = duplex(16 * 1024);
         let caps = Capabilities {
@@ -288,24 +288,24 @@ async fn v2_source_and_v1_target_agree_on_v1() {
             target_handshake(&mut FramedChannel::new(b), &local(), caps).await
         });
 
-        let mut v2 = FramedChannel::new(a);
-        let hello = json!({"type": "hello", "protocol_version": 2, "min_version": 1,
-                           "software_version": "ferry 2.0", "role": "source", "v2_cluster_id": "abc"});
-        v2.send_frame(hello.to_string().as_bytes()).await.unwrap();
-        let theirs: Value = serde_json::from_slice(&v2.recv_frame().await.unwrap()).unwrap();
+        let mut v3 = FramedChannel::new(a);
+        let hello = json!({"type": "hello", "protocol_version": 3, "min_version": 2,
+                           "software_version": "ferry 3.0", "role": "source", "v3_cluster_id": "abc"});
+        v3.send_frame(hello.to_string().as_bytes()).await.unwrap();
+        let theirs: Value = serde_json::from_slice(&v3.recv_frame().await.unwrap()).unwrap();
         assert_eq!(theirs["type"], "hello");
         let version = agree_version(
-            1,
             2,
+            3,
             theirs["min_version"].as_u64().unwrap() as u32,
             theirs["protocol_version"].as_u64().unwrap() as u32,
         )
         .unwrap();
-        assert_eq!(version, 1);
-        v2.send_frame(v2_offer(version, sloppy).to_string().as_bytes())
+        assert_eq!(version, 2);
+        v3.send_frame(v3_offer(version, sloppy).to_string().as_bytes())
             .await
             .unwrap();
-        let resp: Value = serde_json::from_slice(&v2.recv_frame().await.unwrap()).unwrap();
+        let resp: Value = serde_json::from_slice(&v3.recv_frame().await.unwrap()).unwrap();
         assert_eq!(resp["type"], "response", "{resp}");
         assert_eq!(
             resp["state"],
@@ -320,8 +320,8 @@ async fn v2_source_and_v1_target_agree_on_v1() {
         let st = target
             .await
             .unwrap()
-            .expect("v1 target accepts the v2 peer");
-        assert!(matches!(st, TargetState::Transfer { version: 1, .. }));
+            .expect("v2 target accepts the v3 peer");
+        assert!(matches!(st, TargetState::Transfer { version: 2, .. }));
         let plan = st.plan().unwrap();
         assert_eq!(
             plan.state,
@@ -333,36 +333,66 @@ async fn v2_source_and_v1_target_agree_on_v1() {
     }
 }
 
-/// This v1 source against a simulated v2 target: v1 is agreed and the v2
-/// target answers in v1 terms; the source's re-check accepts it.
+/// This v2 source against a simulated v3 target: v2 is agreed and the v3
+/// target answers in v2 terms; the source's re-check accepts it.
 #[tokio::test]
-async fn v1_source_and_v2_target_agree_on_v1() {
+async fn v2_source_and_v3_target_agree_on_v2() {
     let (a, b) = duplex(16 * 1024);
     let source = tokio::spawn(async move {
         source_handshake(&mut FramedChannel::new(a), &local(), container_offer()).await
     });
-    let mut v2 = FramedChannel::new(b);
-    v2.send_frame(json!({"type": "hello", "protocol_version": 2, "min_version": 1, "software_version": "ferry 2.0", "role": "target"}).to_string().as_bytes())
+    let mut v3 = FramedChannel::new(b);
+    v3.send_frame(json!({"type": "hello", "protocol_version": 3, "min_version": 2, "software_version": "ferry 3.0", "role": "target"}).to_string().as_bytes())
         .await
         .unwrap();
-    let hello: Value = serde_json::from_slice(&v2.recv_frame().await.unwrap()).unwrap();
+    let hello: Value = serde_json::from_slice(&v3.recv_frame().await.unwrap()).unwrap();
     assert_eq!(
         (hello["protocol_version"].as_u64(), hello["role"].as_str()),
-        (Some(1), Some("source"))
+        (Some(2), Some("source"))
     );
-    let offer: Value = serde_json::from_slice(&v2.recv_frame().await.unwrap()).unwrap();
+    let offer: Value = serde_json::from_slice(&v3.recv_frame().await.unwrap()).unwrap();
     assert_eq!(offer["type"], "offer");
     let resp = json!({"type": "response", "fs": [{"type": "archive", "compression": ["zstd"]}],
                       "state": [{"type": "criu_page_server"}], "compression": "zstd", "state_compression": "none",
-                      "reasons": ["v2 target speaking v1"], "v2_extra": true});
-    v2.send_frame(resp.to_string().as_bytes()).await.unwrap();
+                      "reasons": ["v3 target speaking v2"], "v3_extra": true});
+    v3.send_frame(resp.to_string().as_bytes()).await.unwrap();
     let st = source
         .await
         .unwrap()
-        .expect("source accepts a v1-shaped response");
-    assert!(matches!(st, SourceState::Transfer { version: 1, .. }));
+        .expect("source accepts a v2-shaped response");
+    assert!(matches!(st, SourceState::Transfer { version: 2, .. }));
     assert_eq!(
         st.plan().unwrap().reasons,
-        vec!["v2 target speaking v1".to_string()]
+        vec!["v3 target speaking v2".to_string()]
     );
+}
+
+/// A member told to speak the previous version (`--migration-protocol 1`)
+/// and a current one, in both roles: they agree on v1, which has no live
+/// transfer, so a live container move becomes a stateful stop + state file.
+#[tokio::test]
+async fn a_member_speaking_the_previous_version_gets_a_stateful_stop() {
+    let old = LocalEnd::new(VersionRange::previous_only(), "ferry 0.1");
+    for old_is_source in [true, false] {
+        let (a, b) = duplex(16 * 1024);
+        let (src_end, tgt_end) = if old_is_source {
+            (old.clone(), local())
+        } else {
+            (local(), old.clone())
+        };
+        let source = tokio::spawn(async move {
+            source_handshake(&mut FramedChannel::new(a), &src_end, container_offer()).await
+        });
+        let target = tokio::spawn(async move {
+            target_handshake(&mut FramedChannel::new(b), &tgt_end, target_caps()).await
+        });
+        let src = source.await.unwrap().expect("source agrees");
+        let tgt = target.await.unwrap().expect("target agrees");
+        assert!(matches!(src, SourceState::Transfer { version: 1, .. }));
+        assert_eq!(src.plan(), tgt.plan());
+        let plan = src.plan().unwrap();
+        assert_eq!(plan.version, 1);
+        assert_eq!(plan.state, StatePlan::StatefulStopFile, "{plan}");
+        assert!(!plan.is_live() && plan.is_stateful());
+    }
 }

@@ -320,6 +320,14 @@ impl Member {
         }
     }
 
+    /// [`spec`](Self::spec) of an instance on the `shared` pool at `pool`.
+    pub fn shared_spec(&self, name: &str, vm: bool, pool: &Path) -> ferry_drivers::InstanceSpec {
+        let mut spec = self.spec(name, vm);
+        let kind_dir = if vm { "virtual-machines" } else { "containers" };
+        spec.paths.volume = pool.join(kind_dir).join(name);
+        spec
+    }
+
     /// The container's counter, read from its rootfs.
     pub fn container_counter(&self, name: &str) -> u64 {
         let p = self.spec(name, false).paths.volume.join("rootfs/counter");

@@ -245,14 +245,26 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
     let mut shown = None;
     for _ in 0..100 {
         let op = c.operation(&id).await.unwrap();
-        if let Some(p) = op.metadata["fs_progress"].as_str() {
-            shown = Some(p.to_string());
+        if op.metadata["progress"]["bytes_done"].as_u64().unwrap_or(0) > 0 {
+            shown = Some(op.metadata.clone());
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let shown = shown.expect("no fs_progress in the operation during the first pass");
-    assert!(shown.ends_with("MB sent"), "{shown}");
+    // Progress: phase, bytes done of the volume's total, rate, ETA.
+    let shown = shown.expect("no progress in the operation during the first pass");
+    eprintln!("progress during the first pass: {shown}");
+    assert_eq!(shown["phase"], "filesystem", "{shown}");
+    assert!(
+        shown["progress"]["bytes_total"].as_u64().unwrap() > 300_000_000,
+        "{shown}"
+    );
+    assert!(shown["progress"]["rate_bytes_per_s"].as_u64().unwrap() > 0);
+    assert!(shown["progress"]["eta_s"].is_u64(), "{shown}");
+    assert!(
+        shown["move_progress"].as_str().unwrap().contains(" of "),
+        "{shown}"
+    );
     c.cancel_operation(&id).await.unwrap();
     let fin = c.wait_operation(&id, |_| {}).await;
     eprintln!("cancelled move: {fin:?}");
@@ -327,10 +339,30 @@ async fn live_vm_move_keeps_the_guest_running() {
         .await
         .unwrap();
 
+    let sha = |p: &std::path::Path| -> String {
+        let out = std::process::Command::new("sha256sum")
+            .arg(p)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let src_disk = sha(&ms[0].spec("v1", true).paths.volume.join("disk.img"));
     let out = ms[1].ferry_ok(&["move", "v1", "--target", "m2", "--format", "json"]);
     let meta: Value = serde_json::from_str(&out).unwrap();
     eprintln!("VM move result: {meta}");
     assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
+    // The disk was copied while the VM ran (block mirror over fs), identical.
+    assert_eq!(meta["plan"]["fs"]["type"], "block_mirror", "{meta}");
+    assert_eq!(meta["qemu_params"]["block_mirror"], true, "{meta}");
+    assert_eq!(
+        sha(&ms[1].spec("v1", true).paths.volume.join("disk.img")),
+        src_disk,
+        "the target's disk differs"
+    );
     let inst = ms[1].instance("v1").await;
     assert_eq!(inst["location"], "m2");
     assert_eq!(inst["status"], "Running");

@@ -17,6 +17,8 @@ use ferry_db::InstanceRecord;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+pub mod container;
+pub mod progress;
 pub mod source;
 pub mod target;
 pub mod vm;
@@ -64,6 +66,27 @@ pub struct SinkRequest {
     /// A VM's launch record (machine, memory, vCPUs) for a live move.
     #[serde(default)]
     pub launch: Option<serde_json::Value>,
+    /// A VM's disk size (the target creates the disk a block mirror fills).
+    #[serde(default)]
+    pub disk_size: Option<u64>,
+}
+
+/// Remove an instance's member-local files (run dir, logs) but never its
+/// volume: for instances on the shared pool, whose volume another member
+/// uses. A root still mounted in the run dir is left alone (removing the
+/// tree would delete the volume's files through the mount).
+pub fn remove_member_files(spec: &ferry_drivers::InstanceSpec) {
+    let root = spec.paths.run.join("rootfs");
+    match std::fs::remove_dir(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %root.display(), error = %e, "not removing the run directory: its root mount point is still in use");
+            return;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&spec.paths.run);
+    let _ = std::fs::remove_dir_all(&spec.paths.logs);
 }
 
 /// Channels the dialled side waits for, by operation id.

@@ -6,25 +6,29 @@ use std::time::{Duration, Instant};
 use ferry_db::{Command, InstanceRecord, MemberRecord};
 use ferry_drivers::container::ContainerDriver;
 use ferry_drivers::storage::{write_archive, ArchiveOptions, Manifest};
-use ferry_drivers::{Driver, InstanceSpec, InstanceType, Lifecycle};
+use ferry_drivers::{Driver, InstanceSpec, InstanceType, Lifecycle, StateSave};
 use ferry_migration::{
     source_handshake, ByteChannel, Compression, FsTransfer, InstanceType as MigType, LocalEnd,
     Message, MessageChannel, MoveOptions, Offer, Plan, QemuFeature, SourceState, StatePlan,
-    StateTransfer, VersionRange,
+    StateTransfer,
 };
 use serde_json::{json, Map};
 use tokio_util::io::SyncIoBridge;
 
+use super::progress::Phase;
 use super::ws::{self, WsControl};
 use super::{Secrets, SinkRequest, DIAL_TIMEOUT, SINK_PATH};
 use crate::core::{ActionError, Daemon};
 use crate::ops::{Op, Outcome};
 
-pub fn local_end() -> LocalEnd {
-    LocalEnd::new(
-        VersionRange::CURRENT,
-        format!("ferry {}", crate::core::VERSION),
-    )
+impl Daemon {
+    /// This member on the migration wire (versions from --migration-protocol).
+    pub fn local_end(&self) -> LocalEnd {
+        LocalEnd::new(
+            self.settings.migration_protocol,
+            format!("ferry {}", crate::core::VERSION),
+        )
+    }
 }
 
 pub(super) type Bridge = SyncIoBridge<tokio::io::WriteHalf<ByteChannel<tokio::io::DuplexStream>>>;
@@ -49,27 +53,20 @@ impl std::io::Write for Cancellable<'_> {
 }
 
 /// Send one archive pass of `root` on the fs bridge (blocking, off the
-/// runtime); with `op`, its `fs_progress` shows the bytes sent twice a second.
+/// runtime); with `op`, its progress shows the bytes sent twice a second
+/// (of `total`, when known).
 pub(super) async fn send_archive(
     bridge: Bridge,
     root: std::path::PathBuf,
     base: Option<Manifest>,
     record: bool,
     cancel: tokio_util::sync::CancellationToken,
-    op: Option<Arc<Op>>,
+    op: Option<(Arc<Op>, Option<u64>)>,
 ) -> Result<(Bridge, ferry_drivers::storage::ArchiveStats), String> {
     let progress = Arc::new(ferry_drivers::storage::Progress::default());
-    let ticker = op.map(|op| {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                op.set_meta(
-                    "fs_progress",
-                    json!(format!("{:.1} MB sent", progress.bytes() as f64 / 1e6)),
-                );
-            }
-        })
+    let ticker = op.map(|(op, total)| {
+        let p = progress.clone();
+        super::progress::ticker(op, Phase::Filesystem, total, move || p.bytes())
     });
     let res = tokio::task::spawn_blocking(move || {
         let mut bridge = bridge;
@@ -93,6 +90,19 @@ pub(super) async fn send_archive(
         t.abort();
     }
     res?
+}
+
+/// Flush and half-close the fs bridge (the target sees the end of the stream).
+pub(super) async fn close_bridge(bridge: Bridge) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut bridge = bridge;
+        bridge.flush()?;
+        bridge.shutdown()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("closing the fs stream: {e}"))
 }
 
 impl Daemon {
@@ -152,6 +162,9 @@ impl Daemon {
                     live: live && running,
                     running,
                     dumped: false,
+                    saved_state: false,
+                    lazy: None,
+                    nbd_relay: None,
                     frozen: None,
                     vm_migrated: false,
                     options,
@@ -189,17 +202,25 @@ pub(super) struct MoveRun {
     pub(super) target: MemberRecord,
     pub(super) live: bool,
     pub(super) running: bool,
+    /// A container dumped with --leave-stopped (resumable on the source).
     pub(super) dumped: bool,
+    /// Stopped statefully for the fallback path (restart from its state).
+    pub(super) saved_state: bool,
     pub(super) frozen: Option<Instant>,
     /// A VM whose QEMU migration completed (its source QEMU is paused).
     pub(super) vm_migrated: bool,
+    /// The serving dump of a post-copy container move.
+    pub(super) lazy: Option<ferry_drivers::container::LazyDump>,
+    /// The relay of a VM's block mirror (NBD over fs): ended on failure so
+    /// that QEMU's NBD client sees EOF instead of waiting on a dead link.
+    pub(super) nbd_relay: Option<tokio::task::AbortHandle>,
     /// --bandwidth / --max-downtime / --postcopy of this move.
     pub(super) options: MoveOptions,
 }
 
 impl MoveRun {
-    pub(super) fn stage(&self, s: &str) {
-        self.op.set_meta("stage", json!(s));
+    pub(super) fn phase(&self, phase: Phase, text: &str) {
+        super::progress::set_phase(&self.op, phase, text);
     }
 
     pub(super) fn check_cancel(&self) -> Result<(), String> {
@@ -209,36 +230,93 @@ impl MoveRun {
         Ok(())
     }
 
-    fn offer(&self) -> Offer {
+    /// Member-local directory for checkpoint images of this move.
+    pub(super) fn images_dir(spec: &InstanceSpec) -> std::path::PathBuf {
+        spec.paths.run.join("migration")
+    }
+
+    async fn offer(&self) -> Offer {
         let vm = self.spec.kind == InstanceType::VirtualMachine;
         let state = match (self.live, vm) {
             (false, _) => vec![StateTransfer::None],
-            (true, false) => vec![StateTransfer::CriuPageServer],
-            (true, true) => vec![StateTransfer::VmQemuLive {
-                features: vec![QemuFeature::AutoConverge, QemuFeature::Postcopy],
-            }],
+            (true, false) => {
+                let mut v = vec![StateTransfer::CriuPageServer];
+                if self.options.postcopy {
+                    match ContainerDriver::lazy_pages_support().await {
+                        Ok(()) => v.push(StateTransfer::CriuLazyPages),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "post-copy asked for but CRIU lazy pages do not work on this member")
+                        }
+                    }
+                }
+                v.push(StateTransfer::StatefulStopFile);
+                v
+            }
+            (true, true) => vec![
+                StateTransfer::VmQemuLive {
+                    features: vec![QemuFeature::AutoConverge, QemuFeature::Postcopy],
+                },
+                StateTransfer::StatefulStopFile,
+            ],
         };
+        let fs = if self.rec.storage_pool == crate::settings::SHARED_POOL {
+            // Only members that see the same pool can take it.
+            match self.d.settings.shared_pool_id() {
+                Some(pool_id) => vec![FsTransfer::Shared { pool_id }],
+                None => vec![],
+            }
+        } else {
+            let mut fs = vec![];
+            if vm && self.live {
+                // The disk is copied while the VM runs (NBD over fs,
+                // uncompressed: it is request/response traffic).
+                fs.push(FsTransfer::BlockMirror {
+                    compression: vec![Compression::None],
+                });
+            }
+            fs.push(FsTransfer::Archive {
+                compression: vec![Compression::Zstd, Compression::None],
+            });
+            fs
+        };
+        let volume_size = if self.rec.storage_pool == crate::settings::SHARED_POOL {
+            0
+        } else {
+            super::progress::tree_size(&self.spec.paths.volume)
+        };
+        let mut options = self.options.clone();
+        if options.bandwidth.is_none() {
+            options.bandwidth = self.d.settings.migration_bandwidth;
+        }
         Offer {
             instance_type: if vm { MigType::Vm } else { MigType::Container },
-            fs: vec![FsTransfer::Archive {
-                compression: vec![Compression::Zstd, Compression::None],
-            }],
+            fs,
             state,
             state_compression: vec![Compression::None],
-            volume_size: 0,
+            volume_size,
             snapshots: vec![],
             stateful: self.live,
             live: self.live,
-            options: self.options.clone(),
+            options,
         }
     }
 
     async fn run(&mut self) -> Result<Plan, String> {
         let cluster = self.d.cluster().ok_or("this member left the cluster")?;
-        let driver = ContainerDriver::default();
         let secrets = Secrets::new();
         let [rc, rs, rf] = self.d.pending.expect(&self.op.id, &secrets);
-        self.stage("asking the target to receive the instance");
+        self.phase(
+            Phase::Preparing,
+            "asking the target to receive the instance",
+        );
+        let offer = self.offer().await;
+        if offer.fs.is_empty() {
+            return Err(format!(
+                "instance \"{}\" is on the shared pool, which is not configured on this member \
+                 (start ferryd with --shared-pool PATH)",
+                self.rec.name
+            ));
+        }
         let req = SinkRequest {
             record: self.rec.clone(),
             source_member: self.d.member.clone(),
@@ -257,6 +335,12 @@ impl MoveRun {
                 ),
                 _ => None,
             },
+            disk_size: match self.spec.kind {
+                InstanceType::VirtualMachine => ferry_drivers::vm::VmDriver::default()
+                    .disk_size(&self.spec)
+                    .ok(),
+                InstanceType::Container => None,
+            },
         };
         cluster
             .peers
@@ -272,130 +356,55 @@ impl MoveRun {
         let mut ctl = WsControl(wait(rc).await?);
         let state_pipe = wait(rs).await?;
         let fs_pipe = wait(rf).await?;
-        let st = source_handshake(&mut ctl, &local_end(), self.offer())
+        let st = source_handshake(&mut ctl, &self.d.local_end(), offer.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let plan = st.plan().cloned().ok_or("no plan after the handshake")?;
-        tracing::info!(instance = %self.rec.name, target = %self.target.name, plan = ?plan, "move plan agreed");
+        let mut plan = st.plan().cloned().ok_or("no plan after the handshake")?;
+        plan.reasons.extend(offer.version_notes(plan.version));
+        tracing::info!(instance = %self.rec.name, target = %self.target.name, plan = %plan, "move plan agreed");
         self.op.set_meta("plan", json!(plan));
+        self.op.set_meta("path", json!(path_of(&plan)));
+        if !plan.reasons.is_empty() {
+            self.op.set_meta("why", json!(plan.reasons.join("; ")));
+        }
         let result = if self.spec.kind == InstanceType::VirtualMachine {
             self.transfer_vm(&mut ctl, st, &plan, state_pipe, fs_pipe)
                 .await
         } else {
-            self.transfer(&mut ctl, st, &plan, state_pipe, fs_pipe, &driver)
+            self.transfer_container(&mut ctl, st, &plan, state_pipe, fs_pipe)
                 .await
         };
-        if let Err(e) = &result {
+        if let Err(e) = result {
+            // The target may have failed first (its reason is the real one:
+            // a full disk, a failed restore): prefer what it reported.
+            let theirs = match tokio::time::timeout(Duration::from_millis(500), ctl.recv()).await {
+                Ok(Ok(Message::Failure { message })) if !e.starts_with("the target failed") => {
+                    Some(message)
+                }
+                _ => None,
+            };
             let _ = ctl.send(&Message::Failure { message: e.clone() }).await;
+            return Err(match theirs {
+                Some(m) => format!("the target failed: {m} (and here: {e})"),
+                None => e,
+            });
         }
-        result?;
         Ok(plan)
     }
 
-    async fn transfer(
+    /// Tell the target everything was sent, wait for it to run the
+    /// instance, then record the new location (the point of no return).
+    pub(super) async fn finish_handover(
         &mut self,
         ctl: &mut WsControl,
         st: SourceState,
         plan: &Plan,
-        state_pipe: ws::WsPipe,
-        fs_pipe: ws::WsPipe,
-        driver: &ContainerDriver,
+        fs_bytes: u64,
     ) -> Result<(), String> {
-        let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
+        ctl.send(&Message::FsDone { bytes: fs_bytes })
+            .await
             .map_err(|e| e.to_string())?;
-        let counters = fs.counters();
-        let (_r, w) = tokio::io::split(fs);
-        let bridge = SyncIoBridge::new(w);
-        let rootfs = self.spec.paths.volume.join("rootfs");
-        if self.running && !self.live {
-            self.stage("stopping the instance (stateless move)");
-            Driver::Container(driver.clone())
-                .stop(&self.spec, false, &ferry_drivers::OpCtx::detached())
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        self.check_cancel()?;
-        self.stage("copying the root filesystem (instance running)");
-        let (bridge, pass1) = send_archive(
-            bridge,
-            rootfs.clone(),
-            None,
-            true,
-            self.op.cancel_token(),
-            Some(self.op.clone()),
-        )
-        .await?;
-        self.op.set_meta(
-            "fs_progress",
-            json!(format!("{:.1} MB sent", pass1.bytes as f64 / 1e6)),
-        );
-        self.check_cancel()?;
-        let images = self.spec.paths.volume.join("migration.tmp");
-        let _ = std::fs::remove_dir_all(&images);
-        std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
-        let mut bridge = bridge;
-        let mut st = st;
-        if matches!(plan.state, StatePlan::CriuPageServer { .. }) {
-            self.op.set_cancellable(false);
-            self.stage("checkpointing (CRIU dump, memory streamed to the target)");
-            // CRIU writes pages into one end of a socketpair; ferry relays the
-            // other end over the state channel (no TCP port, no Nagle stalls).
-            let (criu_end, ours) =
-                std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
-            ours.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
-            let state_stream = ws::into_stream(state_pipe);
-            let relay = tokio::spawn(async move {
-                ferry_migration::relay(ours, state_stream)
-                    .await
-                    .map_err(|e| e.to_string())
-            });
-            let frozen = Instant::now();
-            self.frozen = Some(frozen);
-            let ctx = ferry_drivers::OpCtx::detached();
-            let pages =
-                ferry_drivers::container::PagesTo::Socket(std::os::fd::OwnedFd::from(criu_end));
-            let dump = driver
-                .migrate_dump_with(&self.spec, &images, pages, &ctx)
-                .await
-                .map_err(|e| format!("checkpoint failed: {e}"))?;
-            self.op
-                .set_meta("criu_dump_ms", json!(dump.dump_time.as_millis() as u64));
-            self.dumped = true;
-            match tokio::time::timeout(Duration::from_secs(60), relay).await {
-                Ok(Ok(Ok(stats))) => self.op.set_meta(
-                    "state_progress",
-                    json!(format!("{} MB of memory", stats.a_to_b / 1_000_000)),
-                ),
-                Ok(Ok(Err(e))) => return Err(format!("memory stream: {e}")),
-                _ => return Err("memory stream did not finish".into()),
-            }
-            self.stage("final sync of the root filesystem and checkpoint images");
-            let manifest = pass1.manifest.clone();
-            let (b, _pass2) =
-                send_archive(bridge, rootfs, manifest, false, Default::default(), None).await?;
-            let (b, _img) =
-                send_archive(b, images.clone(), None, false, Default::default(), None).await?;
-            bridge = b;
-            self.op.set_meta(
-                "frozen_ms_at_handover",
-                json!(frozen.elapsed().as_millis() as u64),
-            );
-        }
-        tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            bridge.flush()?;
-            bridge.shutdown()
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("closing the fs stream: {e}"))?;
-        ctl.send(&Message::FsDone {
-            bytes: counters.sent.get(),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        st = st.fs_sent().map_err(|e| e.to_string())?;
+        let mut st = st.fs_sent().map_err(|e| e.to_string())?;
         if plan.is_stateful() {
             ctl.send(&Message::StateReady {})
                 .await
@@ -403,23 +412,7 @@ impl MoveRun {
             st = st.state_sent().map_err(|e| e.to_string())?;
         }
         self.await_target(ctl, st).await?;
-        self.commit_location().await?;
-        self.dumped = false;
-        self.stage("cleaning up the source");
-        let ctx = ferry_drivers::OpCtx::detached();
-        if self.live {
-            if let Err(e) = driver.migrate_finish_source(&self.spec, &ctx).await {
-                tracing::warn!(error = %e, "source cleanup after move");
-            }
-        }
-        let _ = std::fs::remove_dir_all(&images);
-        if let Err(e) = Driver::Container(driver.clone()).delete(&self.spec).await {
-            tracing::warn!(error = %e, "deleting the source volume after move");
-        }
-        self.d
-            .events
-            .send_lifecycle("instance-migrated", &self.rec.name);
-        Ok(())
+        self.commit_location().await
     }
 
     /// Wait for the target's Resumed/Success (recording ferry's downtime).
@@ -428,7 +421,10 @@ impl MoveRun {
         ctl: &mut WsControl,
         st: SourceState,
     ) -> Result<(), String> {
-        self.stage("waiting for the target to resume the instance");
+        self.phase(
+            Phase::Restoring,
+            "waiting for the target to resume the instance",
+        );
         let mut st = st;
         loop {
             let msg = ctl
@@ -439,6 +435,14 @@ impl MoveRun {
                 // Downtime as ferry sees it: freeze on the source → running on the target.
                 self.op
                     .set_meta("downtime_ms", json!(t.elapsed().as_millis() as u64));
+            }
+            if let (Message::Resumed {}, Some(dump)) = (&msg, self.lazy.as_mut()) {
+                // Post-copy: it runs on the target; the source may never resume.
+                dump.commit();
+                self.phase(
+                    Phase::Memory,
+                    "post-copy: serving memory pages to the target",
+                );
             }
             let fail = if let Message::Failure { message } = &msg {
                 Some(message.clone())
@@ -457,6 +461,7 @@ impl MoveRun {
 
     /// The target runs it: one replicated write moves the record.
     pub(super) async fn commit_location(&mut self) -> Result<(), String> {
+        self.phase(Phase::Completing, "recording the new location");
         self.d
             .submit(Command::MoveInstance {
                 name: self.rec.name.clone(),
@@ -466,27 +471,75 @@ impl MoveRun {
             .await
             .map_err(|e| format!("recording the new location: {e}"))?;
         self.dumped = false;
+        self.saved_state = false;
         self.vm_migrated = false;
         Ok(())
     }
 
-    /// After a failure: the instance runs on the source exactly as before.
-    async fn recover(&mut self) {
-        let driver = ContainerDriver::default();
-        let ctx = ferry_drivers::OpCtx::detached();
-        if self.spec.kind == InstanceType::VirtualMachine {
-            self.recover_vm().await;
+    /// After the move: remove what the source still holds. On a shared pool
+    /// the volume now belongs to the target: only member-local files go.
+    pub(super) async fn remove_source_files(&self) {
+        let _ = std::fs::remove_dir_all(Self::images_dir(&self.spec));
+        if self.rec.storage_pool == crate::settings::SHARED_POOL {
+            super::remove_member_files(&self.spec);
             return;
         }
-        if self.dumped {
-            if let Err(e) = driver.migrate_resume_source(&self.spec, &ctx).await {
+        if let Err(e) = Driver::for_type(self.spec.kind).delete(&self.spec).await {
+            tracing::warn!(error = %e, "deleting the source volume after move");
+        }
+    }
+
+    /// After a failure: the instance runs on the source exactly as before.
+    async fn recover(&mut self) {
+        let ctx = ferry_drivers::OpCtx::detached();
+        let driver = Driver::for_type(self.spec.kind);
+        if let Some(dump) = self.lazy.take() {
+            let c = ContainerDriver::default();
+            if dump.is_committed() {
+                // Restored on the target, then the page stream broke: the
+                // memory is split between both members; nothing can run it.
+                tracing::error!(instance = %self.rec.name, "post-copy move broke after the target restored: the container is lost");
+                let _ = c.migrate_lazy_finish_source(&self.spec, dump, &ctx).await;
+                let _ = self
+                    .d
+                    .submit(Command::SetInstanceStatus {
+                        name: self.rec.name.clone(),
+                        status: "Stopped".into(),
+                        last_used_at: None,
+                    })
+                    .await;
+            } else if let Err(e) = c.migrate_lazy_abort_source(&self.spec, dump, &ctx).await {
+                tracing::error!(instance = %self.rec.name, error = %e, "could not resume the instance on the source after a failed post-copy move");
+            }
+        } else if self.saved_state {
+            if let Err(e) = driver.restore_state(&self.spec, &ctx).await {
+                tracing::error!(instance = %self.rec.name, error = %e, "could not restart the instance from its saved state after a failed move");
+            }
+        } else if self.spec.kind == InstanceType::VirtualMachine {
+            self.recover_vm().await;
+        } else if self.dumped {
+            if let Err(e) = ContainerDriver::default()
+                .migrate_resume_source(&self.spec, &ctx)
+                .await
+            {
                 tracing::error!(instance = %self.rec.name, error = %e, "could not resume the instance on the source after a failed move");
             }
         } else if self.running && !self.live && !self.d.runtime(&self.spec).await.running {
-            let _ = Driver::Container(driver.clone())
-                .start(&self.spec, &ctx)
-                .await;
+            let _ = driver.start(&self.spec, &ctx).await;
         }
-        let _ = std::fs::remove_dir_all(self.spec.paths.volume.join("migration.tmp"));
+        let _ = std::fs::remove_dir_all(Self::images_dir(&self.spec));
+    }
+}
+
+/// Which path a plan takes, for the operation's metadata.
+pub fn path_of(plan: &Plan) -> &'static str {
+    match &plan.state {
+        StatePlan::None => "stateless: stop, transfer, start",
+        StatePlan::StatefulStopFile => "stateful stop: state file transferred, stateful start",
+        StatePlan::CriuPageServer {
+            lazy_pages: true, ..
+        } => "live (post-copy: CRIU lazy pages)",
+        StatePlan::CriuPageServer { .. } => "live (CRIU page server)",
+        StatePlan::VmQemuLive { .. } => "live (QEMU to QEMU)",
     }
 }

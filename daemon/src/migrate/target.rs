@@ -5,21 +5,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry_db::Command;
-use ferry_drivers::container::ContainerDriver;
 use ferry_drivers::storage::{read_archive, ExtractOptions};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx};
 use ferry_migration::{
     target_handshake, ByteChannel, Capabilities, Compression, FsTransfer, Message, MessageChannel,
-    Plan, QemuFeature, StatePlan, StateTransfer, TargetState,
+    QemuFeature, StateTransfer, TargetState,
 };
 use tokio_util::io::SyncIoBridge;
 
-use super::source::local_end;
-use super::ws::{self, WsControl, WsPipe};
+use super::ws::WsControl;
 use super::SinkRequest;
 use crate::core::{ActionError, Daemon};
 
-type ReadBridge = SyncIoBridge<tokio::io::ReadHalf<ByteChannel<tokio::io::DuplexStream>>>;
+pub(super) type ReadBridge =
+    SyncIoBridge<tokio::io::ReadHalf<ByteChannel<tokio::io::DuplexStream>>>;
 
 pub(super) async fn recv_archive(
     bridge: ReadBridge,
@@ -50,7 +49,15 @@ impl Daemon {
     pub async fn migration_sink(self: &Arc<Self>, req: SinkRequest) -> Result<(), ActionError> {
         let cluster = self.require_cluster()?;
         let spec = self.spec_for(&req.record)?;
-        if spec.paths.volume.exists() {
+        let shared = req.record.storage_pool == crate::settings::SHARED_POOL;
+        if shared && self.settings.shared_pool.is_none() {
+            return Err(ActionError::BadRequest(format!(
+                "instance \"{}\" is on the shared pool, which is not configured on member \"{}\" \
+                 (start its ferryd with --shared-pool PATH)",
+                req.record.name, self.member
+            )));
+        }
+        if !shared && spec.paths.volume.exists() {
             return Err(ActionError::Conflict(format!(
                 "member \"{}\" already holds files of instance \"{}\" ({}): remove them first",
                 self.member,
@@ -75,7 +82,12 @@ impl Daemon {
                 {
                     let _ = driver.stop(&spec, true, &OpCtx::detached()).await;
                 }
-                let _ = driver.delete(&spec).await;
+                if shared {
+                    // The volume is the source's: only our own files go.
+                    super::remove_member_files(&spec);
+                } else {
+                    let _ = driver.delete(&spec).await;
+                }
             }
         });
         Ok(())
@@ -104,25 +116,54 @@ impl Daemon {
         let mut ctl = WsControl(dial(&req.secrets.control).await?);
         let state_pipe = dial(&req.secrets.state).await?;
         let fs_pipe = dial(&req.secrets.fs).await?;
-        let caps = Capabilities {
-            fs: vec![FsTransfer::Archive {
+        let mut fs = vec![
+            FsTransfer::Archive {
                 compression: vec![Compression::Zstd, Compression::None],
-            }],
-            state: vec![
-                StateTransfer::CriuPageServer,
-                StateTransfer::VmQemuLive {
-                    features: vec![QemuFeature::AutoConverge, QemuFeature::Postcopy],
-                },
-                StateTransfer::None,
-            ],
-            state_compression: vec![Compression::None],
-            free_bytes: None,
+            },
+            FsTransfer::BlockMirror {
+                compression: vec![Compression::None],
+            },
+        ];
+        if let Some(pool_id) = self.settings.shared_pool_id() {
+            fs.push(FsTransfer::Shared { pool_id });
+        }
+        // The pool the volume lands on (a small or full pool refuses here).
+        let pools = match (&self.settings.shared_pool, req.record.storage_pool.as_str()) {
+            (Some(p), crate::settings::SHARED_POOL) => p.clone(),
+            _ => self
+                .dir
+                .join("storage-pools")
+                .join(&req.record.storage_pool),
         };
-        let st = target_handshake(&mut ctl, &local_end(), caps)
+        let mut state = vec![];
+        if ferry_drivers::container::ContainerDriver::lazy_pages_support()
+            .await
+            .is_ok()
+        {
+            state.push(StateTransfer::CriuLazyPages);
+        }
+        let caps = Capabilities {
+            fs,
+            state: [
+                state,
+                vec![
+                    StateTransfer::CriuPageServer,
+                    StateTransfer::VmQemuLive {
+                        features: vec![QemuFeature::AutoConverge, QemuFeature::Postcopy],
+                    },
+                    StateTransfer::StatefulStopFile,
+                    StateTransfer::None,
+                ],
+            ]
+            .concat(),
+            state_compression: vec![Compression::None],
+            free_bytes: super::progress::free_bytes(&pools),
+        };
+        let st = target_handshake(&mut ctl, &self.local_end(), caps)
             .await
             .map_err(|e| e.to_string())?;
         let plan = st.plan().cloned().ok_or("no plan after the handshake")?;
-        tracing::info!(instance = %req.record.name, source = %req.source_member, plan = ?plan, "receiving a moved instance");
+        tracing::info!(instance = %req.record.name, source = %req.source_member, plan = %plan, "receiving a moved instance");
         let res = if spec.kind == ferry_drivers::InstanceType::VirtualMachine {
             self.receive_vm(
                 &mut ctl,
@@ -132,11 +173,12 @@ impl Daemon {
                 state_pipe,
                 fs_pipe,
                 req.launch.clone(),
+                req.disk_size,
                 req.start_after,
             )
             .await
         } else {
-            self.receive(
+            self.receive_container(
                 &mut ctl,
                 st,
                 &plan,
@@ -153,98 +195,27 @@ impl Daemon {
         res
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn receive(
+    /// The instance runs here: tell the source, record the target's
+    /// volatile keys (the ones that count from now on), finish.
+    pub(super) async fn report_resumed(
         &self,
         ctl: &mut WsControl,
         st: TargetState,
-        plan: &Plan,
         spec: &InstanceSpec,
-        state_pipe: WsPipe,
-        fs_pipe: WsPipe,
-        start_after: bool,
+        vol: ferry_drivers::VolatileChanges,
     ) -> Result<(), String> {
-        let driver = ContainerDriver::default();
-        let ctx = OpCtx::detached();
-        std::fs::create_dir_all(&spec.paths.volume).map_err(|e| e.to_string())?;
-        // Marks a partial receive: removed on success; a ferryd that died
-        // mid-receive deletes such volumes when it starts again.
-        std::fs::write(receiving_marker(spec), b"").map_err(|e| e.to_string())?;
-        let images = spec.paths.volume.join("migration.tmp");
-        std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
-        // Memory pages: a CRIU page server fed by the state channel.
-        let page_server = if matches!(plan.state, StatePlan::CriuPageServer { .. }) {
-            let (criu_end, ours) =
-                std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
-            ours.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
-            let ps = driver
-                .page_server_on_socket(&images, std::os::fd::OwnedFd::from(criu_end), &ctx)
-                .await
-                .map_err(|e| e.to_string())?;
-            let state_stream = ws::into_stream(state_pipe);
-            let relay = tokio::spawn(async move {
-                ferry_migration::relay(state_stream, ours)
-                    .await
-                    .map_err(|e| e.to_string())
-            });
-            Some((ps, relay))
-        } else {
-            None
-        };
-        let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
-            .map_err(|e| e.to_string())?;
-        let (r, _w) = tokio::io::split(fs);
-        let rootfs = spec.paths.volume.join("rootfs");
-        let bridge = recv_archive(SyncIoBridge::new(r), rootfs.clone(), false).await?;
-        if page_server.is_some() {
-            let bridge = recv_archive(bridge, rootfs.clone(), true).await?;
-            let meta = spec.paths.volume.join("migration-meta.tmp");
-            let _ = std::fs::remove_dir_all(&meta);
-            let _bridge = recv_archive(bridge, meta.clone(), false).await?;
-            merge_dir(&meta, &images).map_err(|e| format!("checkpoint images: {e}"))?;
-        }
-        // Control: FsDone (and StateReady for a stateful plan) move us to Restore.
-        let mut st = st;
-        while !matches!(st, TargetState::Restore { .. }) {
-            let msg = ctl
-                .recv()
-                .await
-                .map_err(|e| format!("control channel: {e}"))?;
-            let fail = if let Message::Failure { message } = &msg {
-                Some(message.clone())
-            } else {
-                None
-            };
-            st = st.on_message(msg).map_err(|e| e.to_string())?;
-            if let Some(m) = fail {
-                return Err(format!("the source failed: {m}"));
-            }
-            if st.is_terminal() {
-                return Err(format!("the source ended the move ({})", st.name()));
-            }
-        }
-        let vol = if let Some((ps, relay)) = page_server {
-            let _ = relay.await;
-            ps.wait().await.map_err(|e| format!("page server: {e}"))?;
-            driver
-                .migrate_restore(spec, &images, &ctx)
-                .await
-                .map_err(|e| format!("restore failed: {e}"))?
-        } else if start_after {
-            Driver::Container(driver.clone())
-                .start(spec, &ctx)
-                .await
-                .map_err(|e| format!("start failed: {e}"))?
-        } else {
-            Default::default()
-        };
-        let _ = std::fs::remove_dir_all(&images);
-        st = st.resumed().map_err(|e| e.to_string())?;
-        ctl.send(&Message::Resumed {})
-            .await
-            .map_err(|e| e.to_string())?;
-        // The target's volatile keys are the ones that count from now on.
+        let st = send_resumed(ctl, st).await?;
+        self.report_success(ctl, st, spec, vol).await
+    }
+
+    /// Record the volatile keys and send Success (after Resumed).
+    pub(super) async fn report_success(
+        &self,
+        ctl: &mut WsControl,
+        st: TargetState,
+        spec: &InstanceSpec,
+        vol: ferry_drivers::VolatileChanges,
+    ) -> Result<(), String> {
         if !vol.is_empty() {
             if let Err(e) = self
                 .submit(Command::UpdateVolatile {
@@ -263,6 +234,45 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         Ok(())
     }
+}
+
+/// The instance runs here: tell the source (the point of no return).
+pub(super) async fn send_resumed(
+    ctl: &mut WsControl,
+    st: TargetState,
+) -> Result<TargetState, String> {
+    let st = st.resumed().map_err(|e| e.to_string())?;
+    ctl.send(&Message::Resumed {})
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(st)
+}
+
+/// Control: FsDone (and StateReady for a stateful plan) move us to Restore.
+pub(super) async fn await_restore(
+    ctl: &mut WsControl,
+    st: TargetState,
+) -> Result<TargetState, String> {
+    let mut st = st;
+    while !matches!(st, TargetState::Restore { .. }) {
+        let msg = ctl
+            .recv()
+            .await
+            .map_err(|e| format!("control channel: {e}"))?;
+        let fail = if let Message::Failure { message } = &msg {
+            Some(message.clone())
+        } else {
+            None
+        };
+        st = st.on_message(msg).map_err(|e| e.to_string())?;
+        if let Some(m) = fail {
+            return Err(format!("the source failed: {m}"));
+        }
+        if st.is_terminal() {
+            return Err(format!("the source ended the move ({})", st.name()));
+        }
+    }
+    Ok(st)
 }
 
 pub fn receiving_marker(spec: &InstanceSpec) -> PathBuf {
@@ -286,16 +296,4 @@ impl Daemon {
             }
         }
     }
-}
-
-/// Move every file of `from` into `to` (keeping what `to` already has), then remove `from`.
-fn merge_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let dest = to.join(e.file_name());
-        if !dest.exists() {
-            std::fs::rename(e.path(), dest)?;
-        }
-    }
-    std::fs::remove_dir_all(from)
 }

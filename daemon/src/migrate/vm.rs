@@ -7,15 +7,15 @@ use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams};
+use ferry_drivers::vm::mirror::MirrorParams;
 use ferry_drivers::vm::VmDriver;
-use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx};
-use ferry_migration::{
-    ByteChannel, Message, MessageChannel, Plan, SourceState, StatePlan, TargetState,
-};
+use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave};
+use ferry_migration::{ByteChannel, FsPlan, Plan, SourceState, StatePlan, TargetState};
 use serde_json::json;
 use tokio_util::io::SyncIoBridge;
 
-use super::source::{send_archive, MoveRun};
+use super::progress::Phase;
+use super::source::{close_bridge, send_archive, MoveRun};
 use super::ws::{self, WsControl, WsPipe};
 use crate::core::Daemon;
 
@@ -40,6 +40,22 @@ fn socketpair() -> Result<(OwnedFd, tokio::net::UnixStream), String> {
     Ok((OwnedFd::from(qemu_end), ours))
 }
 
+fn is_shared(plan: &Plan) -> bool {
+    matches!(plan.fs, FsPlan::Shared { .. })
+}
+
+/// A block mirror needs a live QEMU on both sides.
+fn is_mirror(plan: &Plan) -> Result<bool, String> {
+    let mirror = matches!(plan.fs, FsPlan::BlockMirror { .. });
+    if mirror && !matches!(plan.state, StatePlan::VmQemuLive { .. }) {
+        return Err(format!(
+            "the agreed plan copies the disk by block mirror without a live migration ({plan}); \
+             move the VM with --stateless or upgrade the target"
+        ));
+    }
+    Ok(mirror)
+}
+
 impl MoveRun {
     pub(super) async fn transfer_vm(
         &mut self,
@@ -50,45 +66,72 @@ impl MoveRun {
         fs_pipe: WsPipe,
     ) -> Result<(), String> {
         let vm = VmDriver::default();
+        let ctx = OpCtx::detached();
+        let shared = is_shared(plan);
+        let mirror = is_mirror(plan)?;
         let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
             .map_err(|e| e.to_string())?;
         let counters = fs.counters();
-        let (_r, w) = tokio::io::split(fs);
-        if self.running && !self.live {
-            self.stage("stopping the VM (stateless move)");
+        if self.running && !plan.is_stateful() {
+            self.phase(Phase::Preparing, "stopping the VM (stateless move)");
             Driver::Vm(vm.clone())
-                .stop(&self.spec, false, &OpCtx::detached())
+                .stop(&self.spec, false, &ctx)
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        if plan.state == StatePlan::StatefulStopFile {
+            // The previous protocol's path: RAM into a state file on the
+            // volume, which then travels with the disk.
+            self.check_cancel()?;
+            self.op.set_cancellable(false);
+            self.phase(
+                Phase::Memory,
+                "stateful stop on the source (RAM into a state file)",
+            );
+            self.frozen = Some(Instant::now());
+            Driver::Vm(vm.clone())
+                .save_state(&self.spec, &ctx)
+                .await
+                .map_err(|e| format!("stateful stop failed: {e}"))?;
+            self.saved_state = true;
+        }
         self.check_cancel()?;
-        self.stage("copying the VM's disk");
-        let (mut bridge, _) = send_archive(
-            SyncIoBridge::new(w),
-            self.spec.paths.volume.clone(),
-            None,
-            false,
-            self.op.cancel_token(),
-            Some(self.op.clone()),
-        )
-        .await?;
-        tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            bridge.flush()?;
-            bridge.shutdown()
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("closing the fs stream: {e}"))?;
-        let mut st = st;
+        let mut fs = Some(fs);
+        if !shared && !mirror {
+            self.phase(Phase::Filesystem, "copying the VM's volume");
+            let (_r, w) = tokio::io::split(fs.take().ok_or("no fs channel")?);
+            let (b, _) = send_archive(
+                SyncIoBridge::new(w),
+                self.spec.paths.volume.clone(),
+                None,
+                false,
+                self.op.cancel_token(),
+                Some((self.op.clone(), Some(plan.volume_size))),
+            )
+            .await?;
+            close_bridge(b).await?;
+        }
+        if mirror {
+            self.mirror_disk(plan, fs.take().ok_or("no fs channel")?)
+                .await?;
+        }
         if matches!(plan.state, StatePlan::VmQemuLive { .. }) {
-            self.stage("migrating memory (QEMU pre-copy)");
+            self.phase(Phase::Memory, "migrating memory (QEMU pre-copy)");
             let (qemu_fd, ours) = socketpair()?;
             let state_stream = ws::into_stream(state_pipe);
+            let nbd = self.nbd_relay.clone();
             let relay = tokio::spawn(async move {
-                ferry_migration::relay(ours, state_stream)
+                let r = ferry_migration::relay(ours, state_stream)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                if r.is_err() {
+                    // The link is gone: end the disk mirror's NBD relay too,
+                    // or QEMU would wait on it (its monitor blocked).
+                    if let Some(h) = nbd {
+                        h.abort();
+                    }
+                }
+                r
             });
             let op = self.op.clone();
             let ctx = OpCtx::new(|_, _| {}, self.op.cancel_token());
@@ -96,9 +139,15 @@ impl MoveRun {
             let stats = vm
                 .migrate_outgoing(
                     &self.spec,
-                    &params(plan),
+                    &MigrateParams {
+                        block_mirror: mirror,
+                        ..params(plan)
+                    },
                     qemu_fd,
-                    move |p| op.set_meta("state_progress", json!(p.summary())),
+                    move |p| {
+                        op.set_meta("state_progress", json!(p.summary()));
+                        super::progress::publish(&op, &memory_figures(&p, started));
+                    },
                     &ctx,
                 )
                 .await
@@ -111,41 +160,101 @@ impl MoveRun {
                         stats.total_time_ms.saturating_sub(stats.downtime_ms),
                     ),
             );
-            self.op.set_meta("qemu_params", json!(params(plan)));
+            self.op.set_meta(
+                "qemu_params",
+                json!(MigrateParams {
+                    block_mirror: mirror,
+                    ..params(plan)
+                }),
+            );
             self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent}));
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), relay).await;
         }
-        ctl.send(&Message::FsDone {
-            bytes: counters.sent.get(),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        st = st.fs_sent().map_err(|e| e.to_string())?;
-        if plan.is_stateful() {
-            ctl.send(&Message::StateReady {})
-                .await
-                .map_err(|e| e.to_string())?;
-            st = st.state_sent().map_err(|e| e.to_string())?;
-        }
-        self.await_target(ctl, st).await?;
-        self.commit_location().await?;
-        self.stage("cleaning up the source");
-        if self.live {
+        self.finish_handover(ctl, st, plan, counters.sent.get())
+            .await?;
+        self.phase(Phase::Completing, "cleaning up the source");
+        if plan.is_live() {
             if let Err(e) = vm.migrate_finish_source(&self.spec).await {
                 tracing::warn!(error = %e, "source QEMU cleanup after move");
             }
         }
-        if let Err(e) = Driver::Vm(vm).delete(&self.spec).await {
-            tracing::warn!(error = %e, "deleting the source volume after move");
-        }
+        self.remove_source_files().await;
         self.d
             .events
             .send_lifecycle("instance-migrated", &self.rec.name);
         Ok(())
     }
 
+    /// Block mirror: the source QEMU copies the disk to the target QEMU's
+    /// NBD export while the guest runs; ferry relays the NBD connection
+    /// (a unix socket here ⇄ fs channel ⇄ the export's socket there).
+    async fn mirror_disk(
+        &mut self,
+        plan: &Plan,
+        fs: ByteChannel<tokio::io::DuplexStream>,
+    ) -> Result<(), String> {
+        let sock = self.spec.paths.run.join("nbd-mirror.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| e.to_string())?;
+        let task = tokio::spawn(async move {
+            match listener.accept().await {
+                Ok((conn, _)) => {
+                    if let Err(e) = ferry_migration::relay(conn, fs).await {
+                        tracing::debug!(error = %e, "NBD relay ended");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "NBD relay: accept"),
+            }
+        });
+        self.nbd_relay = Some(task.abort_handle());
+        self.phase(
+            Phase::Filesystem,
+            "copying the disk while the VM runs (block mirror)",
+        );
+        let op = self.op.clone();
+        let started = Instant::now();
+        let ctx = OpCtx::new(|_, _| {}, self.op.cancel_token());
+        let res = VmDriver::default()
+            .mirror(
+                &self.spec,
+                &sock,
+                &MirrorParams {
+                    max_bandwidth: plan.options.bandwidth,
+                },
+                move |p| {
+                    let mut f = super::progress::Figures::measure(
+                        Phase::Filesystem,
+                        p.done,
+                        Some(p.total),
+                        started.elapsed(),
+                    );
+                    if p.rate > 0 {
+                        f.rate_bytes_per_s = p.rate;
+                    }
+                    op.set_meta("disk_progress", json!(p.summary()));
+                    super::progress::publish(&op, &f);
+                },
+                &ctx,
+            )
+            .await;
+        let _ = std::fs::remove_file(&sock);
+        res.map_err(|e| format!("disk mirror: {e}"))?;
+        self.op.set_meta(
+            "disk_mirror_ms",
+            json!(started.elapsed().as_millis() as u64),
+        );
+        Ok(())
+    }
+
     pub(super) async fn recover_vm(&mut self) {
         let vm = VmDriver::default();
+        if let Some(h) = self.nbd_relay.take() {
+            h.abort();
+        }
+        // A mirror job or NBD node left by a failure before the migration.
+        if let Err(e) = vm.mirror_cancel(&self.spec).await {
+            tracing::warn!(error = %e, "removing the disk mirror after a failed move");
+        }
         if self.vm_migrated {
             if let Err(e) = vm.migrate_resume_source(&self.spec).await {
                 tracing::error!(instance = %self.rec.name, error = %e, "could not resume the VM on the source after a failed move");
@@ -156,8 +265,27 @@ impl MoveRun {
     }
 }
 
+/// QEMU's progress as move figures (RAM transferred of transferred + remaining).
+fn memory_figures(
+    p: &ferry_drivers::vm::migrate::MigrationProgress,
+    started: Instant,
+) -> super::progress::Figures {
+    let mut f = super::progress::Figures::measure(
+        Phase::Memory,
+        p.transferred,
+        Some(p.transferred + p.remaining),
+        started.elapsed(),
+    );
+    if p.rate > 0 {
+        f.rate_bytes_per_s = p.rate;
+    }
+    f.eta_s = p.eta.map(|e| e.as_secs());
+    f
+}
+
 impl Daemon {
     /// Target side of a VM move (after the handshake).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn receive_vm(
         &self,
         ctl: &mut WsControl,
@@ -167,66 +295,80 @@ impl Daemon {
         state_pipe: WsPipe,
         fs_pipe: WsPipe,
         launch: Option<serde_json::Value>,
+        disk_size: Option<u64>,
         start_after: bool,
     ) -> Result<(), String> {
         let vm = VmDriver::default();
         let ctx = OpCtx::detached();
+        let mirror = is_mirror(plan)?;
         let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
             .map_err(|e| e.to_string())?;
-        let (r, _w) = tokio::io::split(fs);
-        super::target::recv_archive(SyncIoBridge::new(r), spec.paths.volume.clone(), false).await?;
-        std::fs::write(super::target::receiving_marker(spec), b"").map_err(|e| e.to_string())?;
+        let mut fs = Some(fs);
+        if mirror {
+            std::fs::create_dir_all(&spec.paths.volume).map_err(|e| e.to_string())?;
+            std::fs::write(super::target::receiving_marker(spec), b"")
+                .map_err(|e| e.to_string())?;
+            vm.prepare_mirror_target(spec, disk_size.ok_or("the source sent no disk size")?)
+                .map_err(|e| e.to_string())?;
+        } else if !is_shared(plan) {
+            let (r, _w) = tokio::io::split(fs.take().ok_or("no fs channel")?);
+            super::target::recv_archive(SyncIoBridge::new(r), spec.paths.volume.clone(), false)
+                .await?;
+            std::fs::write(super::target::receiving_marker(spec), b"")
+                .map_err(|e| e.to_string())?;
+        }
         let incoming = if matches!(plan.state, StatePlan::VmQemuLive { .. }) {
             let launch: LaunchConfig =
                 serde_json::from_value(launch.ok_or("the source sent no launch configuration")?)
                     .map_err(|e| e.to_string())?;
             let (qemu_fd, ours) = socketpair()?;
-            let incoming = vm
+            let mut incoming = vm
                 .migrate_incoming(spec, &launch, &params(plan), qemu_fd, &ctx)
                 .await
                 .map_err(|e| e.to_string())?;
+            if mirror {
+                // The source's mirror writes the disk through this export.
+                let sock = spec.paths.run.join("nbd-export.sock");
+                incoming
+                    .start_nbd_export(&sock)
+                    .await
+                    .map_err(|e| format!("NBD export: {e}"))?;
+                let conn = tokio::net::UnixStream::connect(&sock)
+                    .await
+                    .map_err(|e| format!("NBD export: {e}"))?;
+                let fs = fs.take().ok_or("no fs channel")?;
+                tokio::spawn(async move {
+                    if let Err(e) = ferry_migration::relay(fs, conn).await {
+                        tracing::debug!(error = %e, "NBD relay ended");
+                    }
+                });
+            }
             let state_stream = ws::into_stream(state_pipe);
             tokio::spawn(async move { ferry_migration::relay(state_stream, ours).await });
             Some(incoming)
         } else {
             None
         };
-        let mut st = st;
-        while !matches!(st, TargetState::Restore { .. }) {
-            let msg = ctl
-                .recv()
-                .await
-                .map_err(|e| format!("control channel: {e}"))?;
-            let fail = if let Message::Failure { message } = &msg {
-                Some(message.clone())
-            } else {
-                None
-            };
-            st = st.on_message(msg).map_err(|e| e.to_string())?;
-            if let Some(m) = fail {
-                return Err(format!("the source failed: {m}"));
-            }
-        }
-        if let Some(incoming) = incoming {
+        let st = super::target::await_restore(ctl, st).await?;
+        let vol = if let Some(incoming) = incoming {
             incoming
                 .wait(&ctx)
                 .await
                 .map_err(|e| format!("incoming migration: {e}"))?;
+            Default::default()
+        } else if plan.state == StatePlan::StatefulStopFile {
+            Driver::Vm(vm)
+                .restore_state(spec, &ctx)
+                .await
+                .map_err(|e| format!("stateful start failed: {e}"))?
         } else if start_after {
             Driver::Vm(vm)
                 .start(spec, &ctx)
                 .await
-                .map_err(|e| format!("start failed: {e}"))?;
-        }
-        let _ = std::fs::remove_file(super::target::receiving_marker(spec));
-        st = st.resumed().map_err(|e| e.to_string())?;
-        ctl.send(&Message::Resumed {})
-            .await
-            .map_err(|e| e.to_string())?;
-        let _st = st.succeed().map_err(|e| e.to_string())?;
-        ctl.send(&Message::Success {})
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
+                .map_err(|e| format!("start failed: {e}"))?
+        } else {
+            Default::default()
+        };
+        self.report_resumed(ctl, st, spec, vol).await
     }
 }

@@ -11,9 +11,29 @@ use ferry_migration::{
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
+use tokio::time::{timeout, Duration, Instant};
 use tokio_tungstenite::tungstenite::Message as TMsg;
 
 const QUEUE: usize = 64;
+/// Both ends ping every few seconds; a link that delivers nothing (not even
+/// a pong) for `DEAD_AFTER`, or takes longer than `SEND_TIMEOUT` to accept
+/// one frame, is dead: the channel closes and the move fails instead of
+/// waiting for TCP's own timeouts (many minutes on a silent partition).
+const PING_EVERY: Duration = Duration::from_secs(3);
+const DEAD_AFTER: Duration = Duration::from_secs(15);
+const SEND_TIMEOUT: Duration = Duration::from_secs(15);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn link_dead(last_rx: Instant) -> bool {
+    let dead = last_rx.elapsed() > DEAD_AFTER;
+    if dead {
+        tracing::warn!(
+            "migration channel: nothing received for {:?}: the link is dead",
+            DEAD_AFTER
+        );
+    }
+    dead
+}
 const CHUNK: usize = 256 * 1024;
 
 /// Frames in and out of one websocket; an empty frame = end of that direction.
@@ -28,24 +48,33 @@ pub fn from_axum(mut ws: WebSocket) -> WsPipe {
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     tokio::spawn(async move {
         let (mut reading, mut writing) = (true, true);
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut last_rx = Instant::now();
         while reading || writing {
             tokio::select! {
-                m = ws.recv(), if reading => match m {
-                    Some(Ok(AxMsg::Binary(b))) => { if in_tx.send(b.to_vec()).await.is_err() { reading = false } }
-                    Some(Ok(AxMsg::Close(_))) | None | Some(Err(_)) => reading = false,
-                    _ => {}
+                m = ws.recv(), if reading => {
+                    last_rx = Instant::now();
+                    match m {
+                        Some(Ok(AxMsg::Binary(b))) => { if in_tx.send(b.to_vec()).await.is_err() { reading = false } }
+                        Some(Ok(AxMsg::Close(_))) | None | Some(Err(_)) => reading = false,
+                        _ => {}
+                    }
                 },
                 f = out_rx.recv(), if writing => match f {
                     Some(b) => {
                         let end = b.is_empty();
-                        if ws.send(AxMsg::Binary(b.into())).await.is_err() { break }
+                        if !matches!(timeout(SEND_TIMEOUT, ws.send(AxMsg::Binary(b.into()))).await, Ok(Ok(()))) { break }
                         if end { writing = false }
                     }
-                    None => { let _ = ws.send(AxMsg::Binary(Vec::new().into())).await; writing = false }
+                    None => { let _ = timeout(SEND_TIMEOUT, ws.send(AxMsg::Binary(Vec::new().into()))).await; writing = false }
                 },
+                _ = ping.tick() => {
+                    if link_dead(last_rx) { break }
+                    if !matches!(timeout(SEND_TIMEOUT, ws.send(AxMsg::Ping(Vec::new().into()))).await, Ok(Ok(()))) { break }
+                }
             }
         }
-        let _ = ws.send(AxMsg::Close(None)).await;
+        let _ = timeout(CLOSE_TIMEOUT, ws.send(AxMsg::Close(None))).await;
     });
     WsPipe {
         tx: out_tx,
@@ -53,7 +82,6 @@ pub fn from_axum(mut ws: WebSocket) -> WsPipe {
     }
 }
 
-/// Pump a tokio-tungstenite (client side) websocket.
 pub fn from_tungstenite<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> WsPipe
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -63,24 +91,33 @@ where
     tokio::spawn(async move {
         let (mut sink, mut stream) = ws.split();
         let (mut reading, mut writing) = (true, true);
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut last_rx = Instant::now();
         while reading || writing {
             tokio::select! {
-                m = stream.next(), if reading => match m {
-                    Some(Ok(TMsg::Binary(b))) => { if in_tx.send(b.to_vec()).await.is_err() { reading = false } }
-                    Some(Ok(TMsg::Close(_))) | None | Some(Err(_)) => reading = false,
-                    _ => {}
+                m = stream.next(), if reading => {
+                    last_rx = Instant::now();
+                    match m {
+                        Some(Ok(TMsg::Binary(b))) => { if in_tx.send(b.to_vec()).await.is_err() { reading = false } }
+                        Some(Ok(TMsg::Close(_))) | None | Some(Err(_)) => reading = false,
+                        _ => {}
+                    }
                 },
                 f = out_rx.recv(), if writing => match f {
                     Some(b) => {
                         let end = b.is_empty();
-                        if sink.send(TMsg::Binary(b.into())).await.is_err() { break }
+                        if !matches!(timeout(SEND_TIMEOUT, sink.send(TMsg::Binary(b.into()))).await, Ok(Ok(()))) { break }
                         if end { writing = false }
                     }
-                    None => { let _ = sink.send(TMsg::Binary(Vec::new().into())).await; writing = false }
+                    None => { let _ = timeout(SEND_TIMEOUT, sink.send(TMsg::Binary(Vec::new().into()))).await; writing = false }
                 },
+                _ = ping.tick() => {
+                    if link_dead(last_rx) { break }
+                    if !matches!(timeout(SEND_TIMEOUT, sink.send(TMsg::Ping(Vec::new().into()))).await, Ok(Ok(()))) { break }
+                }
             }
         }
-        let _ = sink.send(TMsg::Close(None)).await;
+        let _ = timeout(CLOSE_TIMEOUT, sink.send(TMsg::Close(None))).await;
     });
     WsPipe {
         tx: out_tx,
@@ -88,7 +125,6 @@ where
     }
 }
 
-/// The control channel: one JSON message per binary frame.
 pub struct WsControl(pub WsPipe);
 
 impl MessageChannel for WsControl {

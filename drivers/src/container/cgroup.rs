@@ -17,8 +17,9 @@
 //! re-attaches the restored tree afterwards, so the result does not depend on
 //! CRIU's cgroup handling.
 //!
-//! `<key>` is a hash of the instance's volume path: several members of a test
-//! cluster may share one host (and its cgroup tree) while the same-named
+//! `<key>` is a hash of the instance's run dir on this member (not of its
+//! volume, which two members share on a `shared` pool): several members of
+//! a test cluster may share one host (and its cgroup tree) while the same-named
 //! instance runs on two of them during a move; each must only ever touch its
 //! own cgroup. A task restored from another member's dump lands (CRIU soft
 //! mode) in that member's cgroup path; re-attaching moves it into ours and
@@ -95,8 +96,8 @@ fn v2_has_memory(m: &Path) -> bool {
 }
 
 impl Cgroup {
-    /// The cgroup this host would use for container `name` whose volume is
-    /// at `key` (not created).
+    /// The cgroup this host would use for container `name` whose run dir on
+    /// this member is `key` (not created).
     pub fn for_instance(name: &str, key: &Path) -> Option<Cgroup> {
         let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
         let (kind, mount) = choose(&parse_cgroup_mounts(&mi), v2_has_memory)?;

@@ -87,6 +87,35 @@ pub async fn checked_criu() -> Result<PathBuf, DriverError> {
     }
 }
 
+/// `criu check --feature FEAT` (feature names as in `criu check --help`,
+/// e.g. `uffd-noncoop`, `mem_dirty_track`): Ok, or Err with CRIU's own
+/// explanation ("Dirty tracking is OFF...").
+pub async fn check_feature(bin: &Path, feature: &str) -> Result<(), String> {
+    let out = tokio::process::Command::new(bin)
+        .args(["check", "--feature", feature])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(Duration::from_secs(30), out).await {
+        Err(_) => return Err(format!("`criu check --feature {feature}` hung for 30s")),
+        Ok(Err(e)) => return Err(format!("run {}: {e}", bin.display())),
+        Ok(Ok(o)) => o,
+    };
+    if out.status.success() {
+        return Ok(());
+    }
+    let text = format!(
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Err(format!(
+        "`criu check --feature {feature}` failed ({}): {}",
+        out.status,
+        text.trim()
+    ))
+}
+
 /// `criu dump` of the whole tree rooted at `pid`; CRIU kills the tree when
 /// the dump succeeds and resumes it when the dump fails.
 pub fn dump_args(pid: u32, images: &Path, log: &Path) -> Vec<OsString> {
@@ -97,8 +126,17 @@ pub fn dump_args(pid: u32, images: &Path, log: &Path) -> Vec<OsString> {
 }
 
 /// `criu restore` detached (`-d`): the restored init is re-parented like a
-/// cold-started one. `root` is the rootfs, bind-mounted onto itself.
-pub fn restore_args(images: &Path, root: &Path, pidfile: &Path, log: &Path) -> Vec<OsString> {
+/// cold-started one. `root` is the rootfs mount point (the member's
+/// `run/rootfs`). With `lazy`, `--lazy-pages`: the tasks run before their
+/// memory is there and fault it in through the `criu lazy-pages` daemon
+/// listening in `images`.
+pub fn restore_args(
+    images: &Path,
+    root: &Path,
+    pidfile: &Path,
+    log: &Path,
+    lazy: bool,
+) -> Vec<OsString> {
     let mut v: Vec<OsString> = vec![
         "restore".into(),
         "--restore-detached".into(),
@@ -107,6 +145,9 @@ pub fn restore_args(images: &Path, root: &Path, pidfile: &Path, log: &Path) -> V
     ];
     v.push("--pidfile".into());
     v.push(pidfile.into());
+    if lazy {
+        v.push("--lazy-pages".into());
+    }
     v.extend(common_args(images, log));
     v
 }
@@ -161,6 +202,52 @@ pub fn migrate_dump_args(
 /// once it listens (or holds the socket).
 pub fn page_server_args(images: &Path, ep: PageEndpoint, log: &Path) -> Vec<OsString> {
     let mut v: Vec<OsString> = vec!["page-server".into(), "--images-dir".into(), images.into()];
+    v.extend(ep.args());
+    v.extend([
+        "--status-fd".into(),
+        "3".into(),
+        "--log-file".into(),
+        log.into(),
+        "-v4".into(),
+    ]);
+    v
+}
+
+/// The final dump of a post-copy move: `criu dump --lazy-pages
+/// --leave-stopped`. The metadata (and the few pages CRIU never serves
+/// lazily, e.g. stacks) go to `images`; then the dump process itself serves
+/// the remaining pages at `ep` (listening there for TCP, or on the already
+/// connected socket) until the target's `criu lazy-pages` closes the
+/// connection. With `--status-fd` CRIU writes one NUL byte to that fd when
+/// it starts serving, i.e. once every image is written and flushed. No
+/// `--page-server`: that would make the dump a page-server *client*.
+pub fn lazy_dump_args(
+    pid: u32,
+    images: &Path,
+    log: &Path,
+    ep: PageEndpoint,
+    status_fd: i32,
+) -> Vec<OsString> {
+    let mut v = dump_args(pid, images, log);
+    v.extend(["--leave-stopped".into(), "--lazy-pages".into()]);
+    v.extend(ep.args());
+    v.extend(["--status-fd".into(), status_fd.to_string().into()]);
+    v
+}
+
+/// `criu lazy-pages` on the target: reads the shipped metadata in
+/// `images`, listens on `images/lazy-pages.socket` for the restore's
+/// userfaultfds (NUL byte on `--status-fd 3` once it does), and fetches
+/// pages from the dump at `ep` (`--page-server`: connects to a TCP address
+/// or uses the connected socket) as the restored tasks fault, then the
+/// rest in the background; it exits when every page is in place.
+pub fn lazy_pages_args(images: &Path, ep: PageEndpoint, log: &Path) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec![
+        "lazy-pages".into(),
+        "--page-server".into(),
+        "--images-dir".into(),
+        images.into(),
+    ];
     v.extend(ep.args());
     v.extend([
         "--status-fd".into(),
@@ -455,6 +542,7 @@ mod tests {
             Path::new("/v/rootfs"),
             Path::new("/r/p"),
             Path::new("/l/r.log"),
+            false,
         );
         let r: Vec<_> = r.iter().map(|s| s.to_str().unwrap()).collect();
         assert_eq!(r[0], "restore");
@@ -492,6 +580,41 @@ mod tests {
         let d: Vec<_> = d.iter().map(|s| s.to_str().unwrap()).collect();
         assert!(d.windows(2).any(|w| w == ["--ps-socket", "4"]) && d.contains(&"--page-server"));
         assert!(!d.contains(&"--port"));
+    }
+
+    #[test]
+    fn lazy_args() {
+        let d = lazy_dump_args(7, Path::new("/i"), Path::new("/l"), PageEndpoint::Fd(3), 4);
+        let d: Vec<_> = d.iter().map(|s| s.to_str().unwrap()).collect();
+        assert!(d.contains(&"--lazy-pages") && d.contains(&"--leave-stopped"));
+        assert!(
+            !d.contains(&"--page-server"),
+            "a lazy dump serves, it is no client"
+        );
+        assert!(d.windows(2).any(|w| w == ["--ps-socket", "3"]));
+        assert!(d.windows(2).any(|w| w == ["--status-fd", "4"]));
+        let addr: std::net::SocketAddr = "127.0.0.1:40123".parse().unwrap();
+        let p = lazy_pages_args(Path::new("/i"), PageEndpoint::Tcp(addr), Path::new("/l"));
+        let p: Vec<_> = p.iter().map(|s| s.to_str().unwrap()).collect();
+        assert_eq!(&p[..2], ["lazy-pages", "--page-server"]);
+        assert!(p.windows(2).any(|w| w == ["--port", "40123"]));
+        assert!(p.windows(2).any(|w| w == ["--status-fd", "3"]));
+        let r = restore_args(
+            Path::new("/i"),
+            Path::new("/r"),
+            Path::new("/p"),
+            Path::new("/l"),
+            true,
+        );
+        assert!(r.iter().any(|a| a == "--lazy-pages"));
+        let r = restore_args(
+            Path::new("/i"),
+            Path::new("/r"),
+            Path::new("/p"),
+            Path::new("/l"),
+            false,
+        );
+        assert!(!r.iter().any(|a| a == "--lazy-pages"));
     }
 
     #[test]

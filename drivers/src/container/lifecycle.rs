@@ -20,11 +20,11 @@ impl Lifecycle for ContainerDriver {
     ) -> Result<VolatileChanges, DriverError> {
         config::validate(spec)?;
         let l = Layout::of(spec);
-        if l.rootfs.exists() {
+        if l.volume_rootfs.exists() {
             return Err(DriverError::WrongState(format!(
                 "container {} already has a root filesystem at {}",
                 spec.name,
-                l.rootfs.display()
+                l.volume_rootfs.display()
             )));
         }
         ctx.progress("stage", "preparing busybox image");
@@ -39,7 +39,7 @@ impl Lifecycle for ContainerDriver {
         ctx.progress("stage", "copying root filesystem");
         let (tmp, dst, name) = (
             spec.paths.volume.join("rootfs.tmp"),
-            l.rootfs.clone(),
+            l.volume_rootfs.clone(),
             spec.name.clone(),
         );
         let volume = spec.paths.volume.clone();
@@ -60,10 +60,10 @@ impl Lifecycle for ContainerDriver {
         })?;
         copy.map_err(DriverError::io(format!(
             "copy busybox rootfs into {}",
-            l.rootfs.display()
+            l.volume_rootfs.display()
         )))?;
         if ctx.is_cancelled() {
-            let _ = std::fs::remove_dir_all(&l.rootfs);
+            let _ = std::fs::remove_dir_all(&l.volume_rootfs);
             return Err(DriverError::Cancelled(
                 "create (the copied rootfs was removed)".into(),
             ));
@@ -84,7 +84,7 @@ impl Lifecycle for ContainerDriver {
                 spec.name, rec.pid
             )));
         }
-        if !l.rootfs.join("sbin/init").exists() {
+        if !l.volume_rootfs.join("sbin/init").exists() {
             return Err(DriverError::WrongState(format!(
                 "container {} has no root filesystem; create it first",
                 spec.name
@@ -186,8 +186,13 @@ impl ContainerDriver {
         cg: Option<&Cgroup>,
         ctx: &OpCtx,
     ) -> Result<InitRecord, DriverError> {
-        mounts::bind_self(&l.rootfs)
-            .map_err(|e| DriverError::io(format!("bind-mount {}", l.rootfs.display()))(e.into()))?;
+        mounts::bind(&l.volume_rootfs, &l.rootfs).map_err(|e| {
+            DriverError::io(format!(
+                "bind-mount {} at {}",
+                l.volume_rootfs.display(),
+                l.rootfs.display()
+            ))(e.into())
+        })?;
         ctx.check_cancelled("start (nothing was started)")?;
         ctx.progress("stage", "starting container init");
         let args = ForkstartArgs {
@@ -237,7 +242,7 @@ impl ContainerDriver {
             return Err(DriverError::WrongState(format!(
                 "container init {} exited right after start; check {}/sbin/init",
                 rec.pid,
-                l.rootfs.display()
+                l.volume_rootfs.display()
             )));
         }
         Ok(rec)

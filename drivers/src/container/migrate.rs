@@ -11,6 +11,9 @@
 //!    [`ContainerDriver::migrate_resume_source`] (it failed or was cancelled:
 //!    the same processes run on, same pid).
 //!
+//! Post-copy moves (the container runs on the target before its memory
+//! arrived) have their own primitives in [`super::lazy`].
+//!
 //! Target side: [`ContainerDriver::page_server`] before the dump,
 //! [`ContainerDriver::migrate_restore`] once the rootfs and every image are
 //! in place.
@@ -64,7 +67,7 @@ use crate::*;
 
 /// File in the run dir while the tree is left stopped by a move's dump;
 /// holds the name of the nftables table that locks its network.
-const DUMPED_MARKER: &str = "migrate-dumped";
+pub(super) const DUMPED_MARKER: &str = "migrate-dumped";
 /// Log of the page server, kept in its images directory (and moved to the
 /// instance's logs by [`ContainerDriver::migrate_restore`]).
 const PAGE_SERVER_LOG: &str = "page-server.log";
@@ -138,24 +141,8 @@ impl ContainerDriver {
         ctx: &OpCtx,
     ) -> Result<DumpInfo, DriverError> {
         let l = Layout::of(spec);
-        let rec = self.running_record(spec).ok_or_else(|| {
-            DriverError::WrongState(format!("container {} is not running", spec.name))
-        })?;
-        if spec.paths.run.join(DUMPED_MARKER).exists() {
-            return Err(DriverError::WrongState(format!(
-                "container {} is already stopped by a move's dump; resume or finish that move first",
-                spec.name
-            )));
-        }
+        let rec = self.check_dumpable(spec).await?;
         let bin = criu::checked_criu().await?;
-        let strays = procfs::outside_tree(rec.pid);
-        if !strays.is_empty() {
-            return Err(DriverError::WrongState(format!(
-                "container {} runs processes outside its init's tree (exec sessions, host pids {strays:?}); \
-                 CRIU would not save them: wait for them to end, or move the container statelessly",
-                spec.name
-            )));
-        }
         ctx.check_cancelled("move (nothing was dumped; the container is still running)")?;
         mkdirs(&[images_dir, &spec.paths.logs, &spec.paths.run])?;
         let stats_img = images_dir.join("stats-dump");
@@ -258,6 +245,14 @@ impl ContainerDriver {
                 spec.name
             ))
         })?;
+        if spec.paths.run.join(super::lazy::SERVED_MARKER).exists() {
+            return Err(DriverError::WrongState(format!(
+                "container {} was restored on the target of a post-copy move and its memory is \
+                 being served from here: it can no longer resume on this member; finish the move \
+                 (migrate_lazy_finish_source) and stop it on the target instead",
+                spec.name
+            )));
+        }
         ctx.progress("stage", "resuming container on the source");
         let marker = spec.paths.run.join(DUMPED_MARKER);
         let lock = std::fs::read_to_string(&marker)
@@ -291,9 +286,11 @@ impl ContainerDriver {
             self.terminate(&rec, true).await?;
         }
         self.cleanup_host(spec).await?;
-        let marker = spec.paths.run.join(DUMPED_MARKER);
-        remove_if_exists(&marker)
-            .map_err(DriverError::io(format!("remove {}", marker.display())))?;
+        for m in [DUMPED_MARKER, super::lazy::SERVED_MARKER] {
+            let marker = spec.paths.run.join(m);
+            remove_if_exists(&marker)
+                .map_err(DriverError::io(format!("remove {}", marker.display())))?;
+        }
         tracing::info!(container = %spec.name, "moved container removed from the source");
         Ok(())
     }
@@ -378,7 +375,7 @@ impl ContainerDriver {
 
     /// Target side: restore the container from `images_dir` (metadata and
     /// pages, whichever way they came) onto the received rootfs at
-    /// `spec.paths.volume/rootfs`, as a normal running container of this
+    /// `spec.paths.volume/rootfs` (bound at this member's `run/rootfs`), as a normal running container of this
     /// member (pidfile, cgroup). `images_dir` is removed on success and kept
     /// on failure (the caller removes it with the rest of the target's
     /// leftovers); on failure whatever was restored is killed and the host
@@ -389,27 +386,7 @@ impl ContainerDriver {
         images_dir: &Path,
         ctx: &OpCtx,
     ) -> Result<VolatileChanges, DriverError> {
-        let l = Layout::of(spec);
-        if let Some(rec) = self.running_record(spec) {
-            return Err(DriverError::WrongState(format!(
-                "container {} is already running on this member (pid {})",
-                spec.name, rec.pid
-            )));
-        }
-        if !images_dir.join("inventory.img").is_file() {
-            return Err(DriverError::WrongState(format!(
-                "no CRIU images in {} to restore container {} from",
-                images_dir.display(),
-                spec.name
-            )));
-        }
-        if !l.rootfs.is_dir() {
-            return Err(DriverError::WrongState(format!(
-                "container {} has no root filesystem at {}",
-                spec.name,
-                l.rootfs.display()
-            )));
-        }
+        let l = self.check_restorable(spec, images_dir)?;
         let bin = criu::checked_criu().await?;
         ctx.check_cancelled("restore on the target (nothing was restored)")?;
         ctx.progress("stage", "restoring container");
@@ -417,7 +394,7 @@ impl ContainerDriver {
         mkdirs(&[&spec.paths.run, &spec.paths.logs])?;
         let cg = self.setup_cgroup(spec)?;
         match self
-            .run_restore(spec, &l, images_dir, &bin, cg.as_ref(), ctx)
+            .run_restore(spec, images_dir, &bin, cg.as_ref(), ctx, false)
             .await
         {
             Ok(rec) => {
@@ -439,15 +416,72 @@ impl ContainerDriver {
         }
     }
 
+    /// The init of a container a move may dump now: running, not already
+    /// dumped, and no processes outside its tree (exec sessions).
+    pub(super) async fn check_dumpable(
+        &self,
+        spec: &InstanceSpec,
+    ) -> Result<InitRecord, DriverError> {
+        let rec = self.running_record(spec).ok_or_else(|| {
+            DriverError::WrongState(format!("container {} is not running", spec.name))
+        })?;
+        if spec.paths.run.join(DUMPED_MARKER).exists() {
+            return Err(DriverError::WrongState(format!(
+                "container {} is already stopped by a move's dump; resume or finish that move first",
+                spec.name
+            )));
+        }
+        let strays = procfs::outside_tree(rec.pid);
+        if !strays.is_empty() {
+            return Err(DriverError::WrongState(format!(
+                "container {} runs processes outside its init's tree (exec sessions, host pids {strays:?}); \
+                 CRIU would not save them: wait for them to end, or move the container statelessly",
+                spec.name
+            )));
+        }
+        Ok(rec)
+    }
+
+    /// Checks before a move's restore: not running here, images and
+    /// rootfs in place.
+    pub(super) fn check_restorable(
+        &self,
+        spec: &InstanceSpec,
+        images_dir: &Path,
+    ) -> Result<Layout, DriverError> {
+        let l = Layout::of(spec);
+        if let Some(rec) = self.running_record(spec) {
+            return Err(DriverError::WrongState(format!(
+                "container {} is already running on this member (pid {})",
+                spec.name, rec.pid
+            )));
+        }
+        if !images_dir.join("inventory.img").is_file() {
+            return Err(DriverError::WrongState(format!(
+                "no CRIU images in {} to restore container {} from",
+                images_dir.display(),
+                spec.name
+            )));
+        }
+        if !l.volume_rootfs.is_dir() {
+            return Err(DriverError::WrongState(format!(
+                "container {} has no root filesystem at {}",
+                spec.name,
+                l.volume_rootfs.display()
+            )));
+        }
+        Ok(l)
+    }
+
     /// Whether any task of the tree at `init` is stopped (`T`).
-    fn tree_stopped(&self, init: u32) -> bool {
+    pub(super) fn tree_stopped(&self, init: u32) -> bool {
         procfs::tree_pids(init)
             .into_iter()
             .any(|p| procfs::read_stat(p).is_some_and(|st| st.state == 'T'))
     }
 
     /// Whether every task of the tree at `init` is stopped (`T`).
-    fn tree_all_stopped(&self, init: u32) -> bool {
+    pub(super) fn tree_all_stopped(&self, init: u32) -> bool {
         procfs::tree_pids(init)
             .into_iter()
             .all(|p| procfs::read_stat(p).is_none_or(|st| matches!(st.state, 'T' | 'Z' | 'X')))
@@ -455,7 +489,11 @@ impl ContainerDriver {
 
     /// Unlock the network (CRIU's nftables table `lock`, or any `CRIU-*`
     /// table when the name is unknown) and SIGCONT every task of the tree.
-    async fn resume_tree(&self, rec: &InitRecord, lock: Option<&str>) -> Result<(), DriverError> {
+    pub(super) async fn resume_tree(
+        &self,
+        rec: &InitRecord,
+        lock: Option<&str>,
+    ) -> Result<(), DriverError> {
         let removed = remove_lock_tables(rec.pid, lock).await;
         let pids = procfs::tree_pids(rec.pid);
         for &p in &pids {
@@ -592,7 +630,7 @@ impl PageServer {
 
 /// A port on 127.0.0.1 nobody listens on right now (it may be taken before
 /// CRIU binds it: the caller retries).
-fn free_port() -> Result<SocketAddr, DriverError> {
+pub(super) fn free_port() -> Result<SocketAddr, DriverError> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .map_err(DriverError::io("find a free port for criu page-server"))?;
     l.local_addr()
@@ -609,6 +647,24 @@ async fn spawn_page_server(
     sock: Option<i32>,
     log: &Path,
 ) -> Result<Result<tokio::process::Child, String>, DriverError> {
+    let args = criu::page_server_args(images, ep, log);
+    let what = format!("page-server on {ep:?}");
+    spawn_ready(bin, &args, sock, log, Duration::from_secs(30), &what).await
+}
+
+/// Run `criu ARGS` with fd 3 as its `--status-fd` (and `sock`, if any, as
+/// fd 4) and wait up to `within` for the NUL byte CRIU writes when ready.
+/// Outer error: could not run at all, or not ready in time (criu was then
+/// killed: `DriverError::Timeout`); inner error: criu exited before getting
+/// ready (detail, with its stderr and log tail).
+pub(super) async fn spawn_ready(
+    bin: &Path,
+    args: &[std::ffi::OsString],
+    sock: Option<i32>,
+    log: &Path,
+    within: Duration,
+    what: &str,
+) -> Result<Result<tokio::process::Child, String>, DriverError> {
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| DriverError::io("pipe")(e.into()))?;
     let mut pairs = [(wr.as_raw_fd(), 3), (-1, -1)];
@@ -620,7 +676,7 @@ async fn spawn_page_server(
         None => 1,
     };
     let mut cmd = tokio::process::Command::new(bin);
-    cmd.args(criu::page_server_args(images, ep, log))
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -630,16 +686,12 @@ async fn spawn_page_server(
     unsafe {
         cmd.pre_exec(move || criu::place_fds(&pairs[..n]));
     }
-    let mut child = cmd.spawn().map_err(DriverError::io(format!(
-        "run {} page-server",
-        bin.display()
-    )))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(DriverError::io(format!("run {} {what}", bin.display())))?;
     drop(wr);
-    let ready = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || read_status(rd)),
-    )
-    .await;
+    let ready =
+        tokio::time::timeout(within, tokio::task::spawn_blocking(move || read_status(rd))).await;
     match ready {
         Ok(Ok(true)) => Ok(Ok(child)),
         Ok(Ok(false)) => {
@@ -651,19 +703,20 @@ async fn spawn_page_server(
             }
             let tail = criu::log_tail(log);
             Ok(Err(format!(
-                "exited ({}) before getting ready on {ep:?}: {}{tail}",
+                "criu {what} exited ({}) before getting ready: {}{tail}",
                 status.map(|s| s.to_string()).unwrap_or_default(),
                 stderr.trim()
             )))
         }
         Ok(Err(e)) => Err(DriverError::Io {
-            context: "page-server status task".into(),
+            context: format!("criu {what} status task"),
             source: std::io::Error::other(e),
         }),
         Err(_) => {
             let _ = child.kill().await;
             Err(DriverError::Timeout(format!(
-                "criu page-server was not ready on {ep:?} within 30s; see {}",
+                "criu {what} was not ready within {}s (killed); see {}",
+                within.as_secs(),
                 log.display()
             )))
         }
@@ -672,7 +725,7 @@ async fn spawn_page_server(
 
 /// Read CRIU's status fd: true once the NUL byte arrives, false on EOF
 /// (criu exited without getting ready).
-fn read_status(rd: OwnedFd) -> bool {
+pub(super) fn read_status(rd: OwnedFd) -> bool {
     use std::io::Read;
     let mut f = std::fs::File::from(rd);
     let mut b = [0u8; 1];
@@ -687,7 +740,7 @@ fn read_status(rd: OwnedFd) -> bool {
 }
 
 /// Total size of the regular files directly in `dir`.
-fn dir_bytes(dir: &Path) -> u64 {
+pub(super) fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok()?.metadata().ok())

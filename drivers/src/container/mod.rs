@@ -1,17 +1,23 @@
 //! Container driver: namespaces + pivot_root + cgroups, CRIU for state.
 //!
 //! Layout of one container:
-//! - `volume/rootfs/`: copy of the busybox template; bind-mounted onto
-//!   itself while the container runs (pivot_root and CRIU `--root` need a
-//!   mount point),
+//! - `volume/rootfs/`: copy of the busybox template (the container's files),
+//! - `run/rootfs/`: while the container runs on this member, a bind mount of
+//!   `volume/rootfs` (pivot_root and CRIU `--root` need a mount point). It
+//!   lives in the member's own run dir so that two members sharing one
+//!   volume (a `shared` pool, both sides of a move) never stack or unmount
+//!   each other's mounts; each member's clean-up unmounts only its own,
 //! - `volume/state/`: CRIU images of a stateful stop (`state.tmp/` while
 //!   dumping, renamed when complete),
 //! - `run/init.pid`: `PID STARTTIME` of the container init (host pid),
 //! - `logs/dump.log`, `logs/restore.log`: CRIU logs (`logs/page-server.log`
 //!   on the target of a move),
 //! - `run/migrate-dumped`: present while a move's dump left the tree stopped
-//!   (see [`migrate`]),
-//! - cgroup `<hierarchy>/ferry/<name>` (see [`cgroup`]).
+//!   (see [`migrate`]); `run/migrate-lazy-committed`: the target of a
+//!   post-copy move restored, this tree must never resume (see [`lazy`]),
+//! - `logs/lazy-pages.log`: CRIU's lazy-pages daemon on the target of a
+//!   post-copy move,
+//! - cgroup `<hierarchy>/ferry/<name>-<hash of the run dir>` (see [`cgroup`]).
 //!
 //! Processes: see [`forkstart`] for how an init is started, and [`procfs`] for
 //! why liveness is decided from `/proc` (who reaps the init).
@@ -21,6 +27,7 @@ mod config;
 mod criu;
 mod forkstart;
 mod image;
+mod lazy;
 mod lifecycle;
 mod migrate;
 mod mounts;
@@ -43,6 +50,7 @@ use procfs::InitRecord;
 
 pub use forkstart::forkstart_main;
 pub use image::IMAGE;
+pub use lazy::{LazyDump, LazyFrom, LazyPages, LazyServe, LazyServed, MigrationFeatures};
 pub use migrate::{DumpInfo, PageServer, PagesTo};
 
 /// Time limits of the driver's steps.
@@ -56,6 +64,12 @@ pub struct Timeouts {
     pub start: Duration,
     pub dump: Duration,
     pub restore: Duration,
+    /// `criu restore --lazy-pages` of a post-copy move (it hangs when the
+    /// page source is gone, so it is bounded separately and tighter).
+    pub lazy_restore: Duration,
+    /// How long the source's lazy dump may go on serving pages after the
+    /// target restored (then it is killed and the target's memory is lost).
+    pub lazy_serve: Duration,
 }
 
 impl Default for Timeouts {
@@ -66,6 +80,8 @@ impl Default for Timeouts {
             start: Duration::from_secs(30),
             dump: Duration::from_secs(300),
             restore: Duration::from_secs(120),
+            lazy_restore: Duration::from_secs(60),
+            lazy_serve: Duration::from_secs(600),
         }
     }
 }
@@ -86,7 +102,10 @@ impl Default for ContainerDriver {
 
 /// Where a container's files are.
 pub(crate) struct Layout {
+    /// The mount point the container's root is bound at while it runs here.
     pub rootfs: PathBuf,
+    /// The container's files on its volume (bound at `rootfs`).
+    pub volume_rootfs: PathBuf,
     pub pidfile: PathBuf,
     pub criu_pidfile: PathBuf,
     pub state: PathBuf,
@@ -99,7 +118,8 @@ impl Layout {
     pub fn of(spec: &InstanceSpec) -> Layout {
         let p = &spec.paths;
         Layout {
-            rootfs: p.volume.join("rootfs"),
+            rootfs: p.run.join("rootfs"),
+            volume_rootfs: p.volume.join("rootfs"),
             pidfile: p.run.join("init.pid"),
             criu_pidfile: p.run.join("criu-restore.pid"),
             state: p.state_dir(),
@@ -122,8 +142,7 @@ pub(crate) fn power(state: &str) -> VolatileChanges {
 /// the cgroup it runs in here (member-specific, like Incus's device keys).
 pub(crate) fn running(spec: &InstanceSpec) -> VolatileChanges {
     let mut v = power("RUNNING");
-    let cg =
-        Cgroup::for_instance(&spec.name, &spec.paths.volume).map(|c| c.dir.display().to_string());
+    let cg = Cgroup::for_instance(&spec.name, &spec.paths.run).map(|c| c.dir.display().to_string());
     v.insert("volatile.cgroup".to_string(), cg);
     v
 }
@@ -204,7 +223,7 @@ impl ContainerDriver {
     /// no usable hierarchy and no limit is asked for.
     pub(crate) fn setup_cgroup(&self, spec: &InstanceSpec) -> Result<Option<Cgroup>, DriverError> {
         let limit = config::memory_limit(&spec.config);
-        let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.volume) else {
+        let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.run) else {
             if limit.is_some() {
                 return Err(DriverError::Unsupported(
                     "apply limits.memory: no cgroup memory controller is mounted (unset limits.memory)".into(),
@@ -225,15 +244,21 @@ impl ContainerDriver {
         }
     }
 
-    /// Undo host-side setup: rootfs mount, cgroup, pidfiles. Idempotent.
+    /// Undo host-side setup: this member's rootfs mount, cgroup, pidfiles.
+    /// Idempotent. Never touches the volume.
     pub(crate) async fn cleanup_host(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
         let l = Layout::of(spec);
         if l.rootfs.exists() {
             mounts::unmount_all(&l.rootfs).map_err(|e| {
                 DriverError::io(format!("unmount {}", l.rootfs.display()))(e.into())
             })?;
+            // rmdir, not remove_dir_all: if anything is still mounted there
+            // the container's files must not be deleted through it.
+            if let Err(e) = std::fs::remove_dir(&l.rootfs) {
+                tracing::warn!("cannot remove mount point {}: {e}", l.rootfs.display());
+            }
         }
-        if let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.volume) {
+        if let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.run) {
             cg.remove().await.map_err(DriverError::io(format!(
                 "remove cgroup {}",
                 cg.dir.display()
@@ -290,7 +315,7 @@ impl ContainerDriver {
             .kill_on_drop(true);
         // Join the container's cgroup between fork and exec so the command
         // is limited and counted like the rest of the container.
-        let procs = Cgroup::for_instance(&spec.name, &spec.paths.volume)
+        let procs = Cgroup::for_instance(&spec.name, &spec.paths.run)
             .filter(Cgroup::exists)
             .and_then(|cg| {
                 std::fs::OpenOptions::new()

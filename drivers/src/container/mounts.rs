@@ -1,5 +1,6 @@
-//! Host-side mounts: the rootfs bind-mounted onto itself so that it is a
-//! mount point (pivot_root and CRIU's `--root` need one).
+//! Host-side mounts: the volume's rootfs bind-mounted at a mount point in
+//! the member's run dir (pivot_root and CRIU's `--root` need a mount point;
+//! a per-member one lets two members share a volume).
 
 use std::path::Path;
 
@@ -42,21 +43,24 @@ pub fn is_mount_point(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Bind-mount `path` onto itself (private), unless it already is a mount point.
-pub fn bind_self(path: &Path) -> nix::Result<()> {
-    if is_mount_point(path) {
+/// Bind-mount `src` at `dst` (created if missing; private), unless `dst`
+/// already is a mount point.
+pub fn bind(src: &Path, dst: &Path) -> nix::Result<()> {
+    if is_mount_point(dst) {
         return Ok(());
     }
+    std::fs::create_dir_all(dst)
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     mount(
-        Some(path),
-        path,
+        Some(src),
+        dst,
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )?;
     mount(
         None::<&str>,
-        path,
+        dst,
         None::<&str>,
         MsFlags::MS_PRIVATE | MsFlags::MS_REC,
         None::<&str>,

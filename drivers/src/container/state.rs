@@ -5,8 +5,8 @@
 //! state. CRIU kills the tree after a successful dump and resumes it after a
 //! failed one; the driver then checks which of the two happened.
 //!
-//! Restore: cgroup re-created (with its limit), rootfs bind-mounted onto
-//! itself, `criu restore --restore-detached --root <rootfs> --pidfile ...`
+//! Restore: cgroup re-created (with its limit), rootfs bind-mounted at the
+//! member's mount point (`run/rootfs`), `criu restore --restore-detached --root <rootfs> --pidfile ...`
 //! bounded by a timeout and the operation's cancellation; on any failure the
 //! restored pids are killed and the host set-up undone, the saved state kept.
 //! The restored tree is re-attached to the cgroup, and the state removed.
@@ -112,7 +112,7 @@ impl StateSave for ContainerDriver {
                 spec.name, rec.pid
             )));
         }
-        if !l.rootfs.is_dir() {
+        if !l.volume_rootfs.is_dir() {
             return Err(DriverError::WrongState(format!(
                 "container {} has no root filesystem",
                 spec.name
@@ -125,7 +125,7 @@ impl StateSave for ContainerDriver {
         mkdirs(&[&spec.paths.run, &spec.paths.logs])?;
         let cg = self.setup_cgroup(spec)?;
         match self
-            .run_restore(spec, &l, &l.state, &bin, cg.as_ref(), ctx)
+            .run_restore(spec, &l.state, &bin, cg.as_ref(), ctx, false)
             .await
         {
             Ok(rec) => {
@@ -200,18 +200,25 @@ fn reattach(cg: &Cgroup, init: u32) {
 
 impl ContainerDriver {
     /// Restore the images in `images` onto the rootfs of `l` and record the
-    /// restored init in the pidfile.
+    /// restored init in the pidfile; `lazy`: `--lazy-pages` (a `criu
+    /// lazy-pages` daemon serves `images`), bounded by `timeouts.lazy_restore`.
     pub(super) async fn run_restore(
         &self,
         spec: &InstanceSpec,
-        l: &Layout,
         images: &std::path::Path,
         bin: &std::path::Path,
         cg: Option<&Cgroup>,
         ctx: &OpCtx,
+        lazy: bool,
     ) -> Result<InitRecord, DriverError> {
-        mounts::bind_self(&l.rootfs)
-            .map_err(|e| DriverError::io(format!("bind-mount {}", l.rootfs.display()))(e.into()))?;
+        let l = &Layout::of(spec);
+        mounts::bind(&l.volume_rootfs, &l.rootfs).map_err(|e| {
+            DriverError::io(format!(
+                "bind-mount {} at {}",
+                l.volume_rootfs.display(),
+                l.rootfs.display()
+            ))(e.into())
+        })?;
         let root = l
             .rootfs
             .canonicalize()
@@ -221,16 +228,13 @@ impl ContainerDriver {
         ctx.check_cancelled("stateful start (nothing was restored; the state is kept)")?;
         ctx.progress("stage", "restoring container state");
         let t0 = Instant::now();
-        let args = criu::restore_args(images, &root, &pidfile, &l.restore_log);
-        match criu::run(
-            bin,
-            &args,
-            &l.restore_log,
-            self.timeouts.restore,
-            Some(ctx.cancel_token()),
-        )
-        .await
-        {
+        let args = criu::restore_args(images, &root, &pidfile, &l.restore_log, lazy);
+        let limit = if lazy {
+            self.timeouts.lazy_restore
+        } else {
+            self.timeouts.restore
+        };
+        match criu::run(bin, &args, &l.restore_log, limit, Some(ctx.cancel_token())).await {
             Ok(()) => {}
             Err((Outcome::Cancelled, _)) => {
                 return Err(DriverError::Cancelled(

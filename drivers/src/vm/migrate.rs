@@ -20,6 +20,13 @@
 //! Both QEMUs get one end of a socketpair by `getfd` (SCM_RIGHTS on QMP); the
 //! driver then closes its own copy, so QEMU's close is the stream's EOF.
 //!
+//! With a disk mirror (`block_mirror`, see [`super::mirror`]): the target
+//! exports its disk over NBD ([`IncomingVm::start_nbd_export`]), the source
+//! mirrors into it before the RAM migration; the RAM migration then runs with
+//! `pause-before-switchover`, and at `pre-switchover` (guest paused) the
+//! watch loop completes the mirror without pivoting and issues
+//! `migrate-continue`. The target stops its NBD server once the guest runs.
+//!
 //! Failure semantics:
 //! - pre-copy (cancel, stall, broken stream, target gone): the source keeps
 //!   running in the same QEMU (`migrate_cancel`; `cont` if QEMU left it
@@ -31,8 +38,14 @@
 //!   they are (QEMU parks them in `postcopy-paused`), never killed by us.
 //! - A cancel that races with completion: if QEMU reports `completed`, the
 //!   source returns `Ok` — the VM runs on the target.
+//! - With a disk mirror, any failure of `migrate_outgoing*` (mirror error,
+//!   mirror not finishing at switchover, and all pre-copy failures above)
+//!   also force-cancels the block job and removes the NBD node; the source
+//!   disk was never written by the move. After success the NBD node is
+//!   removed from the paused source QEMU.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +54,7 @@ use qapi::qmp::{MigrateSetParameters, MigrationCapability as Cap};
 use serde::{Deserialize, Serialize};
 
 use super::config::VmConfig;
+use super::mirror;
 use super::qemu::{self, Launch, VmFiles};
 use super::qmp::{MigrateInfo, Qmp, QmpEvent};
 use super::state::{self, LaunchRecord};
@@ -76,6 +90,10 @@ pub struct MigrateParams {
     pub max_bandwidth: Option<u64>,
     /// Longest acceptable pause of the guest at switchover.
     pub downtime_limit_ms: u64,
+    /// The disk is mirrored over NBD during the move ([`super::mirror`]):
+    /// pause before switchover to complete the mirror. The source needs a
+    /// READY mirror job when the migration starts.
+    pub block_mirror: bool,
 }
 
 impl Default for MigrateParams {
@@ -86,6 +104,7 @@ impl Default for MigrateParams {
             postcopy: false,
             max_bandwidth: None,
             downtime_limit_ms: 300,
+            block_mirror: false,
         }
     }
 }
@@ -115,8 +134,8 @@ impl MigrateParams {
             (Cap::auto_converge, self.auto_converge),
             (Cap::xbzrle, self.xbzrle),
             (Cap::postcopy_ram, self.postcopy),
-            // Only needed with a block mirror (not done yet).
-            (Cap::pause_before_switchover, false),
+            // Completes the disk mirror while the guest is paused.
+            (Cap::pause_before_switchover, self.block_mirror),
         ]
     }
 }
@@ -178,6 +197,10 @@ pub struct OutgoingStats {
     pub stop_event_us: Option<u64>,
     /// Wall time of migrate_outgoing from `migrate` to completion.
     pub wall_ms: u64,
+    /// With a disk mirror: time spent completing it at switchover (guest
+    /// paused; part of the downtime).
+    #[serde(default)]
+    pub mirror_switchover_ms: Option<u64>,
 }
 
 /// Result of a completed incoming migration.
@@ -326,6 +349,7 @@ impl VmDriver {
             record: LaunchRecord::of(&launch, version),
             started: Instant::now(),
             postcopy: params.postcopy,
+            nbd_socket: None,
         })
     }
 
@@ -361,6 +385,27 @@ impl VmDriver {
         progress: impl Fn(MigrationProgress) + Send,
         ctx: &OpCtx,
     ) -> Result<OutgoingStats, DriverError> {
+        let r = self
+            .outgoing(spec, params, stream_fd, trigger, progress, ctx)
+            .await;
+        if params.block_mirror {
+            // Success: drop the NBD node; failure: the job too (source disk untouched).
+            if let Err(e) = self.mirror_cancel(spec).await {
+                tracing::warn!("removing the disk mirror of {}: {e}", spec.name);
+            }
+        }
+        r
+    }
+
+    async fn outgoing(
+        &self,
+        spec: &InstanceSpec,
+        params: &MigrateParams,
+        stream_fd: OwnedFd,
+        trigger: &PostcopyTrigger,
+        progress: impl Fn(MigrationProgress) + Send,
+        ctx: &OpCtx,
+    ) -> Result<OutgoingStats, DriverError> {
         params.validate()?;
         let f = VmFiles::of(spec);
         let pid = qemu::running_pid(&f).ok_or_else(|| {
@@ -386,6 +431,9 @@ impl VmDriver {
         }
         let was_running = status == "running";
         ctx.check_cancelled("live migration")?;
+        if params.block_mirror {
+            mirror::check_ready(&mut qmp).await?;
+        }
         set_caps(&mut qmp, params).await?;
         set_source_parameters(&mut qmp, params).await?;
         qmp.drain_events();
@@ -479,6 +527,11 @@ struct OutgoingWatch<'a> {
     last_reported_bytes: u64,
     last_change: Instant,
     last_bytes: u64,
+    /// Why the disk mirror broke (from its events), before switchover.
+    mirror_failure: Option<String>,
+    /// The mirror was completed at switchover (in that time): its end is
+    /// no failure.
+    mirror_done: Option<Duration>,
 }
 
 impl<'a> OutgoingWatch<'a> {
@@ -498,6 +551,8 @@ impl<'a> OutgoingWatch<'a> {
             last_reported_bytes: 0,
             last_change: now,
             last_bytes: 0,
+            mirror_failure: None,
+            mirror_done: None,
         }
     }
 
@@ -505,6 +560,12 @@ impl<'a> OutgoingWatch<'a> {
         for ev in events {
             if ev.name == "STOP" && self.stop_event_us.is_none() {
                 self.stop_event_us = Some(ev.timestamp_us);
+            }
+            if self.params.block_mirror
+                && self.mirror_done.is_none()
+                && self.mirror_failure.is_none()
+            {
+                self.mirror_failure = mirror::event_failure(&ev);
             }
         }
     }
@@ -567,12 +628,22 @@ impl<'a> OutgoingWatch<'a> {
             if info.status == "postcopy-active" {
                 self.postcopy_requested = true;
             }
+            if self.params.block_mirror {
+                self.handle_mirror(qmp, &info).await?;
+            }
             self.maybe_switch_postcopy(qmp, &info).await;
             self.handle_cancel_and_stall(qmp, &info).await?;
             if self.last_report.elapsed() >= REPORT_EVERY {
                 self.report(&info, progress);
             }
-            tokio::time::sleep(POLL).await;
+            if self.params.block_mirror {
+                // React to `pre-switchover` at once: the guest is paused.
+                if let Some(ev) = qmp.next_event(POLL).await {
+                    self.note_events(vec![ev]);
+                }
+            } else {
+                tokio::time::sleep(POLL).await;
+            }
         }
     }
 
@@ -613,6 +684,43 @@ impl<'a> OutgoingWatch<'a> {
             "migration {}: {why} (the VM keeps running on the source)",
             info.status
         )))
+    }
+
+    /// Before switchover a broken mirror cancels the migration; at
+    /// `pre-switchover` the mirror is completed, then `migrate-continue`.
+    async fn handle_mirror(&mut self, qmp: &mut Qmp, info: &MigrateInfo) -> Result<(), Failure> {
+        if self.mirror_done.is_some() || self.cancel_sent {
+            return Ok(());
+        }
+        let mut failure = self.mirror_failure.take().map(|why| {
+            migration_error(format!(
+                "the disk mirror broke during the migration ({why}); the VM keeps running on the source"
+            ))
+        });
+        if failure.is_none() && info.status == "pre-switchover" {
+            self.ctx.progress("stage", "completing the disk mirror");
+            match mirror::complete_for_switchover(qmp).await {
+                Ok(took) => {
+                    self.mirror_done = Some(took);
+                    let cont = serde_json::json!({"state": "pre-switchover"});
+                    if let Err(e) = qmp.execute_raw("migrate-continue", cont).await {
+                        failure = Some(e);
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        let Some(e) = failure else { return Ok(()) };
+        // The mirror ends before the switchover to post-copy too: until
+        // then, even with post-copy requested, the source can take the VM back.
+        if info.status.starts_with("postcopy") {
+            return Err(Failure::PostCopy(e));
+        }
+        self.cancel_sent = true;
+        if let Err(c) = qmp.migrate_cancel().await {
+            tracing::warn!("migrate_cancel after a disk mirror failure: {c}");
+        }
+        Err(Failure::PreCopy(e))
     }
 
     async fn maybe_switch_postcopy(&mut self, qmp: &mut Qmp, info: &MigrateInfo) {
@@ -694,6 +802,7 @@ impl<'a> OutgoingWatch<'a> {
             postcopy: self.postcopy_requested,
             stop_event_us: self.stop_event_us,
             wall_ms: self.started.elapsed().as_millis() as u64,
+            mirror_switchover_ms: self.mirror_done.map(|d| d.as_millis() as u64),
         }
     }
 }
@@ -749,6 +858,8 @@ pub struct IncomingVm {
     record: LaunchRecord,
     started: Instant,
     postcopy: bool,
+    /// The NBD server's socket, while the disk is exported for a mirror.
+    nbd_socket: Option<PathBuf>,
 }
 
 impl IncomingVm {
@@ -757,12 +868,31 @@ impl IncomingVm {
         self.pid
     }
 
+    /// Export the (prepared, empty) disk writable over NBD on the unix socket
+    /// `socket`, for the source's disk mirror ([`super::mirror`]). Call
+    /// before [`wait`](Self::wait); the server is stopped when the guest
+    /// runs here, or goes with this QEMU on failure.
+    pub async fn start_nbd_export(&mut self, socket: &Path) -> Result<(), DriverError> {
+        let qmp = self.qmp.as_mut().expect("IncomingVm already waited");
+        mirror::start_nbd_export(qmp, &self.files.disk, socket).await?;
+        self.nbd_socket = Some(socket.to_path_buf());
+        Ok(())
+    }
+
     /// Follow the migration until the guest runs on the target. On failure
     /// or cancel (before post-copy) the target QEMU is killed and its
     /// runtime files removed.
     pub async fn wait(mut self, ctx: &OpCtx) -> Result<IncomingStats, DriverError> {
         let mut qmp = self.qmp.take().expect("IncomingVm waited twice");
         let r = self.follow(&mut qmp, ctx).await;
+        if let Some(sock) = self.nbd_socket.take() {
+            if r.is_ok() {
+                if let Err(e) = mirror::stop_nbd_export(&mut qmp).await {
+                    tracing::warn!("stopping the NBD server of {}: {e}", self.spec.name);
+                }
+            }
+            let _ = std::fs::remove_file(sock);
+        }
         drop(qmp);
         match r {
             Ok(stats) => {
@@ -888,6 +1018,9 @@ impl Drop for IncomingVm {
             qemu::signal(&self.files, self.pid, nix::sys::signal::Signal::SIGKILL);
             qemu::clean_runtime(&self.files);
         }
+        if let Some(sock) = self.nbd_socket.take() {
+            let _ = std::fs::remove_file(sock);
+        }
     }
 }
 
@@ -919,6 +1052,13 @@ mod tests {
         }
         .capabilities();
         assert!(caps.contains(&(Cap::postcopy_ram, true)) && caps.contains(&(Cap::events, true)));
+        assert!(caps.contains(&(Cap::pause_before_switchover, false)));
+        let caps = MigrateParams {
+            block_mirror: true,
+            ..p.clone()
+        }
+        .capabilities();
+        assert!(caps.contains(&(Cap::pause_before_switchover, true)));
         let parsed: MigrateParams = serde_json::from_str(r#"{"postcopy": true}"#).unwrap();
         assert!(parsed.postcopy && parsed.auto_converge && parsed.downtime_limit_ms == 300);
     }

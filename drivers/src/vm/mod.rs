@@ -14,12 +14,14 @@
 //! Modules: [`config`] (keys, validation), [`image`] (guest template and
 //! parameter block), [`qemu`] (command line, processes), [`qmp`] (QMP client
 //! with fd passing, reusable for live migration), [`state`] (save/restore),
-//! [`guest`] (reading the test guest's counter).
+//! [`guest`] (reading the test guest's counter), [`migrate`] (live
+//! migration), [`mirror`] (copying the disk of a running VM over NBD).
 
 pub mod config;
 pub mod guest;
 pub mod image;
 pub mod migrate;
+pub mod mirror;
 pub mod qemu;
 pub mod qmp;
 pub mod state;

@@ -13,7 +13,9 @@
 //!   greeting and command replies.
 //! - **commands whose replies carry enums that grow between QEMU versions**
 //!   (`query-status`, `query-migrate`) are issued with raw-JSON reply types
-//!   ([`RawQueryStatus`], [`RawQueryMigrate`]).
+//!   ([`RawQueryStatus`], [`RawQueryMigrate`]); block-layer, NBD and
+//!   `migrate-continue` commands go out with JSON arguments and replies by
+//!   name ([`Qmp::execute_raw`], [`RAW_COMMANDS`]).
 //!
 //! One connection per action: QEMU's monitor serves one client at a time.
 //! Live migration will reuse this: `migrate-set-capabilities`/`-parameters`
@@ -155,6 +157,58 @@ macro_rules! raw_command {
 raw_command!(RawQueryStatus, "query-status");
 raw_command!(RawQueryMigrate, "query-migrate");
 
+/// Commands sent with JSON arguments and a JSON reply, by name, through
+/// [`Qmp::execute_raw`]: for commands whose argument or reply types use
+/// enums that grow between QEMU versions (block jobs, block nodes, NBD), so
+/// one code path serves QEMU 7.2 and 10.0 alike.
+macro_rules! raw_commands {
+    ($($ty:ident => $name:literal),* $(,)?) => {
+        $(
+            #[doc = concat!("`", $name, "` with JSON arguments and reply.")]
+            #[derive(Debug, Clone, serde::Serialize)]
+            #[serde(transparent)]
+            pub struct $ty(pub Value);
+            impl qapi::Command for $ty {
+                type Ok = Value;
+                const NAME: &'static str = $name;
+                const ALLOW_OOB: bool = false;
+            }
+            impl qmp::QmpCommand for $ty {}
+        )*
+
+        /// Names accepted by [`Qmp::execute_raw`].
+        pub const RAW_COMMANDS: &[&str] = &[$($name),*];
+
+        impl Qmp {
+            /// Run a command of [`RAW_COMMANDS`] with `args` (a JSON object;
+            /// `{}` for none) and return its reply as JSON.
+            pub async fn execute_raw(&mut self, name: &str, args: Value) -> Result<Value, DriverError> {
+                match name {
+                    $($name => self.execute($ty(args)).await,)*
+                    _ => Err(DriverError::Qmp(format!(
+                        "QMP command {name} is not in ferry's raw command set ({})",
+                        RAW_COMMANDS.join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+raw_commands! {
+    RawQueryBlock => "query-block",
+    RawQueryBlockJobs => "query-block-jobs",
+    RawQueryNamedBlockNodes => "query-named-block-nodes",
+    RawBlockdevAdd => "blockdev-add",
+    RawBlockdevDel => "blockdev-del",
+    RawBlockdevMirror => "blockdev-mirror",
+    RawBlockJobCancel => "block-job-cancel",
+    RawJobDismiss => "job-dismiss",
+    RawNbdServerStart => "nbd-server-start",
+    RawNbdServerStop => "nbd-server-stop",
+    RawBlockExportAdd => "block-export-add",
+    RawMigrateContinue => "migrate-continue",
+}
+
 /// Migration status as reported by `query-migrate` (fields kept loose).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MigrateInfo {
@@ -213,6 +267,12 @@ pub struct Qmp {
     raw_fd: RawFd,
     /// Timeout of a single command.
     pub command_timeout: Duration,
+    /// A command whose reply never came (timed out, or its future was
+    /// dropped): the qapi crate keeps it pending under the same id, and the
+    /// next command on this connection would make it panic ("duplicate
+    /// command id") and abort ferryd. Such a connection is refused; callers
+    /// connect again.
+    in_flight: bool,
 }
 
 impl Drop for Qmp {
@@ -262,13 +322,27 @@ impl Qmp {
             pump,
             raw_fd,
             command_timeout: Duration::from_secs(30),
+            in_flight: false,
         })
     }
 
     /// Run one typed qapi command.
     pub async fn execute<C: qmp::QmpCommand>(&mut self, cmd: C) -> Result<C::Ok, DriverError> {
         let name = C::NAME;
-        match tokio::time::timeout(self.command_timeout, self.service.execute(cmd)).await {
+        if self.in_flight {
+            return Err(DriverError::Qmp(format!(
+                "{name} not sent: an earlier command on this QMP connection never got its reply \
+                 (reconnect to the monitor)"
+            )));
+        }
+        self.in_flight = true;
+        let res = tokio::time::timeout(self.command_timeout, self.service.execute(cmd)).await;
+        // Only a reply (success or QMP error) clears the command; an I/O
+        // error can leave it pending inside qapi (e.g. a failed write).
+        if matches!(res, Ok(Ok(_)) | Ok(Err(qapi::ExecuteError::Qapi(_)))) {
+            self.in_flight = false;
+        }
+        match res {
             Err(_) => Err(DriverError::Timeout(format!(
                 "QMP command {name} got no reply within {:?}",
                 self.command_timeout

@@ -106,11 +106,12 @@ impl Drop for Cleanup {
         }
         std::thread::sleep(Duration::from_millis(200));
         for s in &self.0 {
-            for _ in 0..4 {
-                let _ = nix::mount::umount2(
-                    &s.paths.volume.join("rootfs"),
-                    nix::mount::MntFlags::MNT_DETACH,
-                );
+            // The member's mount point (and the volume's own path, which
+            // an older layout bound onto itself).
+            for m in [s.paths.run.join("rootfs"), s.paths.volume.join("rootfs")] {
+                for _ in 0..4 {
+                    let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+                }
             }
             for dir in ferry_cgroups(&s.name) {
                 let _ = std::fs::remove_dir(dir);

@@ -1,0 +1,383 @@
+//! Container moves, both sides. What travels on the fs channel, in order:
+//!
+//! | plan                     | dir pool                                   | shared pool        |
+//! |--------------------------|--------------------------------------------|--------------------|
+//! | live (CRIU page server)  | rootfs pass 1, pass 2 (changes), CRIU images | CRIU images      |
+//! | stateful stop (v1 peers) | rootfs pass 1, pass 2 (changes), state dir | nothing            |
+//! | stateless                | rootfs (after the stop)                    | nothing            |
+//!
+//! Pages of a live move stream on the state channel (CRIU page server fed
+//! by a socketpair relayed over the websocket). Checkpoint images live in
+//! the member-local run directory, never on the (possibly shared) volume.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_drivers::container::{ContainerDriver, LazyFrom, LazyServe, PagesTo};
+use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave, VolatileChanges};
+use ferry_migration::{ByteChannel, FsPlan, Plan, SourceState, StatePlan, TargetState};
+use serde_json::json;
+use tokio_util::io::SyncIoBridge;
+
+use super::progress::Phase;
+use super::source::{close_bridge, send_archive, MoveRun};
+use super::target::{recv_archive, ReadBridge};
+use super::ws::{self, WsControl, WsPipe};
+use crate::core::Daemon;
+
+fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStream), String> {
+    let (theirs, ours) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+    Ok((std::os::fd::OwnedFd::from(theirs), ours))
+}
+
+fn is_shared(plan: &Plan) -> bool {
+    matches!(plan.fs, FsPlan::Shared { .. })
+}
+
+impl MoveRun {
+    pub(super) async fn transfer_container(
+        &mut self,
+        ctl: &mut WsControl,
+        st: SourceState,
+        plan: &Plan,
+        state_pipe: WsPipe,
+        fs_pipe: WsPipe,
+    ) -> Result<(), String> {
+        let driver = ContainerDriver::default();
+        let ctx = OpCtx::detached();
+        let shared = is_shared(plan);
+        let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
+            .map_err(|e| e.to_string())?;
+        let counters = fs.counters();
+        let (_r, w) = tokio::io::split(fs);
+        let mut bridge = SyncIoBridge::new(w);
+        let rootfs = self.spec.paths.volume.join("rootfs");
+        let images = Self::images_dir(&self.spec);
+        if self.running && !plan.is_stateful() {
+            self.phase(Phase::Preparing, "stopping the instance (stateless move)");
+            Driver::Container(driver.clone())
+                .stop(&self.spec, false, &ctx)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.check_cancel()?;
+        let mut manifest = None;
+        if !shared {
+            self.phase(
+                Phase::Filesystem,
+                if plan.is_stateful() {
+                    "copying the root filesystem (instance running)"
+                } else {
+                    "copying the root filesystem"
+                },
+            );
+            let (b, pass1) = send_archive(
+                bridge,
+                rootfs.clone(),
+                None,
+                plan.is_stateful(),
+                self.op.cancel_token(),
+                Some((self.op.clone(), Some(plan.volume_size))),
+            )
+            .await?;
+            bridge = b;
+            manifest = pass1.manifest;
+        }
+        self.check_cancel()?;
+        match &plan.state {
+            StatePlan::CriuPageServer {
+                lazy_pages: true, ..
+            } => {
+                let _ = std::fs::remove_dir_all(&images);
+                std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
+                self.op.set_cancellable(false);
+                self.phase(
+                    Phase::Memory,
+                    "checkpointing (CRIU lazy dump: memory follows on demand)",
+                );
+                // The dump serves pages on one end of a socketpair; the
+                // target's lazy-pages daemon asks for them over the relay.
+                let (criu_end, ours) = socketpair()?;
+                let state_stream = ws::into_stream(state_pipe);
+                tokio::spawn(async move {
+                    if let Err(e) = ferry_migration::relay(ours, state_stream).await {
+                        tracing::warn!(error = %e, "post-copy page stream");
+                    }
+                });
+                self.frozen = Some(Instant::now());
+                let dump = driver
+                    .migrate_dump_lazy(&self.spec, &images, LazyServe::Socket(criu_end), &ctx)
+                    .await
+                    .map_err(|e| format!("checkpoint failed: {e}"))?;
+                self.op.set_meta(
+                    "criu_dump_ms",
+                    json!(dump.info().dump_time.as_millis() as u64),
+                );
+                self.lazy = Some(dump);
+            }
+            StatePlan::CriuPageServer { .. } => {
+                let _ = std::fs::remove_dir_all(&images);
+                std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
+                self.op.set_cancellable(false);
+                self.phase(
+                    Phase::Memory,
+                    "checkpointing (CRIU dump, memory streamed to the target)",
+                );
+                // CRIU writes pages into one end of a socketpair; ferry relays
+                // the other end over the state channel (no TCP, no Nagle stalls).
+                let (criu_end, ours) = socketpair()?;
+                let state_stream = ws::into_stream(state_pipe);
+                let relay = tokio::spawn(async move {
+                    ferry_migration::relay(ours, state_stream)
+                        .await
+                        .map_err(|e| e.to_string())
+                });
+                self.frozen = Some(Instant::now());
+                let dump = driver
+                    .migrate_dump_with(&self.spec, &images, PagesTo::Socket(criu_end), &ctx)
+                    .await
+                    .map_err(|e| format!("checkpoint failed: {e}"))?;
+                self.op
+                    .set_meta("criu_dump_ms", json!(dump.dump_time.as_millis() as u64));
+                self.dumped = true;
+                match tokio::time::timeout(Duration::from_secs(60), relay).await {
+                    Ok(Ok(Ok(stats))) => self.op.set_meta(
+                        "state_progress",
+                        json!(format!("{} MB of memory", stats.a_to_b / 1_000_000)),
+                    ),
+                    Ok(Ok(Err(e))) => return Err(format!("memory stream: {e}")),
+                    _ => return Err("memory stream did not finish".into()),
+                }
+            }
+            StatePlan::StatefulStopFile => {
+                self.op.set_cancellable(false);
+                self.phase(
+                    Phase::Memory,
+                    "stateful stop on the source (CRIU dump to files)",
+                );
+                self.frozen = Some(Instant::now());
+                Driver::Container(driver.clone())
+                    .save_state(&self.spec, &ctx)
+                    .await
+                    .map_err(|e| format!("stateful stop failed: {e}"))?;
+                self.saved_state = true;
+            }
+            _ => {}
+        }
+        if plan.is_stateful() {
+            self.phase(
+                Phase::Filesystem,
+                "final sync of the root filesystem and the saved state",
+            );
+            if !shared {
+                let (b, _pass2) =
+                    send_archive(bridge, rootfs, manifest, false, Default::default(), None).await?;
+                bridge = b;
+            }
+            let extra = match &plan.state {
+                StatePlan::CriuPageServer { .. } => Some(images.clone()),
+                StatePlan::StatefulStopFile if !shared => Some(self.spec.paths.state_dir()),
+                _ => None,
+            };
+            if let Some(dir) = extra {
+                let (b, _) =
+                    send_archive(bridge, dir, None, false, Default::default(), None).await?;
+                bridge = b;
+            }
+            if let Some(t) = self.frozen {
+                self.op.set_meta(
+                    "frozen_ms_at_handover",
+                    json!(t.elapsed().as_millis() as u64),
+                );
+            }
+        }
+        close_bridge(bridge).await?;
+        self.finish_handover(ctl, st, plan, counters.sent.get())
+            .await?;
+        self.phase(Phase::Completing, "cleaning up the source");
+        if let Some(dump) = self.lazy.take() {
+            match driver
+                .migrate_lazy_finish_source(&self.spec, dump, &ctx)
+                .await
+            {
+                Ok(served) => self.op.set_meta(
+                    "postcopy_serving_ms",
+                    json!(served.serving.as_millis() as u64),
+                ),
+                Err(e) => tracing::warn!(error = %e, "source cleanup after a post-copy move"),
+            }
+        } else if plan.is_live() {
+            if let Err(e) = driver.migrate_finish_source(&self.spec, &ctx).await {
+                tracing::warn!(error = %e, "source cleanup after move");
+            }
+        }
+        self.remove_source_files().await;
+        self.d
+            .events
+            .send_lifecycle("instance-migrated", &self.rec.name);
+        Ok(())
+    }
+}
+
+impl Daemon {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn receive_container(
+        &self,
+        ctl: &mut WsControl,
+        st: TargetState,
+        plan: &Plan,
+        spec: &InstanceSpec,
+        state_pipe: WsPipe,
+        fs_pipe: WsPipe,
+        start_after: bool,
+    ) -> Result<(), String> {
+        let driver = ContainerDriver::default();
+        let ctx = OpCtx::detached();
+        let shared = is_shared(plan);
+        if !shared {
+            std::fs::create_dir_all(&spec.paths.volume).map_err(|e| e.to_string())?;
+            // Marks a partial receive: removed on success; a ferryd that died
+            // mid-receive deletes such volumes when it starts again.
+            std::fs::write(super::target::receiving_marker(spec), b"")
+                .map_err(|e| e.to_string())?;
+        }
+        let images = MoveRun::images_dir(spec);
+        let _ = std::fs::remove_dir_all(&images);
+        std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
+        let lazy = plan.is_postcopy();
+        let live = matches!(plan.state, StatePlan::CriuPageServer { .. });
+        let mut state_pipe = Some(state_pipe);
+        // Memory pages: a CRIU page server fed by the state channel.
+        let page_server = if live && !lazy {
+            let state_pipe = state_pipe.take().ok_or("no state channel")?;
+            let (criu_end, ours) = socketpair()?;
+            let ps = driver
+                .page_server_on_socket(&images, criu_end, &ctx)
+                .await
+                .map_err(|e| e.to_string())?;
+            let state_stream = ws::into_stream(state_pipe);
+            let relay = tokio::spawn(async move {
+                ferry_migration::relay(state_stream, ours)
+                    .await
+                    .map_err(|e| e.to_string())
+            });
+            Some((ps, relay))
+        } else {
+            None
+        };
+        let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
+            .map_err(|e| e.to_string())?;
+        let (r, _w) = tokio::io::split(fs);
+        let mut bridge: ReadBridge = SyncIoBridge::new(r);
+        let rootfs = spec.paths.volume.join("rootfs");
+        if !shared {
+            bridge = recv_archive(bridge, rootfs.clone(), false).await?;
+            if plan.is_stateful() {
+                bridge = recv_archive(bridge, rootfs.clone(), true).await?;
+            }
+        }
+        match &plan.state {
+            StatePlan::CriuPageServer { .. } => {
+                let meta = spec.paths.run.join("migration-meta.tmp");
+                let _ = std::fs::remove_dir_all(&meta);
+                let _bridge = recv_archive(bridge, meta.clone(), false).await?;
+                merge_dir(&meta, &images).map_err(|e| format!("checkpoint images: {e}"))?;
+            }
+            StatePlan::StatefulStopFile if !shared => {
+                let _bridge = recv_archive(bridge, spec.paths.state_dir(), false).await?;
+            }
+            _ => {}
+        }
+        let st = super::target::await_restore(ctl, st).await?;
+        if lazy {
+            let state_pipe = state_pipe.take().ok_or("no state channel")?;
+            return self
+                .restore_postcopy(ctl, st, spec, &images, state_pipe)
+                .await;
+        }
+        let vol: VolatileChanges = if let Some((ps, relay)) = page_server {
+            let _ = relay.await;
+            ps.wait().await.map_err(|e| format!("page server: {e}"))?;
+            driver
+                .migrate_restore(spec, &images, &ctx)
+                .await
+                .map_err(|e| format!("restore failed: {e}"))?
+        } else if plan.state == StatePlan::StatefulStopFile {
+            Driver::Container(driver.clone())
+                .restore_state(spec, &ctx)
+                .await
+                .map_err(|e| format!("stateful start failed: {e}"))?
+        } else if start_after {
+            Driver::Container(driver.clone())
+                .start(spec, &ctx)
+                .await
+                .map_err(|e| format!("start failed: {e}"))?
+        } else {
+            Default::default()
+        };
+        let _ = std::fs::remove_dir_all(&images);
+        self.report_resumed(ctl, st, spec, vol).await
+    }
+}
+
+impl Daemon {
+    /// Post-copy: start CRIU's lazy-pages daemon (pages come over the state
+    /// channel from the source's serving dump), restore, report Resumed,
+    /// then wait for every page before Success. A page stream that breaks
+    /// after the restore loses the container: it is stopped here.
+    async fn restore_postcopy(
+        &self,
+        ctl: &mut WsControl,
+        st: TargetState,
+        spec: &InstanceSpec,
+        images: &Path,
+        state_pipe: WsPipe,
+    ) -> Result<(), String> {
+        let driver = ContainerDriver::default();
+        let ctx = OpCtx::detached();
+        let (criu_end, ours) = socketpair()?;
+        let mut pages = driver
+            .lazy_pages(images, LazyFrom::Socket(criu_end), &ctx)
+            .await
+            .map_err(|e| format!("lazy-pages daemon: {e}"))?;
+        let state_stream = ws::into_stream(state_pipe);
+        tokio::spawn(async move {
+            if let Err(e) = ferry_migration::relay(state_stream, ours).await {
+                tracing::warn!(error = %e, "post-copy page stream");
+            }
+        });
+        let vol = match driver
+            .migrate_restore_lazy(spec, images, &mut pages, &ctx)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                pages.kill().await;
+                return Err(format!("restore failed: {e}"));
+            }
+        };
+        let st = super::target::send_resumed(ctl, st).await?;
+        if let Err(e) = pages.wait().await {
+            let _ = Driver::Container(driver).stop(spec, true, &ctx).await;
+            return Err(format!(
+                "post-copy: the memory pages stopped arriving after the container resumed here ({e}); \
+                 the container is lost and was stopped"
+            ));
+        }
+        self.report_success(ctl, st, spec, vol).await
+    }
+}
+
+/// Move every file of `from` into `to` (keeping what `to` already has), then remove `from`.
+fn merge_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let dest: PathBuf = to.join(e.file_name());
+        if !dest.exists() {
+            std::fs::rename(e.path(), dest)?;
+        }
+    }
+    std::fs::remove_dir_all(from)
+}

@@ -1,0 +1,620 @@
+//! Live VM move with the disk mirrored over NBD while the guest runs, between
+//! two "members" (two data trees) on one host. Both links go through relays
+//! the test runs, as the daemon will over its websockets:
+//! - RAM: QEMU A ⇄ fd_a ═ relay ═ fd_b ⇄ QEMU B (socketpairs),
+//! - disk: QEMU A (NBD client) → socket S ═ relay ═ socket T → QEMU B (NBD server).
+//!
+//! Guest-like writes to A's disk go through QEMU's block layer with HMP
+//! `qemu-io` (the test guest itself never writes its disk).
+//! Needs root and /dev/kvm; skips otherwise. Tests run one at a time.
+//! QEMU 7.2: `FERRY_QEMU=/opt/ferry/qemu-7.2/usr/bin/qemu-system-x86_64`.
+//! Cross-version: `FERRY_QEMU_SOURCE=.. FERRY_QEMU_TARGET=..` (the test sets
+//! `FERRY_QEMU` around each side's launch).
+
+mod vmcommon;
+use vmcommon::{is_qemu, skip_reason, spec, wait_for, KillOnDrop};
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_drivers::vm::migrate::{IncomingVm, MigrateParams, MigrationProgress};
+use ferry_drivers::vm::mirror::{MirrorParams, MirrorProgress};
+use ferry_drivers::vm::qmp::Qmp;
+use ferry_drivers::vm::VmDriver;
+use ferry_drivers::{InstanceSpec, Lifecycle, OpCtx};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const MIB: u64 = 1 << 20;
+/// A's disk is enlarged to this, with random data in DATA_START..DATA_END.
+const DISK_MIB: u64 = 64;
+const DATA_START_MIB: u64 = 4;
+const DATA_END_MIB: u64 = 28;
+
+fn ctx(side: &'static str) -> OpCtx {
+    OpCtx::new(
+        move |k, v| eprintln!("  [{side}] {k}: {v}"),
+        CancellationToken::new(),
+    )
+}
+
+/// Fields drop in order: the guards kill the QEMUs (reading their pidfiles)
+/// before the temporary directory is removed.
+struct Members {
+    _ga: KillOnDrop,
+    _gb: KillOnDrop,
+    a: InstanceSpec,
+    b: InstanceSpec,
+    dir: tempfile::TempDir,
+}
+
+impl Members {
+    /// Socket the source's NBD client connects to (the relay listens).
+    fn sock_s(&self) -> PathBuf {
+        self.dir.path().join("s.sock")
+    }
+    /// Socket the target's NBD server listens on.
+    fn sock_t(&self) -> PathBuf {
+        self.dir.path().join("t.sock")
+    }
+}
+
+fn members(name: &str, config: &[(&str, &str)]) -> Members {
+    let dir = tempfile::Builder::new()
+        .prefix("fmir")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let a = spec(&dir.path().join("a"), name, config);
+    let b = spec(&dir.path().join("b"), name, config);
+    let ga = KillOnDrop(a.paths.run.join("qemu.pid"));
+    let gb = KillOnDrop(b.paths.run.join("qemu.pid"));
+    Members {
+        dir,
+        a,
+        b,
+        _ga: ga,
+        _gb: gb,
+    }
+}
+
+fn disk(s: &InstanceSpec) -> PathBuf {
+    s.paths.volume.join("disk.img")
+}
+
+/// Enlarge the disk and put pseudo-random data in it (so the mirror has
+/// real work and sha256 comparisons mean something).
+fn fill_disk(path: &Path) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(DISK_MIB * MIB).unwrap();
+    f.seek(SeekFrom::Start(DATA_START_MIB * MIB)).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut buf = vec![0u8; MIB as usize];
+    for _ in DATA_START_MIB..DATA_END_MIB {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// Select the QEMU binary for one side (cross-version runs).
+fn use_qemu_of(side_var: &str) {
+    if let Ok(bin) = std::env::var(side_var) {
+        std::env::set_var("FERRY_QEMU", bin);
+    }
+}
+
+/// Create, enlarge, boot the VM on A; returns A's QEMU pid.
+async fn boot_on_a(d: &VmDriver, m: &Members) -> u32 {
+    use_qemu_of("FERRY_QEMU_SOURCE");
+    let c = OpCtx::detached();
+    d.create(&m.a, &c).await.unwrap();
+    fill_disk(&disk(&m.a));
+    d.start(&m.a, &c).await.unwrap();
+    wait_for(60, "the first counter line > 0", || {
+        d.console_counter(&m.a).unwrap().filter(|n| *n > 0)
+    })
+    .await;
+    d.state(&m.a).await.unwrap().pid
+}
+
+/// The RAM stream: QEMU A's fd, QEMU B's fd, relay between the other ends.
+fn ram_stream() -> (OwnedFd, OwnedFd, tokio::task::JoinHandle<()>) {
+    let (a_qemu, a_relay) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (b_qemu, b_relay) = std::os::unix::net::UnixStream::pair().unwrap();
+    a_relay.set_nonblocking(true).unwrap();
+    b_relay.set_nonblocking(true).unwrap();
+    let mut ar = tokio::net::UnixStream::from_std(a_relay).unwrap();
+    let mut br = tokio::net::UnixStream::from_std(b_relay).unwrap();
+    let relay = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut ar, &mut br).await;
+    });
+    (a_qemu.into(), b_qemu.into(), relay)
+}
+
+/// The NBD relay: listens on `listen`, connects each client to `target`.
+/// Cancelling `cut` closes everything (a broken link).
+struct NbdRelay {
+    cut: CancellationToken,
+    /// Bytes source → target.
+    bytes: Arc<AtomicU64>,
+    conns: Arc<AtomicU64>,
+}
+
+fn nbd_relay(listen: &Path, target: PathBuf) -> NbdRelay {
+    let _ = std::fs::remove_file(listen);
+    let listener = tokio::net::UnixListener::bind(listen).unwrap();
+    let cut = CancellationToken::new();
+    let bytes = Arc::new(AtomicU64::new(0));
+    let conns = Arc::new(AtomicU64::new(0));
+    let r = NbdRelay {
+        cut: cut.clone(),
+        bytes: bytes.clone(),
+        conns: conns.clone(),
+    };
+    tokio::spawn(async move {
+        loop {
+            let mut client = tokio::select! {
+                a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => return },
+                _ = cut.cancelled() => return,
+            };
+            conns.fetch_add(1, Ordering::SeqCst);
+            let (cut, bytes, target) = (cut.clone(), bytes.clone(), target.clone());
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::UnixStream::connect(&target).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let replies = AtomicU64::new(0);
+                tokio::select! {
+                    _ = pump(&mut cr, &mut sw, &bytes) => {}
+                    _ = pump(&mut sr, &mut cw, &replies) => {}
+                    _ = cut.cancelled() => {}
+                }
+            });
+        }
+    });
+    r
+}
+
+/// Copy until EOF or error, counting bytes as they pass.
+async fn pump(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    n: &AtomicU64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(k) => {
+                if w.write_all(&buf[..k]).await.is_err() {
+                    return;
+                }
+                n.fetch_add(k as u64, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// A guest-like write through A's block layer (HMP qemu-io on the drive).
+async fn qemu_io(s: &InstanceSpec, cmd: &str) {
+    let mut q = Qmp::connect(&s.paths.run.join("qmp.sock"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let out = q.hmp(&format!("qemu-io ide0-hd0 \"{cmd}\"")).await.unwrap();
+    // qemu-io prints its report to QEMU's stdout (daemonized: /dev/null);
+    // the monitor only gets errors. The written bytes are checked on disk.
+    assert!(out.trim().is_empty(), "qemu-io {cmd}: {out}");
+}
+
+fn sha256(p: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn read_at(p: &Path, off: u64, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(p).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+async fn advancing(d: &VmDriver, s: &InstanceSpec, what: &str) -> (u64, u64) {
+    let x = d.read_counter(s).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let y = d.read_counter(s).await.unwrap();
+    assert!(y > x, "{what}: counter does not advance ({x} then {y})");
+    (x, y)
+}
+
+async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+fn qemu_label() -> String {
+    let v = |k: &str| std::env::var(k).ok();
+    match (v("FERRY_QEMU_SOURCE"), v("FERRY_QEMU_TARGET")) {
+        (None, None) => v("FERRY_QEMU").unwrap_or_else(|| "default".into()),
+        (s, t) => format!(
+            "{} -> {}",
+            s.unwrap_or_else(|| "default".into()),
+            t.unwrap_or_else(|| "default".into())
+        ),
+    }
+}
+
+/// Target ready for the mirror and the RAM stream: empty disk, QEMU waiting
+/// with `-incoming defer`, NBD export on T, relay S → T.
+async fn prepare_target(
+    d: &VmDriver,
+    m: &Members,
+    params: &MigrateParams,
+    fd_b: OwnedFd,
+) -> (IncomingVm, NbdRelay) {
+    let size = d.disk_size(&m.a).unwrap();
+    d.prepare_mirror_target(&m.b, size).unwrap();
+    assert!(
+        d.prepare_mirror_target(&m.b, size).is_err(),
+        "must not replace a disk"
+    );
+    let cfg = d.launch_config(&m.a).unwrap();
+    use_qemu_of("FERRY_QEMU_TARGET");
+    let mut incoming = d
+        .migrate_incoming(&m.b, &cfg, params, fd_b, &ctx("B"))
+        .await
+        .unwrap();
+    incoming.start_nbd_export(&m.sock_t()).await.unwrap();
+    assert!(m.sock_t().exists());
+    (incoming, nbd_relay(&m.sock_s(), m.sock_t()))
+}
+
+/// After a failed move: A runs on in the same QEMU with no block job and no
+/// NBD node left; B's QEMU is gone.
+async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: &str) {
+    let st = d.state(&m.a).await.unwrap();
+    assert!(
+        st.running && st.pid == a_pid,
+        "{label}: VM not left running in the same QEMU on A: {st:?}"
+    );
+    advancing(d, &m.a, &format!("{label}: A after the failed move")).await;
+    let jobs = d.block_jobs(&m.a).await.unwrap();
+    assert!(jobs.is_empty(), "{label}: block jobs left on A: {jobs:?}");
+    let mut q = Qmp::connect(&m.a.paths.run.join("qmp.sock"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let nodes = q
+        .execute_raw("query-named-block-nodes", json!({}))
+        .await
+        .unwrap();
+    assert!(
+        !nodes.to_string().contains("ferry-mirror-target"),
+        "{label}: NBD node left on A"
+    );
+    assert_eq!(q.status().await.unwrap(), "running");
+    drop(q);
+    wait_for(10, "B's QEMU to be gone", || {
+        (!is_qemu(b_pid)).then_some(())
+    })
+    .await;
+    assert!(!m.b.paths.run.join("qmp.sock").exists() && !m.sock_t().exists());
+    d.stop(&m.a, false, &OpCtx::detached()).await.unwrap();
+    assert!(!is_qemu(a_pid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_move_with_guest_writes() {
+    if let Some(why) = skip_reason() {
+        return eprintln!("SKIPPED mirror_move_with_guest_writes: {why}");
+    }
+    let _l = lock().await;
+    let d = VmDriver::default();
+    let m = members(
+        "m1",
+        &[("limits.memory", "256MiB"), ("testvm.dirty_mib", "16")],
+    );
+    let a_pid = boot_on_a(&d, &m).await;
+    advancing(&d, &m.a, "A before the move").await;
+    let params = MigrateParams {
+        block_mirror: true,
+        ..Default::default()
+    };
+    // Without a mirror, a block_mirror migration is refused up front.
+    let (fd_x, _fd_y, _r) = ram_stream();
+    let e = d
+        .migrate_outgoing(&m.a, &params, fd_x, |_| {}, &OpCtx::detached())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("mirror"), "{e}");
+
+    let (fd_a, fd_b, _relay) = ram_stream();
+    let (incoming, nbd) = prepare_target(&d, &m, &params, fd_b).await;
+    let b_pid = incoming.pid();
+    let a_ctx = ctx("A");
+    let t0 = Instant::now();
+    let job = d
+        .mirror_start(
+            &m.a,
+            &m.sock_s(),
+            &MirrorParams {
+                max_bandwidth: Some(16 * MIB),
+            },
+            &a_ctx,
+        )
+        .await
+        .unwrap();
+    // Write 1: into an area the mirror has already copied, before READY.
+    let before = loop {
+        let j = d.block_jobs(&m.a).await.unwrap();
+        let j = j
+            .into_iter()
+            .find(|j| j.id == job.job_id)
+            .expect("mirror job");
+        if j.offset > MIB || j.ready {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    qemu_io(&m.a, "write -P 0xab 512k 64k").await;
+    assert!(!before.ready, "mirror READY too early to test: {before:?}");
+    let seen: Arc<Mutex<Vec<MirrorProgress>>> = Default::default();
+    let seen2 = seen.clone();
+    let ready = d
+        .mirror_wait_ready(&m.a, &job, move |p| seen2.lock().unwrap().push(p), &a_ctx)
+        .await
+        .unwrap();
+    let mirror_s = t0.elapsed().as_secs_f64();
+    assert!(ready.ready);
+    // Write 2: after READY, before switchover (mirrored as it happens).
+    qemu_io(&m.a, "write -P 0xcd 8M 64k").await;
+    qemu_io(&m.a, "write -P 0xef 40M 4k").await;
+
+    let ram: Arc<Mutex<Vec<MigrationProgress>>> = Default::default();
+    let ram2 = ram.clone();
+    let b_ctx = ctx("B");
+    let (inc, out) = tokio::join!(
+        incoming.wait(&b_ctx),
+        d.migrate_outgoing(
+            &m.a,
+            &params,
+            fd_a,
+            move |p| ram2.lock().unwrap().push(p),
+            &a_ctx
+        )
+    );
+    let out = out.unwrap();
+    let inc = inc.unwrap();
+    assert!(inc.running, "{inc:?}");
+    assert!(!m.sock_t().exists(), "target NBD socket left behind");
+    let at_stop = d.read_counter(&m.a).await.unwrap();
+    let (b1, b2) = advancing(&d, &m.b, "B after the move").await;
+    assert!(
+        b1 >= at_stop,
+        "counter on B ({b1}) behind A's at STOP ({at_stop})"
+    );
+    let st_b = d.state(&m.b).await.unwrap();
+    assert!(st_b.running && st_b.pid == b_pid, "{st_b:?}");
+    assert!(d.block_jobs(&m.a).await.unwrap().is_empty());
+    let mut q = Qmp::connect(&m.a.paths.run.join("qmp.sock"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let nodes = q
+        .execute_raw("query-named-block-nodes", json!({}))
+        .await
+        .unwrap();
+    assert!(
+        !nodes.to_string().contains("ferry-mirror-target"),
+        "NBD node left on A after the move"
+    );
+    drop(q);
+    d.migrate_finish_source(&m.a).await.unwrap();
+    assert!(!is_qemu(a_pid), "A's QEMU still alive after finish");
+    d.stop(&m.b, true, &OpCtx::detached()).await.unwrap();
+
+    let (ha, hb) = (sha256(&disk(&m.a)), sha256(&disk(&m.b)));
+    assert_eq!(ha, hb, "disks differ after the move");
+    assert!(read_at(&disk(&m.b), 512 << 10, 64 << 10)
+        .iter()
+        .all(|b| *b == 0xab));
+    assert!(read_at(&disk(&m.b), 8 * MIB, 64 << 10)
+        .iter()
+        .all(|b| *b == 0xcd));
+    assert!(read_at(&disk(&m.b), 40 * MIB, 4 << 10)
+        .iter()
+        .all(|b| *b == 0xef));
+    let ferry_ms = match (out.stop_event_us, inc.resume_event_us) {
+        (Some(s), Some(r)) => format!("{:.1}", (r as f64 - s as f64) / 1000.0),
+        _ => "n/a".into(),
+    };
+    let reports = seen.lock().unwrap().clone();
+    for p in &reports {
+        eprintln!(
+            "  mirror {:>5.2}s {} {}",
+            p.elapsed.as_secs_f64(),
+            p.status,
+            p.summary()
+        );
+    }
+    eprintln!(
+        "RESULT mirror move (QEMU {}): disk {DISK_MIB} MiB ({} MiB data) mirrored to READY in {mirror_s:.2} s at 16 MiB/s cap, \
+         {} mirror reports; NBD relayed {} MiB over {} connection(s); RAM: total {} ms, QEMU downtime {} ms, \
+         ferry downtime (A STOP -> B RESUME) {ferry_ms} ms, of which mirror completion {:?} ms, RAM sent {} MiB; counter at STOP {at_stop}, on B {b1} -> {b2}; \
+         sha256 {ha}",
+        qemu_label(),
+        DATA_END_MIB - DATA_START_MIB,
+        reports.len(),
+        nbd.bytes.load(Ordering::SeqCst) / MIB,
+        nbd.conns.load(Ordering::SeqCst),
+        out.total_time_ms,
+        out.downtime_ms,
+        out.mirror_switchover_ms,
+        out.transferred / MIB,
+    );
+    nbd.cut.cancel();
+    d.delete(&m.b).await.unwrap();
+    d.delete(&m.a).await.unwrap();
+}
+
+/// The NBD link breaks while the bulk copy runs: the mirror fails, the VM
+/// runs on at the source with no block job left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_cut_during_mirror_keeps_vm_on_source() {
+    if let Some(why) = skip_reason() {
+        return eprintln!("SKIPPED relay_cut_during_mirror_keeps_vm_on_source: {why}");
+    }
+    let _l = lock().await;
+    let d = VmDriver::default();
+    let m = members("m2", &[("limits.memory", "256MiB")]);
+    let a_pid = boot_on_a(&d, &m).await;
+    let params = MigrateParams {
+        block_mirror: true,
+        ..Default::default()
+    };
+    let (_fd_a, fd_b, _relay) = ram_stream();
+    let (incoming, nbd) = prepare_target(&d, &m, &params, fd_b).await;
+    let b_pid = incoming.pid();
+    let a_ctx = ctx("A");
+    let job = d
+        .mirror_start(
+            &m.a,
+            &m.sock_s(),
+            &MirrorParams {
+                max_bandwidth: Some(8 * MIB),
+            },
+            &a_ctx,
+        )
+        .await
+        .unwrap();
+    let cut = nbd.cut.clone();
+    let t = Instant::now();
+    let (r, ()) = tokio::join!(
+        d.mirror_wait_ready(&m.a, &job, |_| {}, &a_ctx),
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cut.cancel();
+        }
+    );
+    eprintln!(
+        "RESULT relay cut during mirror (QEMU {}): ended after {:.2} s: {r:?}",
+        qemu_label(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(r.is_err(), "mirror survived a cut link: {r:?}");
+    drop(incoming);
+    check_stayed(&d, &m, a_pid, b_pid, "relay cut").await;
+}
+
+/// The target QEMU dies during the RAM pre-copy, with a READY mirror: the
+/// migration fails, the mirror is removed, the VM runs on at the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_during_ram_copy_with_mirror() {
+    if let Some(why) = skip_reason() {
+        return eprintln!("SKIPPED target_killed_during_ram_copy_with_mirror: {why}");
+    }
+    let _l = lock().await;
+    let d = VmDriver::default();
+    let m = members(
+        "m3",
+        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
+    );
+    let a_pid = boot_on_a(&d, &m).await;
+    // Never converges: 128 MiB hot set at 32 MiB/s without auto-converge.
+    let params = MigrateParams {
+        block_mirror: true,
+        auto_converge: false,
+        max_bandwidth: Some(32 * MIB),
+        ..Default::default()
+    };
+    let (fd_a, fd_b, _relay) = ram_stream();
+    let (incoming, _nbd) = prepare_target(&d, &m, &params, fd_b).await;
+    let b_pid = incoming.pid();
+    let a_ctx = ctx("A");
+    d.mirror(&m.a, &m.sock_s(), &MirrorParams::default(), |_| {}, &a_ctx)
+        .await
+        .unwrap();
+    let b_ctx = ctx("B");
+    let t = Instant::now();
+    let (inc, out, ()) = tokio::join!(
+        incoming.wait(&b_ctx),
+        d.migrate_outgoing(&m.a, &params, fd_a, |_| {}, &a_ctx),
+        async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(is_qemu(b_pid));
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(b_pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+        }
+    );
+    eprintln!(
+        "RESULT kill target during RAM copy with mirror (QEMU {}): ended after {:.2} s; outgoing: {out:?}; incoming: {inc:?}",
+        qemu_label(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(out.is_err() && inc.is_err());
+    check_stayed(&d, &m, a_pid, b_pid, "kill target").await;
+}
+
+/// The NBD link dies after READY, before the RAM migration (no guest write
+/// in between): completing the mirror at switchover must either fail —
+/// the migration is cancelled and the VM runs on at the source — or
+/// succeed with identical disks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_link_lost_after_ready() {
+    if let Some(why) = skip_reason() {
+        return eprintln!("SKIPPED nbd_link_lost_after_ready: {why}");
+    }
+    let _l = lock().await;
+    let d = VmDriver::default();
+    let m = members("m4", &[("limits.memory", "256MiB")]);
+    let a_pid = boot_on_a(&d, &m).await;
+    let params = MigrateParams {
+        block_mirror: true,
+        ..Default::default()
+    };
+    let (fd_a, fd_b, _relay) = ram_stream();
+    let (incoming, nbd) = prepare_target(&d, &m, &params, fd_b).await;
+    let b_pid = incoming.pid();
+    let a_ctx = ctx("A");
+    d.mirror(&m.a, &m.sock_s(), &MirrorParams::default(), |_| {}, &a_ctx)
+        .await
+        .unwrap();
+    nbd.cut.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b_ctx = ctx("B");
+    let (inc, out) = tokio::join!(
+        incoming.wait(&b_ctx),
+        d.migrate_outgoing(&m.a, &params, fd_a, |_| {}, &a_ctx),
+    );
+    eprintln!(
+        "RESULT NBD link lost after READY (QEMU {}): outgoing: {out:?}; incoming: {inc:?}",
+        qemu_label()
+    );
+    if out.is_err() {
+        check_stayed(&d, &m, a_pid, b_pid, "link lost after READY").await;
+    } else {
+        d.migrate_finish_source(&m.a).await.unwrap();
+        d.stop(&m.b, true, &OpCtx::detached()).await.unwrap();
+        assert_eq!(sha256(&disk(&m.a)), sha256(&disk(&m.b)));
+    }
+}

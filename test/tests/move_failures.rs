@@ -1,0 +1,368 @@
+//! Failures injected for real into moves between real ferryd members: a
+//! CRIU restore that fails on the target, a target pool out of space, the
+//! members' TCP connections reset mid-transfer, and for VMs the target QEMU
+//! or the target ferryd killed, the stream cut, or a cancel during
+//! pre-copy. Each time the instance keeps running exactly once, on the
+//! source, the record is unchanged, the target holds nothing and no
+//! operation is left running.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_client::Client;
+use ferry_drivers::vm::VmDriver;
+use ferry_test::{form_cluster, need_root, wait_for, Member};
+use serde_json::{json, Value};
+
+fn location(m: &Member, name: &str) -> Option<String> {
+    let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["name"] == name)
+        .map(|i| i["location"].as_str().unwrap().to_string())
+        .next()
+}
+
+/// Start a move through the API; returns the client and operation id.
+async fn start_move(m: &Member, name: &str, target: &str, body: Value) -> (Client, String) {
+    let c = Client::unix(m.dir.join("unix.socket"));
+    let env = c
+        .post(
+            &format!("/1.0/instances/{name}?target={target}"),
+            Some(&body),
+        )
+        .await
+        .unwrap();
+    (c, env.metadata["id"].as_str().unwrap().to_string())
+}
+
+/// Wait until the operation's `phase` is `phase` (and it still runs).
+async fn wait_phase(c: &Client, id: &str, phase: &str) -> Value {
+    for _ in 0..600 {
+        let op = c.operation(id).await.unwrap();
+        if op.metadata["phase"] == phase {
+            return op.metadata;
+        }
+        assert!(
+            op.status_code < 200,
+            "the move ended before phase {phase}: {op:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never saw phase {phase}");
+}
+
+/// The operation ended in failure (or cancellation); returns its error text.
+async fn failed(c: &Client, id: &str, status: &str) -> String {
+    let waited = tokio::time::timeout(Duration::from_secs(120), c.wait_operation(id, |_| {})).await;
+    assert!(waited.is_ok(), "operation {id} did not end within 120 s");
+    let op = match c.operation(id).await {
+        Ok(op) => op,
+        Err(e) => panic!("cannot read operation {id}: {e}"),
+    };
+    eprintln!("ended: {} {:?} {}", op.status, op.err, op.metadata);
+    assert_eq!(op.status, status, "{op:?}");
+    op.err.clone()
+}
+
+/// Nothing left: no running operation on either member.
+async fn no_stuck_operation(ms: &[Member]) {
+    for m in ms {
+        let ops = m.client.operations().await.unwrap();
+        assert!(
+            ops.iter().all(|o| o.status_code >= 200),
+            "an operation is stuck on {}: {ops:?}",
+            m.name
+        );
+    }
+}
+
+/// A `criu` first in the target's PATH that runs the real CRIU but makes
+/// every restore fail for real (CRIU is pointed at a root that does not exist).
+fn failing_restore_criu(dir: &Path) -> PathBuf {
+    let real = ["/usr/local/sbin/criu", "/usr/sbin/criu"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("criu installed");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = restore ]; then exec {} \"$@\" --root /nonexistent/ferry-test-root; fi\nexec {} \"$@\"\n",
+        real.display(),
+        real.display()
+    );
+    let p = bin.join("criu");
+    std::fs::write(&p, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// A tmpfs mounted over a member's default pool, unmounted on drop.
+struct SmallPool(PathBuf);
+
+impl SmallPool {
+    fn mount(path: &Path, opts: &str) -> SmallPool {
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(opts),
+        )
+        .expect("mount tmpfs");
+        SmallPool(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallPool {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// An nftables table that resets every TCP connection to or from `port`
+/// (a cut link between members), removed on drop.
+struct Cut(String);
+
+impl Cut {
+    fn port(port: u16) -> Cut {
+        let table = format!("ferry_test_cut_{port}");
+        let rules = format!(
+            "table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  \
+             tcp dport {port} reject with tcp reset\n  tcp sport {port} reject with tcp reset\n }}\n}}\n"
+        );
+        let st = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(rules.as_bytes())?;
+                c.wait()
+            })
+            .expect("run nft");
+        assert!(st.success(), "nft failed to add {table}");
+        Cut(table)
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+fn port_of(m: &Member) -> u16 {
+    m.https.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Still on the source with the same pid, counting; location unchanged.
+async fn container_undisturbed(ms: &[Member], pid: i64) {
+    assert_eq!(
+        ms[0].instance("c1").await["state"]["pid"].as_i64(),
+        Some(pid),
+        "the container is not the same process on the source"
+    );
+    let a = ms[0].container_counter("c1");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        ms[0].container_counter("c1") > a,
+        "the source stopped counting"
+    );
+    assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
+    assert_eq!(location(&ms[1], "c1").as_deref(), Some("m1"));
+    let vol = ms[1].spec("c1", false).paths.volume;
+    wait_for(10, "the target to clean up", || {
+        (!vol.exists()).then_some(())
+    });
+    no_stuck_operation(ms).await;
+}
+
+#[tokio::test]
+async fn container_move_failures_leave_it_running_on_the_source() {
+    if !need_root("container_move_failures_leave_it_running_on_the_source") {
+        return;
+    }
+    let tools = tempfile::tempdir().unwrap();
+    let bin = failing_restore_criu(tools.path());
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ms = vec![
+        Member::start("m1"),
+        Member::start_with_env("m2", &[("PATH", &path)]),
+    ];
+    form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
+    let pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 1. CRIU restore fails on the target (after the dump: the source resumes).
+    let (c, id) = start_move(&ms[0], "c1", "m2", json!({"migration": true, "live": true})).await;
+    let err = failed(&c, &id, "Failure").await;
+    assert!(err.contains("restore failed"), "{err}");
+    let out = ms[0].ferry(&["move", "c1", "--target", "m2"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("restore failed"),
+        "the CLI does not show the error: {out:?}"
+    );
+    container_undisturbed(&ms, pid).await;
+
+    // 2. The target pool is out of space mid-transfer (inodes: the free
+    //    bytes the target announced were fine).
+    let pool = ms[1].dir.join("storage-pools/default");
+    let small = SmallPool::mount(&pool, "size=64m,nr_inodes=40");
+    let (c, id) = start_move(&ms[0], "c1", "m2", json!({"migration": true, "live": true})).await;
+    let err = failed(&c, &id, "Failure").await;
+    assert!(err.contains("No space left on device"), "{err}");
+    container_undisturbed(&ms, pid).await;
+    // And a pool too small for the volume is refused at negotiation.
+    drop(small);
+    let small = SmallPool::mount(&pool, "size=512k");
+    let (c, id) = start_move(&ms[0], "c1", "m2", json!({"migration": true, "live": true})).await;
+    let err = failed(&c, &id, "Failure").await;
+    assert!(err.contains("bytes free but the volume needs"), "{err}");
+    container_undisturbed(&ms, pid).await;
+    drop(small);
+
+    // 3. The link between the members is cut during the first pass.
+    ms[0].ferry_ok(&[
+        "exec",
+        "c1",
+        "--",
+        "dd",
+        "if=/dev/urandom",
+        "of=/big",
+        "bs=1M",
+        "count=200",
+    ]);
+    let (c, id) = start_move(&ms[0], "c1", "m2", json!({"migration": true, "live": true})).await;
+    wait_phase(&c, &id, "filesystem").await;
+    let cut = Cut::port(port_of(&ms[0]));
+    let err = failed(&c, &id, "Failure").await;
+    drop(cut);
+    assert!(!err.is_empty());
+    container_undisturbed(&ms, pid).await;
+    ms[0].ferry_ok(&["delete", "--force", "c1"]);
+}
+
+/// Launch a VM on m1 and wait for its guest to count.
+async fn vm_on_m1(ms: &[Member], memory: &str) -> i64 {
+    ms[0].ferry_ok(&[
+        "launch",
+        "testvm",
+        "v1",
+        "--vm",
+        "--target",
+        "m1",
+        "-c",
+        &format!("limits.memory={memory}"),
+    ]);
+    let spec = ms[0].spec("v1", true);
+    for _ in 0..300 {
+        if VmDriver::default().read_counter(&spec).await.unwrap_or(0) > 0 {
+            return ms[0].instance("v1").await["state"]["pid"].as_i64().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the guest never counted");
+}
+
+async fn vm_undisturbed(ms: &[Member], pid: i64) {
+    assert_eq!(
+        ms[0].instance("v1").await["state"]["pid"].as_i64(),
+        Some(pid),
+        "the VM is not the same QEMU on the source"
+    );
+    assert_eq!(ms[0].instance("v1").await["status"], "Running");
+    let spec = ms[0].spec("v1", true);
+    let a = VmDriver::default().read_counter(&spec).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        VmDriver::default().read_counter(&spec).await.unwrap() > a,
+        "the guest does not run on the source"
+    );
+    assert_eq!(location(&ms[0], "v1").as_deref(), Some("m1"));
+    let t = ms[1].spec("v1", true);
+    wait_for(15, "the target QEMU gone and its files removed", || {
+        (!t.paths.volume.exists() && !t.paths.run.join("qemu.pid").exists()).then_some(())
+    });
+    no_stuck_operation(ms).await;
+}
+
+fn target_qemu_pid(m: &Member) -> Option<i32> {
+    std::fs::read_to_string(m.spec("v1", true).paths.run.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn vm_move_failures_during_precopy_leave_it_running_on_the_source() {
+    if !need_root("vm_move_failures_during_precopy_leave_it_running_on_the_source") {
+        return;
+    }
+    let mut ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    let pid = vm_on_m1(&ms, "256MiB").await;
+    // 8 MiB/s: pre-copy of 256 MiB takes half a minute, time to break it.
+    let slow = json!({"migration": true, "live": true, "bandwidth": 8u64 << 20});
+
+    // 1. Cancel during pre-copy.
+    let (c, id) = start_move(&ms[0], "v1", "m2", slow.clone()).await;
+    let meta = wait_phase(&c, &id, "memory").await;
+    eprintln!("pre-copy: {meta}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let op = c.operation(&id).await.unwrap();
+    assert!(
+        op.metadata["progress"]["bytes_done"].as_u64().unwrap_or(0) > 0,
+        "no memory progress: {op:?}"
+    );
+    c.cancel_operation(&id).await.unwrap();
+    failed(&c, &id, "Cancelled").await;
+    vm_undisturbed(&ms, pid).await;
+
+    // 2. The target's QEMU is killed.
+    let (c, id) = start_move(&ms[0], "v1", "m2", slow.clone()).await;
+    wait_phase(&c, &id, "memory").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let qpid = target_qemu_pid(&ms[1]).expect("a target QEMU");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qpid), nix::sys::signal::SIGKILL).unwrap();
+    let err = failed(&c, &id, "Failure").await;
+    assert!(err.contains("migration"), "{err}");
+    vm_undisturbed(&ms, pid).await;
+
+    // 3. The link is cut (TCP resets between the members).
+    let (c, id) = start_move(&ms[0], "v1", "m2", slow.clone()).await;
+    wait_phase(&c, &id, "memory").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let cut = Cut::port(port_of(&ms[0]));
+    failed(&c, &id, "Failure").await;
+    drop(cut);
+    vm_undisturbed(&ms, pid).await;
+
+    // 4. The target's ferryd dies (its QEMU is left behind and killed by
+    //    the restarted daemon's clean-up of partial receives).
+    let (c, id) = start_move(&ms[0], "v1", "m2", slow).await;
+    wait_phase(&c, &id, "memory").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    ms[1].kill_daemon();
+    failed(&c, &id, "Failure").await;
+    if let Some(q) = target_qemu_pid(&ms[1]) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(q), nix::sys::signal::SIGKILL);
+    }
+    ms[1].start_daemon();
+    vm_undisturbed(&ms, pid).await;
+    // And a move then succeeds.
+    ms[0].ferry_ok(&["move", "v1", "--target", "m2"]);
+    assert_eq!(ms[1].instance("v1").await["status"], "Running");
+    ms[1].ferry_ok(&["delete", "--force", "v1"]);
+}

@@ -1,0 +1,288 @@
+//! The other move paths, with real ferryd members, CRIU and QEMU:
+//! - a member speaking the previous migration protocol (v1, as during a
+//!   rolling upgrade): moves in both directions fall back to a stateful
+//!   stop, the state travels as files, the target starts statefully, and the
+//!   operation says which path was used and why;
+//! - a `shared` pool both members see: nothing is copied, the volume stays.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_drivers::vm::VmDriver;
+use ferry_test::{form_cluster, need_root, wait_for, Member};
+use serde_json::Value;
+
+fn location(m: &Member, name: &str) -> Option<String> {
+    let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["name"] == name)
+        .map(|i| i["location"].as_str().unwrap().to_string())
+        .next()
+}
+
+fn move_json(m: &Member, name: &str, target: &str) -> Value {
+    let out = m.ferry_ok(&["move", name, "--target", target, "--format", "json"]);
+    let meta: Value = serde_json::from_str(&out).unwrap();
+    eprintln!("move {name} -> {target}: {meta}");
+    meta
+}
+
+/// The counter of a container whose volume is at `volume`.
+fn counter_at(volume: &Path) -> u64 {
+    wait_for(5, "a counter value", || {
+        std::fs::read_to_string(volume.join("rootfs/counter"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    })
+}
+
+fn assert_advances(read: impl Fn() -> u64, from: u64, what: &str) {
+    let now = read();
+    assert!(now >= from, "{what}: counter reset ({now} < {from})");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(read() > now, "{what}: counter does not advance");
+}
+
+#[tokio::test]
+async fn moves_to_and_from_a_previous_protocol_member_use_a_stateful_stop() {
+    if !need_root("moves_to_and_from_a_previous_protocol_member_use_a_stateful_stop") {
+        return;
+    }
+    let ms = vec![
+        Member::start("m1"),
+        Member::start_with_env("m2", &[("FERRY_MIGRATION_PROTOCOL", "1")]),
+    ];
+    form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
+    ms[0].ferry_ok(&[
+        "launch",
+        "testvm",
+        "v1",
+        "--vm",
+        "--target",
+        "m1",
+        "-c",
+        "limits.memory=128MiB",
+    ]);
+    std::thread::sleep(Duration::from_millis(800));
+    let vm = VmDriver::default();
+    wait_guest(&ms[0].spec("v1", true)).await;
+
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let (src, dst) = (&ms[from], &ms[to]);
+        // Container.
+        let before = src.container_counter("c1");
+        let meta = move_json(src, "c1", &dst.name);
+        assert_eq!(
+            meta["plan"]["state"]["type"], "stateful_stop_file",
+            "{meta}"
+        );
+        assert_eq!(meta["plan"]["version"], 1, "{meta}");
+        assert!(
+            meta["path"].as_str().unwrap().contains("stateful stop"),
+            "{meta}"
+        );
+        assert!(
+            meta["why"].as_str().unwrap().contains("protocol v1"),
+            "the operation does not say why: {meta}"
+        );
+        assert_eq!(dst.instance("c1").await["status"], "Running");
+        assert_advances(|| dst.container_counter("c1"), before, "container");
+        assert!(!src.spec("c1", false).paths.volume.exists());
+        for m in &ms {
+            wait_for(10, "the new location everywhere", || {
+                (location(m, "c1").as_deref() == Some(dst.name.as_str())).then_some(())
+            });
+        }
+        // VM.
+        let before = vm.read_counter(&src.spec("v1", true)).await.unwrap();
+        let meta = move_json(src, "v1", &dst.name);
+        assert_eq!(
+            meta["plan"]["state"]["type"], "stateful_stop_file",
+            "{meta}"
+        );
+        assert!(
+            meta["why"].as_str().unwrap().contains("vm_qemu_live"),
+            "{meta}"
+        );
+        let dspec = dst.spec("v1", true);
+        let after = vm.read_counter(&dspec).await.unwrap();
+        assert!(after >= before, "guest counter reset: {after} < {before}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(vm.read_counter(&dspec).await.unwrap() > after);
+        assert!(!src.spec("v1", true).paths.volume.exists());
+        assert_eq!(location(src, "v1").as_deref(), Some(dst.name.as_str()));
+    }
+    ms[0].ferry_ok(&["delete", "--force", "c1"]);
+    ms[0].ferry_ok(&["delete", "--force", "v1"]);
+}
+
+/// Wait (up to 30 s) until the test guest's counter is readable and > 0.
+async fn wait_guest(spec: &ferry_drivers::InstanceSpec) {
+    for _ in 0..300 {
+        if let Ok(n) = VmDriver::default().read_counter(spec).await {
+            if n > 0 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the guest {} never started counting", spec.name);
+}
+
+#[tokio::test]
+async fn instances_on_a_shared_pool_move_without_copying_storage() {
+    if !need_root("instances_on_a_shared_pool_move_without_copying_storage") {
+        return;
+    }
+    let pool = tempfile::Builder::new()
+        .prefix("ferry-shared-")
+        .tempdir()
+        .unwrap();
+    let p = pool.path().to_str().unwrap();
+    // m1 and m2 see the pool; m3 does not.
+    let ms = vec![
+        Member::start_with_env("m1", &[("FERRY_SHARED_POOL", p)]),
+        Member::start_with_env("m2", &[("FERRY_SHARED_POOL", p)]),
+        Member::start("m3"),
+    ];
+    form_cluster(&ms);
+    ms[0].ferry_ok(&[
+        "launch",
+        "busybox",
+        "c1",
+        "--target",
+        "m1",
+        "--storage",
+        "shared",
+    ]);
+    ms[0].ferry_ok(&[
+        "launch",
+        "testvm",
+        "v1",
+        "--vm",
+        "--target",
+        "m1",
+        "--storage",
+        "shared",
+        "-c",
+        "limits.memory=128MiB",
+    ]);
+    let cvol = ms[0].shared_spec("c1", false, pool.path()).paths.volume;
+    assert!(
+        cvol.join("rootfs").is_dir(),
+        "the container is not on the shared pool"
+    );
+    assert!(!ms[0].spec("c1", false).paths.volume.exists());
+    std::thread::sleep(Duration::from_millis(800));
+    let before = counter_at(&cvol);
+
+    // A member without the pool cannot take it: a clear error, nothing changes.
+    let out = ms[0].ferry(&["move", "c1", "--target", "m3"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shared"),
+        "{out:?}"
+    );
+    assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
+    assert_advances(|| counter_at(&cvol), before, "after a refused move");
+
+    // Live container move m1 -> m2 and back: no copy, the volume stays.
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let before = counter_at(&cvol);
+        let meta = move_json(&ms[from], "c1", &ms[to].name);
+        assert_eq!(meta["plan"]["fs"]["type"], "shared", "{meta}");
+        assert_eq!(meta["plan"]["state"]["type"], "criu_page_server", "{meta}");
+        assert!(
+            cvol.join("rootfs/bin/busybox").exists(),
+            "the shared volume was removed"
+        );
+        assert_eq!(ms[to].instance("c1").await["status"], "Running");
+        assert_advances(|| counter_at(&cvol), before, "shared container");
+        assert_eq!(
+            location(&ms[from], "c1").as_deref(),
+            Some(ms[to].name.as_str())
+        );
+    }
+
+    // VM: live, both QEMUs on the same disk file.
+    let vm = VmDriver::default();
+    let vspec = |m: &Member| m.shared_spec("v1", true, pool.path());
+    wait_guest(&vspec(&ms[0])).await;
+    let disk = vspec(&ms[0]).paths.volume.join("disk.img");
+    let before = vm.read_counter(&vspec(&ms[0])).await.unwrap();
+    let meta = move_json(&ms[0], "v1", "m2");
+    assert_eq!(meta["plan"]["fs"]["type"], "shared", "{meta}");
+    assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
+    assert!(disk.exists(), "the shared disk was removed");
+    let after = vm.read_counter(&vspec(&ms[1])).await.unwrap();
+    assert!(after >= before);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(vm.read_counter(&vspec(&ms[1])).await.unwrap() > after);
+    assert_eq!(location(&ms[0], "v1").as_deref(), Some("m2"));
+
+    ms[0].ferry_ok(&["delete", "--force", "c1"]);
+    ms[0].ferry_ok(&["delete", "--force", "v1"]);
+    assert!(!cvol.exists(), "delete left the shared volume");
+}
+
+/// `--postcopy` on a container: CRIU lazy pages over the state channel. The
+/// container resumes on the target before its memory arrived, keeps
+/// counting, and the source's serving dump ends once every page was sent.
+#[tokio::test]
+async fn postcopy_container_move_resumes_first_and_pulls_memory() {
+    if !need_root("postcopy_container_move_resumes_first_and_pulls_memory") {
+        return;
+    }
+    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
+    let src_pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let before = ms[0].container_counter("c1");
+    let out = ms[0].ferry(&[
+        "move",
+        "c1",
+        "--target",
+        "m2",
+        "--postcopy",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Warning: with --postcopy"),
+        "the CLI does not warn about post-copy: {out:?}"
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("post-copy move: {meta}");
+    assert_eq!(meta["plan"]["state"]["lazy_pages"], true, "{meta}");
+    assert!(
+        meta["path"].as_str().unwrap().contains("post-copy"),
+        "{meta}"
+    );
+    assert!(meta["postcopy_serving_ms"].is_u64(), "{meta}");
+    let inst = ms[1].instance("c1").await;
+    assert_eq!(inst["location"], "m2");
+    assert_eq!(inst["status"], "Running");
+    let alive = std::fs::read_to_string(format!("/proc/{src_pid}/stat"))
+        .map(|st| {
+            !st.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    assert!(!alive, "the source container still runs");
+    assert_advances(|| ms[1].container_counter("c1"), before, "post-copy");
+    // exec works: the whole address space arrived.
+    let n: u64 = wait_for(5, "exec cat /counter", || {
+        ms[1]
+            .ferry_ok(&["exec", "c1", "--", "cat", "/counter"])
+            .trim()
+            .parse()
+            .ok()
+    });
+    assert!(n >= before);
+    ms[1].ferry_ok(&["delete", "--force", "c1"]);
+}
