@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     if argv.get(1).map(String::as_str) == Some("forkstart") {
         std::process::exit(ferry_drivers::container::forkstart_main(&argv[2..]));
     }
+    cloexec_inherited_fds();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -85,4 +86,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot open ferry data dir {}", args.dir.display()))?;
     server::serve(daemon, args.listen).await
+}
+
+/// Descriptors ferryd inherited from whoever started it (a shell's saved
+/// fds, a pipe) must not leak into containers, QEMU or CRIU: a container
+/// holding a host file open cannot be checkpointed ("Can't lookup mount").
+fn cloexec_inherited_fds() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        if let Ok(bits) = fcntl(fd, FcntlArg::F_GETFD) {
+            let flags = FdFlag::from_bits_truncate(bits) | FdFlag::FD_CLOEXEC;
+            let _ = fcntl(fd, FcntlArg::F_SETFD(flags));
+        }
+    }
 }

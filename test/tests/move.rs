@@ -69,6 +69,20 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     );
     std::fs::remove_dir_all(&blocker).unwrap();
 
+    // A service inside the container's network namespace: busybox httpd
+    // on 127.0.0.1:8080 (its listening socket is checkpointed with it).
+    ms[0].ferry_ok(&[
+        "exec",
+        "c1",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo served-by-c1 > /www/index.html && httpd -p 127.0.0.1:8080 -h /www",
+    ]);
+    let get =
+        |m: &Member| m.ferry_ok(&["exec", "c1", "--", "wget", "-qO-", "http://127.0.0.1:8080/"]);
+    assert_eq!(get(&ms[0]).trim(), "served-by-c1");
+
     let src_cgroup = ms[0].instance("c1").await["config"]["volatile.cgroup"]
         .as_str()
         .map(str::to_string);
@@ -146,6 +160,8 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
             .ok()
     });
     assert!(n >= after);
+    // The web server still serves, from the target (same process, restored).
+    assert_eq!(get(&ms[1]).trim(), "served-by-c1");
 
     // And back, stateless this time: stopped, moved, started (counter restarts).
     ms[0].ferry_ok(&["move", "c1", "--target", "m1", "--stateless"]);

@@ -204,6 +204,26 @@ async fn container_move_failures_leave_it_running_on_the_source() {
     let pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
+    // 0. A migration channel with a wrong secret, even from a real member
+    //    identity, is refused (403) and changes nothing.
+    let op = ms[0].client.operations().await.unwrap()[0].id.clone();
+    let resp = member_request(
+        &ms[1],
+        &ms[0],
+        &format!(
+            "GET /1.0/operations/{op}/websocket?secret=0123 HTTP/1.1\r\n\
+             Host: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(
+        resp.contains("invalid or already used websocket secret"),
+        "{resp}"
+    );
+    assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
+
     // 1. CRIU restore fails on the target (after the dump: the source resumes).
     let (c, id) = start_move(&ms[0], "c1", "m2", json!({"migration": true, "live": true})).await;
     let err = failed(&c, &id, "Failure").await;
@@ -251,6 +271,28 @@ async fn container_move_failures_leave_it_running_on_the_source() {
     assert!(!err.is_empty());
     container_undisturbed(&ms, pid).await;
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
+}
+
+/// One raw HTTP request from `from`'s member identity (the cluster
+/// certificate) to `to`'s HTTPS port; returns the response text.
+async fn member_request(from: &Member, to: &Member, req: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = ferry_cluster::ClusterCert::load(&from.dir)
+        .unwrap()
+        .unwrap();
+    let tls = ferry_cluster::mtls::member_client_config(&cert).unwrap();
+    let tcp = tokio::net::TcpStream::connect(&to.https).await.unwrap();
+    let mut conn = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(ferry_cluster::mtls::cluster_server_name(), tcp)
+        .await
+        .unwrap();
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .map(|r| r.unwrap_or(0))
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 /// Launch a VM on m1 and wait for its guest to count.

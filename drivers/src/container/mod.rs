@@ -154,6 +154,18 @@ pub(crate) fn stopped() -> VolatileChanges {
     v
 }
 
+/// stdin for `exec`: the container's own /dev/null, reached through its
+/// init's root (so the file is on the container's root mount). A host file
+/// (ferryd's /dev/null) kept open by a daemon the command starts — shells
+/// keep copies of fd 0 — would make the container impossible to checkpoint
+/// (CRIU: "Can't lookup mount"). The host's /dev/null if the image has none.
+fn container_null(init_pid: u32) -> Stdio {
+    match std::fs::File::open(format!("/proc/{init_pid}/root/dev/null")) {
+        Ok(f) => Stdio::from(f),
+        Err(_) => Stdio::null(),
+    }
+}
+
 fn remove_if_exists(p: &Path) -> std::io::Result<()> {
     let r = if p.is_dir() && !p.is_symlink() {
         std::fs::remove_dir_all(p)
@@ -309,7 +321,7 @@ impl ContainerDriver {
             .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
             .env("HOME", "/root")
             .envs(env)
-            .stdin(Stdio::null())
+            .stdin(container_null(rec.pid))
             .stdout(stdout)
             .stderr(stderr)
             .kill_on_drop(true);
