@@ -497,3 +497,26 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Where `ferry list` on `m` places instance `name` (its `location`).
+pub fn location(m: &Member, name: &str) -> Option<String> {
+    let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["name"] == name)
+        .map(|i| i["location"].as_str().unwrap().to_string())
+        .next()
+}
+
+/// A process that exists and is not a zombie.
+pub fn pid_alive(pid: i64) -> bool {
+    pid > 0
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+                    .unwrap_or(true)
+            })
+            .unwrap_or(false)
+}

@@ -4,29 +4,8 @@
 
 use std::time::Duration;
 
-use ferry_test::{form_cluster, need_root, wait_for, Member};
+use ferry_test::{form_cluster, location, need_root, pid_alive, wait_for, Member};
 use serde_json::Value;
-
-fn pid_alive(pid: i64) -> bool {
-    pid > 0
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                !s.rsplit_once(')')
-                    .map(|(_, r)| r.trim_start().starts_with('Z'))
-                    .unwrap_or(true)
-            })
-            .unwrap_or(false)
-}
-
-fn location(m: &Member, name: &str) -> Option<String> {
-    let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["name"] == name)
-        .map(|i| i["location"].as_str().unwrap().to_string())
-        .next()
-}
 
 #[tokio::test]
 async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {

@@ -11,18 +11,8 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_drivers::vm::VmDriver;
-use ferry_test::{form_cluster, need_root, wait_for, Member};
+use ferry_test::{form_cluster, location, need_root, wait_for, Member};
 use serde_json::{json, Value};
-
-fn location(m: &Member, name: &str) -> Option<String> {
-    let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["name"] == name)
-        .map(|i| i["location"].as_str().unwrap().to_string())
-        .next()
-}
 
 /// Start a move through the API; returns the client and operation id.
 async fn start_move(m: &Member, name: &str, target: &str, body: Value) -> (Client, String) {

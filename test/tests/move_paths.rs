@@ -9,18 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_drivers::vm::VmDriver;
-use ferry_test::{form_cluster, need_root, wait_for, Member};
+use ferry_test::{form_cluster, location, need_root, pid_alive, wait_for, Member};
 use serde_json::Value;
-
-fn location(m: &Member, name: &str) -> Option<String> {
-    let list: Value = serde_json::from_str(&m.ferry_ok(&["list", "--format", "json"])).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["name"] == name)
-        .map(|i| i["location"].as_str().unwrap().to_string())
-        .next()
-}
 
 fn move_json(m: &Member, name: &str, target: &str) -> Value {
     let out = m.ferry_ok(&["move", name, "--target", target, "--format", "json"]);
@@ -267,13 +257,7 @@ async fn postcopy_container_move_resumes_first_and_pulls_memory() {
     let inst = ms[1].instance("c1").await;
     assert_eq!(inst["location"], "m2");
     assert_eq!(inst["status"], "Running");
-    let alive = std::fs::read_to_string(format!("/proc/{src_pid}/stat"))
-        .map(|st| {
-            !st.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false);
-    assert!(!alive, "the source container still runs");
+    assert!(!pid_alive(src_pid), "the source container still runs");
     assert_advances(|| ms[1].container_counter("c1"), before, "post-copy");
     // exec works: the whole address space arrived.
     let n: u64 = wait_for(5, "exec cat /counter", || {

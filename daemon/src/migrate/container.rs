@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferry_drivers::container::{ContainerDriver, LazyFrom, LazyServe, PagesTo};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave, VolatileChanges};
-use ferry_migration::{ByteChannel, FsPlan, Plan, SourceState, StatePlan, TargetState};
+use ferry_migration::{ByteChannel, Plan, SourceState, StatePlan, TargetState};
 use serde_json::json;
 use tokio_util::io::SyncIoBridge;
 
@@ -23,18 +23,8 @@ use super::progress::Phase;
 use super::source::{close_bridge, send_archive, MoveRun};
 use super::target::{recv_archive, ReadBridge};
 use super::ws::{self, WsControl, WsPipe};
+use super::{is_shared, socketpair};
 use crate::core::Daemon;
-
-fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStream), String> {
-    let (theirs, ours) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
-    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
-    Ok((std::os::fd::OwnedFd::from(theirs), ours))
-}
-
-fn is_shared(plan: &Plan) -> bool {
-    matches!(plan.fs, FsPlan::Shared { .. })
-}
 
 impl MoveRun {
     pub(super) async fn transfer_container(

@@ -71,6 +71,19 @@ pub struct SinkRequest {
     pub disk_size: Option<u64>,
 }
 
+/// A connected socketpair: one end for CRIU/QEMU (an fd), one for our relay.
+pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStream), String> {
+    let (theirs, ours) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+    Ok((std::os::fd::OwnedFd::from(theirs), ours))
+}
+
+/// The plan keeps the volume where it is (a pool both members see).
+pub(super) fn is_shared(plan: &ferry_migration::Plan) -> bool {
+    matches!(plan.fs, ferry_migration::FsPlan::Shared { .. })
+}
+
 /// Remove an instance's member-local files (run dir, logs) but never its
 /// volume: for instances on the shared pool, whose volume another member
 /// uses. A root still mounted in the run dir is left alone (removing the

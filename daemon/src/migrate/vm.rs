@@ -3,7 +3,6 @@
 //! over the `state` websocket in both directions (post-copy needs the
 //! return path). No state file is written on either side.
 
-use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams};
@@ -17,6 +16,7 @@ use tokio_util::io::SyncIoBridge;
 use super::progress::Phase;
 use super::source::{close_bridge, send_archive, MoveRun};
 use super::ws::{self, WsControl, WsPipe};
+use super::{is_shared, socketpair};
 use crate::core::Daemon;
 
 /// QEMU parameters from the agreed plan (the same on both sides).
@@ -30,18 +30,6 @@ fn params(plan: &Plan) -> MigrateParams {
             .unwrap_or(MigrateParams::default().downtime_limit_ms),
         ..MigrateParams::default()
     }
-}
-
-/// A connected socketpair: one end for QEMU (an fd), one for our relay.
-fn socketpair() -> Result<(OwnedFd, tokio::net::UnixStream), String> {
-    let (qemu_end, ours) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
-    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
-    Ok((OwnedFd::from(qemu_end), ours))
-}
-
-fn is_shared(plan: &Plan) -> bool {
-    matches!(plan.fs, FsPlan::Shared { .. })
 }
 
 /// A block mirror needs a live QEMU on both sides.
