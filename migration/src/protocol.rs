@@ -423,7 +423,12 @@ pub enum Message {
     StateReady {},
     Progress(Progress),
     /// Target: the instance runs on the target (the point of no return).
-    Resumed {},
+    /// `at_us`: when it resumed (µs since the epoch, e.g. QEMU's RESUME
+    /// event), for ferry's downtime measure where both clocks agree.
+    Resumed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at_us: Option<u64>,
+    },
     /// Target: the move is complete.
     Success {},
     Failure {
@@ -445,7 +450,7 @@ impl Message {
             Message::FsDone { .. } => "fs_done",
             Message::StateReady {} => "state_ready",
             Message::Progress(_) => "progress",
-            Message::Resumed {} => "resumed",
+            Message::Resumed { .. } => "resumed",
             Message::Success {} => "success",
             Message::Failure { .. } => "failure",
             Message::Cancel { .. } => "cancel",
@@ -824,7 +829,7 @@ impl SourceState {
                     fs_sent,
                     state_sent,
                 },
-                m @ (Message::Resumed {} | Message::Success {}),
+                m @ (Message::Resumed { .. } | Message::Success {}),
             ) => {
                 if !fs_sent || (plan.is_stateful() && !state_sent) {
                     return Err(unexpected(
@@ -834,7 +839,7 @@ impl SourceState {
                     ));
                 }
                 Ok(match m {
-                    Message::Resumed {} => S::Resumed { version, plan },
+                    Message::Resumed { .. } => S::Resumed { version, plan },
                     _ => S::Done { version, plan },
                 })
             }

@@ -58,7 +58,7 @@ fn all_messages() -> Vec<(&'static str, Message)> {
                 detail: None,
             }),
         ),
-        ("resumed", Message::Resumed {}),
+        ("resumed", Message::Resumed { at_us: None }),
         ("success", Message::Success {}),
         (
             "failure",

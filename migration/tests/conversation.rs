@@ -138,7 +138,7 @@ async fn run_target(
     }))
     .await?;
     let st = st.resumed()?;
-    ch.send(&Message::Resumed {}).await?;
+    ch.send(&Message::Resumed { at_us: None }).await?;
     let st = st.succeed()?;
     ch.send(&Message::Success {}).await?;
     Ok(st)

@@ -348,7 +348,7 @@ impl Daemon {
                 return Err(format!("restore failed: {e}"));
             }
         };
-        let st = super::target::send_resumed(ctl, st).await?;
+        let st = super::target::send_resumed(ctl, st, None).await?;
         if let Err(e) = pages.wait().await {
             let _ = Driver::Container(driver).stop(spec, true, &ctx).await;
             return Err(format!(

@@ -164,6 +164,7 @@ impl Daemon {
                     dumped: false,
                     saved_state: false,
                     lazy: None,
+                    stop_event_us: None,
                     nbd_relay: None,
                     frozen: None,
                     vm_migrated: false,
@@ -209,6 +210,8 @@ pub(super) struct MoveRun {
     pub(super) frozen: Option<Instant>,
     /// A VM whose QEMU migration completed (its source QEMU is paused).
     pub(super) vm_migrated: bool,
+    /// QEMU's STOP event on the source (µs since the epoch).
+    pub(super) stop_event_us: Option<u64>,
     /// The serving dump of a post-copy container move.
     pub(super) lazy: Option<ferry_drivers::container::LazyDump>,
     /// The relay of a VM's block mirror (NBD over fs): ended on failure so
@@ -431,12 +434,18 @@ impl MoveRun {
                 .recv()
                 .await
                 .map_err(|e| format!("control channel: {e}"))?;
-            if let (Message::Resumed {}, Some(t)) = (&msg, self.frozen) {
-                // Downtime as ferry sees it: freeze on the source → running on the target.
-                self.op
-                    .set_meta("downtime_ms", json!(t.elapsed().as_millis() as u64));
+            if let (Message::Resumed { at_us }, Some(t)) = (&msg, self.frozen) {
+                // Downtime as ferry sees it: freeze on the source → running
+                // on the target; for VMs QEMU's STOP (source) → RESUME
+                // (target) event timestamps (wall clocks: one host or NTP).
+                let events = match (self.stop_event_us, at_us) {
+                    (Some(stop), Some(resume)) if *resume >= stop => Some((resume - stop) / 1000),
+                    _ => None,
+                };
+                let ms = events.unwrap_or(t.elapsed().as_millis() as u64);
+                self.op.set_meta("downtime_ms", json!(ms));
             }
-            if let (Message::Resumed {}, Some(dump)) = (&msg, self.lazy.as_mut()) {
+            if let (Message::Resumed { .. }, Some(dump)) = (&msg, self.lazy.as_mut()) {
                 // Post-copy: it runs on the target; the source may never resume.
                 dump.commit();
                 self.phase(

@@ -204,7 +204,7 @@ impl Daemon {
         spec: &InstanceSpec,
         vol: ferry_drivers::VolatileChanges,
     ) -> Result<(), String> {
-        let st = send_resumed(ctl, st).await?;
+        let st = send_resumed(ctl, st, None).await?;
         self.report_success(ctl, st, spec, vol).await
     }
 
@@ -240,9 +240,10 @@ impl Daemon {
 pub(super) async fn send_resumed(
     ctl: &mut WsControl,
     st: TargetState,
+    at_us: Option<u64>,
 ) -> Result<TargetState, String> {
     let st = st.resumed().map_err(|e| e.to_string())?;
-    ctl.send(&Message::Resumed {})
+    ctl.send(&Message::Resumed { at_us })
         .await
         .map_err(|e| e.to_string())?;
     Ok(st)

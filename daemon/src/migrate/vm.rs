@@ -142,6 +142,7 @@ impl MoveRun {
                 .map_err(|e| format!("QEMU migration: {e}"))?;
             // QEMU completed: the source is paused, the target runs or is about to.
             self.vm_migrated = true;
+            self.stop_event_us = stats.stop_event_us;
             self.frozen = Some(
                 started
                     + std::time::Duration::from_millis(
@@ -338,11 +339,13 @@ impl Daemon {
             None
         };
         let st = super::target::await_restore(ctl, st).await?;
+        let mut resumed_at = None;
         let vol = if let Some(incoming) = incoming {
-            incoming
+            let stats = incoming
                 .wait(&ctx)
                 .await
                 .map_err(|e| format!("incoming migration: {e}"))?;
+            resumed_at = stats.resume_event_us;
             Default::default()
         } else if plan.state == StatePlan::StatefulStopFile {
             Driver::Vm(vm)
@@ -357,6 +360,7 @@ impl Daemon {
         } else {
             Default::default()
         };
-        self.report_resumed(ctl, st, spec, vol).await
+        let st = super::target::send_resumed(ctl, st, resumed_at).await?;
+        self.report_success(ctl, st, spec, vol).await
     }
 }
