@@ -255,12 +255,23 @@ impl MoveRun {
                 v.push(StateTransfer::StatefulStopFile);
                 v
             }
-            (true, true) => vec![
-                StateTransfer::VmQemuLive {
-                    features: vec![QemuFeature::AutoConverge, QemuFeature::Postcopy],
-                },
-                StateTransfer::StatefulStopFile,
-            ],
+            (true, true) => {
+                let mut features = vec![QemuFeature::AutoConverge, QemuFeature::Postcopy];
+                // XBZRLE (delta-compressed re-sent pages) pays off when the
+                // link is the bottleneck; on an unlimited link it costs CPU.
+                if self
+                    .options
+                    .bandwidth
+                    .or(self.d.settings.migration_bandwidth)
+                    .is_some()
+                {
+                    features.push(QemuFeature::Xbzrle);
+                }
+                vec![
+                    StateTransfer::VmQemuLive { features },
+                    StateTransfer::StatefulStopFile,
+                ]
+            }
         };
         let fs = if self.rec.storage_pool == crate::settings::SHARED_POOL {
             // Only members that see the same pool can take it.

@@ -149,7 +149,11 @@ impl Daemon {
                 vec![
                     StateTransfer::CriuPageServer,
                     StateTransfer::VmQemuLive {
-                        features: vec![QemuFeature::AutoConverge, QemuFeature::Postcopy],
+                        features: vec![
+                            QemuFeature::AutoConverge,
+                            QemuFeature::Postcopy,
+                            QemuFeature::Xbzrle,
+                        ],
                     },
                     StateTransfer::StatefulStopFile,
                     StateTransfer::None,

@@ -9,7 +9,9 @@ use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams};
 use ferry_drivers::vm::mirror::MirrorParams;
 use ferry_drivers::vm::VmDriver;
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave};
-use ferry_migration::{ByteChannel, FsPlan, Plan, SourceState, StatePlan, TargetState};
+use ferry_migration::{
+    ByteChannel, FsPlan, Plan, QemuFeature, SourceState, StatePlan, TargetState,
+};
 use serde_json::json;
 use tokio_util::io::SyncIoBridge;
 
@@ -21,7 +23,13 @@ use crate::core::Daemon;
 
 /// QEMU parameters from the agreed plan (the same on both sides).
 fn params(plan: &Plan) -> MigrateParams {
+    let has = |f: QemuFeature| match &plan.state {
+        StatePlan::VmQemuLive { features } => features.contains(&f),
+        _ => false,
+    };
     MigrateParams {
+        auto_converge: has(QemuFeature::AutoConverge),
+        xbzrle: has(QemuFeature::Xbzrle),
         postcopy: plan.is_postcopy(),
         max_bandwidth: plan.options.bandwidth,
         downtime_limit_ms: plan
