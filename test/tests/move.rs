@@ -354,7 +354,10 @@ async fn live_vm_move_keeps_the_guest_running() {
     assert_eq!(meta["plan"]["fs"]["type"], "block_mirror", "{meta}");
     assert_eq!(meta["qemu_params"]["block_mirror"], true, "{meta}");
     assert_eq!(meta["qemu_params"]["auto_converge"], true, "{meta}");
-    assert_eq!(meta["qemu_params"]["xbzrle"], false, "unlimited link: {meta}");
+    assert_eq!(
+        meta["qemu_params"]["xbzrle"], false,
+        "unlimited link: {meta}"
+    );
     assert_eq!(
         sha(&ms[1].spec("v1", true).paths.volume.join("disk.img")),
         src_disk,
@@ -409,6 +412,10 @@ async fn live_vm_move_keeps_the_guest_running() {
     assert_eq!(meta["qemu_params"]["postcopy"], true, "{meta}");
     assert_eq!(meta["qemu_params"]["max_bandwidth"], 256u64 << 20, "{meta}");
     assert_eq!(meta["qemu_params"]["xbzrle"], true, "capped link: {meta}");
+    assert_eq!(
+        meta["plan"]["state_compression"], "zstd",
+        "capped link: {meta}"
+    );
     assert_eq!(meta["qemu_params"]["downtime_limit_ms"], 100, "{meta}");
     let back = VmDriver::default()
         .read_counter(&ms[0].spec("v1", true))

@@ -238,6 +238,8 @@ async fn postcopy_container_move_resumes_first_and_pulls_memory() {
         "--target",
         "m2",
         "--postcopy",
+        "--bandwidth",
+        "64MiB",
         "--format",
         "json",
     ]);
@@ -249,6 +251,8 @@ async fn postcopy_container_move_resumes_first_and_pulls_memory() {
     let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("post-copy move: {meta}");
     assert_eq!(meta["plan"]["state"]["lazy_pages"], true, "{meta}");
+    // A capped link: the page stream (requests and pages) is zstd-compressed.
+    assert_eq!(meta["plan"]["state_compression"], "zstd", "{meta}");
     assert!(
         meta["path"].as_str().unwrap().contains("post-copy"),
         "{meta}"

@@ -90,7 +90,7 @@ impl MoveRun {
                 // The dump serves pages on one end of a socketpair; the
                 // target's lazy-pages daemon asks for them over the relay.
                 let (criu_end, ours) = socketpair()?;
-                let state_stream = ws::into_stream(state_pipe);
+                let state_stream = super::state_channel(state_pipe, plan)?;
                 tokio::spawn(async move {
                     if let Err(e) = ferry_migration::relay(ours, state_stream).await {
                         tracing::warn!(error = %e, "post-copy page stream");
@@ -118,7 +118,7 @@ impl MoveRun {
                 // CRIU writes pages into one end of a socketpair; ferry relays
                 // the other end over the state channel (no TCP, no Nagle stalls).
                 let (criu_end, ours) = socketpair()?;
-                let state_stream = ws::into_stream(state_pipe);
+                let state_stream = super::state_channel(state_pipe, plan)?;
                 let relay = tokio::spawn(async move {
                     ferry_migration::relay(ours, state_stream)
                         .await
@@ -247,7 +247,7 @@ impl Daemon {
                 .page_server_on_socket(&images, criu_end, &ctx)
                 .await
                 .map_err(|e| e.to_string())?;
-            let state_stream = ws::into_stream(state_pipe);
+            let state_stream = super::state_channel(state_pipe, plan)?;
             let relay = tokio::spawn(async move {
                 ferry_migration::relay(state_stream, ours)
                     .await
@@ -284,7 +284,7 @@ impl Daemon {
         if lazy {
             let state_pipe = state_pipe.take().ok_or("no state channel")?;
             return self
-                .restore_postcopy(ctl, st, spec, &images, state_pipe)
+                .restore_postcopy(ctl, st, spec, &images, state_pipe, plan)
                 .await;
         }
         let vol: VolatileChanges = if let Some((ps, relay)) = page_server {
@@ -324,6 +324,7 @@ impl Daemon {
         spec: &InstanceSpec,
         images: &Path,
         state_pipe: WsPipe,
+        plan: &Plan,
     ) -> Result<(), String> {
         let driver = ContainerDriver::default();
         let ctx = OpCtx::detached();
@@ -332,7 +333,7 @@ impl Daemon {
             .lazy_pages(images, LazyFrom::Socket(criu_end), &ctx)
             .await
             .map_err(|e| format!("lazy-pages daemon: {e}"))?;
-        let state_stream = ws::into_stream(state_pipe);
+        let state_stream = super::state_channel(state_pipe, plan)?;
         tokio::spawn(async move {
             if let Err(e) = ferry_migration::relay(state_stream, ours).await {
                 tracing::warn!(error = %e, "post-copy page stream");

@@ -79,6 +79,16 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
     Ok((std::os::fd::OwnedFd::from(theirs), ours))
 }
 
+/// The state channel as a byte stream, zstd-compressed both ways when the
+/// plan says so (`state_compression`).
+pub(super) fn state_channel(
+    pipe: ws::WsPipe,
+    plan: &ferry_migration::Plan,
+) -> Result<ferry_migration::ByteChannel<tokio::io::DuplexStream>, String> {
+    ferry_migration::ByteChannel::new(ws::into_stream(pipe), plan.state_compression)
+        .map_err(|e| e.to_string())
+}
+
 /// The plan keeps the volume where it is (a pool both members see).
 pub(super) fn is_shared(plan: &ferry_migration::Plan) -> bool {
     matches!(plan.fs, ferry_migration::FsPlan::Shared { .. })

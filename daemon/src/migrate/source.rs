@@ -306,7 +306,13 @@ impl MoveRun {
             instance_type: if vm { MigType::Vm } else { MigType::Container },
             fs,
             state,
-            state_compression: vec![Compression::None],
+            // zstd on the state stream pays off on a capped link; on an
+            // unlimited one it would cost more CPU than it saves.
+            state_compression: if options.bandwidth.is_some() {
+                vec![Compression::Zstd, Compression::None]
+            } else {
+                vec![Compression::None, Compression::Zstd]
+            },
             volume_size,
             snapshots: vec![],
             stateful: self.live,

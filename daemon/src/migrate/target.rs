@@ -160,7 +160,7 @@ impl Daemon {
                 ],
             ]
             .concat(),
-            state_compression: vec![Compression::None],
+            state_compression: vec![Compression::Zstd, Compression::None],
             free_bytes: super::progress::free_bytes(&pools),
         };
         let st = target_handshake(&mut ctl, &self.local_end(), caps)

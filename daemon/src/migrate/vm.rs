@@ -114,7 +114,7 @@ impl MoveRun {
         if matches!(plan.state, StatePlan::VmQemuLive { .. }) {
             self.phase(Phase::Memory, "migrating memory (QEMU pre-copy)");
             let (qemu_fd, ours) = socketpair()?;
-            let state_stream = ws::into_stream(state_pipe);
+            let state_stream = super::state_channel(state_pipe, plan)?;
             let nbd = self.nbd_relay.clone();
             let relay = tokio::spawn(async move {
                 let r = ferry_migration::relay(ours, state_stream)
@@ -340,7 +340,7 @@ impl Daemon {
                     }
                 });
             }
-            let state_stream = ws::into_stream(state_pipe);
+            let state_stream = super::state_channel(state_pipe, plan)?;
             tokio::spawn(async move { ferry_migration::relay(state_stream, ours).await });
             Some(incoming)
         } else {

@@ -1,0 +1,1414 @@
+//! `move-bench`: downtime, total time and throughput of ferry's moves next to
+//! the raw CRIU / QEMU paths they are built on, measured side by side in one
+//! run (not a test; run as root, see `scripts/bench-move.sh` and
+//! doc/benchmarks-moves.md).
+//!
+//! Containers (issue 4): a busybox container running `/dirty 100 10`, a tiny
+//! static C program built here with `gcc -static -O2` that mallocs 100 MiB,
+//! fills it and then rewrites one byte of every page every ~10 ms.
+//! - (a) raw CRIU, pages to files: `migrate_dump_with(PagesTo::Files)`, the
+//!   images directory copied, `migrate_restore` from the copy (LXD's path);
+//! - (b) raw CRIU, local dump + restore from the same directory (the floor);
+//! - (c) ferry's live move between two real `ferryd` members;
+//! - (d) ferry's post-copy move (`--postcopy`, CRIU lazy pages).
+//!
+//! (a) and (b) use the container driver directly on two specs ("members") in a
+//! temp dir that share the volume (like drivers/tests/container_migrate.rs
+//! `move_shared_volume`), so no root filesystem is copied: they time CRIU and
+//! the image copy only.
+//!
+//! VMs (issue 5): the test guest (`testvm`, `limits.memory=1GiB`,
+//! `testvm.dirty_mib=64`: a 64 MiB hot set rewritten continuously).
+//! - (a) raw QEMU-to-QEMU over two socketpairs and a relay
+//!   (`migrate_incoming` / `migrate_outgoing`, ferry's default parameters;
+//!   the disk is copied before, no block mirror);
+//! - (b) ferry's live move with its defaults;
+//! - (c) ferry's live move with Incus/LXD-like settings (`--bandwidth 128MiB
+//!   --max-downtime 300`);
+//! - (d) ferry's stateful-stop fallback: the move to a member started with
+//!   `FERRY_MIGRATION_PROTOCOL=1`.
+//!
+//! Every repetition runs every variant once, in that order; only one
+//! container / one VM exists at a time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_drivers::container::{forkstart_main, ContainerDriver, PagesTo};
+use ferry_drivers::vm::migrate::MigrateParams;
+use ferry_drivers::vm::VmDriver;
+use ferry_drivers::{InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx};
+use ferry_test::Member;
+use serde_json::Value;
+
+const USAGE: &str =
+    "usage: move-bench [--reps N] [--only container|vm] [--write-doc PATH] [--command TEXT]
+
+  --reps N          repetitions of every variant (default 5)
+  --only KIND       run only the container or only the VM part
+  --write-doc PATH  also write the results into PATH (markdown; replaces the
+                    generated section between its markers, keeps the rest)
+  --command TEXT    the command line to record in the doc (default: this one)";
+
+const MIB: u64 = 1 << 20;
+/// Container: memory the dirtier holds, and the pause between its passes.
+const DIRTY_MIB: u64 = 100;
+const DIRTY_INTERVAL_MS: u64 = 10;
+const CT_MEMORY: &str = "256MiB";
+/// VM: RAM and the hot set the guest rewrites.
+const VM_MEMORY: &str = "1GiB";
+const VM_DIRTY_MIB: &str = "64";
+/// One ferry move may take this long before the bench gives up on it.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
+
+const DIRTY_C: &str = r#"
+/* dirty MIB INTERVAL_MS: hold MIB MiB of anonymous memory, fill it with
+   pseudo-random bytes, then rewrite one byte of every page, pause
+   INTERVAL_MS, forever. Built static by move-bench. It closes every fd
+   first: what the exec session handed down (the host's /dev/null, pipes)
+   lives outside the container's mounts and CRIU could not dump it. */
+#include <stdlib.h>
+#include <stdint.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 0; fd < 1024; fd++) close(fd);
+    size_t mib = argc > 1 ? strtoul(argv[1], 0, 10) : 100;
+    long ms = argc > 2 ? strtol(argv[2], 0, 10) : 10;
+    size_t n = mib << 20;
+    volatile uint64_t *p = malloc(n);
+    if (!p) return 1;
+    uint64_t x = 88172645463325252ull;
+    for (size_t i = 0; i < n / 8; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        p[i] = x;
+    }
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    for (uint64_t pass = 1;; pass++) {
+        for (size_t i = 0; i < n / 8; i += 512) p[i] ^= pass;
+        if (ms > 0) nanosleep(&ts, 0);
+    }
+}
+"#;
+
+struct Opts {
+    reps: usize,
+    container: bool,
+    vm: bool,
+    write_doc: Option<PathBuf>,
+    command: Option<String>,
+}
+
+fn parse_args() -> Opts {
+    let mut o = Opts {
+        reps: 5,
+        container: true,
+        vm: true,
+        write_doc: None,
+        command: None,
+    };
+    let mut args = std::env::args().skip(1);
+    let bad = |m: String| -> ! {
+        eprintln!("move-bench: {m}\n{USAGE}");
+        std::process::exit(2)
+    };
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| {
+            args.next()
+                .unwrap_or_else(|| bad(format!("{name} needs a value")))
+        };
+        match a.as_str() {
+            "--reps" => {
+                o.reps = val("--reps")
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| bad("--reps takes a positive number".into()))
+            }
+            "--only" => match val("--only").as_str() {
+                "container" => o.vm = false,
+                "vm" => o.container = false,
+                x => bad(format!("--only container|vm, not {x:?}")),
+            },
+            "--write-doc" => o.write_doc = Some(PathBuf::from(val("--write-doc"))),
+            "--command" => o.command = Some(val("--command")),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            other => bad(format!("unknown argument {other:?}")),
+        }
+    }
+    o
+}
+
+// ---------------------------------------------------------------- results
+
+/// One variant's samples over the repetitions: metric name -> value per rep.
+struct Series {
+    key: &'static str,
+    label: String,
+    samples: Vec<BTreeMap<&'static str, f64>>,
+    errors: Vec<String>,
+}
+
+impl Series {
+    fn new(key: &'static str, label: impl Into<String>) -> Series {
+        Series {
+            key,
+            label: label.into(),
+            samples: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, rep: usize, r: Result<BTreeMap<&'static str, f64>, String>) {
+        match r {
+            Ok(s) => {
+                let line: Vec<String> = s.iter().map(|(k, v)| format!("{k}={v:.1}")).collect();
+                eprintln!("  [{}] rep {}: {}", self.key, rep + 1, line.join(" "));
+                self.samples.push(s);
+            }
+            Err(e) => {
+                eprintln!("  [{}] rep {}: FAILED: {e}", self.key, rep + 1);
+                self.errors.push(format!("rep {}: {e}", rep + 1));
+            }
+        }
+    }
+
+    fn values(&self, metric: &str) -> Vec<f64> {
+        let mut v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter_map(|s| s.get(metric).copied())
+            .collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v
+    }
+
+    fn median(&self, metric: &str) -> Option<f64> {
+        let v = self.values(metric);
+        match v.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(v[n / 2]),
+            n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    }
+
+    /// "median (min–max)", or "–".
+    fn cell(&self, metric: &str, decimals: usize) -> String {
+        let v = self.values(metric);
+        let Some(med) = self.median(metric) else {
+            return "–".into();
+        };
+        if v.len() == 1 {
+            return format!("{med:.decimals$}");
+        }
+        format!(
+            "{med:.decimals$} ({:.decimals$}–{:.decimals$})",
+            v[0],
+            v[v.len() - 1]
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |err| format!("{what}: {err}")
+}
+
+/// Build the dirtier with `gcc -static -O2` into `dir`.
+fn build_dirty(dir: &Path) -> Result<PathBuf, String> {
+    let src = dir.join("dirty.c");
+    let bin = dir.join("dirty");
+    std::fs::write(&src, DIRTY_C).map_err(e("write dirty.c"))?;
+    let out = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .map_err(e("run gcc"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "gcc -static -O2 dirty.c failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(bin)
+}
+
+fn install_dirty(bin: &Path, rootfs: &Path) -> Result<(), String> {
+    let to = rootfs.join("dirty");
+    std::fs::copy(bin, &to).map_err(e("copy dirty into the rootfs"))?;
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).map_err(e("chmod dirty"))
+}
+
+/// The shell command (inside the container) that starts the dirtier in the
+/// background, detached from the exec session.
+fn dirty_cmd() -> String {
+    format!("/dirty {DIRTY_MIB} {DIRTY_INTERVAL_MS} </dev/null >/dev/null 2>&1 &")
+}
+
+fn stat_fields(pid: u32) -> Option<(String, char, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = s.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((comm, state, ppid))
+}
+
+/// Resident MiB of the `dirty` process whose parent is `init` (host pids).
+fn dirty_rss_mib(init: u32) -> Option<u64> {
+    for ent in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Some((comm, state, ppid)) = stat_fields(pid) else {
+            continue;
+        };
+        if comm == "dirty" && ppid == init && state != 'Z' {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let kb: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+            return Some(kb / 1024);
+        }
+    }
+    None
+}
+
+/// Wait until the dirtier under `init` holds (nearly) all its memory.
+async fn wait_dirty(init: u32, secs: u64) -> Result<u64, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(r) = dirty_rss_mib(init) {
+            if r + 2 >= DIRTY_MIB {
+                return Ok(r);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the dirtier under pid {init} does not hold {DIRTY_MIB} MiB (rss {:?} MiB)",
+                dirty_rss_mib(init)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Run the `ferry` CLI against `m`, bounded by `limit`; stdout on success.
+async fn ferry(m: &Member, args: &[&str], limit: Duration) -> Result<String, String> {
+    let child = tokio::process::Command::new(ferry_test::bin_dir().join("ferry"))
+        .args(args)
+        .env("FERRY_DIR", &m.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(e("run ferry"))?;
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .map_err(|_| format!("ferry {args:?} did not finish within {limit:?}"))?
+        .map_err(e("ferry"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ferry {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ferry move NAME --target T [extra] --format json` sent to `via`; the
+/// operation's metadata.
+async fn ferry_move(
+    via: &Member,
+    name: &str,
+    target: &str,
+    extra: &[&str],
+) -> Result<Value, String> {
+    let mut args = vec!["move", name, "--target", target];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--format", "json"]);
+    let out = ferry(via, &args, MOVE_TIMEOUT).await?;
+    serde_json::from_str(out.trim()).map_err(|err| format!("move output {out:?}: {err}"))
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut x = v;
+    for p in path {
+        x = x.get(p)?;
+    }
+    x.as_f64()
+}
+
+// ---------------------------------------------------------------- containers
+
+fn ct_spec(member: &Path, name: &str) -> InstanceSpec {
+    InstanceSpec {
+        name: name.to_string(),
+        kind: InstanceType::Container,
+        image: "busybox".into(),
+        config: [("limits.memory".to_string(), CT_MEMORY.to_string())].into(),
+        volatile: BTreeMap::new(),
+        paths: InstancePaths {
+            volume: member.join("volumes").join(name),
+            run: member.join("run").join(name),
+            logs: member.join("logs").join(name),
+            images: member.join("images"),
+        },
+    }
+}
+
+/// The ferry cgroups of instance `name` on any hierarchy.
+fn ferry_cgroups(name: &str) -> Vec<PathBuf> {
+    let prefix = format!("{name}-");
+    [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/memory",
+    ]
+    .iter()
+    .filter_map(|h| std::fs::read_dir(Path::new(h).join("ferry")).ok())
+    .flatten()
+    .filter_map(|e| e.ok())
+    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    .map(|e| e.path())
+    .collect()
+}
+
+/// Kills and unmounts what a raw container run left, also on failure.
+struct CtCleanup(Vec<InstanceSpec>);
+
+impl Drop for CtCleanup {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            for f in ["init.pid", "criu-restore.pid"] {
+                if let Some(pid) = std::fs::read_to_string(s.paths.run.join(f))
+                    .ok()
+                    .and_then(|t| t.split_whitespace().next()?.parse::<i32>().ok())
+                {
+                    if pid > 1 {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for s in &self.0 {
+            for m in [s.paths.run.join("rootfs"), s.paths.volume.join("rootfs")] {
+                for _ in 0..4 {
+                    let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+            for dir in ferry_cgroups(&s.name) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+/// Copy the files of `src` (flat, as CRIU writes them) into `dst`; bytes.
+fn copy_images(src: &Path, dst: &Path) -> Result<u64, String> {
+    std::fs::create_dir_all(dst).map_err(e("mkdir images copy"))?;
+    let mut bytes = 0;
+    for ent in std::fs::read_dir(src).map_err(e("read images"))? {
+        let ent = ent.map_err(e("read images"))?;
+        bytes += std::fs::copy(ent.path(), dst.join(ent.file_name())).map_err(e("copy image"))?;
+    }
+    Ok(bytes)
+}
+
+/// Raw CRIU move of a fresh container between two specs sharing its volume:
+/// dump (pages to files), optionally copy the images dir, restore.
+async fn raw_container(
+    d: &ContainerDriver,
+    base: &Path,
+    dirty: &Path,
+    name: &str,
+    copy: bool,
+) -> Result<BTreeMap<&'static str, f64>, String> {
+    let ctx = OpCtx::detached();
+    let a = ct_spec(&base.join("a"), name);
+    let mut b = ct_spec(&base.join("b"), name);
+    b.paths.volume = a.paths.volume.clone();
+    let _g = CtCleanup(vec![a.clone(), b.clone()]);
+    d.create(&a, &ctx).await.map_err(e("create"))?;
+    install_dirty(dirty, &a.paths.volume.join("rootfs"))?;
+    d.start(&a, &ctx).await.map_err(e("start"))?;
+    let init_a = d.state(&a).await.map_err(e("state"))?.pid;
+    let out = tempfile::tempfile().map_err(e("tempfile"))?;
+    let argv = ["sh".to_string(), "-c".to_string(), dirty_cmd()];
+    let rc = d
+        .exec(
+            &a,
+            &argv,
+            &BTreeMap::new(),
+            out.try_clone().map_err(e("dup"))?,
+            out,
+        )
+        .await
+        .map_err(e("exec dirty"))?;
+    if rc != 0 {
+        return Err(format!("starting the dirtier exited with {rc}"));
+    }
+    wait_dirty(init_a, 30).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let images_a = base.join("a/images-dump");
+    let images_b = base.join("b/images-copy");
+    let info = d
+        .migrate_dump_with(&a, &images_a, PagesTo::Files, &ctx)
+        .await
+        .map_err(e("criu dump"))?;
+    let mut copied = 0;
+    let from = if copy {
+        copied = copy_images(&images_a, &images_b)?;
+        &images_b
+    } else {
+        &images_a
+    };
+    let handover = info.frozen_at.elapsed();
+    d.migrate_restore(&b, from, &ctx)
+        .await
+        .map_err(e("criu restore"))?;
+    let downtime = info.frozen_at.elapsed();
+    d.migrate_finish_source(&a, &ctx)
+        .await
+        .map_err(e("finish source"))?;
+    let total = info.frozen_at.elapsed();
+    let init_b = d.state(&b).await.map_err(e("state b"))?.pid;
+    let rss = wait_dirty(init_b, 10)
+        .await
+        .map_err(|err| format!("after the restore: {err}"))?;
+    let _ = std::fs::remove_dir_all(&images_a);
+    d.stop(&b, true, &ctx).await.map_err(e("stop"))?;
+    d.delete(&b).await.map_err(e("delete"))?;
+    let mut s = BTreeMap::new();
+    s.insert("downtime", ms(downtime));
+    s.insert("total", ms(total));
+    s.insert("dump", ms(info.dump_time));
+    s.insert("handover", ms(handover));
+    s.insert("restore", ms(downtime - handover));
+    if let Some(f) = info.criu_frozen {
+        s.insert("criu_frozen", ms(f));
+    }
+    s.insert("images_mib", info.image_bytes as f64 / MIB as f64);
+    if copy {
+        s.insert("copied_mib", copied as f64 / MIB as f64);
+    }
+    s.insert("rss_after_mib", rss as f64);
+    Ok(s)
+}
+
+/// Launch `c1` on `ms[0]` via ferry with the dirtier running in it.
+async fn ferry_container_setup(ms: &[Member], dirty: &Path) -> Result<(), String> {
+    ferry(
+        &ms[0],
+        &[
+            "launch",
+            "busybox",
+            "c1",
+            "--target",
+            &ms[0].name,
+            "-c",
+            &format!("limits.memory={CT_MEMORY}"),
+        ],
+        Duration::from_secs(120),
+    )
+    .await?;
+    install_dirty(dirty, &ms[0].spec("c1", false).paths.volume.join("rootfs"))?;
+    ferry(
+        &ms[0],
+        &["exec", "c1", "--", "sh", "-c", &dirty_cmd()],
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn init_pid(m: &Member, name: &str) -> Result<u32, String> {
+    let (code, v) = m
+        .raw(
+            ferry_client::Method::GET,
+            &format!("/1.0/instances/{name}?recursion=1"),
+            None,
+        )
+        .await;
+    if code != 200 {
+        return Err(format!("GET instance {name}: {code} {v}"));
+    }
+    v["metadata"]["state"]["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+        .ok_or_else(|| format!("no pid for {name} on {}: {v}", m.name))
+}
+
+/// One ferry container move from `from` to `to`; figures from the operation.
+async fn ferry_container_move(
+    from: &Member,
+    to: &Member,
+    extra: &[&str],
+) -> Result<BTreeMap<&'static str, f64>, String> {
+    let pid = init_pid(from, "c1").await?;
+    wait_dirty(pid, 30).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let meta = ferry_move(from, "c1", &to.name, extra).await?;
+    let mut s = BTreeMap::new();
+    s.insert(
+        "downtime",
+        num(&meta, &["downtime_ms"]).ok_or_else(|| format!("no downtime_ms: {meta}"))?,
+    );
+    s.insert(
+        "total",
+        num(&meta, &["total_ms"]).ok_or_else(|| format!("no total_ms: {meta}"))?,
+    );
+    if let Some(x) = num(&meta, &["criu_dump_ms"]) {
+        s.insert("dump", x);
+    }
+    if let Some(x) = num(&meta, &["postcopy_serving_ms"]) {
+        s.insert("serving", x);
+    }
+    if let Some(x) = num(&meta, &["frozen_ms_at_handover"]) {
+        s.insert("handover", x);
+        s.insert("restore", s["downtime"] - x);
+    }
+    let pid = init_pid(to, "c1").await?;
+    let rss = wait_dirty(pid, 30)
+        .await
+        .map_err(|err| format!("after the move: {err}"))?;
+    s.insert("rss_after_mib", rss as f64);
+    eprintln!(
+        "    path: {}",
+        meta["path"].as_str().unwrap_or("?").replace('\n', " ")
+    );
+    Ok(s)
+}
+
+// ---------------------------------------------------------------- VMs
+
+fn vm_config() -> BTreeMap<String, String> {
+    [
+        ("limits.memory".to_string(), VM_MEMORY.to_string()),
+        ("testvm.dirty_mib".to_string(), VM_DIRTY_MIB.to_string()),
+    ]
+    .into()
+}
+
+fn vm_spec(root: &Path, name: &str) -> InstanceSpec {
+    InstanceSpec {
+        name: name.into(),
+        kind: InstanceType::VirtualMachine,
+        image: "testvm".into(),
+        config: vm_config(),
+        volatile: BTreeMap::new(),
+        paths: InstancePaths {
+            volume: root.join("vol").join(name),
+            run: root.join("run").join(name),
+            logs: root.join("logs").join(name),
+            images: root.join("images"),
+        },
+    }
+}
+
+fn is_qemu(pid: u32) -> bool {
+    let zombie = stat_fields(pid).is_some_and(|(_, st, _)| st == 'Z');
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    !zombie && String::from_utf8_lossy(&cmdline).contains("qemu")
+}
+
+/// Kills the QEMU a pidfile names when dropped (raw VM runs, also on failure).
+struct KillOnDrop(PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            if is_qemu(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Wait until the guest's counter (read from its RAM) advances.
+async fn wait_guest(spec: &InstanceSpec, secs: u64) -> Result<(), String> {
+    let vm = VmDriver::default();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut first = None;
+    loop {
+        if let Ok(n) = vm.read_counter(spec).await {
+            match first {
+                None if n > 0 => first = Some(n),
+                Some(f) if n > f => return Ok(()),
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the guest {} does not count (first counter {first:?})",
+                spec.name
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Raw QEMU-to-QEMU move of a freshly booted VM, relayed over socketpairs,
+/// with ferry's default parameters (no block mirror: the disk is copied first).
+async fn raw_vm(base: &Path, name: &str) -> Result<BTreeMap<&'static str, f64>, String> {
+    let d = VmDriver::default();
+    let ctx = OpCtx::detached();
+    let a = vm_spec(&base.join("a"), name);
+    let b = vm_spec(&base.join("b"), name);
+    let _ga = KillOnDrop(a.paths.run.join("qemu.pid"));
+    let _gb = KillOnDrop(b.paths.run.join("qemu.pid"));
+    d.create(&a, &ctx).await.map_err(e("create"))?;
+    d.start(&a, &ctx).await.map_err(e("start"))?;
+    wait_guest(&a, 60).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::create_dir_all(&b.paths.volume).map_err(e("mkdir"))?;
+    std::fs::copy(
+        a.paths.volume.join("disk.img"),
+        b.paths.volume.join("disk.img"),
+    )
+    .map_err(e("copy disk"))?;
+    let params = MigrateParams::default();
+    let cfg = d.launch_config(&a).map_err(e("launch config"))?;
+
+    let (a_qemu, a_relay) = std::os::unix::net::UnixStream::pair().map_err(e("socketpair"))?;
+    let (b_qemu, b_relay) = std::os::unix::net::UnixStream::pair().map_err(e("socketpair"))?;
+    a_relay.set_nonblocking(true).map_err(e("nonblocking"))?;
+    b_relay.set_nonblocking(true).map_err(e("nonblocking"))?;
+    let relay = tokio::spawn(async move {
+        let mut ar = tokio::net::UnixStream::from_std(a_relay)?;
+        let mut br = tokio::net::UnixStream::from_std(b_relay)?;
+        tokio::io::copy_bidirectional(&mut ar, &mut br).await
+    });
+    let t0 = Instant::now();
+    let incoming = d
+        .migrate_incoming(&b, &cfg, &params, b_qemu.into(), &ctx)
+        .await
+        .map_err(e("migrate_incoming"))?;
+    let (inc, out) = tokio::join!(
+        incoming.wait(&ctx),
+        d.migrate_outgoing(&a, &params, a_qemu.into(), |_| {}, &ctx)
+    );
+    let wall = t0.elapsed();
+    let out = out.map_err(e("outgoing"))?;
+    let inc = inc.map_err(e("incoming"))?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), relay).await;
+    if !inc.running {
+        return Err(format!("the guest does not run on B: {inc:?}"));
+    }
+    wait_guest(&b, 10)
+        .await
+        .map_err(|err| format!("after the move: {err}"))?;
+    d.migrate_finish_source(&a).await.map_err(e("finish"))?;
+    d.stop(&b, true, &ctx).await.map_err(e("stop"))?;
+    d.delete(&b).await.map_err(e("delete b"))?;
+    d.delete(&a).await.map_err(e("delete a"))?;
+    let mut s = BTreeMap::new();
+    if let (Some(stop), Some(resume)) = (out.stop_event_us, inc.resume_event_us) {
+        s.insert("downtime", (resume as f64 - stop as f64) / 1000.0);
+    }
+    s.insert("qemu_downtime", out.downtime_ms as f64);
+    s.insert("qemu_total", out.total_time_ms as f64);
+    s.insert("total", ms(wall));
+    s.insert("sent_mib", out.transferred as f64 / MIB as f64);
+    s.insert("passes", out.dirty_sync_count as f64);
+    s.insert("throttle", out.max_throttle_percent as f64);
+    if out.total_time_ms > 0 {
+        s.insert(
+            "throughput",
+            out.transferred as f64 / MIB as f64 / (out.total_time_ms as f64 / 1000.0),
+        );
+    }
+    Ok(s)
+}
+
+async fn ferry_vm_move(
+    from: &Member,
+    to: &Member,
+    extra: &[&str],
+) -> Result<BTreeMap<&'static str, f64>, String> {
+    wait_guest(&from.spec("v1", true), 30).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let meta = ferry_move(from, "v1", &to.name, extra).await?;
+    let mut s = BTreeMap::new();
+    s.insert(
+        "downtime",
+        num(&meta, &["downtime_ms"]).ok_or_else(|| format!("no downtime_ms: {meta}"))?,
+    );
+    s.insert(
+        "total",
+        num(&meta, &["total_ms"]).ok_or_else(|| format!("no total_ms: {meta}"))?,
+    );
+    if let Some(x) = num(&meta, &["qemu", "downtime_ms"]) {
+        s.insert("qemu_downtime", x);
+    }
+    if let Some(x) = num(&meta, &["disk_mirror_ms"]) {
+        s.insert("mirror", x);
+    }
+    if let Some(x) = num(&meta, &["qemu", "passes"]) {
+        s.insert("passes", x);
+    }
+    if let Some(x) = num(&meta, &["qemu", "max_throttle_percent"]) {
+        s.insert("throttle", x);
+    }
+    if let (Some(t), Some(b)) = (
+        num(&meta, &["qemu", "total_ms"]),
+        num(&meta, &["qemu", "transferred"]),
+    ) {
+        s.insert("qemu_total", t);
+        s.insert("sent_mib", b / MIB as f64);
+        if t > 0.0 {
+            s.insert("throughput", b / MIB as f64 / (t / 1000.0));
+        }
+    }
+    eprintln!(
+        "    path: {}",
+        meta["path"].as_str().unwrap_or("?").replace('\n', " ")
+    );
+    wait_guest(&to.spec("v1", true), 30)
+        .await
+        .map_err(|err| format!("after the move: {err}"))?;
+    Ok(s)
+}
+
+// ---------------------------------------------------------------- report
+
+struct Machine {
+    cpu: String,
+    nproc: String,
+    mem_gib: f64,
+    kernel: String,
+    qemu: String,
+    criu: String,
+    gcc: String,
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let mem_kb: f64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    let first = |s: String| s.lines().next().unwrap_or("").trim().to_string();
+    Machine {
+        cpu,
+        nproc: sh("nproc", &[]),
+        mem_gib: mem_kb / 1024.0 / 1024.0,
+        kernel: sh("uname", &["-r"]),
+        qemu: first(sh("qemu-system-x86_64", &["--version"])),
+        criu: first(sh("criu", &["--version"])),
+        gcc: first(sh("gcc", &["--version"])),
+    }
+}
+
+/// "MET" / "NOT MET" / "n/a" for `lhs <= rhs`.
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "**met**",
+        Some(false) => "**not met**",
+        None => "n/a (missing figures)",
+    }
+}
+
+struct Report {
+    date: String,
+    /// Build profile of the binaries (`debug`, `release`).
+    profile: String,
+    commit: String,
+    command: String,
+    machine: Machine,
+    load_before: String,
+    load_after: String,
+    reps: usize,
+    took: Duration,
+    ct: Option<Vec<Series>>,
+    ct_skip: Option<String>,
+    vm: Option<Vec<Series>>,
+    vm_skip: Option<String>,
+}
+
+fn find<'a>(v: &'a [Series], key: &str) -> &'a Series {
+    v.iter().find(|s| s.key == key).unwrap()
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn f2(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into())
+}
+
+fn f0(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into())
+}
+
+fn render(r: &Report) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "### Results: `{}` build, {}\n", r.profile, r.date);
+    let _ = writeln!(s, "- command: `{}`", r.command);
+    let _ = writeln!(
+        s,
+        "- ferry: {}, `{}` build; {} repetitions of every variant; the run took {:.0} s",
+        r.commit,
+        r.profile,
+        r.reps,
+        r.took.as_secs_f64()
+    );
+    let _ = writeln!(
+        s,
+        "- machine: {}, nproc {}, {:.0} GiB RAM, Linux {}",
+        m.cpu, m.nproc, m.mem_gib, m.kernel
+    );
+    let _ = writeln!(
+        s,
+        "- {}; CRIU {}; {}",
+        m.qemu,
+        m.criu.trim_start_matches("Version: "),
+        m.gcc
+    );
+    let _ = writeln!(
+        s,
+        "- load average before / after: {} / {}",
+        r.load_before, r.load_after
+    );
+    let _ = writeln!(
+        s,
+        "- figures: median (min–max) over the successful repetitions, in ms unless named otherwise\n"
+    );
+
+    if let Some(skip) = &r.ct_skip {
+        let _ = writeln!(s, "**Containers: skipped** ({skip})\n");
+    }
+    if let Some(ct) = &r.ct {
+        let _ = writeln!(
+            s,
+            "#### Containers: busybox + `/dirty {DIRTY_MIB} {DIRTY_INTERVAL_MS}` ({DIRTY_MIB} MiB rewritten continuously), `limits.memory={CT_MEMORY}`\n"
+        );
+        let _ = writeln!(
+            s,
+            "| variant | downtime (freeze → running) | total | CRIU dump | frozen at hand-over (dump + images copied) | restore (ferry: downtime − hand-over) | CRIU frozen (its own stats) | memory images MiB | ok / runs |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for x in ct {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+                x.label,
+                x.cell("downtime", 0),
+                x.cell("total", 0),
+                x.cell("dump", 0),
+                x.cell("handover", 0),
+                x.cell("restore", 0),
+                x.cell("criu_frozen", 0),
+                x.cell("images_mib", 1),
+                x.samples.len(),
+                x.samples.len() + x.errors.len()
+            );
+        }
+        let (a, b, c, d) = (find(ct, "a"), find(ct, "b"), find(ct, "c"), find(ct, "d"));
+        let (da, db, dc, dd) = (
+            a.median("downtime"),
+            b.median("downtime"),
+            c.median("downtime"),
+            d.median("downtime"),
+        );
+        let _ = writeln!(s, "\nGoals (medians of the downtime):\n");
+        let _ = writeln!(
+            s,
+            "- ferry live (c) ≤ raw files path (a): {} vs {} ms, (c)/(a) = {} — {}",
+            f0(dc),
+            f0(da),
+            f2(ratio(dc, da)),
+            verdict(dc.zip(da).map(|(c, a)| c <= a))
+        );
+        let _ = writeln!(
+            s,
+            "- stretch: ferry live (c) ≤ 1.2 × floor (b): {} vs 1.2 × {} = {} ms, (c)/(b) = {} — {}",
+            f0(dc),
+            f0(db),
+            f0(db.map(|b| 1.2 * b)),
+            f2(ratio(dc, db)),
+            verdict(dc.zip(db).map(|(c, b)| c <= 1.2 * b))
+        );
+        let _ = writeln!(
+            s,
+            "- (for reference) ferry post-copy (d): {} ms, (d)/(b) = {}; it serves the rest of the memory for {} ms after resuming",
+            f0(dd),
+            f2(ratio(dd, db)),
+            f0(d.median("serving"))
+        );
+        for x in ct {
+            for err in &x.errors {
+                let _ = writeln!(s, "\nFailed, {}: `{}`", x.label, err.replace('`', "'"));
+            }
+        }
+        let _ = writeln!(s);
+    }
+
+    if let Some(skip) = &r.vm_skip {
+        let _ = writeln!(s, "**VMs: skipped** ({skip})\n");
+    }
+    if let Some(vm) = &r.vm {
+        let _ = writeln!(
+            s,
+            "#### VMs: `testvm`, `limits.memory={VM_MEMORY}`, `testvm.dirty_mib={VM_DIRTY_MIB}` (a {VM_DIRTY_MIB} MiB hot set rewritten continuously)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| variant | downtime (ferry's `downtime_ms`; raw: STOP → RESUME events) | QEMU downtime | total (ferry's `total_ms`; raw: migrate → running) | QEMU total | disk mirror (before RAM) | RAM sent MiB | throughput MiB/s (RAM sent / QEMU total) | passes | max throttle % | ok / runs |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for x in vm {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+                x.label,
+                x.cell("downtime", 0),
+                x.cell("qemu_downtime", 0),
+                x.cell("total", 0),
+                x.cell("qemu_total", 0),
+                x.cell("mirror", 0),
+                x.cell("sent_mib", 0),
+                x.cell("throughput", 0),
+                x.cell("passes", 0),
+                x.cell("throttle", 0),
+                x.samples.len(),
+                x.samples.len() + x.errors.len()
+            );
+        }
+        let (a, b, c, d) = (find(vm, "a"), find(vm, "b"), find(vm, "c"), find(vm, "d"));
+        let (ta, tb) = (a.median("throughput"), b.median("throughput"));
+        let _ = writeln!(s, "\nGoals (medians):\n");
+        let _ = writeln!(
+            s,
+            "- throughput (b) ≥ 0.9 × (a): {} vs 0.9 × {} = {} MiB/s, (b)/(a) = {} — {}",
+            f0(tb),
+            f0(ta),
+            f0(ta.map(|x| 0.9 * x)),
+            f2(ratio(tb, ta)),
+            verdict(tb.zip(ta).map(|(b, a)| b >= 0.9 * a))
+        );
+        let (da, db) = (a.median("downtime"), b.median("downtime"));
+        let (qa, qb) = (a.median("qemu_downtime"), b.median("qemu_downtime"));
+        let _ = writeln!(
+            s,
+            "- downtime (b) ≤ 1.1 × (a), ferry's measure vs STOP → RESUME: {} vs 1.1 × {} = {} ms, (b)/(a) = {} — {}",
+            f0(db),
+            f0(da),
+            f0(da.map(|x| 1.1 * x)),
+            f2(ratio(db, da)),
+            verdict(db.zip(da).map(|(b, a)| b <= 1.1 * a))
+        );
+        let _ = writeln!(
+            s,
+            "- the same with QEMU's downtime on both sides: {} vs 1.1 × {} = {} ms, (b)/(a) = {} — {}",
+            f0(qb),
+            f0(qa),
+            f0(qa.map(|x| 1.1 * x)),
+            f2(ratio(qb, qa)),
+            verdict(qb.zip(qa).map(|(b, a)| b <= 1.1 * a))
+        );
+        let (tb, tc) = (b.median("total"), c.median("total"));
+        let dc = c.median("downtime");
+        let _ = writeln!(
+            s,
+            "- total (b) ≥ 3× shorter than (c): {} vs {} ms, (c)/(b) = {} — {}; with no worse downtime: {} vs {} ms — {}",
+            f0(tb),
+            f0(tc),
+            f2(ratio(tc, tb)),
+            verdict(tb.zip(tc).map(|(b, c)| 3.0 * b <= c)),
+            f0(db),
+            f0(dc),
+            verdict(db.zip(dc).map(|(b, c)| b <= c))
+        );
+        let dd = d.median("downtime");
+        let _ = writeln!(
+            s,
+            "- downtime (b) ≥ 20× lower than (d): {} vs {} ms, (d)/(b) = {} — {}",
+            f0(db),
+            f0(dd),
+            f2(ratio(dd, db)),
+            verdict(db.zip(dd).map(|(b, d)| 20.0 * b <= d))
+        );
+        for x in vm {
+            for err in &x.errors {
+                let _ = writeln!(s, "\nFailed, {}: `{}`", x.label, err.replace('`', "'"));
+            }
+        }
+        let _ = writeln!(s);
+    }
+    s
+}
+
+const DOC_INTRO: &str = "# Benchmarks: moving running instances
+
+Generated by `scripts/bench-move.sh` (`test/src/bin/move_bench.rs`); the
+section between the markers below is rewritten by every run, the rest of this
+file is kept.
+";
+
+/// Replace this build profile's section (between its markers) in `path`.
+fn write_doc(path: &Path, profile: &str, section: &str) -> std::io::Result<()> {
+    let begin = format!(
+        "<!-- move-bench:{profile}:begin (generated by move-bench --write-doc; do not edit) -->"
+    );
+    let end = format!("<!-- move-bench:{profile}:end -->");
+    let block = format!("{begin}\n{}\n{end}", section.trim_end());
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (
+        old.find(&format!("<!-- move-bench:{profile}:begin")),
+        old.find(&end),
+    ) {
+        (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], block, &old[e + end.len()..]),
+        _ if old.is_empty() => format!("{DOC_INTRO}\n{block}\n"),
+        _ => format!("{}\n\n{block}\n", old.trim_end()),
+    };
+    std::fs::write(path, new)
+}
+
+// ---------------------------------------------------------------- main
+
+fn skip_vm() -> Option<String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm is missing".into());
+    }
+    for tool in ["qemu-system-x86_64", "nasm"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+fn skip_container() -> Option<String> {
+    let criu = Command::new("criu")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !criu {
+        return Some("criu is not installed".into());
+    }
+    if Command::new("gcc").arg("--version").output().is_err() {
+        return Some("gcc is not installed (needed to build the dirtier)".into());
+    }
+    None
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    // The container driver may re-exec its helper; ferryd is used here, but
+    // answer the verb anyway.
+    if argv.get(1).map(String::as_str) == Some("forkstart") {
+        std::process::exit(forkstart_main(&argv[2..]));
+    }
+    let o = parse_args();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("move-bench: SKIPPED: needs root (namespaces, CRIU, KVM); run scripts/bench-move.sh as root");
+        std::process::exit(1);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let code = rt.block_on(run(o));
+    std::process::exit(code);
+}
+
+async fn run(o: Opts) -> i32 {
+    let t_all = Instant::now();
+    let bin = ferry_test::bin_dir();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let ws = workspace.to_str().unwrap();
+    let head = sh("git", &["-C", ws, "rev-parse", "--short", "HEAD"]);
+    let dirty_tree = !sh(
+        "git",
+        &["-C", ws, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty();
+    let commit = format!(
+        "commit {head}{}",
+        if dirty_tree {
+            " + uncommitted changes"
+        } else {
+            ""
+        }
+    );
+    let command = o.command.clone().unwrap_or_else(|| {
+        let a: Vec<String> = std::env::args().skip(1).collect();
+        format!("move-bench {}", a.join(" ")).trim().to_string()
+    });
+    let load_before = loadavg();
+    let machine = machine();
+    eprintln!(
+        "== move-bench: {} reps; binaries in {}; {} x{}, load {}",
+        o.reps,
+        bin.display(),
+        machine.cpu,
+        machine.nproc,
+        load_before
+    );
+
+    let work = tempfile::Builder::new()
+        .prefix("ferry-move-bench-")
+        .tempdir()
+        .expect("tempdir");
+    let mut ct_skip = if o.container { skip_container() } else { None };
+    let mut vm_skip = if o.vm { skip_vm() } else { None };
+    if !o.container {
+        ct_skip = Some("not selected (--only vm)".into());
+    }
+    if !o.vm {
+        vm_skip = Some("not selected (--only container)".into());
+    }
+    for (what, why) in [("containers", &ct_skip), ("VMs", &vm_skip)] {
+        if let Some(w) = why {
+            eprintln!("SKIP {what}: {w}");
+        }
+    }
+    let dirty = if ct_skip.is_none() {
+        match build_dirty(work.path()) {
+            Ok(p) => Some(p),
+            Err(err) => {
+                ct_skip = Some(err);
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    // The cluster: m1, m2 current; m3 speaks only migration protocol v1.
+    eprintln!("== forming a cluster: m1, m2, m3 (FERRY_MIGRATION_PROTOCOL=1)");
+    let ms = vec![
+        Member::start("m1"),
+        Member::start("m2"),
+        Member::start_with_env("m3", &[("FERRY_MIGRATION_PROTOCOL", "1")]),
+    ];
+    ferry_test::form_cluster(&ms);
+
+    let mut ct = None;
+    if let (None, Some(dirty)) = (&ct_skip, &dirty) {
+        let helper = bin.join("ferryd");
+        let d = ContainerDriver::with_helper(helper);
+        let mut series = vec![
+            Series::new(
+                "a",
+                "(a) raw CRIU: dump to files, copy the images dir, restore",
+            ),
+            Series::new("b", "(b) raw CRIU: local dump + restore (floor)"),
+            Series::new("c", "(c) ferry live move (`ferry move c1 --target m2`)"),
+            Series::new("d", "(d) ferry post-copy move (`--postcopy`)"),
+        ];
+        for rep in 0..o.reps {
+            eprintln!("== containers, repetition {}/{}", rep + 1, o.reps);
+            let base = work.path().join(format!("ct{rep}"));
+            let r = raw_container(&d, &base.join("b"), dirty, &format!("rb{rep}"), false).await;
+            series[1].record(rep, r);
+            let r = raw_container(&d, &base.join("a"), dirty, &format!("ra{rep}"), true).await;
+            series[0].record(rep, r);
+            match ferry_container_setup(&ms, dirty).await {
+                Ok(()) => {
+                    let r = ferry_container_move(&ms[0], &ms[1], &[]).await;
+                    let moved = r.is_ok();
+                    series[2].record(rep, r);
+                    if moved {
+                        let r = ferry_container_move(&ms[1], &ms[0], &["--postcopy"]).await;
+                        series[3].record(rep, r);
+                    } else {
+                        series[3].record(rep, Err("skipped: the live move failed".into()));
+                    }
+                }
+                Err(err) => {
+                    series[2].record(rep, Err(format!("launch: {err}")));
+                    series[3].record(rep, Err(format!("launch: {err}")));
+                }
+            }
+            if let Err(err) = ferry(
+                &ms[0],
+                &["delete", "--force", "c1"],
+                Duration::from_secs(60),
+            )
+            .await
+            {
+                eprintln!("  (delete c1: {err})");
+            }
+        }
+        ct = Some(series);
+    }
+
+    let mut vm = None;
+    if vm_skip.is_none() {
+        let mut series = vec![
+            Series::new(
+                "a",
+                "(a) raw QEMU → QEMU over a unix socket relay (ferry's parameters, no disk mirror)",
+            ),
+            Series::new("b", "(b) ferry live move, defaults"),
+            Series::new(
+                "c",
+                "(c) ferry live move, Incus/LXD-like `--bandwidth 128MiB --max-downtime 300`",
+            ),
+            Series::new(
+                "d",
+                "(d) ferry stateful-stop fallback (target speaks protocol v1)",
+            ),
+            Series::new("d2", "(d′) the same, back from the v1 member"),
+        ];
+        for rep in 0..o.reps {
+            eprintln!("== VMs, repetition {}/{}", rep + 1, o.reps);
+            let base = work.path().join(format!("vm{rep}"));
+            let r = raw_vm(&base, &format!("rv{rep}")).await;
+            series[0].record(rep, r);
+            let launched = ferry(
+                &ms[0],
+                &[
+                    "launch",
+                    "testvm",
+                    "v1",
+                    "--vm",
+                    "--target",
+                    "m1",
+                    "-c",
+                    &format!("limits.memory={VM_MEMORY}"),
+                    "-c",
+                    &format!("testvm.dirty_mib={VM_DIRTY_MIB}"),
+                ],
+                Duration::from_secs(120),
+            )
+            .await;
+            if let Err(err) = launched {
+                for x in &mut series[1..] {
+                    x.record(rep, Err(format!("launch: {err}")));
+                }
+            } else {
+                // m1 -> m2 (defaults), m2 -> m1 (capped), m1 -> m3 (v1), m3 -> m1 (v1).
+                let plan: [(usize, usize, &[&str]); 4] = [
+                    (0, 1, &[]),
+                    (1, 0, &["--bandwidth", "128MiB", "--max-downtime", "300"]),
+                    (0, 2, &[]),
+                    (2, 0, &[]),
+                ];
+                let mut broken = None;
+                for (i, (from, to, extra)) in plan.iter().enumerate() {
+                    if let Some(b) = &broken {
+                        series[i + 1].record(rep, Err(format!("skipped: {b}")));
+                        continue;
+                    }
+                    let r = ferry_vm_move(&ms[*from], &ms[*to], extra).await;
+                    if let Err(err) = &r {
+                        broken = Some(format!("an earlier move failed ({err})"));
+                    }
+                    series[i + 1].record(rep, r);
+                }
+            }
+            if let Err(err) = ferry(
+                &ms[0],
+                &["delete", "--force", "v1"],
+                Duration::from_secs(60),
+            )
+            .await
+            {
+                eprintln!("  (delete v1: {err})");
+            }
+        }
+        vm = Some(series);
+    }
+    eprintln!("== tearing down");
+    drop(ms);
+
+    let report = Report {
+        date: sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        profile: bin
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        commit,
+        command,
+        machine,
+        load_before,
+        load_after: loadavg(),
+        reps: o.reps,
+        took: t_all.elapsed(),
+        ct,
+        ct_skip,
+        vm,
+        vm_skip,
+    };
+    let text = render(&report);
+    println!("{text}");
+    if let Some(p) = &o.write_doc {
+        match write_doc(p, &report.profile, &text) {
+            Ok(()) => eprintln!("wrote {}", p.display()),
+            Err(err) => {
+                eprintln!("move-bench: cannot write {}: {err}", p.display());
+                return 1;
+            }
+        }
+    }
+    0
+}
