@@ -9,69 +9,23 @@
 //! (the test sets `FERRY_QEMU` around each side's launch).
 
 mod vmcommon;
-use vmcommon::{is_qemu, skip_reason, spec, wait_for, KillOnDrop};
+use vmcommon::{
+    advancing, begin, check_on_b, check_still_on_a, ctx, ctx_with, ferry_downtime_ms, finish_on_a,
+    is_qemu, kill_qemu_after, stop_on_a, stream, use_qemu_of, wait_for, Members, MEM_256_DIRTY_16,
+    MEM_512_DIRTY_128, MIB,
+};
 
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_drivers::vm::migrate::{IncomingStats, MigrateParams, MigrationProgress, OutgoingStats};
 use ferry_drivers::vm::VmDriver;
-use ferry_drivers::{DriverError, InstanceSpec, Lifecycle, OpCtx};
+use ferry_drivers::{DriverError, Lifecycle, OpCtx};
 use tokio_util::sync::CancellationToken;
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-const MIB: u64 = 1 << 20;
-
-fn ctx(side: &'static str, token: CancellationToken) -> OpCtx {
-    OpCtx::new(move |k, v| eprintln!("  [{side}] {k}: {v}"), token)
-}
-
-/// Select the QEMU binary for one side (cross-version runs).
-fn use_qemu_of(side_var: &str) {
-    if let Ok(bin) = std::env::var(side_var) {
-        std::env::set_var("FERRY_QEMU", bin);
-    }
-}
-
-/// Two members' trees and one VM name.
-/// Fields drop in order: the QEMU guards (which read the pidfiles) before the tree.
-struct Members {
-    a: InstanceSpec,
-    b: InstanceSpec,
-    _ga: KillOnDrop,
-    _gb: KillOnDrop,
-    _dir: tempfile::TempDir,
-}
-
-fn members(name: &str, config: &[(&str, &str)]) -> Members {
-    let dir = tempfile::Builder::new()
-        .prefix("fmig")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let a = spec(&dir.path().join("a"), name, config);
-    let b = spec(&dir.path().join("b"), name, config);
-    let ga = KillOnDrop(a.paths.run.join("qemu.pid"));
-    let gb = KillOnDrop(b.paths.run.join("qemu.pid"));
-    Members {
-        _dir: dir,
-        a,
-        b,
-        _ga: ga,
-        _gb: gb,
-    }
-}
 
 /// Create and boot the VM on A, ship its disk to B; returns A's QEMU pid.
 async fn boot_on_a(d: &VmDriver, m: &Members) -> u32 {
-    use_qemu_of("FERRY_QEMU_SOURCE");
-    let c = OpCtx::detached();
-    d.create(&m.a, &c).await.unwrap();
-    d.start(&m.a, &c).await.unwrap();
-    wait_for(60, "the first counter line > 0", || {
-        d.console_counter(&m.a).unwrap().filter(|n| *n > 0)
-    })
-    .await;
+    let a_pid = vmcommon::boot_on_a(d, m, |_| {}).await;
     // The daemon ships the (tiny, read-only-after-boot) disk over the fs channel.
     std::fs::create_dir_all(&m.b.paths.volume).unwrap();
     std::fs::copy(
@@ -79,31 +33,7 @@ async fn boot_on_a(d: &VmDriver, m: &Members) -> u32 {
         m.b.paths.volume.join("disk.img"),
     )
     .unwrap();
-    d.state(&m.a).await.unwrap().pid
-}
-
-/// QEMU A's fd, QEMU B's fd, and the relay between the other two ends.
-/// Cancelling `cut` drops both relay ends (a broken link).
-fn stream(
-    cut: CancellationToken,
-) -> (
-    OwnedFd,
-    OwnedFd,
-    tokio::task::JoinHandle<std::io::Result<(u64, u64)>>,
-) {
-    let (a_qemu, a_relay) = std::os::unix::net::UnixStream::pair().unwrap();
-    let (b_qemu, b_relay) = std::os::unix::net::UnixStream::pair().unwrap();
-    a_relay.set_nonblocking(true).unwrap();
-    b_relay.set_nonblocking(true).unwrap();
-    let mut ar = tokio::net::UnixStream::from_std(a_relay).unwrap();
-    let mut br = tokio::net::UnixStream::from_std(b_relay).unwrap();
-    let relay = tokio::spawn(async move {
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut ar, &mut br) => r,
-            _ = cut.cancelled() => Err(std::io::Error::other("relay cut by the test")),
-        }
-    });
-    (a_qemu.into(), b_qemu.into(), relay)
+    a_pid
 }
 
 struct Outcome {
@@ -151,8 +81,8 @@ async fn run_move<F: std::future::Future<Output = ()>>(
     let cut = CancellationToken::new();
     let (fd_a, fd_b, relay) = stream(cut.clone());
     use_qemu_of("FERRY_QEMU_TARGET");
-    let b_ctx = ctx("B", CancellationToken::new());
-    let a_ctx = ctx("A", a_token);
+    let b_ctx = ctx("B");
+    let a_ctx = ctx_with("A", a_token);
     let incoming = d
         .migrate_incoming(&m.b, &cfg, params, fd_b, &b_ctx)
         .await
@@ -191,14 +121,6 @@ async fn run_move<F: std::future::Future<Output = ()>>(
     }
 }
 
-async fn advancing(d: &VmDriver, s: &InstanceSpec, what: &str) -> (u64, u64) {
-    let x = d.read_counter(s).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let y = d.read_counter(s).await.unwrap();
-    assert!(y > x, "{what}: counter does not advance ({x} then {y})");
-    (x, y)
-}
-
 /// Checks after a successful move; prints the numbers; cleans up.
 async fn check_moved(
     d: &VmDriver,
@@ -213,21 +135,8 @@ async fn check_moved(
     let inc = o
         .inc
         .unwrap_or_else(|e| panic!("{label}: incoming failed: {e}"));
-    assert!(inc.running, "{label}: guest not running on B: {inc:?}");
-    // A is paused (postmigrate) with its RAM intact: its counter is the value at STOP.
-    let at_stop = d.read_counter(&m.a).await.unwrap();
-    let (b1, b2) = advancing(d, &m.b, "B after the move").await;
-    assert!(
-        b1 >= at_stop,
-        "{label}: counter on B ({b1}) is behind A's at STOP ({at_stop})"
-    );
-    let st_b = d.state(&m.b).await.unwrap();
-    assert!(st_b.running && st_b.pid == o.b_pid, "{st_b:?}");
-    d.migrate_finish_source(&m.a).await.unwrap();
-    assert!(
-        !is_qemu(a_pid),
-        "{label}: A's QEMU {a_pid} still alive after finish"
-    );
+    let (at_stop, b1, b2) = check_on_b(d, m, &inc, o.b_pid, label).await;
+    finish_on_a(d, m, a_pid, label).await;
     assert!(!d.state(&m.a).await.unwrap().running);
     assert!(!m.a.paths.run.join("qmp.sock").exists() && !m.a.paths.run.join("qemu.pid").exists());
     let at_b = d.console_counter(&m.b).unwrap().unwrap_or(0);
@@ -239,10 +148,7 @@ async fn check_moved(
         "{label} (QEMU {} -> {}): {out:?}\n{inc:?}",
         o.versions.0, o.versions.1
     );
-    let ferry_ms = match (out.stop_event_us, inc.resume_event_us) {
-        (Some(s), Some(r)) => format!("{:.1}", (r as f64 - s as f64) / 1000.0),
-        _ => "n/a".into(),
-    };
+    let ferry_ms = ferry_downtime_ms(&out, &inc);
     let last = o.progress.last().cloned().unwrap_or_default();
     let (relayed_ab, relayed_ba) = o.relay.as_ref().map(|x| *x).unwrap_or((0, 0));
     eprintln!(
@@ -271,12 +177,7 @@ async fn check_moved(
 
 /// After a failed/cancelled move: A runs on in the same QEMU, B is gone.
 async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, o: &Outcome, label: &str) {
-    let st = d.state(&m.a).await.unwrap();
-    assert!(
-        st.running && st.pid == a_pid,
-        "{label}: VM not left running in the same QEMU on A: {st:?}"
-    );
-    advancing(d, &m.a, &format!("{label}: A after the failed move")).await;
+    check_still_on_a(d, m, a_pid, label).await;
     assert!(
         !is_qemu(o.b_pid),
         "{label}: B's QEMU {} still alive",
@@ -285,27 +186,16 @@ async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, o: &Outcome, label:
     assert!(!d.state(&m.b).await.unwrap().running);
     assert!(!m.b.paths.run.join("qmp.sock").exists() && !m.b.paths.run.join("qemu.pid").exists());
     // A can still be migrated (or stopped) normally afterwards.
-    d.stop(&m.a, false, &OpCtx::detached()).await.unwrap();
-    assert!(!is_qemu(a_pid));
-}
-
-async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().await
+    stop_on_a(d, m, a_pid).await;
 }
 
 async fn nothing(_: Ctl) {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_move_basic() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED live_move_basic: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members(
-        "v1",
-        &[("limits.memory", "256MiB"), ("testvm.dirty_mib", "16")],
-    );
+    let Some((d, m)) = begin("live_move_basic", "fmig", "v1", MEM_256_DIRTY_16).await else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     advancing(&d, &m.a, "A before the move").await;
     let label = format!(
@@ -326,15 +216,16 @@ async fn live_move_basic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bandwidth_capped_move_converges_with_auto_converge() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED bandwidth_capped_move_converges_with_auto_converge: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members(
+    let Some((d, m)) = begin(
+        "bandwidth_capped_move_converges_with_auto_converge",
+        "fmig",
         "v2",
-        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
-    );
+        MEM_512_DIRTY_128,
+    )
+    .await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     let params = MigrateParams {
         max_bandwidth: Some(32 * MIB),
@@ -370,15 +261,10 @@ async fn bandwidth_capped_move_converges_with_auto_converge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_move_completes() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED postcopy_move_completes: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members(
-        "v3",
-        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
-    );
+    let Some((d, m)) = begin("postcopy_move_completes", "fmig", "v3", MEM_512_DIRTY_128).await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     let params = MigrateParams {
         postcopy: true,
@@ -408,15 +294,16 @@ async fn postcopy_move_completes() {
 /// Bandwidth-capped, no auto-converge: pre-copy never converges; cancel it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_precopy_keeps_vm_on_source() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED cancel_during_precopy_keeps_vm_on_source: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members(
+    let Some((d, m)) = begin(
+        "cancel_during_precopy_keeps_vm_on_source",
+        "fmig",
         "v4",
-        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
-    );
+        MEM_512_DIRTY_128,
+    )
+    .await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     let params = MigrateParams {
         auto_converge: false,
@@ -450,15 +337,16 @@ async fn cancel_during_precopy_keeps_vm_on_source() {
 /// Kill the target QEMU mid-pre-copy: the source keeps the VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_killed_during_precopy_keeps_vm_on_source() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED target_killed_during_precopy_keeps_vm_on_source: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members(
+    let Some((d, m)) = begin(
+        "target_killed_during_precopy_keeps_vm_on_source",
+        "fmig",
         "v5",
-        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
-    );
+        MEM_512_DIRTY_128,
+    )
+    .await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     let params = MigrateParams {
         auto_converge: false,
@@ -466,14 +354,8 @@ async fn target_killed_during_precopy_keeps_vm_on_source() {
         ..Default::default()
     };
     let t = Instant::now();
-    let o = run_move(&d, &m, &params, CancellationToken::new(), |c| async move {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(is_qemu(c.b_pid));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.b_pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+    let o = run_move(&d, &m, &params, CancellationToken::new(), |c| {
+        kill_qemu_after(3, c.b_pid)
     })
     .await;
     eprintln!(
@@ -491,15 +373,16 @@ async fn target_killed_during_precopy_keeps_vm_on_source() {
 /// QEMUs are left (paused) for a manual recovery rather than killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_cut_during_postcopy_reports_loss() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED link_cut_during_postcopy_reports_loss: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members(
+    let Some((d, m)) = begin(
+        "link_cut_during_postcopy_reports_loss",
+        "fmig",
         "v6",
-        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
-    );
+        MEM_512_DIRTY_128,
+    )
+    .await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     let params = MigrateParams {
         postcopy: true,

@@ -12,7 +12,11 @@
 //! `FERRY_QEMU` around each side's launch).
 
 mod vmcommon;
-use vmcommon::{is_qemu, skip_reason, spec, wait_for, KillOnDrop};
+use vmcommon::{
+    advancing, begin, check_on_b, check_still_on_a, ctx, ferry_downtime_ms, finish_on_a, is_qemu,
+    kill_qemu_after, stop_on_a, stream, use_qemu_of, wait_for, Members, MEM_256_DIRTY_16,
+    MEM_512_DIRTY_128, MIB,
+};
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
@@ -29,29 +33,10 @@ use ferry_drivers::{InstanceSpec, Lifecycle, OpCtx};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-const MIB: u64 = 1 << 20;
 /// A's disk is enlarged to this, with random data in DATA_START..DATA_END.
 const DISK_MIB: u64 = 64;
 const DATA_START_MIB: u64 = 4;
 const DATA_END_MIB: u64 = 28;
-
-fn ctx(side: &'static str) -> OpCtx {
-    OpCtx::new(
-        move |k, v| eprintln!("  [{side}] {k}: {v}"),
-        CancellationToken::new(),
-    )
-}
-
-/// Fields drop in order: the guards kill the QEMUs (reading their pidfiles)
-/// before the temporary directory is removed.
-struct Members {
-    _ga: KillOnDrop,
-    _gb: KillOnDrop,
-    a: InstanceSpec,
-    b: InstanceSpec,
-    dir: tempfile::TempDir,
-}
 
 impl Members {
     /// Socket the source's NBD client connects to (the relay listens).
@@ -61,24 +46,6 @@ impl Members {
     /// Socket the target's NBD server listens on.
     fn sock_t(&self) -> PathBuf {
         self.dir.path().join("t.sock")
-    }
-}
-
-fn members(name: &str, config: &[(&str, &str)]) -> Members {
-    let dir = tempfile::Builder::new()
-        .prefix("fmir")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let a = spec(&dir.path().join("a"), name, config);
-    let b = spec(&dir.path().join("b"), name, config);
-    let ga = KillOnDrop(a.paths.run.join("qemu.pid"));
-    let gb = KillOnDrop(b.paths.run.join("qemu.pid"));
-    Members {
-        dir,
-        a,
-        b,
-        _ga: ga,
-        _gb: gb,
     }
 }
 
@@ -106,39 +73,9 @@ fn fill_disk(path: &Path) {
     f.sync_all().unwrap();
 }
 
-/// Select the QEMU binary for one side (cross-version runs).
-fn use_qemu_of(side_var: &str) {
-    if let Ok(bin) = std::env::var(side_var) {
-        std::env::set_var("FERRY_QEMU", bin);
-    }
-}
-
 /// Create, enlarge, boot the VM on A; returns A's QEMU pid.
 async fn boot_on_a(d: &VmDriver, m: &Members) -> u32 {
-    use_qemu_of("FERRY_QEMU_SOURCE");
-    let c = OpCtx::detached();
-    d.create(&m.a, &c).await.unwrap();
-    fill_disk(&disk(&m.a));
-    d.start(&m.a, &c).await.unwrap();
-    wait_for(60, "the first counter line > 0", || {
-        d.console_counter(&m.a).unwrap().filter(|n| *n > 0)
-    })
-    .await;
-    d.state(&m.a).await.unwrap().pid
-}
-
-/// The RAM stream: QEMU A's fd, QEMU B's fd, relay between the other ends.
-fn ram_stream() -> (OwnedFd, OwnedFd, tokio::task::JoinHandle<()>) {
-    let (a_qemu, a_relay) = std::os::unix::net::UnixStream::pair().unwrap();
-    let (b_qemu, b_relay) = std::os::unix::net::UnixStream::pair().unwrap();
-    a_relay.set_nonblocking(true).unwrap();
-    b_relay.set_nonblocking(true).unwrap();
-    let mut ar = tokio::net::UnixStream::from_std(a_relay).unwrap();
-    let mut br = tokio::net::UnixStream::from_std(b_relay).unwrap();
-    let relay = tokio::spawn(async move {
-        let _ = tokio::io::copy_bidirectional(&mut ar, &mut br).await;
-    });
-    (a_qemu.into(), b_qemu.into(), relay)
+    vmcommon::boot_on_a(d, m, |a| fill_disk(&disk(a))).await
 }
 
 /// The NBD relay: listens on `listen`, connects each client to `target`.
@@ -239,18 +176,6 @@ fn read_at(p: &Path, off: u64, len: usize) -> Vec<u8> {
     b
 }
 
-async fn advancing(d: &VmDriver, s: &InstanceSpec, what: &str) -> (u64, u64) {
-    let x = d.read_counter(s).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let y = d.read_counter(s).await.unwrap();
-    assert!(y > x, "{what}: counter does not advance ({x} then {y})");
-    (x, y)
-}
-
-async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().await
-}
-
 fn qemu_label() -> String {
     let v = |k: &str| std::env::var(k).ok();
     match (v("FERRY_QEMU_SOURCE"), v("FERRY_QEMU_TARGET")) {
@@ -291,12 +216,7 @@ async fn prepare_target(
 /// After a failed move: A runs on in the same QEMU with no block job and no
 /// NBD node left; B's QEMU is gone.
 async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: &str) {
-    let st = d.state(&m.a).await.unwrap();
-    assert!(
-        st.running && st.pid == a_pid,
-        "{label}: VM not left running in the same QEMU on A: {st:?}"
-    );
-    advancing(d, &m.a, &format!("{label}: A after the failed move")).await;
+    check_still_on_a(d, m, a_pid, label).await;
     let jobs = d.block_jobs(&m.a).await.unwrap();
     assert!(jobs.is_empty(), "{label}: block jobs left on A: {jobs:?}");
     let mut q = Qmp::connect(&m.a.paths.run.join("qmp.sock"), Duration::from_secs(10))
@@ -317,21 +237,21 @@ async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: 
     })
     .await;
     assert!(!m.b.paths.run.join("qmp.sock").exists() && !m.sock_t().exists());
-    d.stop(&m.a, false, &OpCtx::detached()).await.unwrap();
-    assert!(!is_qemu(a_pid));
+    stop_on_a(d, m, a_pid).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_move_with_guest_writes() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED mirror_move_with_guest_writes: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members(
+    let Some((d, m)) = begin(
+        "mirror_move_with_guest_writes",
+        "fmir",
         "m1",
-        &[("limits.memory", "256MiB"), ("testvm.dirty_mib", "16")],
-    );
+        MEM_256_DIRTY_16,
+    )
+    .await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     advancing(&d, &m.a, "A before the move").await;
     let params = MigrateParams {
@@ -339,14 +259,14 @@ async fn mirror_move_with_guest_writes() {
         ..Default::default()
     };
     // Without a mirror, a block_mirror migration is refused up front.
-    let (fd_x, _fd_y, _r) = ram_stream();
+    let (fd_x, _fd_y, _r) = stream(CancellationToken::new());
     let e = d
         .migrate_outgoing(&m.a, &params, fd_x, |_| {}, &OpCtx::detached())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("mirror"), "{e}");
 
-    let (fd_a, fd_b, _relay) = ram_stream();
+    let (fd_a, fd_b, _relay) = stream(CancellationToken::new());
     let (incoming, nbd) = prepare_target(&d, &m, &params, fd_b).await;
     let b_pid = incoming.pid();
     let a_ctx = ctx("A");
@@ -403,16 +323,8 @@ async fn mirror_move_with_guest_writes() {
     );
     let out = out.unwrap();
     let inc = inc.unwrap();
-    assert!(inc.running, "{inc:?}");
     assert!(!m.sock_t().exists(), "target NBD socket left behind");
-    let at_stop = d.read_counter(&m.a).await.unwrap();
-    let (b1, b2) = advancing(&d, &m.b, "B after the move").await;
-    assert!(
-        b1 >= at_stop,
-        "counter on B ({b1}) behind A's at STOP ({at_stop})"
-    );
-    let st_b = d.state(&m.b).await.unwrap();
-    assert!(st_b.running && st_b.pid == b_pid, "{st_b:?}");
+    let (at_stop, b1, b2) = check_on_b(&d, &m, &inc, b_pid, "mirror move").await;
     assert!(d.block_jobs(&m.a).await.unwrap().is_empty());
     let mut q = Qmp::connect(&m.a.paths.run.join("qmp.sock"), Duration::from_secs(10))
         .await
@@ -426,8 +338,7 @@ async fn mirror_move_with_guest_writes() {
         "NBD node left on A after the move"
     );
     drop(q);
-    d.migrate_finish_source(&m.a).await.unwrap();
-    assert!(!is_qemu(a_pid), "A's QEMU still alive after finish");
+    finish_on_a(&d, &m, a_pid, "mirror move").await;
     d.stop(&m.b, true, &OpCtx::detached()).await.unwrap();
 
     let (ha, hb) = (sha256(&disk(&m.a)), sha256(&disk(&m.b)));
@@ -441,10 +352,7 @@ async fn mirror_move_with_guest_writes() {
     assert!(read_at(&disk(&m.b), 40 * MIB, 4 << 10)
         .iter()
         .all(|b| *b == 0xef));
-    let ferry_ms = match (out.stop_event_us, inc.resume_event_us) {
-        (Some(s), Some(r)) => format!("{:.1}", (r as f64 - s as f64) / 1000.0),
-        _ => "n/a".into(),
-    };
+    let ferry_ms = ferry_downtime_ms(&out, &inc);
     let reports = seen.lock().unwrap().clone();
     for p in &reports {
         eprintln!(
@@ -478,18 +386,22 @@ async fn mirror_move_with_guest_writes() {
 /// runs on at the source with no block job left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_cut_during_mirror_keeps_vm_on_source() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED relay_cut_during_mirror_keeps_vm_on_source: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members("m2", &[("limits.memory", "256MiB")]);
+    let Some((d, m)) = begin(
+        "relay_cut_during_mirror_keeps_vm_on_source",
+        "fmir",
+        "m2",
+        &[("limits.memory", "256MiB")],
+    )
+    .await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     let params = MigrateParams {
         block_mirror: true,
         ..Default::default()
     };
-    let (_fd_a, fd_b, _relay) = ram_stream();
+    let (_fd_a, fd_b, _relay) = stream(CancellationToken::new());
     let (incoming, nbd) = prepare_target(&d, &m, &params, fd_b).await;
     let b_pid = incoming.pid();
     let a_ctx = ctx("A");
@@ -527,15 +439,16 @@ async fn relay_cut_during_mirror_keeps_vm_on_source() {
 /// migration fails, the mirror is removed, the VM runs on at the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_killed_during_ram_copy_with_mirror() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED target_killed_during_ram_copy_with_mirror: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members(
+    let Some((d, m)) = begin(
+        "target_killed_during_ram_copy_with_mirror",
+        "fmir",
         "m3",
-        &[("limits.memory", "512MiB"), ("testvm.dirty_mib", "128")],
-    );
+        MEM_512_DIRTY_128,
+    )
+    .await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     // Never converges: 128 MiB hot set at 32 MiB/s without auto-converge.
     let params = MigrateParams {
@@ -544,7 +457,7 @@ async fn target_killed_during_ram_copy_with_mirror() {
         max_bandwidth: Some(32 * MIB),
         ..Default::default()
     };
-    let (fd_a, fd_b, _relay) = ram_stream();
+    let (fd_a, fd_b, _relay) = stream(CancellationToken::new());
     let (incoming, _nbd) = prepare_target(&d, &m, &params, fd_b).await;
     let b_pid = incoming.pid();
     let a_ctx = ctx("A");
@@ -556,15 +469,7 @@ async fn target_killed_during_ram_copy_with_mirror() {
     let (inc, out, ()) = tokio::join!(
         incoming.wait(&b_ctx),
         d.migrate_outgoing(&m.a, &params, fd_a, |_| {}, &a_ctx),
-        async move {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            assert!(is_qemu(b_pid));
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(b_pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .unwrap();
-        }
+        kill_qemu_after(3, b_pid)
     );
     eprintln!(
         "RESULT kill target during RAM copy with mirror (QEMU {}): ended after {:.2} s; outgoing: {out:?}; incoming: {inc:?}",
@@ -581,18 +486,22 @@ async fn target_killed_during_ram_copy_with_mirror() {
 /// succeed with identical disks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbd_link_lost_after_ready() {
-    if let Some(why) = skip_reason() {
-        return eprintln!("SKIPPED nbd_link_lost_after_ready: {why}");
-    }
-    let _l = lock().await;
-    let d = VmDriver::default();
-    let m = members("m4", &[("limits.memory", "256MiB")]);
+    let Some((d, m)) = begin(
+        "nbd_link_lost_after_ready",
+        "fmir",
+        "m4",
+        &[("limits.memory", "256MiB")],
+    )
+    .await
+    else {
+        return;
+    };
     let a_pid = boot_on_a(&d, &m).await;
     let params = MigrateParams {
         block_mirror: true,
         ..Default::default()
     };
-    let (fd_a, fd_b, _relay) = ram_stream();
+    let (fd_a, fd_b, _relay) = stream(CancellationToken::new());
     let (incoming, nbd) = prepare_target(&d, &m, &params, fd_b).await;
     let b_pid = incoming.pid();
     let a_ctx = ctx("A");
