@@ -199,7 +199,9 @@ pub async fn delete(ctx: &Ctx, args: &DeleteArgs) -> Result<i32> {
     let name = &args.name;
     if args.force {
         let inst = ctx.client.instance(name).await?;
-        if inst.is_active() {
+        // Anything not cleanly stopped (running, or in Error with a QEMU
+        // still there) is stopped by force first.
+        if inst.status_code != ferry_client::types::status_code::STOPPED {
             let body = state_body("stop", -1, true, false);
             change_state(ctx, name, body, format!("Stopping {name}")).await?;
         }

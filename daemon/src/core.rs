@@ -228,7 +228,11 @@ impl Daemon {
             self.runtime(&spec).await
         };
         let stateful = !remote && Driver::for_type(spec.kind).has_saved_state(&spec);
-        let (status, code) = if rt.running {
+        let (status, code) = if rec.status == "Error" {
+            // e.g. a VM lost when its post-copy move broke: say so until
+            // the user deletes or restarts it.
+            ("Error", 112)
+        } else if rt.running {
             ("Running", 103)
         } else {
             ("Stopped", 102)

@@ -398,3 +398,46 @@ async fn vm_move_failures_during_precopy_leave_it_running_on_the_source() {
     assert_eq!(ms[1].instance("v1").await["status"], "Running");
     ms[1].ferry_ok(&["delete", "--force", "v1"]);
 }
+
+/// A link cut during post-copy: nothing can be rolled back (the guest's
+/// memory is split between both QEMUs). The operation says the VM is lost,
+/// the record stays on the source with status Error, no operation is left
+/// running, the target cleans up, and the VM can be deleted.
+#[tokio::test]
+async fn vm_postcopy_link_cut_reports_the_vm_lost() {
+    if !need_root("vm_postcopy_link_cut_reports_the_vm_lost") {
+        return;
+    }
+    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    vm_on_m1(&ms, "256MiB").await;
+    let body = json!({"migration": true, "live": true, "postcopy": true, "bandwidth": 4u64 << 20});
+    let (c, id) = start_move(&ms[0], "v1", "m2", body).await;
+    let mut in_postcopy = false;
+    for _ in 0..600 {
+        let op = c.operation(&id).await.unwrap();
+        assert!(
+            op.status_code < 200,
+            "the move ended before post-copy: {op:?}"
+        );
+        if op.metadata["qemu_status"] == "postcopy-active" {
+            in_postcopy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(in_postcopy, "never saw post-copy");
+    let cut = Cut::port(port_of(&ms[0]));
+    let err = failed(&c, &id, "Failure").await;
+    drop(cut);
+    assert!(err.contains("the VM is lost"), "{err}");
+    let inst = ms[0].instance("v1").await;
+    assert_eq!(inst["status"], "Error", "{inst}");
+    assert_eq!(location(&ms[0], "v1").as_deref(), Some("m1"));
+    no_stuck_operation(&ms).await;
+    let t = ms[1].spec("v1", true);
+    wait_for(15, "the target cleaned up", || {
+        (!t.paths.volume.exists() && !t.paths.run.join("qemu.pid").exists()).then_some(())
+    });
+    ms[0].ferry_ok(&["delete", "--force", "v1"]);
+}

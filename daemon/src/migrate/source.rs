@@ -168,6 +168,7 @@ impl Daemon {
                     nbd_relay: None,
                     frozen: None,
                     vm_migrated: false,
+                    vm_lost: false,
                     options,
                 };
                 match m.run().await {
@@ -210,6 +211,8 @@ pub(super) struct MoveRun {
     pub(super) frozen: Option<Instant>,
     /// A VM whose QEMU migration completed (its source QEMU is paused).
     pub(super) vm_migrated: bool,
+    /// A VM whose post-copy broke: its memory is split between both QEMUs.
+    pub(super) vm_lost: bool,
     /// QEMU's STOP event on the source (µs since the epoch).
     pub(super) stop_event_us: Option<u64>,
     /// The serving dump of a post-copy container move.
@@ -537,6 +540,18 @@ impl MoveRun {
             } else if let Err(e) = c.migrate_lazy_abort_source(&self.spec, dump, &ctx).await {
                 tracing::error!(instance = %self.rec.name, error = %e, "could not resume the instance on the source after a failed post-copy move");
             }
+        } else if self.vm_lost {
+            // Nothing can run it: leave both QEMUs as they are (paused, for
+            // a manual post-copy recovery) and record the state.
+            tracing::error!(instance = %self.rec.name, "post-copy move broke: the VM is lost (memory split between source and target)");
+            let _ = self
+                .d
+                .submit(Command::SetInstanceStatus {
+                    name: self.rec.name.clone(),
+                    status: "Error".into(),
+                    last_used_at: None,
+                })
+                .await;
         } else if self.saved_state {
             if let Err(e) = driver.restore_state(&self.spec, &ctx).await {
                 tracing::error!(instance = %self.rec.name, error = %e, "could not restart the instance from its saved state after a failed move");

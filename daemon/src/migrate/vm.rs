@@ -142,12 +142,26 @@ impl MoveRun {
                     qemu_fd,
                     move |p| {
                         op.set_meta("state_progress", json!(p.summary()));
+                        op.set_meta("qemu_status", json!(p.status));
                         super::progress::publish(&op, &memory_figures(&p, started));
                     },
                     &ctx,
                 )
                 .await
-                .map_err(|e| format!("QEMU migration: {e}"))?;
+                .map_err(|e| {
+                    let e = e.to_string();
+                    // Post-copy had started: nothing to roll back to.
+                    if e.contains("split between") {
+                        self.vm_lost = true;
+                        format!(
+                            "the VM is lost: the link broke during post-copy ({e}); it is recorded \
+                             with status Error on {}; delete it or restore it from a backup",
+                            self.d.member
+                        )
+                    } else {
+                        format!("QEMU migration: {e}")
+                    }
+                })?;
             // QEMU completed: the source is paused, the target runs or is about to.
             self.vm_migrated = true;
             self.stop_event_us = stats.stop_event_us;
