@@ -97,7 +97,13 @@ impl TlsListener {
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = match tcp.accept().await {
-                    Ok(x) => x,
+                    // No Nagle: migration streams are written frame by frame
+                    // and flushed; a held-back tail segment waits for the
+                    // peer's (delayed) ACK.
+                    Ok(x) => {
+                        let _ = x.0.set_nodelay(true);
+                        x
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
