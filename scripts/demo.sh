@@ -3,8 +3,8 @@
 # ferryd daemons on loopback (raft-replicated DB, mTLS between members),
 # launches a container (CRIU) on member2 and a VM (QEMU/KVM) on member3, shows
 # their counters advancing, stateful-stops and starts both, moves both live to
-# other members, shows that the counters continued, and cleans up. Run as
-# root on Debian.
+# other members (then a post-copy container move and a capped VM move),
+# shows that the counters continued, and cleans up. Run as root on Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/real-root.sh; ferry_ensure_real_root "$0" "$@"
@@ -100,6 +100,17 @@ v_after=$(v_counter)
 on member3 list
 echo "VM v1: serial counter $v_before before the move -> $v_after a second after (now on member1)"
 [ "$v_after" -ge "$v_before" ] && echo "  counter continued: the running guest moved" || echo "  RESET: the guest restarted"
+step "post-copy move: container c1 back to member2 (resumes first, memory follows via CRIU lazy pages)"
+c_before=$(c_counter)
+ferry move c1 --target member2 --postcopy
+sleep 1
+c_after=$(c_counter)
+echo "container c1: $c_before before -> $c_after a second after (now on member2)"
+[ "$c_after" -ge "$c_before" ] && echo "  counter continued" || echo "  RESET: the counter restarted"
+step "VM v1 to member2 with a 64 MiB/s cap and a 100 ms downtime limit (disk mirrored while it runs)"
+ferry move v1 --target member2 --bandwidth 64MiB --max-downtime 100 --format json \
+  | python3 -c 'import json,sys; m=json.load(sys.stdin); q=m.get("qemu",{}); print("path: %s; total %s ms; downtime %s ms (QEMU: %s ms); RAM sent %.0f MiB in %s passes; disk mirror %s ms; state stream %s" % (m.get("path"), m.get("total_ms"), m.get("downtime_ms"), q.get("downtime_ms"), q.get("transferred",0)/1048576, q.get("passes"), m.get("disk_mirror_ms"), m["plan"]["state_compression"]))'
+on member1 list
 ferry operation list
 step "cleaning up"
 ferry delete --force c1
