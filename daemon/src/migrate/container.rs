@@ -142,17 +142,8 @@ impl MoveRun {
                 }
             }
             StatePlan::StatefulStopFile => {
-                self.op.set_cancellable(false);
-                self.phase(
-                    Phase::Memory,
-                    "stateful stop on the source (CRIU dump to files)",
-                );
-                self.frozen = Some(Instant::now());
-                Driver::Container(driver.clone())
-                    .save_state(&self.spec, &ctx)
-                    .await
-                    .map_err(|e| format!("stateful stop failed: {e}"))?;
-                self.saved_state = true;
+                self.stateful_stop("stateful stop on the source (CRIU dump to files)")
+                    .await?;
             }
             _ => {}
         }

@@ -415,6 +415,21 @@ impl MoveRun {
         Ok(plan)
     }
 
+    /// The previous protocol's path: save the running state (CRIU images /
+    /// QEMU state file under the volume's `state/`) and stop; from here a
+    /// failure restarts the instance from that state.
+    pub(super) async fn stateful_stop(&mut self, what: &str) -> Result<(), String> {
+        self.op.set_cancellable(false);
+        self.phase(Phase::Memory, what);
+        self.frozen = Some(Instant::now());
+        Driver::for_type(self.spec.kind)
+            .save_state(&self.spec, &ferry_drivers::OpCtx::detached())
+            .await
+            .map_err(|e| format!("stateful stop failed: {e}"))?;
+        self.saved_state = true;
+        Ok(())
+    }
+
     /// Tell the target everything was sent, wait for it to run the
     /// instance, then record the new location (the point of no return).
     pub(super) async fn finish_handover(

@@ -79,17 +79,8 @@ impl MoveRun {
             // The previous protocol's path: RAM into a state file on the
             // volume, which then travels with the disk.
             self.check_cancel()?;
-            self.op.set_cancellable(false);
-            self.phase(
-                Phase::Memory,
-                "stateful stop on the source (RAM into a state file)",
-            );
-            self.frozen = Some(Instant::now());
-            Driver::Vm(vm.clone())
-                .save_state(&self.spec, &ctx)
-                .await
-                .map_err(|e| format!("stateful stop failed: {e}"))?;
-            self.saved_state = true;
+            self.stateful_stop("stateful stop on the source (RAM into a state file)")
+                .await?;
         }
         self.check_cancel()?;
         let mut fs = Some(fs);
