@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 use ferry_drivers::container::{ContainerDriver, LazyFrom, LazyServe, PagesTo};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave, VolatileChanges};
-use ferry_migration::{ByteChannel, Plan, SourceState, StatePlan, TargetState};
+use ferry_migration::{
+    ByteChannel, Message, MessageChannel, Plan, Progress, SourceState, Stage, StatePlan,
+    TargetState,
+};
 use serde_json::json;
 use tokio_util::io::SyncIoBridge;
 
@@ -30,7 +33,7 @@ impl MoveRun {
     pub(super) async fn transfer_container(
         &mut self,
         ctl: &mut WsControl,
-        st: SourceState,
+        mut st: SourceState,
         plan: &Plan,
         state_pipe: WsPipe,
         fs_pipe: WsPipe,
@@ -74,6 +77,15 @@ impl MoveRun {
             .await?;
             bridge = b;
             manifest = pass1.manifest;
+            if plan.is_stateful() && plan.version >= 2 {
+                // Freeze only once the target applied the first pass:
+                // otherwise its backlog would count as downtime.
+                self.phase(
+                    Phase::Filesystem,
+                    "waiting for the target to apply the first pass",
+                );
+                st = wait_first_pass(ctl, st, self.op.cancel_token()).await?;
+            }
         }
         self.check_cancel()?;
         match &plan.state {
@@ -255,6 +267,16 @@ impl Daemon {
         let rootfs = spec.paths.volume.join("rootfs");
         if !shared {
             bridge = recv_archive(bridge, rootfs.clone(), false).await?;
+            if plan.is_stateful() && plan.version >= 2 {
+                ctl.send(&Message::Progress(Progress {
+                    stage: Stage::Filesystem,
+                    bytes: 0,
+                    total: None,
+                    detail: Some(FIRST_PASS_APPLIED.into()),
+                }))
+                .await
+                .map_err(|e| e.to_string())?;
+            }
             if plan.is_stateful() {
                 bridge = recv_archive(bridge, rootfs.clone(), true).await?;
             }
@@ -271,7 +293,9 @@ impl Daemon {
             }
             _ => {}
         }
+        tracing::debug!(instance = %spec.name, "move target: filesystem and images received");
         let st = super::target::await_restore(ctl, st).await?;
+        tracing::debug!(instance = %spec.name, "move target: source says all sent");
         if lazy {
             let state_pipe = state_pipe.take().ok_or("no state channel")?;
             return self
@@ -280,7 +304,9 @@ impl Daemon {
         }
         let vol: VolatileChanges = if let Some((ps, relay)) = page_server {
             let _ = relay.await;
+            tracing::debug!(instance = %spec.name, "move target: page stream ended");
             ps.wait().await.map_err(|e| format!("page server: {e}"))?;
+            tracing::debug!(instance = %spec.name, "move target: page server done");
             driver
                 .migrate_restore(spec, &images, &ctx)
                 .await
@@ -349,6 +375,41 @@ impl Daemon {
             ));
         }
         self.report_success(ctl, st, spec, vol).await
+    }
+}
+
+/// `progress.detail` of the target's ack that the first rootfs pass is on
+/// its disk (protocol v2; v1 targets do not send it and are not waited for).
+const FIRST_PASS_APPLIED: &str = "first pass applied";
+
+/// Source: wait (bounded) for the target's first-pass ack on control.
+async fn wait_first_pass(
+    ctl: &mut WsControl,
+    st: SourceState,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<SourceState, String> {
+    let mut st = st;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return Err("cancelled by the user".into()),
+            m = tokio::time::timeout(left, ctl.recv()) => m,
+        };
+        let msg = msg
+            .map_err(|_| {
+                "the target did not apply the first filesystem pass within 10 minutes".to_string()
+            })?
+            .map_err(|e| format!("control channel: {e}"))?;
+        let ack =
+            matches!(&msg, Message::Progress(p) if p.detail.as_deref() == Some(FIRST_PASS_APPLIED));
+        if let Message::Failure { message } = &msg {
+            return Err(format!("the target failed: {message}"));
+        }
+        st = st.on_message(msg).map_err(|e| e.to_string())?;
+        if ack {
+            return Ok(st);
+        }
     }
 }
 

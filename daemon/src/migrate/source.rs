@@ -439,6 +439,7 @@ impl MoveRun {
         plan: &Plan,
         fs_bytes: u64,
     ) -> Result<(), String> {
+        tracing::debug!(instance = %self.rec.name, "move source: all sent");
         ctl.send(&Message::FsDone { bytes: fs_bytes })
             .await
             .map_err(|e| e.to_string())?;

@@ -31,8 +31,12 @@ pub(super) async fn recv_archive(
             std::fs::create_dir_all(dest.parent().unwrap_or(Path::new("/")))
                 .map_err(|e| e.to_string())?;
         }
+        // No syncfs per pass (passes 2+ run while the instance is frozen):
+        // the volume is made durable once, before `success` lets the source
+        // delete its copy (see `report_success`).
         let opts = ExtractOptions {
             allow_devices: true,
+            sync: false,
             ..Default::default()
         };
         read_archive(&mut bridge, &dest, &opts)
@@ -212,7 +216,9 @@ impl Daemon {
         self.report_success(ctl, st, spec, vol).await
     }
 
-    /// Record the volatile keys and send Success (after Resumed).
+    /// Record the volatile keys and send Success (after Resumed). The
+    /// received volume is flushed to disk first: after Success the source
+    /// deletes its copy.
     pub(super) async fn report_success(
         &self,
         ctl: &mut WsControl,
@@ -220,6 +226,16 @@ impl Daemon {
         spec: &InstanceSpec,
         vol: ferry_drivers::VolatileChanges,
     ) -> Result<(), String> {
+        let volume = spec.paths.volume.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            use std::os::fd::AsRawFd;
+            let dir = std::fs::File::open(&volume)
+                .map_err(|e| format!("open {}: {e}", volume.display()))?;
+            nix::unistd::syncfs(dir.as_raw_fd())
+                .map_err(|e| format!("syncfs {}: {e}", volume.display()))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         if !vol.is_empty() {
             if let Err(e) = self
                 .submit(Command::UpdateVolatile {
