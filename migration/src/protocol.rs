@@ -44,6 +44,7 @@
 //!                                                             state:[criu_page_server]}
 //!   S: negotiate(offer, response) must give the same plan; both log it
 //!   archive pass 1 (instance running)  ═════════════════════════════════► unpack
+//!                             ◄───────────────────── Progress{filesystem, "first pass applied"} (v2)
 //!   [pre-dumps, if agreed]             ══════ pages ═══════►           page server
 //!   freeze; criu dump ──► relay        ══════ pages ═══════►           page server
 //!   final sync + CRIU metadata images  ═════════════════════════════════► unpack
