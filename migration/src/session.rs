@@ -119,6 +119,29 @@ async fn recv_into<C: MessageChannel, S>(
     }
 }
 
+impl SourceState {
+    /// Receive one message from the target and apply it: a protocol
+    /// violation is reported to the target, a `failure`/`cancel` from it
+    /// comes back as an error.
+    pub async fn recv<C: MessageChannel>(
+        self,
+        ch: &mut C,
+    ) -> Result<(Self, Message), SessionError> {
+        recv_into(ch, self, SourceState::on_message).await
+    }
+}
+
+impl TargetState {
+    /// Receive one message from the source and apply it (see
+    /// [`SourceState::recv`]).
+    pub async fn recv<C: MessageChannel>(
+        self,
+        ch: &mut C,
+    ) -> Result<(Self, Message), SessionError> {
+        recv_into(ch, self, TargetState::on_message).await
+    }
+}
+
 /// Source side: hellos, offer, response. Returns the state (in `Transfer`)
 /// with the agreed version and plan.
 pub async fn source_handshake<C: MessageChannel>(

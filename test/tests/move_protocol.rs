@@ -145,12 +145,12 @@ async fn a_misbehaving_source_gets_a_clear_failure_and_no_side_effect() {
                 hello(2, 1).to_string().into_bytes(),
                 b"{\"type\": \"offer\", \"fs\": 7".to_vec(),
             ],
-            "",
+            "malformed control message",
         ),
         (
             "oversized message",
             vec![hello(2, 1).to_string().into_bytes(), vec![b' '; 2 << 20]],
-            "",
+            "exceeds the 1048576-byte limit",
         ),
     ];
     for (what, frames, expect) in cases {

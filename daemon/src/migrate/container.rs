@@ -89,68 +89,61 @@ impl MoveRun {
         }
         self.check_cancel()?;
         match &plan.state {
-            StatePlan::CriuPageServer {
-                lazy_pages: true, ..
-            } => {
+            StatePlan::CriuPageServer { lazy_pages, .. } => {
+                let lazy = *lazy_pages;
                 let _ = std::fs::remove_dir_all(&images);
                 std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
                 self.op.set_cancellable(false);
                 self.phase(
                     Phase::Memory,
-                    "checkpointing (CRIU lazy dump: memory follows on demand)",
+                    if lazy {
+                        "checkpointing (CRIU lazy dump: memory follows on demand)"
+                    } else {
+                        "checkpointing (CRIU dump, memory streamed to the target)"
+                    },
                 );
-                // The dump serves pages on one end of a socketpair; the
-                // target's lazy-pages daemon asks for them over the relay.
-                let (criu_end, ours) = socketpair()?;
-                let state_stream = super::state_channel(state_pipe, plan)?;
-                tokio::spawn(async move {
-                    if let Err(e) = ferry_migration::relay(ours, state_stream).await {
-                        tracing::warn!(error = %e, "post-copy page stream");
-                    }
-                });
-                self.frozen = Some(Instant::now());
-                let dump = driver
-                    .migrate_dump_lazy(&self.spec, &images, LazyServe::Socket(criu_end), &ctx)
-                    .await
-                    .map_err(|e| format!("checkpoint failed: {e}"))?;
-                self.op.set_meta(
-                    "criu_dump_ms",
-                    json!(dump.info().dump_time.as_millis() as u64),
-                );
-                self.lazy = Some(dump);
-            }
-            StatePlan::CriuPageServer { .. } => {
-                let _ = std::fs::remove_dir_all(&images);
-                std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
-                self.op.set_cancellable(false);
-                self.phase(
-                    Phase::Memory,
-                    "checkpointing (CRIU dump, memory streamed to the target)",
-                );
-                // CRIU writes pages into one end of a socketpair; ferry relays
-                // the other end over the state channel (no TCP, no Nagle stalls).
+                // CRIU writes pages into (or, lazily, serves them on) one end
+                // of a socketpair; ferry relays the other end over the state
+                // channel (no TCP port, no Nagle stalls).
                 let (criu_end, ours) = socketpair()?;
                 let state_stream = super::state_channel(state_pipe, plan)?;
                 let relay = tokio::spawn(async move {
-                    ferry_migration::relay(ours, state_stream)
+                    let r = ferry_migration::relay(ours, state_stream)
                         .await
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string());
+                    if let Err(e) = &r {
+                        tracing::warn!(error = %e, "memory page stream");
+                    }
+                    r
                 });
                 self.frozen = Some(Instant::now());
-                let dump = driver
-                    .migrate_dump_with(&self.spec, &images, PagesTo::Socket(criu_end), &ctx)
-                    .await
-                    .map_err(|e| format!("checkpoint failed: {e}"))?;
-                self.op
-                    .set_meta("criu_dump_ms", json!(dump.dump_time.as_millis() as u64));
-                self.dumped = true;
-                match tokio::time::timeout(Duration::from_secs(60), relay).await {
-                    Ok(Ok(Ok(stats))) => self.op.set_meta(
-                        "state_progress",
-                        json!(format!("{} MB of memory", stats.a_to_b / 1_000_000)),
-                    ),
-                    Ok(Ok(Err(e))) => return Err(format!("memory stream: {e}")),
-                    _ => return Err("memory stream did not finish".into()),
+                if lazy {
+                    // The dump keeps serving pages until the target has them all.
+                    let dump = driver
+                        .migrate_dump_lazy(&self.spec, &images, LazyServe::Socket(criu_end), &ctx)
+                        .await
+                        .map_err(|e| format!("checkpoint failed: {e}"))?;
+                    self.op.set_meta(
+                        "criu_dump_ms",
+                        json!(dump.info().dump_time.as_millis() as u64),
+                    );
+                    self.lazy = Some(dump);
+                } else {
+                    let dump = driver
+                        .migrate_dump_with(&self.spec, &images, PagesTo::Socket(criu_end), &ctx)
+                        .await
+                        .map_err(|e| format!("checkpoint failed: {e}"))?;
+                    self.op
+                        .set_meta("criu_dump_ms", json!(dump.dump_time.as_millis() as u64));
+                    self.dumped = true;
+                    match tokio::time::timeout(Duration::from_secs(60), relay).await {
+                        Ok(Ok(Ok(stats))) => self.op.set_meta(
+                            "state_progress",
+                            json!(format!("{} MB of memory", stats.a_to_b / 1_000_000)),
+                        ),
+                        Ok(Ok(Err(e))) => return Err(format!("memory stream: {e}")),
+                        _ => return Err("memory stream did not finish".into()),
+                    }
                 }
             }
             StatePlan::StatefulStopFile => {
@@ -206,10 +199,7 @@ impl MoveRun {
                 tracing::warn!(error = %e, "source cleanup after move");
             }
         }
-        self.remove_source_files().await;
-        self.d
-            .events
-            .send_lifecycle("instance-migrated", &self.rec.name);
+        self.clean_up_source().await;
         Ok(())
     }
 }
@@ -392,22 +382,17 @@ async fn wait_first_pass(
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let msg = tokio::select! {
+        let (next, msg) = tokio::select! {
             _ = cancel.cancelled() => return Err("cancelled by the user".into()),
-            m = tokio::time::timeout(left, ctl.recv()) => m,
+            r = tokio::time::timeout(left, st.recv(ctl)) => r
+                .map_err(|_| {
+                    "the target did not apply the first filesystem pass within 10 minutes"
+                        .to_string()
+                })?
+                .map_err(super::peer_error("target"))?,
         };
-        let msg = msg
-            .map_err(|_| {
-                "the target did not apply the first filesystem pass within 10 minutes".to_string()
-            })?
-            .map_err(|e| format!("control channel: {e}"))?;
-        let ack =
-            matches!(&msg, Message::Progress(p) if p.detail.as_deref() == Some(FIRST_PASS_APPLIED));
-        if let Message::Failure { message } = &msg {
-            return Err(format!("the target failed: {message}"));
-        }
-        st = st.on_message(msg).map_err(|e| e.to_string())?;
-        if ack {
+        st = next;
+        if matches!(&msg, Message::Progress(p) if p.detail.as_deref() == Some(FIRST_PASS_APPLIED)) {
             return Ok(st);
         }
     }

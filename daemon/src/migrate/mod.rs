@@ -89,6 +89,17 @@ pub(super) fn state_channel(
         .map_err(|e| e.to_string())
 }
 
+/// A control-channel error as the user sees it; `peer` is "source" or "target".
+pub(super) fn peer_error(peer: &'static str) -> impl Fn(ferry_migration::SessionError) -> String {
+    use ferry_migration::SessionError as E;
+    move |e| match e {
+        E::PeerFailed(m) => format!("the {peer} failed: {m}"),
+        E::PeerCancelled(r) => format!("the {peer} cancelled the move: {r}"),
+        E::Channel(e) => format!("control channel: {e}"),
+        e => e.to_string(),
+    }
+}
+
 /// The plan keeps the volume where it is (a pool both members see).
 pub(super) fn is_shared(plan: &ferry_migration::Plan) -> bool {
     matches!(plan.fs, ferry_migration::FsPlan::Shared { .. })

@@ -466,10 +466,8 @@ impl MoveRun {
         );
         let mut st = st;
         loop {
-            let msg = ctl
-                .recv()
-                .await
-                .map_err(|e| format!("control channel: {e}"))?;
+            let (next, msg) = st.recv(ctl).await.map_err(super::peer_error("target"))?;
+            st = next;
             if let (Message::Resumed { at_us }, Some(t)) = (&msg, self.frozen) {
                 // Downtime as ferry sees it: freeze on the source → running
                 // on the target; for VMs QEMU's STOP (source) → RESUME
@@ -488,15 +486,6 @@ impl MoveRun {
                     Phase::Memory,
                     "post-copy: serving memory pages to the target",
                 );
-            }
-            let fail = if let Message::Failure { message } = &msg {
-                Some(message.clone())
-            } else {
-                None
-            };
-            st = st.on_message(msg).map_err(|e| e.to_string())?;
-            if let Some(m) = fail {
-                return Err(format!("the target failed: {m}"));
             }
             if st.is_terminal() {
                 return Ok(());
@@ -521,17 +510,19 @@ impl MoveRun {
         Ok(())
     }
 
-    /// After the move: remove what the source still holds. On a shared pool
-    /// the volume now belongs to the target: only member-local files go.
-    pub(super) async fn remove_source_files(&self) {
+    /// After the move: remove what the source still holds (on a shared pool
+    /// the volume now belongs to the target: only member-local files go),
+    /// then announce the move.
+    pub(super) async fn clean_up_source(&self) {
         let _ = std::fs::remove_dir_all(Self::images_dir(&self.spec));
         if self.rec.storage_pool == crate::settings::SHARED_POOL {
             super::remove_member_files(&self.spec);
-            return;
-        }
-        if let Err(e) = Driver::for_type(self.spec.kind).delete(&self.spec).await {
+        } else if let Err(e) = Driver::for_type(self.spec.kind).delete(&self.spec).await {
             tracing::warn!(error = %e, "deleting the source volume after move");
         }
+        self.d
+            .events
+            .send_lifecycle("instance-migrated", &self.rec.name);
     }
 
     /// After a failure: the instance runs on the source exactly as before.

@@ -276,19 +276,7 @@ pub(super) async fn await_restore(
 ) -> Result<TargetState, String> {
     let mut st = st;
     while !matches!(st, TargetState::Restore { .. }) {
-        let msg = ctl
-            .recv()
-            .await
-            .map_err(|e| format!("control channel: {e}"))?;
-        let fail = if let Message::Failure { message } = &msg {
-            Some(message.clone())
-        } else {
-            None
-        };
-        st = st.on_message(msg).map_err(|e| e.to_string())?;
-        if let Some(m) = fail {
-            return Err(format!("the source failed: {m}"));
-        }
+        st = st.recv(ctl).await.map_err(super::peer_error("source"))?.0;
         if st.is_terminal() {
             return Err(format!("the source ended the move ({})", st.name()));
         }

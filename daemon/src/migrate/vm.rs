@@ -180,10 +180,7 @@ impl MoveRun {
                 tracing::warn!(error = %e, "source QEMU cleanup after move");
             }
         }
-        self.remove_source_files().await;
-        self.d
-            .events
-            .send_lifecycle("instance-migrated", &self.rec.name);
+        self.clean_up_source().await;
         Ok(())
     }
 
