@@ -882,6 +882,25 @@ struct Report {
     vm_skip: Option<String>,
 }
 
+/// A markdown table: one row per variant, one column per (heading,
+/// metric, decimals), then successful / all runs.
+fn table(s: &mut String, rows: &[Series], cols: &[(&str, &str, usize)]) {
+    let head: Vec<&str> = cols.iter().map(|c| c.0).collect();
+    let _ = writeln!(s, "| variant | {} | ok / runs |", head.join(" | "));
+    let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(cols.len()));
+    for x in rows {
+        let cells: Vec<String> = cols.iter().map(|(_, m, d)| x.cell(m, *d)).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} / {} |",
+            x.label,
+            cells.join(" | "),
+            x.samples.len(),
+            x.samples.len() + x.errors.len()
+        );
+    }
+}
+
 fn find<'a>(v: &'a [Series], key: &str) -> &'a Series {
     v.iter().find(|s| s.key == key).unwrap()
 }
@@ -944,27 +963,19 @@ fn render(r: &Report) -> String {
             s,
             "#### Containers: busybox + `/dirty {DIRTY_MIB} {DIRTY_INTERVAL_MS}` ({DIRTY_MIB} MiB rewritten continuously), `limits.memory={CT_MEMORY}`\n"
         );
-        let _ = writeln!(
-            s,
-            "| variant | downtime (freeze → running) | total | CRIU dump | frozen at hand-over (dump + images copied) | restore (ferry: downtime − hand-over) | CRIU frozen (its own stats) | memory images MiB | ok / runs |"
+        table(
+            &mut s,
+            ct,
+            &[
+                ("downtime (freeze → running)", "downtime", 0),
+                ("total", "total", 0),
+                ("CRIU dump", "dump", 0),
+                ("frozen at hand-over (dump + images copied)", "handover", 0),
+                ("restore (ferry: downtime − hand-over)", "restore", 0),
+                ("CRIU frozen (its own stats)", "criu_frozen", 0),
+                ("memory images MiB", "images_mib", 1),
+            ],
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for x in ct {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
-                x.label,
-                x.cell("downtime", 0),
-                x.cell("total", 0),
-                x.cell("dump", 0),
-                x.cell("handover", 0),
-                x.cell("restore", 0),
-                x.cell("criu_frozen", 0),
-                x.cell("images_mib", 1),
-                x.samples.len(),
-                x.samples.len() + x.errors.len()
-            );
-        }
         let (a, b, c, d) = (find(ct, "a"), find(ct, "b"), find(ct, "c"), find(ct, "d"));
         let (da, db, dc, dd) = (
             a.median("downtime"),
@@ -1013,29 +1024,29 @@ fn render(r: &Report) -> String {
             s,
             "#### VMs: `testvm`, `limits.memory={VM_MEMORY}`, `testvm.dirty_mib={VM_DIRTY_MIB}` (a {VM_DIRTY_MIB} MiB hot set rewritten continuously)\n"
         );
-        let _ = writeln!(
-            s,
-            "| variant | downtime (ferry's `downtime_ms`; raw: STOP → RESUME events) | QEMU downtime | total (ferry's `total_ms`; raw: migrate → running) | QEMU total | disk mirror (before RAM) | RAM sent MiB | throughput MiB/s (RAM sent / QEMU total) | passes | max throttle % | ok / runs |"
+        table(
+            &mut s,
+            vm,
+            &[
+                (
+                    "downtime (ferry's `downtime_ms`; raw: STOP → RESUME events)",
+                    "downtime",
+                    0,
+                ),
+                ("QEMU downtime", "qemu_downtime", 0),
+                (
+                    "total (ferry's `total_ms`; raw: migrate → running)",
+                    "total",
+                    0,
+                ),
+                ("QEMU total", "qemu_total", 0),
+                ("disk mirror (before RAM)", "mirror", 0),
+                ("RAM sent MiB", "sent_mib", 0),
+                ("throughput MiB/s (RAM sent / QEMU total)", "throughput", 0),
+                ("passes", "passes", 0),
+                ("max throttle %", "throttle", 0),
+            ],
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for x in vm {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
-                x.label,
-                x.cell("downtime", 0),
-                x.cell("qemu_downtime", 0),
-                x.cell("total", 0),
-                x.cell("qemu_total", 0),
-                x.cell("mirror", 0),
-                x.cell("sent_mib", 0),
-                x.cell("throughput", 0),
-                x.cell("passes", 0),
-                x.cell("throttle", 0),
-                x.samples.len(),
-                x.samples.len() + x.errors.len()
-            );
-        }
         let (a, b, c, d) = (find(vm, "a"), find(vm, "b"), find(vm, "c"), find(vm, "d"));
         let (ta, tb) = (a.median("throughput"), b.median("throughput"));
         let _ = writeln!(s, "\nGoals (medians):\n");
