@@ -97,7 +97,7 @@ pub enum Command {
     Operation(OperationCommand),
     /// Move an instance to another cluster member (live for a running instance)
     Move(MoveArgs),
-    /// Manage the cluster: enable, add, join, list, remove
+    /// Manage the cluster: enable, add, join, list, remove, evacuate, restore
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Server configuration: trusted client certificates
@@ -297,6 +297,48 @@ pub enum ClusterCommand {
     List,
     /// Remove a member (it must have no instances)
     Remove { name: String },
+    /// Move every instance off a member and mark it evacuated (for maintenance)
+    Evacuate(EvacuateArgs),
+    /// Bring an evacuated member's instances back and clear its evacuated mark
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvacuateArgs {
+    /// The member to evacuate
+    pub member: String,
+    /// What to do with running instances [default: auto; an instance's own
+    /// `cluster.evacuate` other than auto wins]
+    #[arg(long, value_enum)]
+    pub action: Option<EvacuateAction>,
+    /// Don't ask for confirmation
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// `--action` of `ferry cluster evacuate` (the request's `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvacuateAction {
+    /// Live move where the instance allows it, else stop, move and start
+    Auto,
+    /// Live move running instances
+    LiveMigrate,
+    /// Stop running instances, move them, start them again
+    Migrate,
+    /// Stop running instances in place (restore starts them); nothing moves
+    Stop,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The member to restore
+    pub member: String,
+    /// Only clear the evacuated mark; leave the instances where they are
+    #[arg(long)]
+    pub skip_instances: bool,
+    /// Don't ask for confirmation
+    #[arg(short, long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]

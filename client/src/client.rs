@@ -180,6 +180,19 @@ impl Client {
     pub async fn wait_operation(
         &self,
         op_id: &str,
+        on_update: impl FnMut(&Operation),
+    ) -> Result<Operation> {
+        self.wait_operation_to_end(op_id, on_update)
+            .await?
+            .into_result()
+    }
+
+    /// Like [`Client::wait_operation`], but returns the final operation
+    /// however it ended (Success, Failure or Cancelled), so that the metadata
+    /// of a failed operation can still be read; see [`Operation::into_result`].
+    pub async fn wait_operation_to_end(
+        &self,
+        op_id: &str,
         mut on_update: impl FnMut(&Operation),
     ) -> Result<Operation> {
         let path = format!("/1.0/operations/{}/wait?timeout=1", operation_id(op_id));
@@ -188,7 +201,7 @@ impl Client {
             let op: Operation = self.get_metadata(&path).await?;
             on_update(&op);
             if op.is_final() {
-                return finish(op);
+                return Ok(op);
             }
             let elapsed = started.elapsed();
             if elapsed < MIN_POLL_INTERVAL {
@@ -199,7 +212,23 @@ impl Client {
 
     /// Send a request answered by an async envelope and wait for its
     /// operation; `on_update` sees the initial operation and every poll.
+    /// Failure and Cancelled become [`ClientError::OperationFailed`].
     pub async fn run_async(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        on_update: impl FnMut(&Operation),
+    ) -> Result<Operation> {
+        self.run_async_to_end(method, path, body, on_update)
+            .await?
+            .into_result()
+    }
+
+    /// Like [`Client::run_async`], but returns the final operation however
+    /// it ended (Success, Failure or Cancelled); only a request that fails
+    /// (or an operation that cannot be waited for) is an error.
+    pub async fn run_async_to_end(
         &self,
         method: Method,
         path: &str,
@@ -210,9 +239,9 @@ impl Client {
         let op = operation_of(&env)?;
         on_update(&op);
         if op.is_final() {
-            return finish(op);
+            return Ok(op);
         }
-        self.wait_operation(&op.id, on_update).await
+        self.wait_operation_to_end(&op.id, on_update).await
     }
 }
 
@@ -220,20 +249,6 @@ impl Client {
 pub fn operation_id(id_or_url: &str) -> &str {
     let s = id_or_url.split('?').next().unwrap_or(id_or_url);
     s.trim_end_matches('/').rsplit('/').next().unwrap_or(s)
-}
-
-fn finish(op: Operation) -> Result<Operation> {
-    if op.is_success() {
-        return Ok(op);
-    }
-    let msg = if !op.err.is_empty() {
-        op.err
-    } else if !op.status.is_empty() {
-        format!("Operation {}", op.status.to_lowercase())
-    } else {
-        format!("Operation ended with status code {}", op.status_code)
-    };
-    Err(ClientError::OperationFailed(msg))
 }
 
 /// The Operation carried by an async envelope.

@@ -239,6 +239,50 @@ async fn run_async_sends_json_and_waits() {
 }
 
 #[tokio::test]
+async fn run_async_to_end_returns_a_failed_operation_with_its_metadata() {
+    let f = fake(|method, path, _| match (method, path) {
+        ("POST", "/1.0/cluster/members/m1/state") => async_env(op(
+            "Running",
+            103,
+            "",
+            json!({"evacuation_progress": "0/2"}),
+        )),
+        ("GET", "/1.0/operations/op1/wait?timeout=1") => sync(op(
+            "Failure",
+            400,
+            "Failed to evacuate v1",
+            json!({"evacuation": {"failed": 1}}),
+        )),
+        _ => error(404, "not found"),
+    });
+    let body = json!({"action": "evacuate", "mode": ""});
+    let path = "/1.0/cluster/members/m1/state";
+    let mut progress = Vec::new();
+    let done = f
+        .client
+        .run_async_to_end(Method::POST, path, Some(&body), |o| {
+            progress.push(o.metadata["evacuation_progress"].clone())
+        })
+        .await
+        .unwrap();
+    assert_eq!(progress, [json!("0/2"), Value::Null]);
+    assert!(!done.is_success());
+    assert_eq!(done.metadata["evacuation"]["failed"], 1);
+    let err = done.into_result().unwrap_err();
+    assert!(matches!(err, ClientError::OperationFailed(_)));
+    assert_eq!(err.to_string(), "Failed to evacuate v1");
+    // run_async (the same request) still turns the failure into an error.
+    let err = f
+        .client
+        .run_async(Method::POST, path, Some(&body), |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "Failed to evacuate v1");
+    let done = f.client.wait_operation_to_end("op1", |_| {}).await.unwrap();
+    assert_eq!(done.status, "Failure");
+}
+
+#[tokio::test]
 async fn typed_helpers() {
     let f = fake(|method, path, _| match (method, path) {
         ("GET", "/1.0/operations?recursion=1") => {

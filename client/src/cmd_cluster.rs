@@ -1,10 +1,12 @@
-//! `ferry cluster enable|add|join|list|remove`.
+//! `ferry cluster enable|add|join|list|remove` (evacuate and restore are in
+//! `cmd_evacuate`), `ferry move` and `ferry config`.
 
 use anyhow::Result;
 use ferry_client::Method;
 use serde_json::{json, Value};
 
 use crate::cli::{ClusterCommand, ConfigCommand, MoveArgs, TrustCommand};
+use crate::cmd_evacuate;
 use crate::ctx::Ctx;
 use crate::output::{print_out, render_table};
 
@@ -64,6 +66,8 @@ pub async fn run(ctx: &Ctx, cmd: &ClusterCommand) -> Result<i32> {
             eprintln!("Member {name} removed");
             Ok(0)
         }
+        ClusterCommand::Evacuate(a) => cmd_evacuate::evacuate(ctx, a).await,
+        ClusterCommand::Restore(a) => cmd_evacuate::restore(ctx, a).await,
     }
 }
 

@@ -24,8 +24,23 @@ impl Ctx {
         print_out(&pretty_json(metadata));
     }
 
-    /// Run an async request behind a spinner and wait for its operation.
+    /// Run an async request behind a spinner and wait for its operation;
+    /// Failure and Cancelled are errors (`ClientError::OperationFailed`).
     pub async fn run_op(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        what: &str,
+    ) -> Result<Operation> {
+        let op = self.run_op_to_end(method, path, body, what).await?;
+        Ok(op.into_result()?)
+    }
+
+    /// Like [`Ctx::run_op`], but the operation is returned however it ended,
+    /// so a failed one's metadata can still be shown; the caller checks
+    /// `op.is_success()` (or `op.into_result()`).
+    pub async fn run_op_to_end(
         &self,
         method: Method,
         path: &str,
@@ -35,7 +50,7 @@ impl Ctx {
         let spinner = Spinner::new(what);
         let op = self
             .client
-            .run_async(method, path, body, |op| spinner.update(op))
+            .run_async_to_end(method, path, body, |op| spinner.update(op))
             .await;
         drop(spinner);
         Ok(op?)

@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd_cluster;
+mod cmd_evacuate;
 mod cmd_instance;
 mod cmd_operation;
 mod ctx;

@@ -108,6 +108,23 @@ impl Operation {
         self.status_code == status_code::SUCCESS
     }
 
+    /// `Ok(self)` for a successful operation, else
+    /// [`ClientError::OperationFailed`](crate::ClientError::OperationFailed)
+    /// with its `err` (or, when that is empty, its status).
+    pub fn into_result(self) -> Result<Operation, crate::ClientError> {
+        if self.is_success() {
+            return Ok(self);
+        }
+        let msg = if !self.err.is_empty() {
+            self.err
+        } else if !self.status.is_empty() {
+            format!("Operation {}", self.status.to_lowercase())
+        } else {
+            format!("Operation ended with status code {}", self.status_code)
+        };
+        Err(crate::ClientError::OperationFailed(msg))
+    }
+
     /// `metadata.stage`, if present.
     pub fn stage(&self) -> Option<&str> {
         self.metadata.get("stage").and_then(Value::as_str)

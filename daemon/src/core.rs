@@ -63,6 +63,8 @@ pub struct Daemon {
     pub events: EventBus,
     pub pending: crate::migrate::Pending,
     leases: Leases,
+    /// Evacuations and restores running on this member, by member name.
+    pub evacuations: crate::evacuate::Running,
     pub settings: crate::settings::Settings,
 }
 
@@ -99,6 +101,10 @@ impl Daemon {
                 &[member.clone(), "localhost".into()],
             )?),
         };
+        crate::cluster::set_local_resources(
+            settings.instance_memory,
+            dir.join("storage-pools/default"),
+        );
         let d = Arc::new(Daemon {
             tls: crate::tls::TlsState::new(mode, trust)?,
             listen,
@@ -110,6 +116,7 @@ impl Daemon {
             dir,
             member,
             leases: Leases::default(),
+            evacuations: Default::default(),
             pending: Default::default(),
             settings,
         });
@@ -515,6 +522,7 @@ impl Daemon {
         driver
             .validate(&spec)
             .map_err(|e| ActionError::BadRequest(e.to_string()))?;
+        crate::evacuate::validate_config(&rec.config)?;
         if self.db().get_instance(&req.name)?.is_some() {
             return Err(ActionError::Conflict(format!(
                 "Instance \"{}\" already exists",
@@ -848,6 +856,7 @@ impl Daemon {
         Driver::for_type(spec.kind)
             .validate(&spec)
             .map_err(|e| ActionError::BadRequest(e.to_string()))?;
+        crate::evacuate::validate_config(&spec.config)?;
         self.submit(Command::SetInstanceConfig {
             name: name.to_string(),
             config,

@@ -9,6 +9,7 @@ use clap::Parser;
 mod api;
 mod cluster;
 mod core;
+mod evacuate;
 mod events;
 mod migrate;
 mod ops;
@@ -46,6 +47,16 @@ struct Args {
     /// mounted on this member. Unset: no shared pool here.
     #[arg(long, env = "FERRY_SHARED_POOL")]
     shared_pool: Option<PathBuf>,
+    /// How many instances `ferry cluster evacuate`/`restore` of this member
+    /// moves at once (the member's migration bandwidth is shared among them).
+    #[arg(long, env = "FERRY_EVACUATE_PARALLEL", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    evacuate_parallel: u16,
+    /// Memory this member offers to instances (e.g. `8GiB`): placement counts
+    /// the running instances' memory against it. Unset: the host's available
+    /// memory is the only limit.
+    #[arg(long, env = "FERRY_INSTANCE_MEMORY", value_parser = settings::Settings::parse_memory)]
+    instance_memory: Option<u64>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info,ferryd=debug`.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     log: String,
@@ -81,6 +92,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         migration_protocol: args.migration_protocol,
         migration_bandwidth: args.migration_bandwidth,
         shared_pool: args.shared_pool,
+        evacuate_parallel: args.evacuate_parallel.into(),
+        instance_memory: args.instance_memory,
     };
     let daemon = core::Daemon::open(args.dir.clone(), name, args.listen, settings)
         .await

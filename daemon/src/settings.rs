@@ -22,6 +22,13 @@ pub struct Settings {
     pub migration_bandwidth: Option<u64>,
     /// Where the `shared` pool is mounted on this member.
     pub shared_pool: Option<PathBuf>,
+    /// How many instances an evacuation or restore moves at once
+    /// (`--evacuate-parallel`; 0 = the default, 2).
+    pub evacuate_parallel: usize,
+    /// Memory this member offers to instances (`--instance-memory`); placement
+    /// counts the running instances' memory against it. `None`: no cap beyond
+    /// the host's available memory.
+    pub instance_memory: Option<u64>,
 }
 
 impl Settings {
@@ -37,6 +44,25 @@ impl Settings {
             })?,
         };
         VersionRange::new(ferry_migration::MIN_PROTOCOL_VERSION, max).map_err(|e| e.to_string())
+    }
+
+    /// Moves at once during an evacuation or restore.
+    pub fn parallel(&self) -> usize {
+        if self.evacuate_parallel == 0 {
+            2
+        } else {
+            self.evacuate_parallel
+        }
+    }
+
+    /// `--instance-memory 4GiB`.
+    pub fn parse_memory(s: &str) -> Result<u64, String> {
+        match ferry_drivers::parse_size(s.trim()) {
+            Some(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "--instance-memory {s:?}: use a positive size like 4GiB or 512MiB"
+            )),
+        }
     }
 
     /// `--migration-bandwidth 64MiB` (per second).
@@ -107,6 +133,11 @@ mod tests {
         assert_eq!(Settings::parse_bandwidth("100MB/s").unwrap(), 100_000_000);
         assert!(Settings::parse_bandwidth("0").is_err());
         assert!(Settings::parse_bandwidth("fast").is_err());
+        assert_eq!(Settings::parse_memory("1GiB").unwrap(), 1 << 30);
+        assert!(Settings::parse_memory("0")
+            .unwrap_err()
+            .contains("positive size"));
+        assert_eq!(Settings::default().parallel(), 2);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{apply_certificates, apply_members, Command, DbError, InstanceRecord};
+use crate::{apply_certificates, apply_members, apply_placement, Command, DbError, InstanceRecord};
 
 pub(crate) fn command(conn: &Connection, cmd: &Command) -> Result<(), DbError> {
     match cmd {
@@ -50,6 +50,7 @@ pub(crate) fn command(conn: &Connection, cmd: &Command) -> Result<(), DbError> {
         Command::AddCertificate { .. } | Command::RemoveCertificate { .. } => {
             apply_certificates::command(conn, cmd)
         }
+        Command::ReservePlacement { .. } => apply_placement::command(conn, cmd),
     }
 }
 
@@ -119,7 +120,8 @@ fn move_instance(conn: &Connection, name: &str, from: &str, to: &str) -> Result<
         "UPDATE instances SET member = ?2 WHERE id = ?1",
         params![id, to],
     )?;
-    Ok(())
+    // The move is done: its placement reservation (if any) is now real use.
+    crate::apply_placement::clear(conn, id)
 }
 
 /// Inserts rows into `table` (a fixed table name, never user input).

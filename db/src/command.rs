@@ -136,6 +136,23 @@ pub enum Command {
     },
     /// Stops trusting a certificate. Fails with `NotFound` (what "certificate").
     RemoveCertificate { fingerprint: String },
+    /// Reserves `memory` bytes on `member` for instance `name`, which is about to
+    /// move there (evacuation placement). Fails with `Conflict` if the member is
+    /// evacuated, already holds the instance, or if the live reservations on it
+    /// (`expires_at > now`, other instances) plus `memory` exceed `capacity` (the
+    /// submitter's linearizable view of the member's free memory, reservations
+    /// not counted). Two evacuations placing on the same member at once are thus
+    /// ordered by the log, and the second one sees the first's reservation.
+    /// Stored as `volatile.placement.*` keys, removed by `MoveInstance`.
+    ReservePlacement {
+        name: String,
+        member: String,
+        memory: u64,
+        capacity: u64,
+        /// Unix seconds, chosen by the submitter (apply never reads the clock).
+        now: i64,
+        expires_at: i64,
+    },
 }
 
 impl Command {
@@ -155,6 +172,7 @@ impl Command {
             Command::SetMemberState { .. } => "set_member_state",
             Command::AddCertificate { .. } => "add_certificate",
             Command::RemoveCertificate { .. } => "remove_certificate",
+            Command::ReservePlacement { .. } => "reserve_placement",
         }
     }
 }

@@ -10,6 +10,7 @@
 mod apply;
 mod apply_certificates;
 mod apply_members;
+mod apply_placement;
 mod certificates;
 mod command;
 mod db;
@@ -18,6 +19,7 @@ mod replicated;
 mod schema;
 mod writer;
 
+pub use apply_placement::{Reservation, PLACEMENT_KEYS};
 pub use certificates::{CertificateRecord, CERTIFICATE_CLIENT};
 pub use command::{
     Command, InstanceRecord, LogCommand, COMMAND_FORMAT_VERSION, MIN_COMMAND_FORMAT_VERSION,

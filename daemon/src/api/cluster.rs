@@ -94,6 +94,32 @@ pub async fn get_member(St(d): State, Path(name): Path<String>) -> Result<Respon
 }
 
 #[derive(serde::Deserialize)]
+struct MemberStatePost {
+    action: String,
+    #[serde(default)]
+    mode: String,
+}
+
+/// `POST /1.0/cluster/members/<name>/state`: evacuate or restore (the
+/// forwarding layer already sent it to the member itself).
+pub async fn post_member_state(
+    St(d): State,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ActionError> {
+    let req: MemberStatePost = parse_body(&body)?;
+    crate::evacuate::parse_request(&req.action, &req.mode)?;
+    if d.require_cluster()?.db.get_member(&name)?.is_none() {
+        return Err(ActionError::NotFound(format!(
+            "member \"{name}\" not found: see `ferry cluster list`"
+        )));
+    }
+    Ok(async_op(
+        &d.member_state(&name, &req.action, &req.mode).await?,
+    ))
+}
+
+#[derive(serde::Deserialize)]
 struct AddMember {
     server_name: String,
 }

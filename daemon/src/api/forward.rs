@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use super::error;
 use crate::core::Daemon;
 
-const FORWARDED: &str = "x-ferry-forwarded";
+/// Marks a request one member sent another on a client's behalf (never re-forwarded).
+pub const FORWARDED: &str = "x-ferry-forwarded";
 const MAX_BODY: usize = 16 << 20;
 
 pub async fn forward(St(d): St<Arc<Daemon>>, req: Request, next: Next) -> Response {
@@ -35,6 +36,26 @@ pub async fn forward(St(d): St<Arc<Daemon>>, req: Request, next: Next) -> Respon
         }
         ["1.0", "instances", name, ..] => {
             d.db().get_instance(name).ok().flatten().map(|r| r.member)
+        }
+        // Evacuate/restore runs on the member itself.
+        ["1.0", "cluster", "members", name, "state"] if req.method() == Method::POST => {
+            match cluster.db.get_member(name) {
+                Ok(Some(m)) if m.name != d.member => {
+                    if !cluster.check_online(&m.name, &m.address).await {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            format!(
+                                "member \"{}\" is offline: it must be online to evacuate or \
+                                 restore it (bring its ferryd back, or remove it with \
+                                 `ferry cluster remove {}`)",
+                                m.name, m.name
+                            ),
+                        );
+                    }
+                    Some(m.name)
+                }
+                _ => None,
+            }
         }
         ["1.0", "operations", id, ..] if d.ops.get(id).is_none() => {
             return forward_operation(&d, req, &path, query.as_deref())
@@ -92,6 +113,13 @@ async fn placement(d: &Arc<Daemon>, query: Option<&str>) -> Result<Option<String
                 StatusCode::BAD_REQUEST,
                 format!("Member \"{t}\" is not in the cluster: see `ferry cluster list`"),
             )),
+            Some(m) if m.state == ferry_db::MEMBER_EVACUATED => Err(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Member \"{t}\" is evacuated: no new instance is placed on it; choose \
+                     another --target, or bring it back with `ferry cluster restore {t}`"
+                ),
+            )),
             Some(m) => match cluster.check_online(&t, &m.address).await {
                 true => Ok(Some(t)),
                 false => Err(error(
@@ -109,9 +137,15 @@ async fn placement(d: &Arc<Daemon>, query: Option<&str>) -> Result<Option<String
             _ => None,
         })
         .max();
-    Ok(Some(
-        best.map(|(_, n)| n).unwrap_or_else(|| d.member.clone()),
-    ))
+    match best {
+        Some((_, n)) => Ok(Some(n)),
+        None => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no member can take a new instance: every member is offline or evacuated \
+             (see `ferry cluster list`; `ferry cluster restore MEMBER` brings one back)"
+                .into(),
+        )),
+    }
 }
 
 async fn forward_operation(

@@ -20,6 +20,8 @@ mod forward;
 mod instances;
 mod operations;
 
+pub use forward::FORWARDED;
+
 pub type State = axum::extract::State<Arc<Daemon>>;
 
 pub fn router(daemon: Arc<Daemon>) -> Router {
@@ -73,6 +75,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             "/1.0/cluster/members/{name}",
             get(cluster::get_member).delete(cluster::delete_member),
         )
+        .route(
+            "/1.0/cluster/members/{name}/state",
+            post(cluster::post_member_state),
+        )
         .route(crate::cluster::net::APPEND_PATH, post(cluster::raft_append))
         .route(crate::cluster::net::VOTE_PATH, post(cluster::raft_vote))
         .route(
@@ -106,6 +112,7 @@ const EXTENSIONS: &[&str] = &[
     "console",
     "operation_wait",
     "clustering",
+    "clustering_evacuation",
 ];
 
 async fn server_info(axum::extract::State(d): State) -> Response {

@@ -95,6 +95,36 @@ pub struct Heartbeat {
     pub name: String,
     pub version: String,
     pub mem_free: u64,
+    /// Memory the member offers to instances (`--instance-memory`); 0 = no cap.
+    #[serde(default)]
+    pub instance_memory: u64,
+    /// Free bytes on the member's storage (its data dir's file system).
+    #[serde(default)]
+    pub disk_free: u64,
+}
+
+/// This member's resources as its heartbeat reports them (set once at start).
+struct LocalResources {
+    instance_memory: u64,
+    storage: std::path::PathBuf,
+}
+
+static LOCAL_RESOURCES: std::sync::OnceLock<LocalResources> = std::sync::OnceLock::new();
+
+/// Record what this member's heartbeats report beyond the host's memory.
+pub fn set_local_resources(instance_memory: Option<u64>, storage: std::path::PathBuf) {
+    let _ = LOCAL_RESOURCES.set(LocalResources {
+        instance_memory: instance_memory.unwrap_or(0),
+        storage,
+    });
+}
+
+/// Free bytes on the file system holding `path` (0 if it cannot be read).
+#[allow(clippy::unnecessary_cast)] // the statvfs field types differ between targets
+pub fn disk_free(path: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .unwrap_or(0)
 }
 
 pub struct Cluster {
@@ -298,6 +328,8 @@ pub fn local_heartbeat(name: &str) -> Heartbeat {
         name: name.to_string(),
         version: crate::core::VERSION.to_string(),
         mem_free: mem_free(),
+        instance_memory: LOCAL_RESOURCES.get().map_or(0, |r| r.instance_memory),
+        disk_free: LOCAL_RESOURCES.get().map_or(0, |r| disk_free(&r.storage)),
     }
 }
 

@@ -138,6 +138,12 @@ impl Daemon {
                 "Member \"{target}\" is not in the cluster: see `ferry cluster list`"
             ))
         })?;
+        if target_rec.state == ferry_db::MEMBER_EVACUATED {
+            return Err(ActionError::BadRequest(format!(
+                "Member \"{target}\" is evacuated: choose another --target, or bring it back \
+                 with `ferry cluster restore {target}`"
+            )));
+        }
         if !cluster.check_online(target, &target_rec.address).await {
             return Err(ActionError::BadRequest(format!(
                 "Member \"{target}\" is offline: choose another --target"
