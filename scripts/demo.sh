@@ -4,7 +4,8 @@
 # launches a container (CRIU) on member2 and a VM (QEMU/KVM) on member3, shows
 # their counters advancing, stateful-stops and starts both, moves both live to
 # other members (then a post-copy container move and a capped VM move),
-# shows that the counters continued, and cleans up. Run as root on Debian.
+# shows that the counters continued, evacuates the member holding both and
+# restores it, and cleans up. Run as root on Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/real-root.sh; ferry_ensure_real_root "$0" "$@"
@@ -110,6 +111,16 @@ echo "container c1: $c_before before -> $c_after a second after (now on member2)
 step "VM v1 to member2 with a 64 MiB/s cap and a 100 ms downtime limit (disk mirrored while it runs)"
 ferry move v1 --target member2 --bandwidth 64MiB --max-downtime 100 --format json \
   | python3 -c 'import json,sys; m=json.load(sys.stdin); q=m.get("qemu",{}); print("path: %s; total %s ms; downtime %s ms (QEMU: %s ms); RAM sent %.0f MiB in %s passes; disk mirror %s ms; state stream %s" % (m.get("path"), m.get("total_ms"), m.get("downtime_ms"), q.get("downtime_ms"), q.get("transferred",0)/1048576, q.get("passes"), m.get("disk_mirror_ms"), m["plan"]["state_compression"]))'
+on member1 list
+ferry operation list
+step "evacuating member2 for maintenance: both instances move live to the members with the most free memory"
+c_before=$(c_counter); v_before=$(v_counter)
+ferry cluster evacuate member2 --action live-migrate --force
+on member3 cluster list
+sleep 1
+echo "container c1: $c_before -> $(c_counter); VM v1: $v_before -> $(v_counter) (both still counting, away from member2)"
+step "restoring member2: the instances come back live, the member takes new instances again"
+ferry cluster restore member2 --force
 on member1 list
 ferry operation list
 step "cleaning up"

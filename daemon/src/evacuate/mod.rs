@@ -314,6 +314,7 @@ impl Run {
             r.action = self.action;
             r.mode = self.mode;
             r.parallel = parallel;
+            r.bandwidth_per_move = self.bandwidth_per_move();
         }
         let state = match self.action {
             Action::Evacuate => MEMBER_EVACUATED,
@@ -514,11 +515,7 @@ impl Run {
     ) -> Result<Value, String> {
         let rec = &task.rec;
         let live = task.how == How::Live;
-        let bandwidth = self
-            .d
-            .settings
-            .migration_bandwidth
-            .map(|b| (b / self.d.settings.parallel() as u64).max(1));
+        let bandwidth = self.bandwidth_per_move();
         let child = match self.action {
             Action::Evacuate => {
                 let options = ferry_migration::MoveOptions {
@@ -560,6 +557,13 @@ impl Run {
                 self.publish();
             })
             .await
+    }
+
+    /// The member's migration bandwidth, shared by the moves running at once.
+    fn bandwidth_per_move(&self) -> Option<u64> {
+        let s = &self.d.settings;
+        s.migration_bandwidth
+            .map(|b| (b / s.parallel() as u64).max(1))
     }
 
     /// Choose where an evacuated instance goes and reserve its memory there.

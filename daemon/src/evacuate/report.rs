@@ -79,6 +79,8 @@ pub struct Report {
     pub action: Action,
     pub mode: Mode,
     pub parallel: usize,
+    /// Each move's share of the member's `--migration-bandwidth` (bytes/s).
+    pub bandwidth_per_move: Option<u64>,
     pub total: usize,
     pub instances: Vec<Entry>,
     pub current: BTreeMap<String, Current>,
@@ -91,6 +93,7 @@ impl Default for Report {
             action: Action::Evacuate,
             mode: Mode::Auto,
             parallel: 0,
+            bandwidth_per_move: None,
             total: 0,
             instances: vec![],
             current: BTreeMap::new(),
@@ -114,7 +117,8 @@ impl Report {
     pub fn to_json(&self) -> Value {
         json!({
             "member": self.member, "action": self.action, "mode": self.mode,
-            "parallel": self.parallel, "total": self.total,
+            "parallel": self.parallel, "bandwidth_per_move": self.bandwidth_per_move,
+            "total": self.total,
             "done": self.instances.len(), "failed": self.failed(),
             "instances": self.instances,
             "current": self.current.values().collect::<Vec<_>>(),
