@@ -55,6 +55,13 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# The stock Incus client (issue 7: `incus` drives ferryd), 6.0.4 from backports.
+if ! { command -v incus >/dev/null && incus version 2>/dev/null | grep -q '^Client version: 6.0.4'; }; then
+  [ $updated = 1 ] || { apt-get update -q >/dev/null; updated=1; }
+  log "installing incus-client 6.0.4 from bookworm-backports"
+  apt-get install -y -q --no-install-recommends -t bookworm-backports incus-client >/dev/null
+fi
+
 criu_ok() { command -v criu >/dev/null && criu --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"; }
 if ! criu_ok; then
   [ $updated = 1 ] || { apt-get update -q >/dev/null; updated=1; }

@@ -62,6 +62,8 @@ pub struct Daemon {
     pub ops: Operations,
     pub events: EventBus,
     pub pending: crate::migrate::Pending,
+    /// exec's stdio websockets, by operation and secret.
+    pub exec_pending: crate::migrate::Pending<axum::extract::ws::WebSocket>,
     leases: Leases,
     /// Evacuations and restores running on this member, by member name.
     pub evacuations: crate::evacuate::Running,
@@ -118,6 +120,7 @@ impl Daemon {
             leases: Leases::default(),
             evacuations: Default::default(),
             pending: Default::default(),
+            exec_pending: Default::default(),
             settings,
         });
         if let (Some(cfg), Some(cert)) = (
@@ -459,6 +462,11 @@ pub struct ExecRequest {
     pub record_output: bool,
     #[serde(default)]
     pub interactive: bool,
+    /// Terminal size of an interactive command.
+    #[serde(default)]
+    pub width: u16,
+    #[serde(default)]
+    pub height: u16,
 }
 
 fn resources(name: &str) -> Value {
@@ -775,15 +783,19 @@ impl Daemon {
                 "\"command\" is empty: give the program to run and its arguments".into(),
             ));
         }
-        if req.wait_for_websocket || req.interactive {
+        if req.interactive && !req.wait_for_websocket {
             return Err(ActionError::BadRequest(
-                "interactive exec over websockets is not supported yet: use \"record-output\": true".into(),
+                "an interactive exec needs \"wait-for-websocket\": true (its terminal is a websocket)"
+                    .into(),
             ));
         }
         if !self.runtime(&spec).await.running {
             return Err(ActionError::BadRequest(format!(
                 "Instance \"{name}\" is not running: start it first"
             )));
+        }
+        if req.wait_for_websocket {
+            return Ok(self.exec_websockets(name, spec, driver, req));
         }
         let name = name.to_string();
         Ok(self.ops.spawn(

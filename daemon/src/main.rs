@@ -11,6 +11,7 @@ mod cluster;
 mod core;
 mod evacuate;
 mod events;
+mod exec_ws;
 mod migrate;
 mod ops;
 mod server;

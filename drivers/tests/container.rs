@@ -44,6 +44,50 @@ async fn exec_out(
     Ok((code, text))
 }
 
+/// The console log, as the API serves it.
+async fn console(d: &ContainerDriver, s: &InstanceSpec) -> Result<String, String> {
+    let log = d.console_log(s).await.map_err(e("console_log"))?;
+    Ok(String::from_utf8_lossy(&log).into_owned())
+}
+
+/// The `counter N` lines of a console log.
+fn counter_lines(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("counter ")?.trim().parse().ok())
+        .collect()
+}
+
+/// Poll the console log until `ok` holds for it (up to `secs`).
+async fn wait_console(
+    d: &ContainerDriver,
+    s: &InstanceSpec,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let log = console(d, s).await?;
+        if ok(&log) {
+            return Ok(log);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "console log: no {what} within {secs}s: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Ask the init to print `counter N` now (its SIGUSR1 trap).
+fn usr1(pid: u32) -> Result<(), String> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .map_err(e("kill -USR1"))
+}
+
 fn ferry_cgroup_exists(name: &str) -> bool {
     !ferry_cgroups(name).is_empty()
 }
@@ -91,6 +135,12 @@ async fn lifecycle_and_criu(base: PathBuf) -> TestResult {
     let c2 = counter(&s).ok_or("no /counter")?;
     println!("  counter {c1} -> {c2}");
     ensure!(c2 > c1, "counter does not advance: {c1} -> {c2}");
+    // The console log: init's banner, in the rootfs.
+    wait_console(&d, &s, 5, "boot banner", |l| l.contains("booting")).await?;
+    ensure!(
+        s.paths.volume.join("rootfs/var/log/console.log").is_file(),
+        "no console log in the rootfs"
+    );
 
     // /counter is rewritten ten times a second: a read can land between the
     // truncate and the write, so allow a few tries for a non-empty value.
@@ -134,8 +184,13 @@ async fn lifecycle_and_criu(base: PathBuf) -> TestResult {
         "cancelled dump changed state"
     );
 
-    // Stateful stop.
+    // Stateful stop, with a `counter N` line in the console log.
     let pid = st.pid;
+    usr1(pid)?;
+    let before = wait_console(&d, &s, 5, "counter line before the dump", |l| {
+        !counter_lines(l).is_empty()
+    })
+    .await?;
     let t = Instant::now();
     let v = d.save_state(&s, &ctx).await.map_err(e("save_state"))?;
     let dump_time = t.elapsed();
@@ -208,6 +263,35 @@ async fn lifecycle_and_criu(base: PathBuf) -> TestResult {
                 .unwrap_or(false),
         "exec after restore {out:?}"
     );
+    // The restored init still writes to the same console log: the old
+    // lines are kept and new ones appended, on demand and every 100 ticks.
+    let log = console(&d, &s).await?;
+    ensure!(
+        log.starts_with(&before),
+        "console log lost lines at the restore: {before:?} -> {log:?}"
+    );
+    usr1(st.pid)?;
+    let log = wait_console(&d, &s, 5, "counter line after the restore", |l| {
+        l.starts_with(&before)
+            && counter_lines(&l[before.len()..])
+                .iter()
+                .any(|&n| n >= at_dump)
+    })
+    .await?;
+    let t = Instant::now();
+    let log = wait_console(&d, &s, 15, "periodic counter line after the restore", |l| {
+        l.starts_with(&log)
+            && counter_lines(&l[log.len()..])
+                .iter()
+                .any(|&n| n % 100 == 0 && n > at_dump)
+    })
+    .await?;
+    println!(
+        "  console log after restore ({} bytes, periodic line after {:?}):\n    {}",
+        log.len(),
+        t.elapsed(),
+        log.trim_end().replace('\n', "\n    ")
+    );
 
     // Graceful stop: the init traps TERM, so this is quick.
     let t = Instant::now();
@@ -223,6 +307,11 @@ async fn lifecycle_and_criu(base: PathBuf) -> TestResult {
         "running after stop"
     );
     ensure!(!ferry_cgroup_exists(&s.name), "cgroup left after stop");
+    let stopped = console(&d, &s).await?;
+    ensure!(
+        stopped.starts_with(&log) && stopped.contains("SIGTERM"),
+        "console log of the stopped container: {stopped:?}"
+    );
     d.stop(&s, false, &ctx).await.map_err(e("second stop"))?;
     d.delete(&s).await.map_err(e("delete"))?;
     ensure!(
@@ -325,6 +414,10 @@ async fn errors_and_cancel(base: PathBuf) -> TestResult {
     );
     s.config.remove("bogus.key");
     d.create(&s, &ctx).await.map_err(e("create"))?;
+    ensure!(
+        console(&d, &s).await?.is_empty(),
+        "console log before the first start"
+    );
     let r = exec_out(&d, &s, &["true"], &[]).await;
     ensure!(r.is_err(), "exec in a stopped container worked");
     ensure!(

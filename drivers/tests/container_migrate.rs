@@ -273,6 +273,36 @@ async fn move_between_members(base: PathBuf, mode: Pages) -> TestResult {
     println!("  counter at dump {at_dump}, right after restore {after}, 600ms later {later}");
     ensure!(later > after, "counter stuck on B: {after} -> {later}");
     ensure!(counter(&a) == Some(at_dump), "counter moved on A");
+    // The console log moved with the rootfs; the restored init appends to it.
+    let log_a = d.console_log(&a).await.map_err(e("console log A"))?;
+    let log_b = d.console_log(&b).await.map_err(e("console log B"))?;
+    ensure!(
+        log_a.starts_with(b"init: ") && log_b.starts_with(&log_a),
+        "console log on B {:?} does not continue A's {:?}",
+        String::from_utf8_lossy(&log_b),
+        String::from_utf8_lossy(&log_a)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st_b.pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .map_err(e("kill -USR1"))?;
+    let mut grown = None;
+    for _ in 0..100 {
+        let l = d.console_log(&b).await.map_err(e("console log B"))?;
+        if l.starts_with(&log_b) && String::from_utf8_lossy(&l[log_b.len()..]).contains("counter ")
+        {
+            grown = Some(l);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grown = grown.ok_or("the restored init's console output did not reach B's log")?;
+    println!(
+        "  console log: {} bytes on A, {} on B after the move and a SIGUSR1",
+        log_a.len(),
+        grown.len()
+    );
     ensure!(
         proc_state(pid_a) == Some('T'),
         "A's tree not stopped any more"

@@ -57,6 +57,14 @@ pub async fn forward(St(d): St<Arc<Daemon>>, req: Request, next: Next) -> Respon
                 _ => None,
             }
         }
+        ["1.0", "operations", id, "websocket"] if d.ops.get(id).is_none() => {
+            let id = id.to_string();
+            let pq = match &query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            return super::relay::websocket(&d, req, &id, &pq).await;
+        }
         ["1.0", "operations", id, ..] if d.ops.get(id).is_none() => {
             return forward_operation(&d, req, &path, query.as_deref())
                 .await
@@ -203,6 +211,7 @@ async fn send(
         .with_header(FORWARDED, "1");
     match peers.send(addr, method, pq, body).await {
         Ok(r) => {
+            super::relay::mirror_operation(d, addr, r.status, &r.body);
             let mut resp = Response::new(Body::from(r.body));
             *resp.status_mut() = r.status;
             let ct = r.content_type.unwrap_or_else(|| "application/json".into());

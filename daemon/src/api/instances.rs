@@ -85,7 +85,22 @@ pub async fn get_log(
     Ok(raw(bytes))
 }
 
+/// The console log: a VM's serial output (`logs/<name>/console.log`), a
+/// container's `/var/log/console.log` in its rootfs (running or not).
 pub async fn get_console(St(d): State, Path(name): Path<String>) -> Result<Response, ActionError> {
+    let spec = d.spec_for(&d.record(&name)?)?;
+    if spec.kind == ferry_drivers::InstanceType::Container {
+        let log = ferry_drivers::container::ContainerDriver::default()
+            .console_log(&spec)
+            .await
+            .map_err(|e| match e {
+                ferry_drivers::DriverError::WrongState(m) => ActionError::Conflict(m),
+                e => {
+                    ActionError::Internal(format!("cannot read the console log of \"{name}\": {e}"))
+                }
+            })?;
+        return Ok(raw(log));
+    }
     let p = d.log_path(&name, "console.log")?;
     // No output yet is an empty log, not an error.
     Ok(raw(tokio::fs::read(&p).await.unwrap_or_default()))

@@ -19,6 +19,7 @@ mod cluster;
 mod forward;
 mod instances;
 mod operations;
+mod relay;
 
 pub use forward::FORWARDED;
 

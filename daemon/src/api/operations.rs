@@ -17,24 +17,76 @@ fn not_found(id: &str) -> ActionError {
     ))
 }
 
-pub async fn list(St(d): State, Query(q): Query<HashMap<String, String>>) -> Response {
+/// `GET /1.0/operations`: this member's operations and, unless the request
+/// was forwarded by a member, every other member's (as Incus lists them
+/// cluster-wide); a member that does not answer within a second is left out.
+pub async fn list(
+    St(d): State,
+    Query(q): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let full = q.get("recursion").is_some_and(|r| r != "0");
     let mut by_status: Map<String, Value> = Map::new();
-    for op in d.ops.all() {
-        let key = op.status().name().to_lowercase();
-        let item = if full {
-            op.to_json()
-        } else {
-            json!(format!("/1.0/operations/{}", op.id))
-        };
+    let mut add = |key: String, item: Value| {
         by_status
             .entry(key)
             .or_insert_with(|| json!([]))
             .as_array_mut()
             .unwrap()
             .push(item);
+    };
+    for op in d.ops.all() {
+        let item = if full {
+            op.to_json()
+        } else {
+            json!(format!("/1.0/operations/{}", op.id))
+        };
+        add(op.status().name().to_lowercase(), item);
+    }
+    if !headers.contains_key(super::FORWARDED) {
+        for (key, items) in other_members_operations(&d, full).await {
+            for item in items {
+                add(key.clone(), item);
+            }
+        }
     }
     sync(Value::Object(by_status))
+}
+
+async fn other_members_operations(
+    d: &std::sync::Arc<crate::core::Daemon>,
+    full: bool,
+) -> Vec<(String, Vec<Value>)> {
+    let Some(c) = d.cluster() else {
+        return vec![];
+    };
+    let peers = c
+        .peers
+        .clone()
+        .with_timeout(Duration::from_secs(1))
+        .with_header(super::FORWARDED, "1");
+    let path = format!("/1.0/operations?recursion={}", u8::from(full));
+    let members = c.db.list_members().unwrap_or_default();
+    let asks = members.iter().filter(|m| m.name != d.member).map(|m| {
+        peers.send(
+            &m.address,
+            axum::http::Method::GET,
+            &path,
+            Default::default(),
+        )
+    });
+    let mut out = vec![];
+    for r in futures::future::join_all(asks).await.into_iter().flatten() {
+        let Ok(v) = serde_json::from_slice::<Value>(&r.body) else {
+            continue;
+        };
+        if let Value::Object(m) = &v["metadata"] {
+            for (k, items) in m {
+                out.push((k.clone(), items.as_array().cloned().unwrap_or_default()));
+            }
+        }
+    }
+    out
 }
 
 pub async fn get_one(St(d): State, Path(id): Path<String>) -> Result<Response, ActionError> {
@@ -93,7 +145,8 @@ async fn pump(mut socket: WebSocket, mut rx: tokio::sync::broadcast::Receiver<St
     }
 }
 
-/// `GET /1.0/operations/<id>/websocket?secret=S`: a migration channel. The
+/// `GET /1.0/operations/<id>/websocket?secret=S`: a migration channel or an
+/// exec stream. The
 /// secret is checked (constant time, single use) before the upgrade.
 pub async fn websocket(
     St(d): State,
@@ -102,11 +155,16 @@ pub async fn websocket(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ActionError> {
     let secret = q.get("secret").map(String::as_str).unwrap_or("");
+    if let Some(waiter) = d.pending.take(&id, secret) {
+        return Ok(ws.on_upgrade(move |socket| async move {
+            let _ = waiter.send(crate::migrate::ws::from_axum(socket));
+        }));
+    }
     let waiter = d
-        .pending
+        .exec_pending
         .take(&id, secret)
         .ok_or_else(|| ActionError::Forbidden("invalid or already used websocket secret".into()))?;
     Ok(ws.on_upgrade(move |socket| async move {
-        let _ = waiter.send(crate::migrate::ws::from_axum(socket));
+        let _ = waiter.send(socket);
     }))
 }

@@ -296,7 +296,7 @@ impl Daemon {
             };
             out.push(json!({
                 "server_name": rec.name, "url": format!("https://{}", rec.address), "database": voters.contains(&rec.node_id),
-                "status": status, "message": if online { "Fully operational" } else { "No heartbeat" },
+                "status": status, "message": if status == "Evacuated" { "Unavailable due to maintenance" } else if online { "Fully operational" } else { "No heartbeat" },
                 "architecture": std::env::consts::ARCH, "roles": [role], "failure_domain": "default",
                 "description": "", "config": {}, "groups": ["default"],
                 "version": if hb.version.is_empty() { rec.version.clone() } else { hb.version.clone() },

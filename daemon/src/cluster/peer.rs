@@ -186,6 +186,20 @@ impl PeerClient {
         addr: &str,
         path: &str,
     ) -> Result<crate::migrate::ws::WsPipe, PeerError> {
+        Ok(crate::migrate::ws::from_tungstenite(
+            self.websocket_raw(addr, path).await?,
+        ))
+    }
+
+    /// Open a websocket to a peer, frames as they come (relays).
+    pub async fn websocket_raw(
+        &self,
+        addr: &str,
+        path: &str,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
+        PeerError,
+    > {
         let conn_err = |detail: String| PeerError::Connect {
             addr: addr.into(),
             detail,
@@ -204,7 +218,7 @@ impl PeerClient {
                 message: "websocket refused".into(),
             });
         }
-        Ok(crate::migrate::ws::from_tungstenite(ws))
+        Ok(ws)
     }
 
     /// POST JSON, expect 200 with a JSON body of type R.

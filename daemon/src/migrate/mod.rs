@@ -37,13 +37,16 @@ pub struct Secrets {
     pub fs: String,
 }
 
+/// A random 256-bit websocket secret (64 hex digits).
+pub fn new_secret() -> String {
+    (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
 impl Secrets {
     pub fn new() -> Secrets {
-        let s = || {
-            (0..32)
-                .map(|_| format!("{:02x}", rand::random::<u8>()))
-                .collect::<String>()
-        };
+        let s = new_secret;
         Secrets {
             control: s(),
             state: s(),
@@ -123,10 +126,18 @@ pub fn remove_member_files(spec: &ferry_drivers::InstanceSpec) {
     let _ = std::fs::remove_dir_all(&spec.paths.logs);
 }
 
-/// Channels the dialled side waits for, by operation id.
-#[derive(Default)]
-pub struct Pending {
-    map: Mutex<HashMap<String, Vec<(String, oneshot::Sender<WsPipe>)>>>,
+/// Websockets the dialled side waits for, by operation id and secret: the
+/// migration channels (`WsPipe`) and exec's stdio (raw websockets).
+pub struct Pending<T = WsPipe> {
+    map: Mutex<HashMap<String, Vec<(String, oneshot::Sender<T>)>>>,
+}
+
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Pending {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 fn ct_eq(a: &str, b: &str) -> bool {
@@ -137,26 +148,32 @@ fn ct_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
-impl Pending {
+impl Pending<WsPipe> {
     /// Expect three channels for `op`; returns their receivers in order.
     pub fn expect(&self, op: &str, secrets: &Secrets) -> [oneshot::Receiver<WsPipe>; 3] {
-        let mut v = vec![];
-        let mk = |s: &str, v: &mut Vec<(String, oneshot::Sender<WsPipe>)>| {
-            let (tx, rx) = oneshot::channel();
-            v.push((s.to_string(), tx));
-            rx
-        };
-        let rx = [
-            mk(&secrets.control, &mut v),
-            mk(&secrets.state, &mut v),
-            mk(&secrets.fs, &mut v),
-        ];
-        self.map.lock().unwrap().insert(op.to_string(), v);
+        let mut rx = self
+            .expect_all(op, &[&secrets.control, &secrets.state, &secrets.fs])
+            .into_iter();
+        [(); 3].map(|_| rx.next().expect("three receivers"))
+    }
+}
+
+impl<T> Pending<T> {
+    /// Expect one websocket per secret for `op`; receivers in that order.
+    pub fn expect_all(&self, op: &str, secrets: &[&str]) -> Vec<oneshot::Receiver<T>> {
+        let (tx, rx): (Vec<_>, Vec<_>) = secrets
+            .iter()
+            .map(|s| {
+                let (tx, rx) = oneshot::channel();
+                (((*s).to_string(), tx), rx)
+            })
+            .unzip();
+        self.map.lock().unwrap().insert(op.to_string(), tx);
         rx
     }
 
     /// Take (single use) the waiter for `secret` of `op`.
-    pub fn take(&self, op: &str, secret: &str) -> Option<oneshot::Sender<WsPipe>> {
+    pub fn take(&self, op: &str, secret: &str) -> Option<oneshot::Sender<T>> {
         let mut map = self.map.lock().unwrap();
         let list = map.get_mut(op)?;
         let i = list.iter().position(|(s, _)| ct_eq(s, secret))?;

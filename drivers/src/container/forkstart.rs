@@ -11,8 +11,9 @@
 //!    - unshares mount, UTS, IPC and net namespaces, makes all mounts private, sets the host name, mounts /proc,
 //!    - `pivot_root`s into the rootfs (already bind-mounted onto itself by the
 //!      driver) and detaches the old root,
-//!    - calls `setsid`, points fds 0-2 at the rootfs's /dev/null, marks every
-//!      other fd close-on-exec, resets signal dispositions and mask,
+//!    - calls `setsid`, points fd 0 at the rootfs's /dev/null and fds 1-2
+//!      at the console log `/var/log/console.log` (see `console`), marks
+//!      every other fd close-on-exec, resets signal dispositions and mask,
 //!    - execs `/sbin/init`;
 //! 3. the parent waits on a close-on-exec pipe: EOF means exec succeeded,
 //!    bytes are the child's error. It then writes the pidfile (`PID
@@ -197,7 +198,7 @@ fn child_setup(a: &ForkstartArgs, errpipe: &OwnedFd) -> Result<std::convert::Inf
     ctx(umount2(".", MntFlags::MNT_DETACH), "detach old root")?;
     ctx(chdir("/"), "chdir /")?;
     ctx(setsid(), "setsid")?;
-    stdio_to_devnull(Path::new("/dev/null"))?;
+    stdio_setup(Path::new("/dev/null"))?;
     // Every fd but 0-2 closes at exec, including the error pipe: EOF tells
     // the parent the exec succeeded.
     let _ = errpipe.as_raw_fd();
@@ -218,7 +219,10 @@ fn child_setup(a: &ForkstartArgs, errpipe: &OwnedFd) -> Result<std::convert::Inf
     Err(format!("exec /sbin/init: {e}"))
 }
 
-fn stdio_to_devnull(devnull: &Path) -> Result<(), String> {
+/// stdin from the container's /dev/null, stdout and stderr appended to its
+/// console log: files on the container's root mount, which CRIU restores by
+/// path (a host file would make the container impossible to checkpoint).
+fn stdio_setup(devnull: &Path) -> Result<(), String> {
     let f = ctx(
         std::fs::OpenOptions::new()
             .read(true)
@@ -226,8 +230,10 @@ fn stdio_to_devnull(devnull: &Path) -> Result<(), String> {
             .open(devnull),
         "open /dev/null",
     )?;
-    for fd in 0..3 {
-        ctx(dup2(f.as_raw_fd(), fd), "dup2 /dev/null")?;
+    ctx(dup2(f.as_raw_fd(), 0), "dup2 /dev/null")?;
+    let log = super::console::open_for_init()?;
+    for fd in 1..3 {
+        ctx(dup2(log.as_raw_fd(), fd), "dup2 console log")?;
     }
     Ok(())
 }

@@ -16,19 +16,26 @@ pub const IMAGE: &str = "busybox";
 /// Where the template comes from (Debian package busybox-static).
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
 /// Bumped whenever the template's content changes; a stale template is rebuilt.
-const TEMPLATE_VERSION: &str = "ferry busybox rootfs v1\n";
+const TEMPLATE_VERSION: &str = "ferry busybox rootfs v2\n";
 const VERSION_FILE: &str = "etc/ferry-image";
 
-/// The container's init: bumps /counter about ten times a second. It traps
-/// TERM (a pid-1 shell ignores signals it has no handler for) and exits.
+/// The container's init: bumps /counter about ten times a second. Its
+/// stdout/stderr are the console log (`/var/log/console.log`), so it prints
+/// little: a banner at boot, `counter N` every 100 ticks (~10 s) and on
+/// SIGUSR1, a line when SIGTERM ends it. It traps TERM (a pid-1 shell
+/// ignores signals it has no handler for) and exits.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 # ferry busybox init: counter loop; exits on SIGTERM.
-trap 'exit 0' TERM
-ip link set lo up 2>/dev/null
+# stdout/stderr: the console log (ferry console --show-log NAME).
 n=0
+trap 'echo "init: SIGTERM at counter $n, exiting"; exit 0' TERM
+trap 'echo "counter $n"' USR1
+echo "init: ferry busybox container $(hostname) booting"
+ip link set lo up 2>/dev/null
 while :; do
   n=$((n+1))
   echo $n > /counter
+  [ $((n % 100)) -eq 0 ] && echo "counter $n"
   sleep 0.1
 done
 "#;
@@ -138,6 +145,7 @@ fn build_template(root: &Path) -> io::Result<()> {
     mkdir("", 0o755)?;
     for d in [
         "bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "root", "var/run",
+        "var/log",
     ] {
         mkdir(d, 0o755)?;
     }
@@ -276,7 +284,8 @@ mod tests {
 
     #[test]
     fn init_script_traps_term() {
-        assert!(INIT_SCRIPT.contains("trap 'exit 0' TERM"));
+        assert!(INIT_SCRIPT.contains("exit 0' TERM"));
         assert!(INIT_SCRIPT.contains("> /counter"));
+        assert!(INIT_SCRIPT.contains("' USR1"));
     }
 }

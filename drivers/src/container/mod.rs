@@ -9,6 +9,9 @@
 //!   each other's mounts; each member's clean-up unmounts only its own,
 //! - `volume/state/`: CRIU images of a stateful stop (`state.tmp/` while
 //!   dumping, renamed when complete),
+//! - `volume/rootfs/var/log/console.log`: the console log, the init's
+//!   stdout and stderr (see [`console`]: in the rootfs so CRIU restores it
+//!   by path and it moves with the rootfs),
 //! - `run/init.pid`: `PID STARTTIME` of the container init (host pid),
 //! - `logs/dump.log`, `logs/restore.log`: CRIU logs (`logs/page-server.log`
 //!   on the target of a move),
@@ -24,6 +27,7 @@
 
 mod cgroup;
 mod config;
+mod console;
 mod criu;
 mod forkstart;
 mod image;
@@ -48,6 +52,7 @@ use crate::*;
 use cgroup::Cgroup;
 use procfs::InitRecord;
 
+pub use console::CONSOLE_LOG;
 pub use forkstart::forkstart_main;
 pub use image::IMAGE;
 pub use lazy::{LazyDump, LazyFrom, LazyPages, LazyServe, LazyServed, MigrationFeatures};
@@ -159,6 +164,30 @@ pub(crate) fn stopped() -> VolatileChanges {
 /// (ferryd's /dev/null) kept open by a daemon the command starts — shells
 /// keep copies of fd 0 — would make the container impossible to checkpoint
 /// (CRIU: "Can't lookup mount"). The host's /dev/null if the image has none.
+/// The stdio of a command run in a container by [`ContainerDriver::spawn_exec`].
+pub struct ExecStdio {
+    /// `None`: the container's own /dev/null.
+    pub stdin: Option<Stdio>,
+    pub stdout: Stdio,
+    pub stderr: Stdio,
+    /// stdin is a terminal: make it the command's controlling terminal.
+    pub tty: bool,
+}
+
+/// A command running in a container.
+pub struct ExecChild {
+    /// nsenter, which waits for the command and exits with its status.
+    pub child: tokio::process::Child,
+    _procs: Option<std::fs::File>,
+}
+
+/// The exit code of a command (128 + signal when killed).
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
 fn container_null(init_pid: u32) -> Stdio {
     match std::fs::File::open(format!("/proc/{init_pid}/root/dev/null")) {
         Ok(f) => Stdio::from(f),
@@ -294,6 +323,32 @@ impl ContainerDriver {
         stdout: std::fs::File,
         stderr: std::fs::File,
     ) -> Result<i32, DriverError> {
+        let stdio = ExecStdio {
+            stdin: None,
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            tty: false,
+        };
+        let mut child = self.spawn_exec(spec, argv, env, stdio)?;
+        let status = child
+            .child
+            .wait()
+            .await
+            .map_err(DriverError::io("run nsenter"))?;
+        Ok(exit_code(status))
+    }
+
+    /// Start `argv` inside the running container (its namespaces, its
+    /// cgroup, a session of its own) with the given stdio; the caller waits
+    /// for it. With `tty`, stdin is a terminal that becomes the command's
+    /// controlling terminal.
+    pub fn spawn_exec(
+        &self,
+        spec: &InstanceSpec,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        stdio: ExecStdio,
+    ) -> Result<ExecChild, DriverError> {
         if argv.is_empty() {
             return Err(DriverError::InvalidConfig(
                 "exec needs a command to run".into(),
@@ -316,14 +371,15 @@ impl ContainerDriver {
             // to a session led from outside the pid namespace, which CRIU
             // refuses to dump. busybox setsid execs without forking here.
             .args(["/bin/busybox", "setsid"])
+            .args(stdio.tty.then_some("-c"))
             .args(argv)
             .env_clear()
             .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
             .env("HOME", "/root")
             .envs(env)
-            .stdin(container_null(rec.pid))
-            .stdout(stdout)
-            .stderr(stderr)
+            .stdin(stdio.stdin.unwrap_or_else(|| container_null(rec.pid)))
+            .stdout(stdio.stdout)
+            .stderr(stdio.stderr)
             .kill_on_drop(true);
         // Join the container's cgroup between fork and exec so the command
         // is limited and counted like the rest of the container.
@@ -345,10 +401,10 @@ impl ContainerDriver {
                 });
             }
         }
-        let status = cmd.status().await.map_err(DriverError::io("run nsenter"))?;
-        drop(procs);
-        Ok(status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        let child = cmd.spawn().map_err(DriverError::io("run nsenter"))?;
+        Ok(ExecChild {
+            child,
+            _procs: procs,
+        })
     }
 }

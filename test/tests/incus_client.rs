@@ -1,0 +1,209 @@
+//! The stock `incus` client (Debian incus-client 6.0.4, installed by
+//! scripts/setup.sh) drives real ferryd members over their unix sockets:
+//! list, info, start/stop (stateful too), exec, move, cluster list,
+//! evacuate/restore, operation list, console.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ferry_test::{form_cluster, location, need_root, wait_for, Member};
+use serde_json::Value;
+
+/// `incus ARGS` against `m`'s unix socket, with a throw-away client config.
+fn incus(m: &Member, conf: &Path, args: &[&str]) -> Output {
+    let out = Command::new("incus")
+        .args(args)
+        .env("INCUS_SOCKET", m.dir.join("unix.socket"))
+        .env("INCUS_CONF", conf)
+        .env_remove("INCUS_PROJECT")
+        .env_remove("INCUS_REMOTE")
+        .output()
+        .expect("run incus: install it with scripts/setup.sh (Debian incus-client 6.0.4)");
+    eprintln!(
+        "$ incus {} (via {}) -> {:?}\n{}{}",
+        args.join(" "),
+        m.name,
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn incus_ok(m: &Member, conf: &Path, args: &[&str]) -> String {
+    let out = incus(m, conf, args);
+    assert!(out.status.success(), "incus {args:?} failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// c1's counter through `incus exec` (retried: /counter is rewritten
+/// ten times a second and a read can land between truncate and write).
+fn counter(m: &Member, conf: &Path) -> u64 {
+    wait_for(5, "a counter read through incus exec", || {
+        incus_ok(m, conf, &["exec", "c1", "--", "cat", "/counter"])
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn counts_past(m: &Member, conf: &Path, floor: u64) -> u64 {
+    wait_for(10, "the counter to pass its earlier value", || {
+        let n = counter(m, conf);
+        (n > floor).then_some(n)
+    })
+}
+
+fn json_location(m: &Member, conf: &Path) -> (String, String) {
+    let list: Value =
+        serde_json::from_str(&incus_ok(m, conf, &["list", "--format", "json"])).unwrap();
+    let c1 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "c1")
+        .expect("c1 in incus list");
+    (
+        c1["location"].as_str().unwrap().to_string(),
+        c1["status"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn stock_incus_client_drives_ferryd() {
+    if !need_root("stock_incus_client_drives_ferryd") {
+        return;
+    }
+    let conf = tempfile::tempdir().unwrap();
+    let conf = conf.path();
+    let ms: Vec<Member> = ["member1", "member2"]
+        .iter()
+        .map(|n| Member::start(n))
+        .collect();
+    form_cluster(&ms);
+    let (m1, m2) = (&ms[0], &ms[1]);
+    m1.ferry_ok(&["launch", "busybox", "c1", "--target", "member1"]);
+
+    // list / info / cluster list
+    let table = incus_ok(m1, conf, &["list"]);
+    assert!(
+        table.contains("c1") && table.contains("RUNNING") && table.contains("member1"),
+        "{table}"
+    );
+    assert_eq!(
+        json_location(m2, conf),
+        ("member1".into(), "Running".into())
+    );
+    let info = incus_ok(m2, conf, &["info", "c1"]);
+    for want in ["Name: c1", "Status: RUNNING", "Location: member1", "PID:"] {
+        assert!(info.contains(want), "missing {want:?} in:\n{info}");
+    }
+    let members = incus_ok(m1, conf, &["cluster", "list"]);
+    assert!(
+        members.contains("member1") && members.contains("member2") && members.contains("ONLINE"),
+        "{members}"
+    );
+
+    // exec: output and exit code passed through.
+    let first = counter(m1, conf);
+    let out = incus(
+        m1,
+        conf,
+        &[
+            "exec",
+            "c1",
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2; exit 7",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "to-out");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "to-err");
+
+    // stop / start, then a stateful stop: the counter continues on start.
+    incus_ok(m1, conf, &["stop", "c1"]);
+    assert_eq!(m1.instance("c1").await["status"], "Stopped");
+    incus_ok(m1, conf, &["start", "c1"]);
+    assert_eq!(m1.instance("c1").await["status"], "Running");
+    let before = counts_past(m1, conf, 0);
+    incus_ok(m1, conf, &["stop", "--stateful", "c1"]);
+    let inst = m1.instance("c1").await;
+    assert_eq!(inst["status"], "Stopped");
+    assert_eq!(inst["stateful"], true, "{inst}");
+    let saved = m1.container_counter("c1");
+    assert!(saved >= before);
+    incus_ok(m1, conf, &["start", "c1"]);
+    let resumed = counts_past(m1, conf, saved);
+    assert!(
+        resumed > saved,
+        "the stateful start did not resume the counter"
+    );
+    let _ = first;
+
+    // Evacuate member1 live through member2's socket, then restore.
+    let before = counter(m1, conf);
+    incus_ok(
+        m2,
+        conf,
+        &[
+            "cluster",
+            "evacuate",
+            "member1",
+            "--action",
+            "live-migrate",
+            "--force",
+        ],
+    );
+    assert_eq!(
+        json_location(m1, conf),
+        ("member2".into(), "Running".into())
+    );
+    let members = incus_ok(m2, conf, &["cluster", "list"]);
+    assert!(members.contains("EVACUATED"), "{members}");
+    let after = counts_past(m2, conf, before);
+    incus_ok(m2, conf, &["cluster", "restore", "member1", "--force"]);
+    assert_eq!(
+        json_location(m2, conf),
+        ("member1".into(), "Running".into())
+    );
+    let members = incus_ok(m1, conf, &["cluster", "list"]);
+    assert!(!members.contains("EVACUATED"), "{members}");
+    let after = counts_past(m1, conf, after);
+
+    // A live move; exec through the other member (websockets relayed).
+    incus_ok(m1, conf, &["move", "c1", "--target", "member2"]);
+    assert_eq!(
+        json_location(m1, conf),
+        ("member2".into(), "Running".into())
+    );
+    assert_eq!(location(m1, "c1").as_deref(), Some("member2"));
+    counts_past(m1, conf, after);
+
+    // operation list (cluster-wide) and the console log.
+    let ops = incus_ok(m1, conf, &["operation", "list"]);
+    assert!(
+        ops.contains("Migrating instance") && ops.contains("SUCCESS"),
+        "{ops}"
+    );
+    let console = incus_ok(m1, conf, &["console", "c1", "--show-log"]);
+    assert!(
+        console.contains("init: ferry busybox container c1 booting"),
+        "no boot banner in the console log:\n{console}"
+    );
+
+    // Errors are Incus-style: a clear message and a non-zero exit.
+    let out = incus(m1, conf, &["info", "nosuch"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{out:?}"
+    );
+    let out = incus(m1, conf, &["exec", "nosuch", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(100));
+    let ops = m1.client.operations().await.unwrap();
+    assert!(ops.iter().all(|o| o.status_code >= 200), "{ops:?}");
+}
