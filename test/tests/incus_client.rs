@@ -123,7 +123,28 @@ async fn stock_incus_client_drives_ferryd() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "to-out");
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "to-err");
 
-    // stop / start, then a stateful stop: the counter continues on start.
+    // A terminal (-t): the command's stdin/stdout are a tty.
+    let out = incus(
+        m1,
+        conf,
+        &["exec", "-t", "c1", "--", "sh", "-c", "stty size; exit 4"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("24 80"),
+        "{out:?}"
+    );
+
+    // restart, stop / start, then a stateful stop: the counter continues on start.
+    let pid = m1.instance("c1").await["state"]["pid"].as_i64();
+    incus_ok(m1, conf, &["restart", "c1"]);
+    let inst = m1.instance("c1").await;
+    assert_eq!(inst["status"], "Running");
+    assert_ne!(
+        inst["state"]["pid"].as_i64(),
+        pid,
+        "restart kept the old init"
+    );
     incus_ok(m1, conf, &["stop", "c1"]);
     assert_eq!(m1.instance("c1").await["status"], "Stopped");
     incus_ok(m1, conf, &["start", "c1"]);
