@@ -198,8 +198,24 @@ pub fn pidns_of(pid: u32) -> Option<std::path::PathBuf> {
 
 /// Live processes in `init`'s pid namespace that are not descendants of
 /// `init` (e.g. commands started by exec: their parent is nsenter, outside).
-/// CRIU dumps only init's tree, so these would be lost.
+/// CRIU dumps only init's tree, so these would be lost. A process counts
+/// only if three scans 20 ms apart all see it outside: a short-lived child
+/// (the init's `sleep`) that exits, or whose parent exits, between two reads
+/// of /proc looks parentless for an instant.
 pub fn outside_tree(init: u32) -> Vec<u32> {
+    let mut strays = scan_outside_tree(init);
+    for _ in 0..2 {
+        if strays.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let again = scan_outside_tree(init);
+        strays.retain(|p| again.contains(p));
+    }
+    strays
+}
+
+fn scan_outside_tree(init: u32) -> Vec<u32> {
     let Some(ns) = pidns_of(init) else {
         return Vec::new();
     };
