@@ -56,7 +56,10 @@ if [ -n "$missing" ]; then
 fi
 
 # The stock Incus client (issue 7: `incus` drives ferryd), 6.0.4 from backports.
-if ! { command -v incus >/dev/null && incus version 2>/dev/null | grep -q '^Client version: 6.0.4'; }; then
+# (The version is read into a variable: `incus version | grep -q` under
+# pipefail fails when grep exits early and incus gets SIGPIPE.)
+incus_version=$(command -v incus >/dev/null && incus version 2>/dev/null || true)
+if ! printf '%s\n' "$incus_version" | grep -q '^Client version: 6.0.4$'; then
   [ $updated = 1 ] || { apt-get update -q >/dev/null; updated=1; }
   log "installing incus-client 6.0.4 from bookworm-backports"
   apt-get install -y -q --no-install-recommends -t bookworm-backports incus-client >/dev/null

@@ -106,11 +106,9 @@ impl MoveRun {
                 // of a socketpair; ferry relays the other end over the state
                 // channel (no TCP port, no Nagle stalls).
                 let (criu_end, ours) = socketpair()?;
-                let state_stream = super::state_channel(state_pipe, plan)?;
+                let compression = plan.state_compression;
                 let relay = tokio::spawn(async move {
-                    let r = ferry_migration::relay(ours, state_stream)
-                        .await
-                        .map_err(|e| e.to_string());
+                    let r = super::relay_state(ours, state_pipe, compression).await;
                     if let Err(e) = &r {
                         tracing::warn!(error = %e, "memory page stream");
                     }
@@ -240,12 +238,7 @@ impl Daemon {
                 .page_server_on_socket(&images, criu_end, &ctx)
                 .await
                 .map_err(|e| e.to_string())?;
-            let state_stream = super::state_channel(state_pipe, plan)?;
-            let relay = tokio::spawn(async move {
-                ferry_migration::relay(state_stream, ours)
-                    .await
-                    .map_err(|e| e.to_string())
-            });
+            let relay = tokio::spawn(super::relay_state(ours, state_pipe, plan.state_compression));
             Some((ps, relay))
         } else {
             None
@@ -340,9 +333,9 @@ impl Daemon {
             .lazy_pages(images, LazyFrom::Socket(criu_end), &ctx)
             .await
             .map_err(|e| format!("lazy-pages daemon: {e}"))?;
-        let state_stream = super::state_channel(state_pipe, plan)?;
+        let compression = plan.state_compression;
         tokio::spawn(async move {
-            if let Err(e) = ferry_migration::relay(state_stream, ours).await {
+            if let Err(e) = super::relay_state(ours, state_pipe, compression).await {
                 tracing::warn!(error = %e, "post-copy page stream");
             }
         });

@@ -82,14 +82,61 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
     Ok((std::os::fd::OwnedFd::from(theirs), ours))
 }
 
-/// The state channel as a byte stream, zstd-compressed both ways when the
-/// plan says so (`state_compression`).
-pub(super) fn state_channel(
+/// Relay a local socket (CRIU's page-server / lazy-pages end, QEMU's
+/// migration stream) and the state channel, both ways, until both directions
+/// ended. With compression the bytes go through the zstd byte channel; without
+/// (the usual, uncompressed plan) they take a direct path: each read from the
+/// socket becomes one websocket frame as it is, and each frame is written to
+/// the socket — no intermediate byte stream, about half the copies.
+pub(super) async fn relay_state(
+    sock: tokio::net::UnixStream,
     pipe: ws::WsPipe,
-    plan: &ferry_migration::Plan,
-) -> Result<ferry_migration::ByteChannel<tokio::io::DuplexStream>, String> {
-    ferry_migration::ByteChannel::new(ws::into_stream(pipe), plan.state_compression)
-        .map_err(|e| e.to_string())
+    compression: ferry_migration::Compression,
+) -> Result<ferry_migration::RelayStats, String> {
+    if compression != ferry_migration::Compression::None {
+        let stream = ferry_migration::ByteChannel::new(ws::into_stream(pipe), compression)
+            .map_err(|e| e.to_string())?;
+        return ferry_migration::relay(sock, stream)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = sock.into_split();
+    let ws::WsPipe { tx, mut rx } = pipe;
+    let up = async move {
+        let mut total = 0u64;
+        loop {
+            let mut buf = Vec::with_capacity(ws::CHUNK);
+            let n = r
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| format!("reading the local stream after {total} bytes: {e}"))?;
+            // An empty frame ends this direction (half-close), as EOF did here.
+            if tx.send(buf).await.is_err() {
+                return Err(format!("the state channel closed after {total} bytes"));
+            }
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n as u64;
+        }
+    };
+    let down = async move {
+        let mut total = 0u64;
+        while let Some(frame) = rx.recv().await {
+            if frame.is_empty() {
+                break;
+            }
+            w.write_all(&frame)
+                .await
+                .map_err(|e| format!("writing the local stream after {total} bytes: {e}"))?;
+            total += frame.len() as u64;
+        }
+        let _ = w.shutdown().await;
+        Ok::<u64, String>(total)
+    };
+    let (a_to_b, b_to_a) = tokio::try_join!(up, down)?;
+    Ok(ferry_migration::RelayStats { a_to_b, b_to_a })
 }
 
 /// A control-channel error as the user sees it; `peer` is "source" or "target".

@@ -105,12 +105,10 @@ impl MoveRun {
         if matches!(plan.state, StatePlan::VmQemuLive { .. }) {
             self.phase(Phase::Memory, "migrating memory (QEMU pre-copy)");
             let (qemu_fd, ours) = socketpair()?;
-            let state_stream = super::state_channel(state_pipe, plan)?;
+            let compression = plan.state_compression;
             let nbd = self.nbd_relay.clone();
             let relay = tokio::spawn(async move {
-                let r = ferry_migration::relay(ours, state_stream)
-                    .await
-                    .map_err(|e| e.to_string());
+                let r = super::relay_state(ours, state_pipe, compression).await;
                 if r.is_err() {
                     // The link is gone: end the disk mirror's NBD relay too,
                     // or QEMU would wait on it (its monitor blocked).
@@ -342,8 +340,7 @@ impl Daemon {
                     }
                 });
             }
-            let state_stream = super::state_channel(state_pipe, plan)?;
-            tokio::spawn(async move { ferry_migration::relay(state_stream, ours).await });
+            tokio::spawn(super::relay_state(ours, state_pipe, plan.state_compression));
             Some(incoming)
         } else {
             None

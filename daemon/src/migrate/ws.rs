@@ -34,7 +34,7 @@ fn link_dead(last_rx: Instant) -> bool {
     }
     dead
 }
-const CHUNK: usize = 256 * 1024;
+pub(super) const CHUNK: usize = 256 * 1024;
 
 /// Frames in and out of one websocket; an empty frame = end of that direction.
 pub struct WsPipe {

@@ -457,15 +457,29 @@ fn copy_images(src: &Path, dst: &Path) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// How a raw CRIU move gets its images to the restoring side.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RawPages {
+    /// Restore from the dump's own directory (the floor).
+    Local,
+    /// Copy the images directory, restore from the copy (LXD's path).
+    CopyDir,
+    /// Pages to a local `criu page-server` over two socketpairs joined by a
+    /// plain relay (ferry's transport without the network), the other
+    /// images copied.
+    PageServer,
+}
+
 /// Raw CRIU move of a fresh container between two specs sharing its volume:
-/// dump (pages to files), optionally copy the images dir, restore.
+/// dump, get the images across as `pages` says, restore.
 async fn raw_container(
     d: &ContainerDriver,
     base: &Path,
     dirty: &Path,
     name: &str,
-    copy: bool,
+    pages: RawPages,
 ) -> Result<BTreeMap<&'static str, f64>, String> {
+    let copy = pages != RawPages::Local;
     let ctx = OpCtx::detached();
     let a = ct_spec(&base.join("a"), name);
     let mut b = ct_spec(&base.join("b"), name);
@@ -495,10 +509,37 @@ async fn raw_container(
 
     let images_a = base.join("a/images-dump");
     let images_b = base.join("b/images-copy");
+    let mut server = None;
+    let to = match pages {
+        RawPages::PageServer => {
+            use std::os::unix::net::UnixStream;
+            std::fs::create_dir_all(&images_b).map_err(e("mkdir images"))?;
+            let (src_criu, src_relay) = UnixStream::pair().map_err(e("socketpair"))?;
+            let (dst_criu, dst_relay) = UnixStream::pair().map_err(e("socketpair"))?;
+            let ps = d
+                .page_server_on_socket(&images_b, dst_criu.into(), &ctx)
+                .await
+                .map_err(e("page server"))?;
+            let relay = tokio::spawn(async move {
+                src_relay.set_nonblocking(true)?;
+                dst_relay.set_nonblocking(true)?;
+                let mut s = tokio::net::UnixStream::from_std(src_relay)?;
+                let mut t = tokio::net::UnixStream::from_std(dst_relay)?;
+                tokio::io::copy_bidirectional(&mut s, &mut t).await
+            });
+            server = Some((ps, relay));
+            PagesTo::Socket(src_criu.into())
+        }
+        _ => PagesTo::Files,
+    };
     let info = d
-        .migrate_dump_with(&a, &images_a, PagesTo::Files, &ctx)
+        .migrate_dump_with(&a, &images_a, to, &ctx)
         .await
         .map_err(e("criu dump"))?;
+    if let Some((ps, relay)) = server {
+        ps.wait().await.map_err(e("page server"))?;
+        let _ = relay.await;
+    }
     let mut copied = 0;
     let from = if copy {
         copied = copy_images(&images_a, &images_b)?;
@@ -1274,14 +1315,41 @@ async fn run(o: Opts) -> i32 {
             Series::new("b", "(b) raw CRIU: local dump + restore (floor)"),
             Series::new("c", "(c) ferry live move (`ferry move c1 --target m2`)"),
             Series::new("d", "(d) ferry post-copy move (`--postcopy`)"),
+            Series::new(
+                "e",
+                "(e) raw CRIU: pages to a local page server over socketpairs + a plain relay, other images copied, restore (ferry's transport without network or TLS)",
+            ),
         ];
         for rep in 0..o.reps {
             eprintln!("== containers, repetition {}/{}", rep + 1, o.reps);
             let base = work.path().join(format!("ct{rep}"));
-            let r = raw_container(&d, &base.join("b"), dirty, &format!("rb{rep}"), false).await;
+            let r = raw_container(
+                &d,
+                &base.join("b"),
+                dirty,
+                &format!("rb{rep}"),
+                RawPages::Local,
+            )
+            .await;
             series[1].record(rep, r);
-            let r = raw_container(&d, &base.join("a"), dirty, &format!("ra{rep}"), true).await;
+            let r = raw_container(
+                &d,
+                &base.join("a"),
+                dirty,
+                &format!("ra{rep}"),
+                RawPages::CopyDir,
+            )
+            .await;
             series[0].record(rep, r);
+            let r = raw_container(
+                &d,
+                &base.join("e"),
+                dirty,
+                &format!("re{rep}"),
+                RawPages::PageServer,
+            )
+            .await;
+            series[4].record(rep, r);
             match ferry_container_setup(&ms, dirty).await {
                 Ok(()) => {
                     let r = ferry_container_move(&ms[0], &ms[1], &[]).await;
