@@ -14,27 +14,6 @@
 #   scripts/bench-evacuate.sh -- --parallel 2    pass arguments to evacuate-bench (see --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cmdline="scripts/bench-evacuate.sh${*:+ $*}"
-profile=debug doc=1 args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --reps) [ $# -ge 2 ] || { echo "bench-evacuate: --reps needs a number" >&2; exit 2; }
-            args+=(--reps "$2"); shift ;;
-    --release) profile=release ;;
-    --no-doc) doc=0 ;;
-    --) shift; args+=("$@"); break ;;
-    *) args+=("$1") ;;
-  esac
-  shift
-done
-[ "$(id -u)" = 0 ] || { echo "bench-evacuate: must run as root (namespaces, CRIU, KVM)" >&2; exit 1; }
-echo "== build ($profile)" >&2
-if [ "$profile" = release ]; then
-  cargo build --workspace --release
-else
-  cargo build --workspace
-fi
-[ "$doc" = 1 ] && args+=(--write-doc doc/benchmarks-evacuation.md)
-# evacuate-bench finds ferryd and ferry next to itself (target/<profile>/);
-# the doc gets one results section per build profile.
-exec "target/$profile/evacuate-bench" --command "$cmdline" "${args[@]}"
+. scripts/bench-common.sh
+bench_main bench-evacuate evacuate-bench doc/benchmarks-evacuation.md \
+  "namespaces, CRIU, KVM" --reps --command -- "$@"

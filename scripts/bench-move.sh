@@ -12,27 +12,6 @@
 #   scripts/bench-move.sh -- --only vm      pass arguments to move-bench (see --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cmdline="scripts/bench-move.sh${*:+ $*}"
-profile=debug doc=1 args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --reps) [ $# -ge 2 ] || { echo "bench-move: --reps needs a number" >&2; exit 2; }
-            args+=(--reps "$2"); shift ;;
-    --release) profile=release ;;
-    --no-doc) doc=0 ;;
-    --) shift; args+=("$@"); break ;;
-    *) args+=("$1") ;;
-  esac
-  shift
-done
-[ "$(id -u)" = 0 ] || { echo "bench-move: must run as root (namespaces, CRIU, KVM)" >&2; exit 1; }
-echo "== build ($profile)" >&2
-if [ "$profile" = release ]; then
-  cargo build --workspace --release
-else
-  cargo build --workspace
-fi
-[ "$doc" = 1 ] && args+=(--write-doc doc/benchmarks-moves.md)
-# move-bench finds ferryd and ferry next to itself (target/<profile>/); the
-# doc gets one results section per build profile.
-exec "target/$profile/move-bench" --command "$cmdline" "${args[@]}"
+. scripts/bench-common.sh
+bench_main bench-move move-bench doc/benchmarks-moves.md \
+  "namespaces, CRIU, KVM" --reps --command -- "$@"

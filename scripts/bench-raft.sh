@@ -11,23 +11,6 @@
 # profile used (the rest of the file is kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-profile=debug doc=1 args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --release) profile=release ;;
-    --no-doc) doc=0 ;;
-    --) shift; args+=("$@"); break ;;
-    *) args+=("$1") ;;
-  esac
-  shift
-done
-[ "$(id -u)" = 0 ] || { echo "bench-raft: must run as root (ferryd creates namespaces)" >&2; exit 1; }
-echo "== build ($profile)" >&2
-if [ "$profile" = release ]; then
-  cargo build --workspace --release
-else
-  cargo build --workspace
-fi
-[ "$doc" = 1 ] && args+=(--write-doc doc/benchmarks.md)
-# raft-bench finds ferryd and ferry next to itself (target/<profile>/).
-exec "target/$profile/raft-bench" "${args[@]}"
+. scripts/bench-common.sh
+bench_main bench-raft raft-bench doc/benchmarks.md \
+  "ferryd creates namespaces" -- "$@"

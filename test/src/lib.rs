@@ -520,3 +520,5 @@ pub fn pid_alive(pid: i64) -> bool {
             })
             .unwrap_or(false)
 }
+
+pub mod bench;

@@ -345,3 +345,91 @@ async fn a_failing_instance_is_reported_and_keeps_running_on_its_member() {
     }
     counts_past(&ms, "c1", false, c1_before).await;
 }
+
+/// An evacuation cancelled while its move copies the container's root
+/// filesystem (slowly: m1's moves are capped at 128 KiB/s): the move stops, the
+/// container runs on m1 as before (same process, counting), the operation
+/// ends Cancelled with the report, and `restore --skip-instances` clears the
+/// mark without moving anything.
+#[tokio::test]
+async fn a_cancelled_evacuation_leaves_the_instance_running_on_its_member() {
+    if !need_root("a_cancelled_evacuation_leaves_the_instance_running_on_its_member") {
+        return;
+    }
+    let ms = vec![
+        Member::start_with_env(
+            "m1",
+            &[
+                ("FERRY_MIGRATION_BANDWIDTH", "256KiB"),
+                ("FERRY_EVACUATE_PARALLEL", "2"),
+            ],
+        ),
+        Member::start("m2"),
+    ];
+    form_cluster(&ms);
+    let m1 = &ms[0];
+    m1.ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
+    let pid = m1.instance("c1").await["state"]["pid"].as_i64().unwrap();
+    let before = counts_past(&ms, "c1", false, 0).await;
+
+    let (code, body) = m1
+        .raw(
+            Method::POST,
+            "/1.0/cluster/members/m1/state",
+            Some(br#"{"action":"evacuate","mode":"live-migrate"}"#),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["metadata"]["id"].as_str().unwrap().to_string();
+    // Cancel while the root filesystem is being copied (pass 1, running).
+    let path = format!("/1.0/operations/{id}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, op) = m1.raw(Method::GET, &path, None).await;
+        let current = &op["metadata"]["metadata"]["evacuation"]["current"];
+        if current[0]["phase"] == "filesystem" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the move never reached its filesystem phase: {op}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, body) = m1.raw(Method::DELETE, &path, None).await;
+    assert_eq!(code, 200, "{body}");
+    let end = m1.client.wait_operation_to_end(&id, |_| {}).await.unwrap();
+    assert_eq!(end.status, "Cancelled", "{end:?}");
+    let report = &end.metadata["evacuation"];
+    assert_eq!(report["instances"][0]["name"], "c1", "{report}");
+    assert_eq!(report["instances"][0]["status"], "failed", "{report}");
+    assert!(
+        report["instances"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cancel"),
+        "{report}"
+    );
+
+    assert_eq!(location(&ms[1], "c1").as_deref(), Some("m1"));
+    let inst = m1.instance("c1").await;
+    assert_eq!(inst["status"], "Running");
+    assert_eq!(
+        inst["state"]["pid"].as_i64(),
+        Some(pid),
+        "not the same process"
+    );
+    assert!(
+        inst["config"].get("volatile.placement.target").is_none(),
+        "{inst}"
+    );
+    counts_past(&ms, "c1", false, before).await;
+    for m in &ms {
+        let ops = m.client.operations().await.unwrap();
+        assert!(ops.iter().all(|o| o.status_code >= 200), "{ops:?}");
+    }
+    assert_eq!(member_status(m1, "m1"), "Evacuated");
+    m1.ferry_ok(&["cluster", "restore", "m1", "--skip-instances", "--force"]);
+    assert_eq!(member_status(m1, "m1"), "Online");
+    assert_eq!(location(&ms[1], "c1").as_deref(), Some("m1"));
+}

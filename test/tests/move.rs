@@ -142,6 +142,31 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     // The web server still serves, from the target (same process, restored).
     assert_eq!(get(&ms[1]).trim(), "served-by-c1");
 
+    // A capped live move (1 MiB/s): the root filesystem (about 2 MB of
+    // busybox) and the memory are paced, the state stream compressed; and
+    // back without a cap.
+    let before_cap = ms[1].container_counter("c1");
+    let out = ms[0].ferry_ok(&[
+        "move",
+        "c1",
+        "--target",
+        "m1",
+        "--bandwidth",
+        "1MiB",
+        "--format",
+        "json",
+    ]);
+    let meta: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(meta["plan"]["state_compression"], "zstd", "{meta}");
+    assert_eq!(meta["plan"]["options"]["bandwidth"], 1u64 << 20, "{meta}");
+    assert!(
+        meta["total_ms"].as_u64().unwrap() >= 1500,
+        "2 MB at 1 MiB/s took less than 1.5 s: the cap was not applied: {meta}"
+    );
+    assert_eq!(location(&ms[1], "c1").as_deref(), Some("m1"));
+    assert!(ms[0].container_counter("c1") >= before_cap);
+    ms[0].ferry_ok(&["move", "c1", "--target", "m2"]);
+
     // And back, stateless this time: stopped, moved, started (counter restarts).
     ms[0].ferry_ok(&["move", "c1", "--target", "m1", "--stateless"]);
     wait_for(10, "location m1", || {

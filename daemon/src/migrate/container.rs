@@ -73,6 +73,7 @@ impl MoveRun {
                 plan.is_stateful(),
                 self.op.cancel_token(),
                 Some((self.op.clone(), Some(plan.volume_size))),
+                plan.options.bandwidth,
             )
             .await?;
             bridge = b;
@@ -106,9 +107,9 @@ impl MoveRun {
                 // of a socketpair; ferry relays the other end over the state
                 // channel (no TCP port, no Nagle stalls).
                 let (criu_end, ours) = socketpair()?;
-                let compression = plan.state_compression;
+                let (compression, limit) = (plan.state_compression, plan.options.bandwidth);
                 let relay = tokio::spawn(async move {
-                    let r = super::relay_state(ours, state_pipe, compression).await;
+                    let r = super::relay_state(ours, state_pipe, compression, limit).await;
                     if let Err(e) = &r {
                         tracing::warn!(error = %e, "memory page stream");
                     }
@@ -156,8 +157,16 @@ impl MoveRun {
                 "final sync of the root filesystem and the saved state",
             );
             if !shared {
-                let (b, _pass2) =
-                    send_archive(bridge, rootfs, manifest, false, Default::default(), None).await?;
+                let (b, _pass2) = send_archive(
+                    bridge,
+                    rootfs,
+                    manifest,
+                    false,
+                    Default::default(),
+                    None,
+                    plan.options.bandwidth,
+                )
+                .await?;
                 bridge = b;
             }
             let extra = match &plan.state {
@@ -166,8 +175,16 @@ impl MoveRun {
                 _ => None,
             };
             if let Some(dir) = extra {
-                let (b, _) =
-                    send_archive(bridge, dir, None, false, Default::default(), None).await?;
+                let (b, _) = send_archive(
+                    bridge,
+                    dir,
+                    None,
+                    false,
+                    Default::default(),
+                    None,
+                    plan.options.bandwidth,
+                )
+                .await?;
                 bridge = b;
             }
             if let Some(t) = self.frozen {
@@ -238,7 +255,12 @@ impl Daemon {
                 .page_server_on_socket(&images, criu_end, &ctx)
                 .await
                 .map_err(|e| e.to_string())?;
-            let relay = tokio::spawn(super::relay_state(ours, state_pipe, plan.state_compression));
+            let relay = tokio::spawn(super::relay_state(
+                ours,
+                state_pipe,
+                plan.state_compression,
+                None,
+            ));
             Some((ps, relay))
         } else {
             None
@@ -335,7 +357,7 @@ impl Daemon {
             .map_err(|e| format!("lazy-pages daemon: {e}"))?;
         let compression = plan.state_compression;
         tokio::spawn(async move {
-            if let Err(e) = super::relay_state(ours, state_pipe, compression).await {
+            if let Err(e) = super::relay_state(ours, state_pipe, compression, None).await {
                 tracing::warn!(error = %e, "post-copy page stream");
             }
         });

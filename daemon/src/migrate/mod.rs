@@ -87,30 +87,59 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
 /// ended. With compression the bytes go through the zstd byte channel; without
 /// (the usual, uncompressed plan) they take a direct path: each read from the
 /// socket becomes one websocket frame as it is, and each frame is written to
-/// the socket — no intermediate byte stream, about half the copies.
+/// the socket — no intermediate byte stream, about half the copies. `limit`
+/// (bytes/s) paces what the socket sends (a container move's `--bandwidth`;
+/// QEMU paces its own stream).
 pub(super) async fn relay_state(
     sock: tokio::net::UnixStream,
     pipe: ws::WsPipe,
     compression: ferry_migration::Compression,
+    limit: Option<u64>,
 ) -> Result<ferry_migration::RelayStats, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chunk = limit.map_or(ws::CHUNK, |l| (l as usize / 10).clamp(4096, ws::CHUNK));
+    let (mut r, mut w) = sock.into_split();
+    let read_err = |total: u64, e: std::io::Error| {
+        format!("reading the local stream after {total} bytes: {e}")
+    };
+    let write_err = |total: u64, e: std::io::Error| {
+        format!("writing the local stream after {total} bytes: {e}")
+    };
     if compression != ferry_migration::Compression::None {
         let stream = ferry_migration::ByteChannel::new(ws::into_stream(pipe), compression)
             .map_err(|e| e.to_string())?;
-        return ferry_migration::relay(sock, stream)
-            .await
-            .map_err(|e| e.to_string());
+        let (mut cr, mut cw) = tokio::io::split(stream);
+        let up = async {
+            let (mut total, mut pace) = (0u64, Pace::new(limit));
+            let mut buf = vec![0u8; chunk];
+            loop {
+                let n = r.read(&mut buf).await.map_err(|e| read_err(total, e))?;
+                if n == 0 {
+                    cw.shutdown().await.map_err(|e| e.to_string())?;
+                    return Ok(total);
+                }
+                cw.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+                cw.flush().await.map_err(|e| e.to_string())?;
+                total += n as u64;
+                pace.after(total).await;
+            }
+        };
+        let down = async {
+            let total = tokio::io::copy(&mut cr, &mut w)
+                .await
+                .map_err(|e| write_err(0, e))?;
+            let _ = w.shutdown().await;
+            Ok::<u64, String>(total)
+        };
+        let (a_to_b, b_to_a) = tokio::try_join!(up, down)?;
+        return Ok(ferry_migration::RelayStats { a_to_b, b_to_a });
     }
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut r, mut w) = sock.into_split();
     let ws::WsPipe { tx, mut rx } = pipe;
     let up = async move {
-        let mut total = 0u64;
+        let (mut total, mut pace) = (0u64, Pace::new(limit));
         loop {
-            let mut buf = Vec::with_capacity(ws::CHUNK);
-            let n = r
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| format!("reading the local stream after {total} bytes: {e}"))?;
+            let mut buf = Vec::with_capacity(chunk);
+            let n = r.read_buf(&mut buf).await.map_err(|e| read_err(total, e))?;
             // An empty frame ends this direction (half-close), as EOF did here.
             if tx.send(buf).await.is_err() {
                 return Err(format!("the state channel closed after {total} bytes"));
@@ -119,6 +148,7 @@ pub(super) async fn relay_state(
                 return Ok(total);
             }
             total += n as u64;
+            pace.after(total).await;
         }
     };
     let down = async move {
@@ -127,9 +157,7 @@ pub(super) async fn relay_state(
             if frame.is_empty() {
                 break;
             }
-            w.write_all(&frame)
-                .await
-                .map_err(|e| format!("writing the local stream after {total} bytes: {e}"))?;
+            w.write_all(&frame).await.map_err(|e| write_err(total, e))?;
             total += frame.len() as u64;
         }
         let _ = w.shutdown().await;
@@ -137,6 +165,32 @@ pub(super) async fn relay_state(
     };
     let (a_to_b, b_to_a) = tokio::try_join!(up, down)?;
     Ok(ferry_migration::RelayStats { a_to_b, b_to_a })
+}
+
+/// Keeps a stream at or under `limit` bytes per second (on average since
+/// its start).
+struct Pace {
+    start: std::time::Instant,
+    limit: Option<u64>,
+}
+
+impl Pace {
+    fn new(limit: Option<u64>) -> Pace {
+        Pace {
+            start: std::time::Instant::now(),
+            limit: limit.filter(|l| *l > 0),
+        }
+    }
+
+    /// `total` bytes have gone: wait until that is within the limit.
+    async fn after(&mut self, total: u64) {
+        if let Some(l) = self.limit {
+            let due = std::time::Duration::from_secs_f64(total as f64 / l as f64);
+            if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
 }
 
 /// A control-channel error as the user sees it; `peer` is "source" or "target".

@@ -34,10 +34,14 @@ impl Daemon {
 pub(super) type Bridge = SyncIoBridge<tokio::io::WriteHalf<ByteChannel<tokio::io::DuplexStream>>>;
 
 /// Writes to the fs bridge, failing as soon as the move is cancelled (so a
-/// long first pass stops at once instead of running to its end).
+/// long first pass stops at once instead of running to its end), at most
+/// `limit` bytes per second (the move's `--bandwidth`).
 struct Cancellable<'a> {
     inner: &'a mut Bridge,
     cancel: tokio_util::sync::CancellationToken,
+    limit: Option<u64>,
+    started: Instant,
+    written: u64,
 }
 
 impl std::io::Write for Cancellable<'_> {
@@ -45,7 +49,16 @@ impl std::io::Write for Cancellable<'_> {
         if self.cancel.is_cancelled() {
             return Err(std::io::Error::other("the move was cancelled"));
         }
-        self.inner.write(buf)
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        if let Some(l) = self.limit.filter(|l| *l > 0) {
+            let due = Duration::from_secs_f64(self.written as f64 / l as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                // A blocking thread (spawn_blocking): sleeping here is fine.
+                std::thread::sleep(wait.min(Duration::from_secs(1)));
+            }
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
@@ -62,6 +75,7 @@ pub(super) async fn send_archive(
     record: bool,
     cancel: tokio_util::sync::CancellationToken,
     op: Option<(Arc<Op>, Option<u64>)>,
+    limit: Option<u64>,
 ) -> Result<(Bridge, ferry_drivers::storage::ArchiveStats), String> {
     let progress = Arc::new(ferry_drivers::storage::Progress::default());
     let ticker = op.map(|(op, total)| {
@@ -79,6 +93,9 @@ pub(super) async fn send_archive(
         let mut w = Cancellable {
             inner: &mut bridge,
             cancel,
+            limit,
+            started: Instant::now(),
+            written: 0,
         };
         let stats = write_archive(&root, &mut w, &opts)
             .map_err(|e| format!("sending {}: {e}", root.display()))?;

@@ -94,6 +94,7 @@ impl MoveRun {
                 false,
                 self.op.cancel_token(),
                 Some((self.op.clone(), Some(plan.volume_size))),
+                plan.options.bandwidth,
             )
             .await?;
             close_bridge(b).await?;
@@ -108,7 +109,7 @@ impl MoveRun {
             let compression = plan.state_compression;
             let nbd = self.nbd_relay.clone();
             let relay = tokio::spawn(async move {
-                let r = super::relay_state(ours, state_pipe, compression).await;
+                let r = super::relay_state(ours, state_pipe, compression, None).await;
                 if r.is_err() {
                     // The link is gone: end the disk mirror's NBD relay too,
                     // or QEMU would wait on it (its monitor blocked).
@@ -340,7 +341,12 @@ impl Daemon {
                     }
                 });
             }
-            tokio::spawn(super::relay_state(ours, state_pipe, plan.state_compression));
+            tokio::spawn(super::relay_state(
+                ours,
+                state_pipe,
+                plan.state_compression,
+                None,
+            ));
             Some(incoming)
         } else {
             None

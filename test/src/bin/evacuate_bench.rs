@@ -22,10 +22,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_drivers::vm::VmDriver;
+use ferry_test::bench::{self, Args, Doc, Host, Run};
 use ferry_test::{cluster_members, form_cluster, location, Member};
 use serde_json::Value;
 
@@ -63,40 +63,16 @@ fn parse_args() -> Opts {
         write_doc: None,
         command: None,
     };
-    let mut args = std::env::args().skip(1);
-    let bad = |m: String| -> ! {
-        eprintln!("evacuate-bench: {m}\n{USAGE}");
-        std::process::exit(2)
-    };
-    while let Some(a) = args.next() {
-        let mut val = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| bad(format!("{name} needs a value")))
-        };
+    let mut args = Args::from_env("evacuate-bench", USAGE);
+    while let Some(a) = args.next_arg() {
         match a.as_str() {
-            "--reps" => {
-                o.reps = val("--reps")
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .unwrap_or_else(|| bad("--reps takes a positive number".into()))
-            }
-            "--parallel" => {
-                o.parallel = val("--parallel")
-                    .split(',')
-                    .map(|p| p.trim().parse().ok().filter(|n| *n > 0))
-                    .collect::<Option<Vec<usize>>>()
-                    .filter(|v| !v.is_empty())
-                    .unwrap_or_else(|| bad("--parallel takes positive numbers, e.g. 2,4".into()))
-            }
+            "--reps" => o.reps = args.positive("--reps"),
+            "--parallel" => o.parallel = args.positive_list("--parallel", "2,4"),
             "--no-vm" => o.vm = false,
-            "--write-doc" => o.write_doc = Some(PathBuf::from(val("--write-doc"))),
-            "--command" => o.command = Some(val("--command")),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0)
-            }
-            other => bad(format!("unknown argument {other:?}")),
+            "--write-doc" => o.write_doc = Some(args.path("--write-doc")),
+            "--command" => o.command = Some(args.value("--command")),
+            "-h" | "--help" => args.help(),
+            other => args.unknown(other),
         }
     }
     o
@@ -120,46 +96,21 @@ impl Config {
     }
 
     fn sorted(&self, metric: &str) -> Vec<f64> {
-        let mut v = self.samples.get(metric).cloned().unwrap_or_default();
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v
+        bench::sorted(self.samples.get(metric).cloned().unwrap_or_default())
     }
 
     /// "median (min–max)", or "–".
     fn cell(&self, metric: &str, decimals: usize) -> String {
-        let v = self.sorted(metric);
-        match (median(&v), v.len()) {
-            (None, _) => "–".into(),
-            (Some(m), 1) => format!("{m:.decimals$}"),
-            (Some(m), n) => format!(
-                "{m:.decimals$} ({:.decimals$}–{:.decimals$})",
-                v[0],
-                v[n - 1]
-            ),
-        }
+        bench::spread(&self.sorted(metric), decimals)
     }
 }
 
-/// Median of sorted values.
-fn median(v: &[f64]) -> Option<f64> {
-    match v.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(v[n / 2]),
-        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
-
-fn median_of(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    median(&v).unwrap_or(f64::NAN)
+fn median_of(v: Vec<f64>) -> f64 {
+    bench::median(&bench::sorted(v)).unwrap_or(f64::NAN)
 }
 
 fn max_of(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 // ---------------------------------------------------------------- helpers
@@ -169,54 +120,10 @@ struct Inst {
     vm: bool,
 }
 
-fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Run the `ferry` CLI against `m`, bounded by `limit`: stdout and the wall
 /// time from spawning the client to its exit.
 async fn ferry(m: &Member, args: &[&str], limit: Duration) -> Result<(String, Duration), String> {
-    let t0 = Instant::now();
-    let child = tokio::process::Command::new(ferry_test::bin_dir().join("ferry"))
-        .args(args)
-        .env("FERRY_DIR", &m.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|err| format!("run ferry: {err}"))?;
-    let out = tokio::time::timeout(limit, child.wait_with_output())
-        .await
-        .map_err(|_| format!("ferry {args:?} did not finish within {limit:?}"))?
-        .map_err(|err| format!("ferry: {err}"))?;
-    let wall = t0.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "ferry {args:?} failed ({}): {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            stdout.trim()
-        ));
-    }
-    Ok((stdout, wall))
+    bench::ferry_cli(m, args, limit, "\n").await
 }
 
 /// [`ferry`] that must succeed and print JSON; panics otherwise (a benchmark
@@ -352,7 +259,7 @@ async fn repetition(ms: &[Member], insts: &[Inst], cfg: &mut Config, rep: usize)
             i.name
         );
         *cfg.paths.entry(path).or_default() += 1;
-        let wall = millis(wall);
+        let wall = bench::ms(wall);
         walls.push(wall);
         totals.push(meta["total_ms"].as_f64().unwrap_or(f64::NAN));
         downs.push(meta["downtime_ms"].as_f64().unwrap_or(f64::NAN));
@@ -415,7 +322,7 @@ async fn repetition(ms: &[Member], insts: &[Inst], cfg: &mut Config, rep: usize)
         e_totals.push(e["total_ms"].as_f64().unwrap_or(f64::NAN));
         e_downs.push(e["downtime_ms"].as_f64().unwrap_or(f64::NAN));
     }
-    let evac = millis(evac);
+    let evac = bench::ms(evac);
     cfg.add("evac", evac);
     cfg.add("bound", bound);
     cfg.add("ratio", evac / bound);
@@ -431,7 +338,7 @@ async fn repetition(ms: &[Member], insts: &[Inst], cfg: &mut Config, rep: usize)
     check_report(&report, n, p, "restore");
     members_ok(ms, None);
     all_counting_on(ms, insts, "m1").await;
-    let restore = millis(restore);
+    let restore = bench::ms(restore);
     cfg.add("restore", restore);
     eprintln!(
         "  [parallel {p}] rep {}: slowest single {slowest:.0} ms, sum {:.0} ms, evacuation {evac:.0} ms, \
@@ -476,63 +383,15 @@ async fn run_config(insts: &[Inst], parallel: usize, reps: usize) -> Config {
 // ---------------------------------------------------------------- report
 
 struct Report {
-    date: String,
-    profile: String,
-    commit: String,
-    command: String,
+    run: Run,
     machine: String,
     versions: String,
     kvm: String,
-    load_before: String,
-    load_after: String,
     reps: usize,
-    took: Duration,
     n_ct: usize,
     n_vm: usize,
     vm_skip: Option<String>,
     configs: Vec<Config>,
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default();
-    let mem_kb: f64 = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    format!(
-        "{cpu}, nproc {}, {:.0} GiB RAM, Linux {}",
-        sh("nproc", &[]),
-        mem_kb / 1024.0 / 1024.0,
-        sh("uname", &["-r"])
-    )
-}
-
-fn versions() -> String {
-    let first = |s: String| s.lines().next().unwrap_or("").trim().to_string();
-    format!(
-        "{}; CRIU {}",
-        first(sh("qemu-system-x86_64", &["--version"])),
-        first(sh("criu", &["--version"])).trim_start_matches("Version: ")
-    )
-}
-
-fn skip_vm() -> Option<String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Some("/dev/kvm is missing".into());
-    }
-    for tool in ["qemu-system-x86_64", "nasm"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
 }
 
 /// The results table: (label, metric, decimals).
@@ -557,23 +416,20 @@ const ROWS: &[(&str, &str, usize)] = &[
 fn render(r: &Report) -> String {
     let mut s = String::new();
     let n = r.n_ct + r.n_vm;
-    let _ = writeln!(s, "### Results: `{}` build, {}\n", r.profile, r.date);
-    let _ = writeln!(s, "- command: `{}`", r.command);
+    let run = &r.run;
+    let _ = writeln!(s, "{}", run.heading());
+    let _ = writeln!(s, "- command: `{}`", run.command);
     let _ = writeln!(
         s,
         "- ferry: {}, `{}` build; {} repetitions per configuration; the run took {:.0} s",
-        r.commit,
-        r.profile,
+        run.commit,
+        run.profile,
         r.reps,
-        r.took.as_secs_f64()
+        run.took.as_secs_f64()
     );
     let _ = writeln!(s, "- machine: {}; {}", r.machine, r.kvm);
     let _ = writeln!(s, "- {}", r.versions);
-    let _ = writeln!(
-        s,
-        "- load average before / after: {} / {}",
-        r.load_before, r.load_after
-    );
+    let _ = writeln!(s, "{}", run.load_line());
     let vms = match &r.vm_skip {
         None => format!(" + {} `testvm` VMs (`limits.memory={VM_MEMORY}`)", r.n_vm),
         Some(why) => format!(" (**VMs skipped**: {why})"),
@@ -628,7 +484,7 @@ fn render(r: &Report) -> String {
     );
     for c in &r.configs {
         let v = c.sorted("ratio");
-        let (med, worst) = (median(&v), v.last().copied());
+        let (med, worst) = (bench::median(&v), v.last().copied());
         let verdict = match med {
             Some(x) if x <= 1.3 => "**met**",
             Some(_) => "**not met**",
@@ -645,69 +501,29 @@ fn render(r: &Report) -> String {
     s
 }
 
-const DOC_INTRO: &str = "# Benchmark: cluster evacuation
+/// The doc `--write-doc` writes: one section per build profile.
+const DOC: Doc = Doc {
+    bench: "evacuate-bench",
+    intro: "# Benchmark: cluster evacuation
 
 Generated by `scripts/bench-evacuate.sh` (`test/src/bin/evacuate_bench.rs`);
 the section between the markers below is rewritten by every run, the rest of
 this file is kept.
-";
-
-/// Replace this build profile's section (between its markers) in `path`.
-fn write_doc(path: &Path, profile: &str, section: &str) -> std::io::Result<()> {
-    let begin = format!(
-        "<!-- evacuate-bench:{profile}:begin (generated by evacuate-bench --write-doc; do not edit) -->"
-    );
-    let end = format!("<!-- evacuate-bench:{profile}:end -->");
-    let block = format!("{begin}\n{}\n{end}", section.trim_end());
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (
-        old.find(&format!("<!-- evacuate-bench:{profile}:begin")),
-        old.find(&end),
-    ) {
-        (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], block, &old[e + end.len()..]),
-        _ if old.is_empty() => format!("{DOC_INTRO}\n{block}\n"),
-        _ => format!("{}\n\n{block}\n", old.trim_end()),
-    };
-    std::fs::write(path, new)
-}
+",
+};
 
 // ---------------------------------------------------------------- main
 
 fn main() {
     let o = parse_args();
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("evacuate-bench: SKIPPED: needs root (namespaces, CRIU, KVM); run scripts/bench-evacuate.sh as root");
-        std::process::exit(1);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    std::process::exit(rt.block_on(run(o)));
+    bench::require_root("evacuate-bench: SKIPPED: needs root (namespaces, CRIU, KVM); run scripts/bench-evacuate.sh as root");
+    std::process::exit(bench::runtime().block_on(run(o)));
 }
 
 async fn run(o: Opts) -> i32 {
-    let t_all = Instant::now();
-    let bin = ferry_test::bin_dir();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let ws = workspace.to_str().unwrap();
-    let head = sh("git", &["-C", ws, "rev-parse", "--short", "HEAD"]);
-    let dirty = !sh(
-        "git",
-        &["-C", ws, "status", "--porcelain", "--untracked-files=no"],
-    )
-    .is_empty();
-    let commit = format!(
-        "commit {head}{}",
-        if dirty { " + uncommitted changes" } else { "" }
-    );
-    let command = o.command.clone().unwrap_or_else(|| {
-        let a: Vec<String> = std::env::args().skip(1).collect();
-        format!("evacuate-bench {}", a.join(" ")).trim().to_string()
-    });
+    let run = Run::start("evacuate-bench", o.command.clone());
     let vm_skip = if o.vm {
-        skip_vm()
+        bench::skip_vm()
     } else {
         Some("not selected (--no-vm)".into())
     };
@@ -727,32 +543,23 @@ async fn run(o: Opts) -> i32 {
         name: format!("v{k}"),
         vm: true,
     }));
-    let load_before = loadavg();
     eprintln!(
-        "== evacuate-bench: {} reps, parallel {:?}, {} instances; binaries in {}; load {load_before}",
+        "== evacuate-bench: {} reps, parallel {:?}, {} instances; binaries in {}; load {}",
         o.reps,
         o.parallel,
         insts.len(),
-        bin.display()
+        run.bin.display(),
+        run.load_before
     );
     if let Some(why) = &vm_skip {
         eprintln!("SKIP VMs: {why}");
     }
     let mut report = Report {
-        date: String::new(),
-        profile: bin
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        commit,
-        command,
-        machine: machine(),
-        versions: versions(),
+        run,
+        machine: Host::probe().describe(),
+        versions: format!("{}; CRIU {}", bench::qemu_version(), bench::criu_version()),
         kvm: kvm.into(),
-        load_before,
-        load_after: String::new(),
         reps: o.reps,
-        took: Duration::ZERO,
         n_ct: CONTAINERS,
         n_vm,
         vm_skip,
@@ -760,22 +567,10 @@ async fn run(o: Opts) -> i32 {
     };
     for &p in &o.parallel {
         report.configs.push(run_config(&insts, p, o.reps).await);
-        report.date = sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-        report.load_after = loadavg();
-        report.took = t_all.elapsed();
+        report.run.finish();
         // Shown now too, so a later configuration's failure does not lose it.
         eprintln!("{}", render(&report));
     }
     let text = render(&report);
-    println!("{text}");
-    if let Some(p) = &o.write_doc {
-        match write_doc(p, &report.profile, &text) {
-            Ok(()) => eprintln!("wrote {}", p.display()),
-            Err(err) => {
-                eprintln!("evacuate-bench: cannot write {}: {err}", p.display());
-                return 1;
-            }
-        }
-    }
-    0
+    DOC.publish(o.write_doc.as_deref(), &report.run.profile, &text)
 }

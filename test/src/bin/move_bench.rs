@@ -35,13 +35,14 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_drivers::container::{forkstart_main, ContainerDriver, PagesTo};
 use ferry_drivers::vm::migrate::MigrateParams;
 use ferry_drivers::vm::VmDriver;
 use ferry_drivers::{InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx};
+use ferry_test::bench::{self, ms, sh, Args, Doc, Host, Run};
 use ferry_test::Member;
 use serde_json::Value;
 
@@ -111,36 +112,19 @@ fn parse_args() -> Opts {
         write_doc: None,
         command: None,
     };
-    let mut args = std::env::args().skip(1);
-    let bad = |m: String| -> ! {
-        eprintln!("move-bench: {m}\n{USAGE}");
-        std::process::exit(2)
-    };
-    while let Some(a) = args.next() {
-        let mut val = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| bad(format!("{name} needs a value")))
-        };
+    let mut args = Args::from_env("move-bench", USAGE);
+    while let Some(a) = args.next_arg() {
         match a.as_str() {
-            "--reps" => {
-                o.reps = val("--reps")
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .unwrap_or_else(|| bad("--reps takes a positive number".into()))
-            }
-            "--only" => match val("--only").as_str() {
+            "--reps" => o.reps = args.positive("--reps"),
+            "--only" => match args.value("--only").as_str() {
                 "container" => o.vm = false,
                 "vm" => o.container = false,
-                x => bad(format!("--only container|vm, not {x:?}")),
+                x => args.bad(format!("--only container|vm, not {x:?}")),
             },
-            "--write-doc" => o.write_doc = Some(PathBuf::from(val("--write-doc"))),
-            "--command" => o.command = Some(val("--command")),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0)
-            }
-            other => bad(format!("unknown argument {other:?}")),
+            "--write-doc" => o.write_doc = Some(args.path("--write-doc")),
+            "--command" => o.command = Some(args.value("--command")),
+            "-h" | "--help" => args.help(),
+            other => args.unknown(other),
         }
     }
     o
@@ -180,67 +164,27 @@ impl Series {
         }
     }
 
+    /// The metric's values over the successful repetitions, sorted.
     fn values(&self, metric: &str) -> Vec<f64> {
-        let mut v: Vec<f64> = self
-            .samples
-            .iter()
-            .filter_map(|s| s.get(metric).copied())
-            .collect();
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v
+        bench::sorted(
+            self.samples
+                .iter()
+                .filter_map(|s| s.get(metric).copied())
+                .collect(),
+        )
     }
 
     fn median(&self, metric: &str) -> Option<f64> {
-        let v = self.values(metric);
-        match v.len() {
-            0 => None,
-            n if n % 2 == 1 => Some(v[n / 2]),
-            n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-        }
+        bench::median(&self.values(metric))
     }
 
     /// "median (min–max)", or "–".
     fn cell(&self, metric: &str, decimals: usize) -> String {
-        let v = self.values(metric);
-        let Some(med) = self.median(metric) else {
-            return "–".into();
-        };
-        if v.len() == 1 {
-            return format!("{med:.decimals$}");
-        }
-        format!(
-            "{med:.decimals$} ({:.decimals$}–{:.decimals$})",
-            v[0],
-            v[v.len() - 1]
-        )
+        bench::spread(&self.values(metric), decimals)
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 // ---------------------------------------------------------------- helpers
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |err| format!("{what}: {err}")
@@ -330,28 +274,18 @@ async fn wait_dirty(init: u32, secs: u64) -> Result<u64, String> {
 
 /// Run the `ferry` CLI against `m`, bounded by `limit`; stdout on success.
 async fn ferry(m: &Member, args: &[&str], limit: Duration) -> Result<String, String> {
-    let child = tokio::process::Command::new(ferry_test::bin_dir().join("ferry"))
-        .args(args)
-        .env("FERRY_DIR", &m.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(e("run ferry"))?;
-    let out = tokio::time::timeout(limit, child.wait_with_output())
-        .await
-        .map_err(|_| format!("ferry {args:?} did not finish within {limit:?}"))?
-        .map_err(e("ferry"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ferry {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        ));
+    // A failure names stderr and stdout with nothing between, as move-bench
+    // always has (its messages go into the doc).
+    let (stdout, _) = bench::ferry_cli(m, args, limit, "").await?;
+    Ok(stdout)
+}
+
+/// `ferry delete --force NAME` on `m`; a failure is only reported.
+async fn delete(m: &Member, name: &str) {
+    let args = ["delete", "--force", name];
+    if let Err(err) = ferry(m, &args, Duration::from_secs(60)).await {
+        eprintln!("  (delete {name}: {err})");
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `ferry move NAME --target T [extra] --format json` sent to `via`; the
@@ -379,20 +313,39 @@ fn num(v: &Value, path: &[&str]) -> Option<f64> {
 
 // ---------------------------------------------------------------- containers
 
-fn ct_spec(member: &Path, name: &str) -> InstanceSpec {
+/// A spec for the raw (driver-only) runs: everything under `root`, the
+/// volume in `root/VOLUMES/NAME`.
+fn raw_spec(
+    root: &Path,
+    volumes: &str,
+    name: &str,
+    (kind, image): (InstanceType, &str),
+    config: BTreeMap<String, String>,
+) -> InstanceSpec {
     InstanceSpec {
-        name: name.to_string(),
-        kind: InstanceType::Container,
-        image: "busybox".into(),
-        config: [("limits.memory".to_string(), CT_MEMORY.to_string())].into(),
+        name: name.into(),
+        kind,
+        image: image.into(),
+        config,
         volatile: BTreeMap::new(),
         paths: InstancePaths {
-            volume: member.join("volumes").join(name),
-            run: member.join("run").join(name),
-            logs: member.join("logs").join(name),
-            images: member.join("images"),
+            volume: root.join(volumes).join(name),
+            run: root.join("run").join(name),
+            logs: root.join("logs").join(name),
+            images: root.join("images"),
         },
     }
+}
+
+fn ct_spec(member: &Path, name: &str) -> InstanceSpec {
+    let config = [("limits.memory".to_string(), CT_MEMORY.to_string())].into();
+    raw_spec(
+        member,
+        "volumes",
+        name,
+        (InstanceType::Container, "busybox"),
+        config,
+    )
 }
 
 /// The ferry cgroups of instance `name` on any hierarchy.
@@ -675,19 +628,8 @@ fn vm_config() -> BTreeMap<String, String> {
 }
 
 fn vm_spec(root: &Path, name: &str) -> InstanceSpec {
-    InstanceSpec {
-        name: name.into(),
-        kind: InstanceType::VirtualMachine,
-        image: "testvm".into(),
-        config: vm_config(),
-        volatile: BTreeMap::new(),
-        paths: InstancePaths {
-            volume: root.join("vol").join(name),
-            run: root.join("run").join(name),
-            logs: root.join("logs").join(name),
-            images: root.join("images"),
-        },
-    }
+    let kind = (InstanceType::VirtualMachine, "testvm");
+    raw_spec(root, "vol", name, kind, vm_config())
 }
 
 fn is_qemu(pid: u32) -> bool {
@@ -863,37 +805,18 @@ async fn ferry_vm_move(
 // ---------------------------------------------------------------- report
 
 struct Machine {
-    cpu: String,
-    nproc: String,
-    mem_gib: f64,
-    kernel: String,
+    host: Host,
     qemu: String,
     criu: String,
     gcc: String,
 }
 
 fn machine() -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default();
-    let mem_kb: f64 = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    let first = |s: String| s.lines().next().unwrap_or("").trim().to_string();
     Machine {
-        cpu,
-        nproc: sh("nproc", &[]),
-        mem_gib: mem_kb / 1024.0 / 1024.0,
-        kernel: sh("uname", &["-r"]),
-        qemu: first(sh("qemu-system-x86_64", &["--version"])),
-        criu: first(sh("criu", &["--version"])),
-        gcc: first(sh("gcc", &["--version"])),
+        host: Host::probe(),
+        qemu: bench::qemu_version(),
+        criu: bench::criu_version(),
+        gcc: bench::first_line(&sh("gcc", &["--version"])),
     }
 }
 
@@ -907,16 +830,9 @@ fn verdict(ok: Option<bool>) -> &'static str {
 }
 
 struct Report {
-    date: String,
-    /// Build profile of the binaries (`debug`, `release`).
-    profile: String,
-    commit: String,
-    command: String,
+    run: Run,
     machine: Machine,
-    load_before: String,
-    load_after: String,
     reps: usize,
-    took: Duration,
     ct: Option<Vec<Series>>,
     ct_skip: Option<String>,
     vm: Option<Vec<Series>>,
@@ -942,6 +858,16 @@ fn table(s: &mut String, rows: &[Series], cols: &[(&str, &str, usize)]) {
     }
 }
 
+/// The failed repetitions of every variant, then a blank line.
+fn failures(s: &mut String, series: &[Series]) {
+    for x in series {
+        for err in &x.errors {
+            let _ = writeln!(s, "\nFailed, {}: `{}`", x.label, err.replace('`', "'"));
+        }
+    }
+    let _ = writeln!(s);
+}
+
 fn find<'a>(v: &'a [Series], key: &str) -> &'a Series {
     v.iter().find(|s| s.key == key).unwrap()
 }
@@ -961,36 +887,45 @@ fn f0(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into())
 }
 
+/// The goal `x ≤ k × y` (`x ≥ k × y` when `at_least`) on medians, as a list
+/// item: "- TITLE: x vs k × y = k·y UNIT, RATIO = x/y — verdict".
+fn scaled_goal(
+    title: &str,
+    x: Option<f64>,
+    (k, y): (f64, Option<f64>),
+    unit: &str,
+    ratio_name: &str,
+    at_least: bool,
+) -> String {
+    let met = x
+        .zip(y)
+        .map(|(x, y)| if at_least { x >= k * y } else { x <= k * y });
+    format!(
+        "- {title}: {} vs {k} × {} = {} {unit}, {ratio_name} = {} — {}",
+        f0(x),
+        f0(y),
+        f0(y.map(|y| k * y)),
+        f2(ratio(x, y)),
+        verdict(met)
+    )
+}
+
 fn render(r: &Report) -> String {
     let mut s = String::new();
-    let m = &r.machine;
-    let _ = writeln!(s, "### Results: `{}` build, {}\n", r.profile, r.date);
-    let _ = writeln!(s, "- command: `{}`", r.command);
+    let (m, run) = (&r.machine, &r.run);
+    let _ = writeln!(s, "{}", run.heading());
+    let _ = writeln!(s, "- command: `{}`", run.command);
     let _ = writeln!(
         s,
         "- ferry: {}, `{}` build; {} repetitions of every variant; the run took {:.0} s",
-        r.commit,
-        r.profile,
+        run.commit,
+        run.profile,
         r.reps,
-        r.took.as_secs_f64()
+        run.took.as_secs_f64()
     );
-    let _ = writeln!(
-        s,
-        "- machine: {}, nproc {}, {:.0} GiB RAM, Linux {}",
-        m.cpu, m.nproc, m.mem_gib, m.kernel
-    );
-    let _ = writeln!(
-        s,
-        "- {}; CRIU {}; {}",
-        m.qemu,
-        m.criu.trim_start_matches("Version: "),
-        m.gcc
-    );
-    let _ = writeln!(
-        s,
-        "- load average before / after: {} / {}",
-        r.load_before, r.load_after
-    );
+    let _ = writeln!(s, "- machine: {}", m.host.describe());
+    let _ = writeln!(s, "- {}; CRIU {}; {}", m.qemu, m.criu, m.gcc);
+    let _ = writeln!(s, "{}", run.load_line());
     let _ = writeln!(
         s,
         "- figures: median (min–max) over the successful repetitions, in ms unless named otherwise\n"
@@ -1033,15 +968,9 @@ fn render(r: &Report) -> String {
             f2(ratio(dc, da)),
             verdict(dc.zip(da).map(|(c, a)| c <= a))
         );
-        let _ = writeln!(
-            s,
-            "- stretch: ferry live (c) ≤ 1.2 × floor (b): {} vs 1.2 × {} = {} ms, (c)/(b) = {} — {}",
-            f0(dc),
-            f0(db),
-            f0(db.map(|b| 1.2 * b)),
-            f2(ratio(dc, db)),
-            verdict(dc.zip(db).map(|(c, b)| c <= 1.2 * b))
-        );
+        let title = "stretch: ferry live (c) ≤ 1.2 × floor (b)";
+        let goal = scaled_goal(title, dc, (1.2, db), "ms", "(c)/(b)", false);
+        let _ = writeln!(s, "{goal}");
         let _ = writeln!(
             s,
             "- (for reference) ferry post-copy (d): {} ms, (d)/(b) = {}; it serves the rest of the memory for {} ms after resuming",
@@ -1049,12 +978,7 @@ fn render(r: &Report) -> String {
             f2(ratio(dd, db)),
             f0(d.median("serving"))
         );
-        for x in ct {
-            for err in &x.errors {
-                let _ = writeln!(s, "\nFailed, {}: `{}`", x.label, err.replace('`', "'"));
-            }
-        }
-        let _ = writeln!(s);
+        failures(&mut s, ct);
     }
 
     if let Some(skip) = &r.vm_skip {
@@ -1091,35 +1015,22 @@ fn render(r: &Report) -> String {
         let (a, b, c, d) = (find(vm, "a"), find(vm, "b"), find(vm, "c"), find(vm, "d"));
         let (ta, tb) = (a.median("throughput"), b.median("throughput"));
         let _ = writeln!(s, "\nGoals (medians):\n");
-        let _ = writeln!(
-            s,
-            "- throughput (b) ≥ 0.9 × (a): {} vs 0.9 × {} = {} MiB/s, (b)/(a) = {} — {}",
-            f0(tb),
-            f0(ta),
-            f0(ta.map(|x| 0.9 * x)),
-            f2(ratio(tb, ta)),
-            verdict(tb.zip(ta).map(|(b, a)| b >= 0.9 * a))
-        );
+        let title = "throughput (b) ≥ 0.9 × (a)";
+        let goal = scaled_goal(title, tb, (0.9, ta), "MiB/s", "(b)/(a)", true);
+        let _ = writeln!(s, "{goal}");
         let (da, db) = (a.median("downtime"), b.median("downtime"));
         let (qa, qb) = (a.median("qemu_downtime"), b.median("qemu_downtime"));
-        let _ = writeln!(
-            s,
-            "- downtime (b) ≤ 1.1 × (a), ferry's measure vs STOP → RESUME: {} vs 1.1 × {} = {} ms, (b)/(a) = {} — {}",
-            f0(db),
-            f0(da),
-            f0(da.map(|x| 1.1 * x)),
-            f2(ratio(db, da)),
-            verdict(db.zip(da).map(|(b, a)| b <= 1.1 * a))
-        );
-        let _ = writeln!(
-            s,
-            "- the same with QEMU's downtime on both sides: {} vs 1.1 × {} = {} ms, (b)/(a) = {} — {}",
-            f0(qb),
-            f0(qa),
-            f0(qa.map(|x| 1.1 * x)),
-            f2(ratio(qb, qa)),
-            verdict(qb.zip(qa).map(|(b, a)| b <= 1.1 * a))
-        );
+        for (title, x, y) in [
+            (
+                "downtime (b) ≤ 1.1 × (a), ferry's measure vs STOP → RESUME",
+                db,
+                da,
+            ),
+            ("the same with QEMU's downtime on both sides", qb, qa),
+        ] {
+            let goal = scaled_goal(title, x, (1.1, y), "ms", "(b)/(a)", false);
+            let _ = writeln!(s, "{goal}");
+        }
         let (tb, tc) = (b.median("total"), c.median("total"));
         let dc = c.median("downtime");
         let _ = writeln!(
@@ -1142,55 +1053,23 @@ fn render(r: &Report) -> String {
             f2(ratio(dd, db)),
             verdict(db.zip(dd).map(|(b, d)| 20.0 * b <= d))
         );
-        for x in vm {
-            for err in &x.errors {
-                let _ = writeln!(s, "\nFailed, {}: `{}`", x.label, err.replace('`', "'"));
-            }
-        }
-        let _ = writeln!(s);
+        failures(&mut s, vm);
     }
     s
 }
 
-const DOC_INTRO: &str = "# Benchmarks: moving running instances
+/// The doc `--write-doc` writes: one section per build profile.
+const DOC: Doc = Doc {
+    bench: "move-bench",
+    intro: "# Benchmarks: moving running instances
 
 Generated by `scripts/bench-move.sh` (`test/src/bin/move_bench.rs`); the
 section between the markers below is rewritten by every run, the rest of this
 file is kept.
-";
-
-/// Replace this build profile's section (between its markers) in `path`.
-fn write_doc(path: &Path, profile: &str, section: &str) -> std::io::Result<()> {
-    let begin = format!(
-        "<!-- move-bench:{profile}:begin (generated by move-bench --write-doc; do not edit) -->"
-    );
-    let end = format!("<!-- move-bench:{profile}:end -->");
-    let block = format!("{begin}\n{}\n{end}", section.trim_end());
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (
-        old.find(&format!("<!-- move-bench:{profile}:begin")),
-        old.find(&end),
-    ) {
-        (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], block, &old[e + end.len()..]),
-        _ if old.is_empty() => format!("{DOC_INTRO}\n{block}\n"),
-        _ => format!("{}\n\n{block}\n", old.trim_end()),
-    };
-    std::fs::write(path, new)
-}
+",
+};
 
 // ---------------------------------------------------------------- main
-
-fn skip_vm() -> Option<String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Some("/dev/kvm is missing".into());
-    }
-    for tool in ["qemu-system-x86_64", "nasm"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
-}
 
 fn skip_container() -> Option<String> {
     let criu = Command::new("criu")
@@ -1215,54 +1094,21 @@ fn main() {
         std::process::exit(forkstart_main(&argv[2..]));
     }
     let o = parse_args();
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("move-bench: SKIPPED: needs root (namespaces, CRIU, KVM); run scripts/bench-move.sh as root");
-        std::process::exit(1);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let code = rt.block_on(run(o));
-    std::process::exit(code);
+    bench::require_root("move-bench: SKIPPED: needs root (namespaces, CRIU, KVM); run scripts/bench-move.sh as root");
+    std::process::exit(bench::runtime().block_on(run(o)));
 }
 
 async fn run(o: Opts) -> i32 {
-    let t_all = Instant::now();
-    let bin = ferry_test::bin_dir();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let ws = workspace.to_str().unwrap();
-    let head = sh("git", &["-C", ws, "rev-parse", "--short", "HEAD"]);
-    let dirty_tree = !sh(
-        "git",
-        &["-C", ws, "status", "--porcelain", "--untracked-files=no"],
-    )
-    .is_empty();
-    let commit = format!(
-        "commit {head}{}",
-        if dirty_tree {
-            " + uncommitted changes"
-        } else {
-            ""
-        }
-    );
-    let command = o.command.clone().unwrap_or_else(|| {
-        let a: Vec<String> = std::env::args().skip(1).collect();
-        format!("move-bench {}", a.join(" ")).trim().to_string()
-    });
-    let load_before = loadavg();
+    let mut run = Run::start("move-bench", o.command.clone());
+    let bin = run.bin.clone();
     let machine = machine();
     eprintln!(
         "== move-bench: {} reps; binaries in {}; {} x{}, load {}",
         o.reps,
         bin.display(),
-        machine.cpu,
-        machine.nproc,
-        load_before
+        machine.host.cpu,
+        machine.host.nproc,
+        run.load_before
     );
 
     let work = tempfile::Builder::new()
@@ -1270,7 +1116,7 @@ async fn run(o: Opts) -> i32 {
         .tempdir()
         .expect("tempdir");
     let mut ct_skip = if o.container { skip_container() } else { None };
-    let mut vm_skip = if o.vm { skip_vm() } else { None };
+    let mut vm_skip = if o.vm { bench::skip_vm() } else { None };
     if !o.container {
         ct_skip = Some("not selected (--only vm)".into());
     }
@@ -1323,33 +1169,16 @@ async fn run(o: Opts) -> i32 {
         for rep in 0..o.reps {
             eprintln!("== containers, repetition {}/{}", rep + 1, o.reps);
             let base = work.path().join(format!("ct{rep}"));
-            let r = raw_container(
-                &d,
-                &base.join("b"),
-                dirty,
-                &format!("rb{rep}"),
-                RawPages::Local,
-            )
-            .await;
-            series[1].record(rep, r);
-            let r = raw_container(
-                &d,
-                &base.join("a"),
-                dirty,
-                &format!("ra{rep}"),
-                RawPages::CopyDir,
-            )
-            .await;
-            series[0].record(rep, r);
-            let r = raw_container(
-                &d,
-                &base.join("e"),
-                dirty,
-                &format!("re{rep}"),
-                RawPages::PageServer,
-            )
-            .await;
-            series[4].record(rep, r);
+            // (b), then (a), then (e): series index, key, how the pages go.
+            for (i, key, pages) in [
+                (1, "b", RawPages::Local),
+                (0, "a", RawPages::CopyDir),
+                (4, "e", RawPages::PageServer),
+            ] {
+                let name = format!("r{key}{rep}");
+                let r = raw_container(&d, &base.join(key), dirty, &name, pages).await;
+                series[i].record(rep, r);
+            }
             match ferry_container_setup(&ms, dirty).await {
                 Ok(()) => {
                     let r = ferry_container_move(&ms[0], &ms[1], &[]).await;
@@ -1367,15 +1196,7 @@ async fn run(o: Opts) -> i32 {
                     series[3].record(rep, Err(format!("launch: {err}")));
                 }
             }
-            if let Err(err) = ferry(
-                &ms[0],
-                &["delete", "--force", "c1"],
-                Duration::from_secs(60),
-            )
-            .await
-            {
-                eprintln!("  (delete c1: {err})");
-            }
+            delete(&ms[0], "c1").await;
         }
         ct = Some(series);
     }
@@ -1445,49 +1266,23 @@ async fn run(o: Opts) -> i32 {
                     series[i + 1].record(rep, r);
                 }
             }
-            if let Err(err) = ferry(
-                &ms[0],
-                &["delete", "--force", "v1"],
-                Duration::from_secs(60),
-            )
-            .await
-            {
-                eprintln!("  (delete v1: {err})");
-            }
+            delete(&ms[0], "v1").await;
         }
         vm = Some(series);
     }
     eprintln!("== tearing down");
     drop(ms);
 
+    run.finish();
     let report = Report {
-        date: sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        profile: bin
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        commit,
-        command,
+        run,
         machine,
-        load_before,
-        load_after: loadavg(),
         reps: o.reps,
-        took: t_all.elapsed(),
         ct,
         ct_skip,
         vm,
         vm_skip,
     };
     let text = render(&report);
-    println!("{text}");
-    if let Some(p) = &o.write_doc {
-        match write_doc(p, &report.profile, &text) {
-            Ok(()) => eprintln!("wrote {}", p.display()),
-            Err(err) => {
-                eprintln!("move-bench: cannot write {}: {err}", p.display());
-                return 1;
-            }
-        }
-    }
-    0
+    DOC.publish(o.write_doc.as_deref(), &report.run.profile, &text)
 }

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_test::{raw_unix, wait_for, Member};
-use serde_json::Value;
+use ferry_test::bench::{self, ms, sh, Args, Doc, Run};
+use ferry_test::{cluster_members, leader_name, raw_unix, wait_for, Member};
 
 const USAGE: &str =
     "usage: raft-bench [--writes N] [--warmup N] [--secs S] [--concurrency 1,4,16] \
@@ -57,53 +57,22 @@ fn parse_args() -> Opts {
         profile: true,
         solo: true,
     };
-    let mut args = std::env::args().skip(1);
-    let bad = |m: String| -> ! {
-        eprintln!("raft-bench: {m}\n{USAGE}");
-        std::process::exit(2)
-    };
-    while let Some(a) = args.next() {
-        let mut val = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| bad(format!("{name} needs a value")))
-        };
+    let mut args = Args::from_env("raft-bench", USAGE);
+    while let Some(a) = args.next_arg() {
         match a.as_str() {
-            "--writes" => {
-                o.writes = val("--writes")
-                    .parse()
-                    .unwrap_or_else(|e| bad(format!("--writes: {e}")))
-            }
-            "--warmup" => {
-                o.warmup = val("--warmup")
-                    .parse()
-                    .unwrap_or_else(|e| bad(format!("--warmup: {e}")))
-            }
-            "--secs" => {
-                o.secs = val("--secs")
-                    .parse()
-                    .unwrap_or_else(|e| bad(format!("--secs: {e}")))
-            }
-            "--concurrency" => {
-                o.concurrency = val("--concurrency")
-                    .split(',')
-                    .map(|s| s.trim().parse::<usize>().ok().filter(|n| *n > 0))
-                    .collect::<Option<Vec<_>>>()
-                    .unwrap_or_else(|| {
-                        bad("--concurrency takes positive numbers, e.g. 1,4,16".into())
-                    })
-            }
-            "--write-doc" => o.write_doc = Some(PathBuf::from(val("--write-doc"))),
+            "--writes" => o.writes = args.parsed("--writes"),
+            "--warmup" => o.warmup = args.parsed("--warmup"),
+            "--secs" => o.secs = args.parsed("--secs"),
+            "--concurrency" => o.concurrency = args.positive_list("--concurrency", "1,4,16"),
+            "--write-doc" => o.write_doc = Some(args.path("--write-doc")),
             "--no-profile" => o.profile = false,
             "--no-solo" => o.solo = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0)
-            }
-            other => bad(format!("unknown argument {other:?}")),
+            "-h" | "--help" => args.help(),
+            other => args.unknown(other),
         }
     }
     if o.writes == 0 || o.secs <= 0.0 {
-        bad("--writes and --secs must be positive".into());
+        args.bad("--writes and --secs must be positive");
     }
     o
 }
@@ -120,17 +89,12 @@ struct Stats {
     mean: f64,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// Nearest-rank percentiles, in milliseconds.
 fn stats(lat: &[Duration]) -> Stats {
     if lat.is_empty() {
         return Stats::default();
     }
-    let mut v: Vec<f64> = lat.iter().copied().map(ms).collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let v = bench::sorted(lat.iter().copied().map(ms).collect());
     let pct = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
     Stats {
         n: v.len(),
@@ -345,22 +309,6 @@ async fn throughput(via: &Member, insts: Vec<String>, secs: f64) -> TputResult {
 
 // ---------------------------------------------------------------- cluster
 
-fn members(m: &Member) -> Vec<Value> {
-    let out = m.ferry_ok(&["cluster", "list", "--format", "json"]);
-    serde_json::from_str::<Value>(&out)
-        .expect("cluster list json")
-        .as_array()
-        .expect("array")
-        .clone()
-}
-
-fn leader_of(m: &Member) -> Option<String> {
-    members(m)
-        .into_iter()
-        .find(|x| x["roles"][0] == "database-leader")
-        .and_then(|x| x["server_name"].as_str().map(str::to_string))
-}
-
 fn form_cluster() -> Vec<Member> {
     let ms: Vec<Member> = ["m1", "m2", "m3"]
         .iter()
@@ -376,7 +324,7 @@ fn form_cluster() -> Vec<Member> {
     }
     for m in &ms {
         wait_for(30, "all three members online and voting", || {
-            let list = members(m);
+            let list = cluster_members(m);
             let ok = list.len() == 3
                 && list
                     .iter()
@@ -507,26 +455,6 @@ struct Machine {
     fsync_append: Stats,
 }
 
-fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// 4 KiB write + fsync (what an SQLite WAL commit with synchronous=FULL costs at
 /// least), on the file system of the members' data dirs: overwriting a
 /// preallocated file and appending to a growing one.
@@ -560,11 +488,6 @@ fn fsync_baseline(dir: &Path) -> (Stats, Stats) {
 
 fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default();
     let hyper = cpuinfo
         .lines()
         .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
@@ -573,12 +496,6 @@ fn machine() -> Machine {
         _ if hyper => "VM".to_string(),
         _ => "bare metal".to_string(),
     };
-    let mem_kb: f64 = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
     let tmp = std::env::temp_dir();
     let fs = sh(
         "findmnt",
@@ -589,12 +506,12 @@ fn machine() -> Machine {
     .join(" on ");
     let (fsync_overwrite, fsync_append) = fsync_baseline(&tmp);
     Machine {
-        cpu,
+        cpu: bench::cpu_model(),
         cpus: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
-        mem_gib: mem_kb / 1024.0 / 1024.0,
-        kernel: sh("uname", &["-r"]),
+        mem_gib: bench::mem_gib(),
+        kernel: bench::kernel(),
         virt,
         fs: format!("{} ({})", tmp.display(), fs),
         fsync_overwrite,
@@ -977,32 +894,26 @@ async fn profile(
 // ---------------------------------------------------------------- report
 
 struct Report {
-    date: String,
-    profile_name: String,
-    commit: String,
+    run: Run,
     machine: Machine,
-    load_before: String,
-    load_after: String,
     solo: Option<SeqResult>,
     seq: Vec<SeqResult>,
     tput: Vec<TputResult>,
     contention: Option<TputResult>,
     rpc: Option<RpcCost>,
     profile: Option<Profile>,
-    total: Duration,
-    opts_line: String,
 }
 
 fn render(r: &Report) -> String {
     let mut s = String::new();
-    let m = &r.machine;
-    let _ = writeln!(s, "### Results: `{}` build, {}\n", r.profile_name, r.date);
+    let (m, run) = (&r.machine, &r.run);
+    let _ = writeln!(s, "{}", run.heading());
     let _ = writeln!(
         s,
         "- ferry: {}; arguments: `{}`; the run took {:.0} s",
-        r.commit,
-        r.opts_line,
-        r.total.as_secs_f64()
+        run.commit,
+        run.command,
+        run.took.as_secs_f64()
     );
     let _ = writeln!(
         s,
@@ -1015,11 +926,7 @@ fn render(r: &Report) -> String {
         "- disk: 4 KiB write + fsync p50 {:.2} ms / p99 {:.2} ms (overwrite), p50 {:.2} ms / p99 {:.2} ms (append)",
         m.fsync_overwrite.p50, m.fsync_overwrite.p99, m.fsync_append.p50, m.fsync_append.p99
     );
-    let _ = writeln!(
-        s,
-        "- load average before / after: {} / {}\n",
-        r.load_before, r.load_after
-    );
+    let _ = writeln!(s, "{}\n", run.load_line());
     let _ = writeln!(
         s,
         "Sequential writes (one at a time), latency as the client sees it, in ms:\n"
@@ -1150,74 +1057,22 @@ fn render(r: &Report) -> String {
     s
 }
 
-fn write_doc(path: &Path, profile: &str, section: &str) -> std::io::Result<()> {
-    let begin = format!(
-        "<!-- raft-bench:{profile}:begin (generated by raft-bench --write-doc; do not edit) -->"
-    );
-    let end = format!("<!-- raft-bench:{profile}:end -->");
-    let block = format!("{begin}\n{}\n{end}", section.trim_end());
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (
-        old.find(&format!("<!-- raft-bench:{profile}:begin")),
-        old.find(&end),
-    ) {
-        (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], block, &old[e + end.len()..]),
-        _ if old.is_empty() => format!("# Benchmarks\n\n{block}\n"),
-        _ => format!("{}\n\n{block}\n", old.trim_end()),
-    };
-    std::fs::write(path, new)
-}
+/// The doc `--write-doc` writes: one section per build profile.
+const DOC: Doc = Doc {
+    bench: "raft-bench",
+    intro: "# Benchmarks\n",
+};
 
 // ---------------------------------------------------------------- main
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let o = parse_args();
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "raft-bench: needs root (ferryd creates namespaces); run scripts/bench-raft.sh as root"
-        );
-        std::process::exit(1);
-    }
-    let t_all = Instant::now();
-    let bin = ferry_test::bin_dir();
-    let profile_name = bin
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let commit = {
-        let head = sh(
-            "git",
-            &[
-                "-C",
-                workspace.to_str().unwrap(),
-                "rev-parse",
-                "--short",
-                "HEAD",
-            ],
-        );
-        let dirty = !sh(
-            "git",
-            &[
-                "-C",
-                workspace.to_str().unwrap(),
-                "status",
-                "--porcelain",
-                "--untracked-files=no",
-            ],
-        )
-        .is_empty();
-        format!(
-            "commit {head}{}",
-            if dirty { " + uncommitted changes" } else { "" }
-        )
-    };
-    let load_before = loadavg();
-    eprintln!("== machine (binaries in {})", bin.display());
+    bench::require_root(
+        "raft-bench: needs root (ferryd creates namespaces); run scripts/bench-raft.sh as root",
+    );
+    let mut run = Run::start("raft-bench", None);
+    eprintln!("== machine (binaries in {})", run.bin.display());
     let machine = machine();
     eprintln!(
         "  {} x{}, fsync p50 {:.2} ms (overwrite) / {:.2} ms (append)",
@@ -1244,7 +1099,7 @@ async fn main() {
 
     eprintln!("== forming a 3-member cluster");
     let mut ms = form_cluster();
-    let leader = leader_of(&ms[0]).expect("a leader");
+    let leader = leader_name(&ms[0]).expect("a leader");
     let li = ms.iter().position(|m| m.name == leader).unwrap();
     let fi: Vec<usize> = (0..3).filter(|i| *i != li).collect();
     let (f1, f2) = (fi[0], fi[1]);
@@ -1283,7 +1138,7 @@ async fn main() {
     for (label, via, inst) in &plan {
         seq.push(sequential(label, &ms[*via], inst, &daemons, &o).await);
     }
-    let now_leader = leader_of(&ms[li]);
+    let now_leader = leader_name(&ms[li]);
     assert_eq!(
         now_leader.as_deref(),
         Some(leader.as_str()),
@@ -1337,34 +1192,20 @@ async fn main() {
     drop(owner_of_wf);
     drop(ms);
 
+    run.finish();
     let report = Report {
-        date: sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        profile_name: profile_name.clone(),
-        commit,
+        run,
         machine,
-        load_before,
-        load_after: loadavg(),
         solo,
         seq,
         tput,
         contention,
         rpc,
         profile,
-        total: t_all.elapsed(),
-        opts_line: {
-            let a: Vec<String> = std::env::args().skip(1).collect();
-            format!("raft-bench {}", a.join(" ")).trim().to_string()
-        },
     };
     let text = render(&report);
-    println!("{text}");
-    if let Some(p) = &o.write_doc {
-        match write_doc(p, &profile_name, &text) {
-            Ok(()) => eprintln!("wrote {}", p.display()),
-            Err(e) => {
-                eprintln!("raft-bench: cannot write {}: {e}", p.display());
-                std::process::exit(1);
-            }
-        }
+    let code = DOC.publish(o.write_doc.as_deref(), &report.run.profile, &text);
+    if code != 0 {
+        std::process::exit(code);
     }
 }
