@@ -65,7 +65,7 @@ if ! printf '%s\n' "$incus_version" | grep -q '^Client version: 6.0.4$'; then
   apt-get install -y -q --no-install-recommends -t bookworm-backports incus-client >/dev/null
 fi
 
-criu_ok() { command -v criu >/dev/null && criu --version 2>/dev/null | grep -q "Version: $CRIU_VERSION"; }
+criu_ok() { local v; v=$(command -v criu >/dev/null && criu --version 2>/dev/null || true); [[ "$v" == *"Version: $CRIU_VERSION"* ]]; }
 if ! criu_ok; then
   [ $updated = 1 ] || { apt-get update -q >/dev/null; updated=1; }
   log "building CRIU $CRIU_VERSION from Debian's source tarball (about 2 minutes)"
