@@ -346,6 +346,20 @@ pub enum ConfigCommand {
     /// Trusted client certificates (replicated to every member)
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Set instance config keys, e.g. `ferry config set c1 limits.memory=128MiB`
+    Set {
+        instance: String,
+        #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        pairs: Vec<(String, String)>,
+    },
+    /// Unset instance config keys
+    Unset {
+        instance: String,
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+    },
+    /// Show an instance's config (volatile keys included)
+    Show { instance: String },
 }
 
 #[derive(Debug, Subcommand)]

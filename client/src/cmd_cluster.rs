@@ -126,9 +126,38 @@ fn parse_bytes(s: &str) -> Option<u64> {
     n.checked_mul(mul).filter(|v| *v > 0)
 }
 
-/// `ferry config trust add|list|remove`.
+/// `ferry config set|unset|show INSTANCE …` (PATCH /1.0/instances/NAME;
+/// an empty value unsets a key) and `ferry config trust add|list|remove`.
 pub async fn config(ctx: &Ctx, cmd: &ConfigCommand) -> Result<i32> {
-    let ConfigCommand::Trust(t) = cmd;
+    let t = match cmd {
+        ConfigCommand::Trust(t) => t,
+        ConfigCommand::Set { instance, pairs } => {
+            let config: serde_json::Map<String, Value> =
+                pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            patch_config(ctx, instance, config).await?;
+            return Ok(0);
+        }
+        ConfigCommand::Unset { instance, keys } => {
+            let config = keys.iter().map(|k| (k.clone(), json!(""))).collect();
+            patch_config(ctx, instance, config).await?;
+            return Ok(0);
+        }
+        ConfigCommand::Show { instance } => {
+            let env = ctx
+                .client
+                .get(&format!("/1.0/instances/{instance}"))
+                .await?;
+            let config = &env.metadata["config"];
+            if ctx.json() {
+                ctx.print_json(config);
+            } else {
+                for (k, v) in config.as_object().into_iter().flatten() {
+                    println!("{k}: {}", v.as_str().unwrap_or_default());
+                }
+            }
+            return Ok(0);
+        }
+    };
     match t {
         TrustCommand::Add { file, name } => {
             let pem = std::fs::read_to_string(file)
@@ -242,4 +271,20 @@ mod tests {
         assert_eq!(r[1][2], "voter");
         assert_eq!(r[1][3], "OFFLINE");
     }
+}
+
+async fn patch_config(
+    ctx: &Ctx,
+    instance: &str,
+    config: serde_json::Map<String, Value>,
+) -> Result<()> {
+    let body = json!({ "config": config });
+    ctx.client
+        .request(
+            Method::PATCH,
+            &format!("/1.0/instances/{instance}"),
+            Some(&body),
+        )
+        .await?;
+    Ok(())
 }

@@ -344,6 +344,46 @@ async fn a_failing_instance_is_reported_and_keeps_running_on_its_member() {
         assert!(inst["config"].get("volatile.evacuate.origin").is_none());
     }
     counts_past(&ms, "c1", false, c1_before).await;
+
+    // Per-instance ways out: c1 does not allow live moves (an `auto`
+    // evacuation stops, moves and starts it), c2 is pinned to `stop`.
+    m1.ferry_ok(&["config", "set", "c1", "migration.stateful=false"]);
+    m1.ferry_ok(&["config", "set", "c2", "cluster.evacuate=stop"]);
+    let bad = m1.ferry(&["config", "set", "c2", "cluster.evacuate=later"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("live-migrate, migrate or stop"),
+        "{bad:?}"
+    );
+    let out = m1.ferry_ok(&["cluster", "evacuate", "m1", "--force", "--format", "json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let entry = |n: &str| {
+        report["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(entry("c1")["action"], "migrate", "{report}");
+    assert_eq!(entry("c1")["status"], "moved", "{report}");
+    assert!(
+        entry("c1")["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("stateless"),
+        "{report}"
+    );
+    assert_eq!(entry("c2")["action"], "stop", "{report}");
+    assert_eq!(entry("c2")["status"], "stopped", "{report}");
+    assert_ne!(location(&ms[1], "c1").as_deref(), Some("m1"));
+    assert_eq!(location(&ms[1], "c2").as_deref(), Some("m1"));
+    m1.ferry_ok(&["cluster", "restore", "m1", "--force"]);
+    for name in ["c1", "c2"] {
+        assert_eq!(location(&ms[2], name).as_deref(), Some("m1"), "{name}");
+        assert_eq!(m1.instance(name).await["status"], "Running", "{name}");
+    }
 }
 
 /// An evacuation cancelled while its move copies the container's root

@@ -95,6 +95,10 @@ async fn stock_incus_client_drives_ferryd() {
         json_location(m2, conf),
         ("member1".into(), "Running".into())
     );
+    // Server-side filters (api_filtering): the client sends `status eq running`.
+    assert!(incus_ok(m1, conf, &["list", "status=running"]).contains("c1"));
+    assert!(!incus_ok(m1, conf, &["list", "status=stopped"]).contains("c1"));
+    assert!(!incus_ok(m1, conf, &["list", "location=member2"]).contains("c1"));
     let info = incus_ok(m2, conf, &["info", "c1"]);
     for want in ["Name: c1", "Status: RUNNING", "Location: member1", "PID:"] {
         assert!(info.contains(want), "missing {want:?} in:\n{info}");

@@ -15,19 +15,27 @@ fn recursion(q: &HashMap<String, String>) -> u8 {
     q.get("recursion").and_then(|r| r.parse().ok()).unwrap_or(0)
 }
 
+/// `GET /1.0/instances[?recursion=0|1|2][&filter=…]`.
 pub async fn list(St(d): State, Query(q): Q) -> Result<Response, ActionError> {
+    let filter = super::filter::Filter::parse(q.get("filter").map_or("", String::as_str))
+        .map_err(ActionError::BadRequest)?;
     let recs = d.db().list_instances()?;
     let level = recursion(&q);
-    if level == 0 {
-        let urls: Vec<String> = recs
-            .iter()
-            .map(|r| format!("/1.0/instances/{}", r.name))
-            .collect();
-        return Ok(sync(serde_json::json!(urls)));
-    }
     let mut out = Vec::with_capacity(recs.len());
     for r in &recs {
-        out.push(d.instance_json(r, level >= 2).await);
+        if level == 0 && filter.is_empty() {
+            out.push(serde_json::json!(format!("/1.0/instances/{}", r.name)));
+            continue;
+        }
+        let j = d.instance_json(r, level >= 2 || !filter.is_empty()).await;
+        if !filter.matches(&j) {
+            continue;
+        }
+        out.push(match level {
+            0 => serde_json::json!(format!("/1.0/instances/{}", r.name)),
+            1 => d.instance_json(r, false).await,
+            _ => j,
+        });
     }
     Ok(sync(serde_json::Value::Array(out)))
 }

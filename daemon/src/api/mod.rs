@@ -16,6 +16,7 @@ use crate::ops::Op;
 pub mod auth;
 mod certificates;
 mod cluster;
+mod filter;
 mod forward;
 mod instances;
 mod operations;

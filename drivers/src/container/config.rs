@@ -6,7 +6,7 @@ use super::image::IMAGE;
 use crate::{DriverError, InstanceSpec, InstanceType};
 
 /// Keys a container accepts besides the namespaced prefixes below.
-pub const KEYS: &[&str] = &["limits.memory", "limits.cpu"];
+pub const KEYS: &[&str] = &["limits.memory", "limits.cpu", "cluster.evacuate"];
 /// Free-form namespaces.
 pub const PREFIXES: &[&str] = &["user.", "volatile.", "image.", "migration."];
 

@@ -41,7 +41,7 @@ impl Default for VmConfig {
 
 /// Key prefixes accepted besides the exact keys below.
 const ALLOWED_PREFIXES: &[&str] = &["testvm.", "user.", "volatile.", "image.", "migration."];
-const ALLOWED_KEYS: &[&str] = &["limits.memory", "limits.cpu"];
+const ALLOWED_KEYS: &[&str] = &["limits.memory", "limits.cpu", "cluster.evacuate"];
 
 fn invalid(msg: String) -> DriverError {
     DriverError::InvalidConfig(msg)
@@ -93,7 +93,7 @@ impl VmConfig {
                 k if ALLOWED_KEYS.contains(&k) || ALLOWED_PREFIXES.iter().any(|p| k.starts_with(p)) => {}
                 k => {
                     return Err(invalid(format!(
-                        "unknown config key {k:?} for a virtual machine (known: limits.memory, limits.cpu, \
+                        "unknown config key {k:?} for a virtual machine (known: limits.memory, limits.cpu, cluster.evacuate, \
                          testvm.dirty_mib, testvm.dirty_start_mib, testvm.interval_ms, user.*)"
                     )))
                 }
