@@ -245,6 +245,22 @@ async fn list(ctx: &Ctx) -> Result<i32> {
     Ok(0)
 }
 
+async fn patch_config(
+    ctx: &Ctx,
+    instance: &str,
+    config: serde_json::Map<String, Value>,
+) -> Result<()> {
+    let body = json!({ "config": config });
+    ctx.client
+        .request(
+            Method::PATCH,
+            &format!("/1.0/instances/{instance}"),
+            Some(&body),
+        )
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,20 +287,4 @@ mod tests {
         assert_eq!(r[1][2], "voter");
         assert_eq!(r[1][3], "OFFLINE");
     }
-}
-
-async fn patch_config(
-    ctx: &Ctx,
-    instance: &str,
-    config: serde_json::Map<String, Value>,
-) -> Result<()> {
-    let body = json!({ "config": config });
-    ctx.client
-        .request(
-            Method::PATCH,
-            &format!("/1.0/instances/{instance}"),
-            Some(&body),
-        )
-        .await?;
-    Ok(())
 }

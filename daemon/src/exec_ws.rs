@@ -212,11 +212,7 @@ fn winsize(width: u16, height: u16) -> nix::pty::Winsize {
 async fn pump_in(mut from: Source, mut to: impl AsyncWrite + Unpin) {
     while let Some(Ok(msg)) = from.next().await {
         match msg {
-            Message::Binary(b) => {
-                if to.write_all(&b).await.is_err() {
-                    break;
-                }
-            }
+            Message::Binary(b) if to.write_all(&b).await.is_err() => break,
             Message::Text(_) | Message::Close(_) => break,
             _ => {}
         }

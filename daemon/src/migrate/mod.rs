@@ -230,8 +230,11 @@ pub fn remove_member_files(spec: &ferry_drivers::InstanceSpec) {
 /// Websockets the dialled side waits for, by operation id and secret: the
 /// migration channels (`WsPipe`) and exec's stdio (raw websockets).
 pub struct Pending<T = WsPipe> {
-    map: Mutex<HashMap<String, Vec<(String, oneshot::Sender<T>)>>>,
+    map: Mutex<HashMap<String, Waiters<T>>>,
 }
+
+/// The websockets one operation waits for: (secret, where to deliver it).
+type Waiters<T> = Vec<(String, oneshot::Sender<T>)>;
 
 impl<T> Default for Pending<T> {
     fn default() -> Self {

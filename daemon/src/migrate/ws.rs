@@ -55,7 +55,7 @@ pub fn from_axum(mut ws: WebSocket) -> WsPipe {
                 m = ws.recv(), if reading => {
                     last_rx = Instant::now();
                     match m {
-                        Some(Ok(AxMsg::Binary(b))) => { if in_tx.send(b.to_vec()).await.is_err() { reading = false } }
+                        Some(Ok(AxMsg::Binary(b))) if in_tx.send(b.to_vec()).await.is_err() => reading = false,
                         Some(Ok(AxMsg::Close(_))) | None | Some(Err(_)) => reading = false,
                         _ => {}
                     }
@@ -98,7 +98,7 @@ where
                 m = stream.next(), if reading => {
                     last_rx = Instant::now();
                     match m {
-                        Some(Ok(TMsg::Binary(b))) => { if in_tx.send(b.to_vec()).await.is_err() { reading = false } }
+                        Some(Ok(TMsg::Binary(b))) if in_tx.send(b.to_vec()).await.is_err() => reading = false,
                         Some(Ok(TMsg::Close(_))) | None | Some(Err(_)) => reading = false,
                         _ => {}
                     }
