@@ -60,13 +60,11 @@ impl Child {
         match self {
             Child::Local(op) => Ok(op.to_json()),
             Child::Remote { addr, id } => {
+                // Long poll: answers at once when the operation ends, else
+                // after half a second with its progress.
+                let path = format!("/1.0/operations/{id}/wait?timeout=0.5");
                 let r = peers(d)?
-                    .send(
-                        addr,
-                        Method::GET,
-                        &format!("/1.0/operations/{id}"),
-                        Bytes::new(),
-                    )
+                    .send(addr, Method::GET, &path, Bytes::new())
                     .await
                     .map_err(|e| e.to_string())?;
                 let v: Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
@@ -143,6 +141,8 @@ impl Child {
                         _ = cancel.cancelled(), if !cancelled => {}
                     }
                 }
+                // The snapshot itself waited (long poll), unless it failed.
+                Child::Remote { .. } if unreachable == 0 => {}
                 Child::Remote { .. } => {
                     tokio::select! {
                         _ = tokio::time::sleep(POLL) => {}
