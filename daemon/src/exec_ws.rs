@@ -140,7 +140,7 @@ async fn run_pipes(
     let input = tokio::spawn(pump_in(r0, stdin));
     let out = tokio::spawn(pump_out(stdout, s1));
     let err = tokio::spawn(pump_out(stderr, s2));
-    let control = tokio::spawn(control(rc, child_pid(&ec), None));
+    let control = tokio::spawn(control(rc, ec.child.id(), None));
     let code = wait(&mut ec).await?;
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let _ = out.await;
@@ -189,7 +189,7 @@ async fn run_tty(
     let input = tokio::spawn(pump_in(r0, writer));
     // The terminal's output (stdout and stderr) goes to fd 0's websocket.
     let out = tokio::spawn(pump_out(master, s0));
-    let control = tokio::spawn(control(rc, child_pid(&ec), Some(master_fd)));
+    let control = tokio::spawn(control(rc, ec.child.id(), Some(master_fd)));
     let code = wait(&mut ec).await?;
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, out).await;
     input.abort();
@@ -256,7 +256,7 @@ async fn close(to: &mut Sink) {
 }
 
 /// The control stream: forwarded signals and terminal resizes.
-async fn control(mut from: Source, pid: Option<i32>, tty: Option<i32>) {
+async fn control(mut from: Source, nsenter: Option<u32>, tty: Option<i32>) {
     while let Some(Ok(msg)) = from.next().await {
         let Message::Text(t) = msg else {
             if matches!(msg, Message::Close(_)) {
@@ -270,8 +270,9 @@ async fn control(mut from: Source, pid: Option<i32>, tty: Option<i32>) {
         match v["command"].as_str() {
             Some("signal") => {
                 let sig = v["signal"].as_i64().unwrap_or(0) as i32;
-                if let (Some(pid), Ok(sig)) = (pid, nix::sys::signal::Signal::try_from(sig)) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                if let (Some(n), Ok(sig)) = (nsenter, nix::sys::signal::Signal::try_from(sig)) {
+                    let pid = nix::unistd::Pid::from_raw(command_pid(n));
+                    let _ = nix::sys::signal::kill(pid, sig);
                 }
             }
             Some("window-resize") => {
@@ -294,22 +295,14 @@ async fn control(mut from: Source, pid: Option<i32>, tty: Option<i32>) {
     }
 }
 
-/// The command's pid: nsenter's child (nsenter forks into the pid namespace).
-fn child_pid(ec: &ExecChild) -> Option<i32> {
-    let nsenter = ec.child.id()?;
-    for _ in 0..50 {
-        let children = std::fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
-            .unwrap_or_default();
-        if let Some(p) = children
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-        {
-            return Some(p);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Some(nsenter as i32)
+/// The command's pid: nsenter's child (nsenter forks into the pid
+/// namespace), looked up when a signal is to be sent; nsenter itself if it
+/// has none (yet).
+fn command_pid(nsenter: u32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(nsenter as i32)
 }
 
 async fn wait(ec: &mut ExecChild) -> Result<i32, String> {

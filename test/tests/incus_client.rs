@@ -127,6 +127,25 @@ async fn stock_incus_client_drives_ferryd() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "to-out");
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "to-err");
 
+    // The client forwards SIGTERM to the command (exit 128 + 15).
+    let mut sleeper = Command::new("incus")
+        .args(["exec", "c1", "--", "sleep", "60"])
+        .env("INCUS_SOCKET", m1.dir.join("unix.socket"))
+        .env("INCUS_CONF", conf)
+        .spawn()
+        .unwrap();
+    wait_for(10, "sleep running in c1", || {
+        let ps = incus_ok(m1, conf, &["exec", "c1", "--", "ps"]);
+        ps.contains("sleep 60").then_some(())
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sleeper.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = sleeper.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{status:?}");
+
     // A terminal (-t): the command's stdin/stdout are a tty.
     let out = incus(
         m1,
