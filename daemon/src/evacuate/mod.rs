@@ -340,18 +340,29 @@ impl Run {
         let sem = Arc::new(tokio::sync::Semaphore::new(parallel));
         let cancel = run.op.cancel_token();
         let mut set = tokio::task::JoinSet::new();
+        // Permits and placements are taken here, in order (biggest first),
+        // so the decisions do not depend on how the tasks get scheduled;
+        // the moves then run concurrently.
         for task in tasks {
-            let (run, sem, cancel) = (run.clone(), sem.clone(), cancel.clone());
-            set.spawn(async move {
-                let permit = tokio::select! {
-                    p = sem.acquire_owned() => p.ok(),
-                    _ = cancel.cancelled() => None,
-                };
-                let entry = match permit {
-                    Some(_permit) if !cancel.is_cancelled() => run.one(&task, &cancel).await,
-                    _ => Entry::new(&task.rec, task.how.name(), "skipped")
+            let permit = tokio::select! {
+                p = sem.clone().acquire_owned() => p.ok(),
+                _ = cancel.cancelled() => None,
+            };
+            let Some(permit) = permit.filter(|_| !cancel.is_cancelled()) else {
+                run.finish(
+                    Entry::new(&task.rec, task.how.name(), "skipped")
                         .error("the evacuation was cancelled before this instance's turn"),
-                };
+                );
+                continue;
+            };
+            let dest = match task.how {
+                How::Live | How::Migrate | How::Cold => Some(run.destination(&task).await),
+                _ => None,
+            };
+            let (run, cancel) = (run.clone(), cancel.clone());
+            set.spawn(async move {
+                let _permit = permit;
+                let entry = run.one(&task, dest, &cancel).await;
                 run.finish(entry);
             });
         }
@@ -411,7 +422,12 @@ impl Run {
     }
 
     /// Handle one instance; never fails the whole run.
-    async fn one(&self, task: &Task, cancel: &CancellationToken) -> Entry {
+    async fn one(
+        &self,
+        task: &Task,
+        dest: Option<Result<String, String>>,
+        cancel: &CancellationToken,
+    ) -> Entry {
         let started = Instant::now();
         let name = task.rec.name.clone();
         let res = match task.how {
@@ -424,7 +440,11 @@ impl Run {
                 Action::Evacuate => Ok(Entry::new(&task.rec, "none", "unchanged")),
             },
             How::Stop | How::Start => self.in_place(task, cancel).await,
-            How::Live | How::Migrate | How::Cold => self.relocate(task, cancel).await,
+            How::Live | How::Migrate | How::Cold => match dest {
+                Some(Ok(target)) => self.relocate(task, target, cancel).await,
+                Some(Err(e)) => Err(e),
+                None => Err("internal error: a move without a destination".into()),
+            },
         };
         let chosen = self.report.lock().unwrap().current.remove(&name);
         let mut entry = match res {
@@ -469,15 +489,25 @@ impl Run {
     }
 
     /// Move the instance away (evacuate) or back here (restore).
-    async fn relocate(&self, task: &Task, cancel: &CancellationToken) -> Result<Entry, String> {
-        let rec = &task.rec;
-        let target = match self.action {
-            Action::Evacuate => self.place(task).await?,
+    /// Where the instance goes, its memory reserved there: the placement for
+    /// an evacuation, this member for a restore.
+    async fn destination(&self, task: &Task) -> Result<String, String> {
+        match self.action {
+            Action::Evacuate => self.place(task).await,
             Action::Restore => {
                 self.reserve_here(task).await?;
-                self.member.clone()
+                Ok(self.member.clone())
             }
-        };
+        }
+    }
+
+    async fn relocate(
+        &self,
+        task: &Task,
+        target: String,
+        cancel: &CancellationToken,
+    ) -> Result<Entry, String> {
+        let rec = &task.rec;
         let mut entry = Entry::new(rec, task.how.name(), "moved");
         entry.to = target.clone();
         self.report
