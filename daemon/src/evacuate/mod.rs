@@ -272,7 +272,6 @@ impl Daemon {
                     action,
                     mode,
                     report: Default::default(),
-                    place_lock: Default::default(),
                 };
                 run.run().await
             },
@@ -301,8 +300,6 @@ struct Run {
     action: Action,
     mode: Mode,
     report: Arc<Mutex<Report>>,
-    /// Serialises this run's own placement decisions (reserve before the next).
-    place_lock: tokio::sync::Mutex<()>,
 }
 
 impl Run {
@@ -598,7 +595,6 @@ impl Run {
 
     /// Choose where an evacuated instance goes and reserve its memory there.
     async fn place(&self, task: &Task) -> Result<String, String> {
-        let _one_at_a_time = self.place_lock.lock().await;
         let cluster = self.d.require_cluster().map_err(|e| e.to_string())?;
         let mut last = String::new();
         for _ in 0..5 {
@@ -652,7 +648,6 @@ impl Run {
 
     /// Restore: check and reserve room for the instance on this member.
     async fn reserve_here(&self, task: &Task) -> Result<(), String> {
-        let _one_at_a_time = self.place_lock.lock().await;
         let cluster = self.d.require_cluster().map_err(|e| e.to_string())?;
         let db = &cluster.db;
         let instances = db.list_instances().map_err(|e| e.to_string())?;

@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio_util::io::SyncIoBridge;
 
 use super::progress::Phase;
-use super::source::{close_bridge, send_archive, MoveRun};
+use super::source::{close_bridge, send_archive, MoveRun, Pass};
 use super::target::{recv_archive, ReadBridge};
 use super::ws::{self, WsControl, WsPipe};
 use super::{is_shared, socketpair};
@@ -66,16 +66,14 @@ impl MoveRun {
                     "copying the root filesystem"
                 },
             );
-            let (b, pass1) = send_archive(
-                bridge,
-                rootfs.clone(),
-                None,
-                plan.is_stateful(),
-                self.op.cancel_token(),
-                Some((self.op.clone(), Some(plan.volume_size))),
-                plan.options.bandwidth,
-            )
-            .await?;
+            let pass = Pass {
+                record: plan.is_stateful(),
+                cancel: self.op.cancel_token(),
+                progress: Some((self.op.clone(), Some(plan.volume_size))),
+                limit: plan.options.bandwidth,
+                ..Default::default()
+            };
+            let (b, pass1) = send_archive(bridge, rootfs.clone(), pass).await?;
             bridge = b;
             manifest = pass1.manifest;
             if plan.is_stateful() && plan.version >= 2 {
@@ -157,16 +155,12 @@ impl MoveRun {
                 "final sync of the root filesystem and the saved state",
             );
             if !shared {
-                let (b, _pass2) = send_archive(
-                    bridge,
-                    rootfs,
-                    manifest,
-                    false,
-                    Default::default(),
-                    None,
-                    plan.options.bandwidth,
-                )
-                .await?;
+                let pass = Pass {
+                    base: manifest,
+                    limit: plan.options.bandwidth,
+                    ..Default::default()
+                };
+                let (b, _pass2) = send_archive(bridge, rootfs, pass).await?;
                 bridge = b;
             }
             let extra = match &plan.state {
@@ -175,16 +169,11 @@ impl MoveRun {
                 _ => None,
             };
             if let Some(dir) = extra {
-                let (b, _) = send_archive(
-                    bridge,
-                    dir,
-                    None,
-                    false,
-                    Default::default(),
-                    None,
-                    plan.options.bandwidth,
-                )
-                .await?;
+                let pass = Pass {
+                    limit: plan.options.bandwidth,
+                    ..Default::default()
+                };
+                let (b, _) = send_archive(bridge, dir, pass).await?;
                 bridge = b;
             }
             if let Some(t) = self.frozen {

@@ -65,18 +65,35 @@ impl std::io::Write for Cancellable<'_> {
     }
 }
 
+/// How one archive pass is sent (see [`send_archive`]).
+#[derive(Default)]
+pub(super) struct Pass {
+    /// The previous pass's manifest: send only what changed since.
+    pub base: Option<Manifest>,
+    /// Record this pass's manifest (for a later incremental pass).
+    pub record: bool,
+    /// Stop at once when it fires.
+    pub cancel: tokio_util::sync::CancellationToken,
+    /// Report the bytes sent (of a total, when known) in this operation.
+    pub progress: Option<(Arc<Op>, Option<u64>)>,
+    /// Bytes per second at most (the move's `--bandwidth`).
+    pub limit: Option<u64>,
+}
+
 /// Send one archive pass of `root` on the fs bridge (blocking, off the
-/// runtime); with `op`, its progress shows the bytes sent twice a second
-/// (of `total`, when known).
+/// runtime), as `pass` says.
 pub(super) async fn send_archive(
     bridge: Bridge,
     root: std::path::PathBuf,
-    base: Option<Manifest>,
-    record: bool,
-    cancel: tokio_util::sync::CancellationToken,
-    op: Option<(Arc<Op>, Option<u64>)>,
-    limit: Option<u64>,
+    pass: Pass,
 ) -> Result<(Bridge, ferry_drivers::storage::ArchiveStats), String> {
+    let Pass {
+        base,
+        record,
+        cancel,
+        progress: op,
+        limit,
+    } = pass;
     let progress = Arc::new(ferry_drivers::storage::Progress::default());
     let ticker = op.map(|(op, total)| {
         let p = progress.clone();

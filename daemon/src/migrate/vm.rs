@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio_util::io::SyncIoBridge;
 
 use super::progress::Phase;
-use super::source::{close_bridge, send_archive, MoveRun};
+use super::source::{close_bridge, send_archive, MoveRun, Pass};
 use super::ws::{self, WsControl, WsPipe};
 use super::{is_shared, socketpair};
 use crate::core::Daemon;
@@ -87,16 +87,14 @@ impl MoveRun {
         if !shared && !mirror {
             self.phase(Phase::Filesystem, "copying the VM's volume");
             let (_r, w) = tokio::io::split(fs.take().ok_or("no fs channel")?);
-            let (b, _) = send_archive(
-                SyncIoBridge::new(w),
-                self.spec.paths.volume.clone(),
-                None,
-                false,
-                self.op.cancel_token(),
-                Some((self.op.clone(), Some(plan.volume_size))),
-                plan.options.bandwidth,
-            )
-            .await?;
+            let pass = Pass {
+                cancel: self.op.cancel_token(),
+                progress: Some((self.op.clone(), Some(plan.volume_size))),
+                limit: plan.options.bandwidth,
+                ..Default::default()
+            };
+            let (b, _) =
+                send_archive(SyncIoBridge::new(w), self.spec.paths.volume.clone(), pass).await?;
             close_bridge(b).await?;
         }
         if mirror {

@@ -203,14 +203,20 @@ pub fn migrate_dump_args(
 pub fn page_server_args(images: &Path, ep: PageEndpoint, log: &Path) -> Vec<OsString> {
     let mut v: Vec<OsString> = vec!["page-server".into(), "--images-dir".into(), images.into()];
     v.extend(ep.args());
-    v.extend([
+    v.extend(status_and_log(log));
+    v
+}
+
+/// `--status-fd 3 --log-file LOG -v4`: the NUL byte on fd 3 when ready,
+/// a verbose log.
+fn status_and_log(log: &Path) -> [OsString; 5] {
+    [
         "--status-fd".into(),
         "3".into(),
         "--log-file".into(),
         log.into(),
         "-v4".into(),
-    ]);
-    v
+    ]
 }
 
 /// The final dump of a post-copy move: `criu dump --lazy-pages
@@ -249,13 +255,7 @@ pub fn lazy_pages_args(images: &Path, ep: PageEndpoint, log: &Path) -> Vec<OsStr
         images.into(),
     ];
     v.extend(ep.args());
-    v.extend([
-        "--status-fd".into(),
-        "3".into(),
-        "--log-file".into(),
-        log.into(),
-        "-v4".into(),
-    ]);
+    v.extend(status_and_log(log));
     v
 }
 

@@ -186,13 +186,7 @@ impl ContainerDriver {
         cg: Option<&Cgroup>,
         ctx: &OpCtx,
     ) -> Result<InitRecord, DriverError> {
-        mounts::bind(&l.volume_rootfs, &l.rootfs).map_err(|e| {
-            DriverError::io(format!(
-                "bind-mount {} at {}",
-                l.volume_rootfs.display(),
-                l.rootfs.display()
-            ))(e.into())
-        })?;
+        l.bind_rootfs()?;
         ctx.check_cancelled("start (nothing was started)")?;
         ctx.progress("stage", "starting container init");
         let args = ForkstartArgs {

@@ -431,14 +431,7 @@ impl ContainerDriver {
                 spec.name
             )));
         }
-        let strays = procfs::outside_tree(rec.pid);
-        if !strays.is_empty() {
-            return Err(DriverError::WrongState(format!(
-                "container {} runs processes outside its init's tree (exec sessions, host pids {strays:?}); \
-                 CRIU would not save them: wait for them to end, or move the container statelessly",
-                spec.name
-            )));
-        }
+        procfs::ensure_no_strays(&spec.name, rec.pid, "move the container statelessly")?;
         Ok(rec)
     }
 

@@ -133,6 +133,17 @@ impl Layout {
             restore_log: p.logs.join("restore.log"),
         }
     }
+
+    /// Bind the volume's root filesystem at the run dir's mount point.
+    pub fn bind_rootfs(&self) -> Result<(), DriverError> {
+        mounts::bind(&self.volume_rootfs, &self.rootfs).map_err(|e| {
+            DriverError::io(format!(
+                "bind-mount {} at {}",
+                self.volume_rootfs.display(),
+                self.rootfs.display()
+            ))(e.into())
+        })
+    }
 }
 
 pub(crate) fn power(state: &str) -> VolatileChanges {

@@ -215,6 +215,19 @@ pub fn outside_tree(init: u32) -> Vec<u32> {
     strays
 }
 
+/// Refuse to checkpoint a container whose pid namespace holds processes CRIU
+/// would not save; `instead` says what the user can do otherwise.
+pub fn ensure_no_strays(name: &str, init: u32, instead: &str) -> Result<(), crate::DriverError> {
+    let strays = outside_tree(init);
+    if strays.is_empty() {
+        return Ok(());
+    }
+    Err(crate::DriverError::WrongState(format!(
+        "container {name} runs processes outside its init's tree (exec sessions, host pids {strays:?}); \
+         CRIU would not save them: wait for them to end, or {instead}"
+    )))
+}
+
 fn scan_outside_tree(init: u32) -> Vec<u32> {
     let Some(ns) = pidns_of(init) else {
         return Vec::new();

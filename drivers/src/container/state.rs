@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use super::cgroup::Cgroup;
 use super::criu::{self, Outcome};
 use super::procfs::{self, InitRecord};
-use super::{mounts, remove_if_exists, ContainerDriver, Layout};
+use super::{remove_if_exists, ContainerDriver, Layout};
 use crate::*;
 
 pub(super) fn mkdirs(dirs: &[&std::path::Path]) -> Result<(), DriverError> {
@@ -40,14 +40,7 @@ impl StateSave for ContainerDriver {
             DriverError::WrongState(format!("container {} is not running", spec.name))
         })?;
         let bin = criu::checked_criu().await?;
-        let strays = procfs::outside_tree(rec.pid);
-        if !strays.is_empty() {
-            return Err(DriverError::WrongState(format!(
-                "container {} runs processes outside its init's tree (exec sessions, host pids {strays:?}); \
-                 CRIU would not save them: wait for them to end, or stop the container statelessly",
-                spec.name
-            )));
-        }
+        procfs::ensure_no_strays(&spec.name, rec.pid, "stop the container statelessly")?;
         ctx.progress("stage", "preparing checkpoint");
         remove_if_exists(&l.state_tmp)
             .map_err(DriverError::io(format!("remove {}", l.state_tmp.display())))?;
@@ -212,13 +205,7 @@ impl ContainerDriver {
         lazy: bool,
     ) -> Result<InitRecord, DriverError> {
         let l = &Layout::of(spec);
-        mounts::bind(&l.volume_rootfs, &l.rootfs).map_err(|e| {
-            DriverError::io(format!(
-                "bind-mount {} at {}",
-                l.volume_rootfs.display(),
-                l.rootfs.display()
-            ))(e.into())
-        })?;
+        l.bind_rootfs()?;
         let root = l
             .rootfs
             .canonicalize()
