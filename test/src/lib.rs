@@ -90,12 +90,24 @@ pub fn need_root(test: &str) -> bool {
     false
 }
 
+/// A port on 127.0.0.1 that nobody listens on now, chosen below the kernel's
+/// ephemeral range (`ip_local_port_range`), so an outgoing connection of some
+/// other process cannot take it between this check and ferryd's bind (a CI
+/// run lost a member to exactly that). Each call in a process gets a new one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000; // 20000..32000, below the default 32768
+    let seed = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (seed + n * 13) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000 on 127.0.0.1");
 }
 
 pub struct Member {
@@ -133,11 +145,29 @@ impl Member {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        m.spawn();
-        m
+        // The port may still be taken between the check and ferryd's bind:
+        // only on the first start, choose another one.
+        for _ in 0..5 {
+            match m.try_spawn() {
+                Ok(()) => return m,
+                Err(log) if log.contains("Address already in use") => {
+                    let _ = std::fs::remove_file(m.tmp.as_ref().unwrap().path().join("ferryd.log"));
+                    m.https = format!("127.0.0.1:{}", free_port());
+                }
+                Err(log) => panic!("ferryd exited early:\n{log}"),
+            }
+        }
+        panic!("ferryd could not bind a port after 5 tries:\n{}", m.log());
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("ferryd exited early:\n{log}");
+        }
+    }
+
+    /// Start ferryd and wait for its unix socket; `Err(log)` if it exited.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -164,7 +194,8 @@ impl Member {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sock.exists() || std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("ferryd exited early ({st}):\n{}", self.log());
+                self.child = None;
+                return Err(format!("({st}) {}", self.log()));
             }
             assert!(
                 Instant::now() < deadline,
@@ -173,6 +204,7 @@ impl Member {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// Stop ferryd with SIGTERM (instances keep running) and start it again on the same dir.
