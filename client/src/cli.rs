@@ -386,13 +386,16 @@ pub struct MoveArgs {
     /// Stop the instance, move it, start it again (no live state transfer)
     #[arg(long)]
     pub stateless: bool,
-    /// VMs: cap the memory stream, e.g. 64MiB (per second; default unlimited)
+    /// Cap the transfer, e.g. 64MiB (per second; default unlimited)
     #[arg(long)]
     pub bandwidth: Option<String>,
     /// VMs: the longest pause QEMU may plan for the switch-over, in ms (default 300)
     #[arg(long)]
     pub max_downtime: Option<u64>,
-    /// VMs: resume on the target first and pull memory after (a broken link then loses the VM)
+    /// Resume on the target first and pull memory after (a broken link then loses the instance)
     #[arg(long)]
     pub postcopy: bool,
+    /// Compression of the memory stream: adaptive (default: each frame zstd-compressed when that saves space), zstd or none
+    #[arg(long, value_parser = ["adaptive", "zstd", "none"])]
+    pub compression: Option<String>,
 }

@@ -311,6 +311,12 @@ impl<T: AsyncRead + AsyncWrite> ByteChannel<T> {
                     c.sent.clone(),
                 )),
             ),
+            Compression::ZstdFrames => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "zstd_frames compresses frame by frame: it is not a byte-stream codec",
+                ))
+            }
             Compression::Unknown => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,

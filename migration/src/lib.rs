@@ -15,6 +15,7 @@
 
 pub mod channel;
 pub mod compress;
+pub mod frames;
 pub mod negotiate;
 pub mod protocol;
 pub mod relay;
@@ -24,6 +25,7 @@ pub use channel::{
     decode_message, encode_message, ByteChannel, ByteCounters, ChannelError, Counter, Counting,
     FramedChannel, MessageChannel, DEFAULT_MAX_FRAME,
 };
+pub use frames::{FrameDecoder, FrameEncoder, FrameError, FrameStats};
 pub use negotiate::{
     check_response, negotiate, Capabilities, FsPlan, NegotiationError, Plan, PreDump, StatePlan,
 };

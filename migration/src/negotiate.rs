@@ -260,10 +260,10 @@ trait Since {
 
 impl Since for Compression {
     fn since(&self) -> u32 {
-        if *self == Compression::Unknown {
-            u32::MAX
-        } else {
-            1
+        match self {
+            Compression::Unknown => u32::MAX,
+            Compression::ZstdFrames => 2,
+            Compression::None | Compression::Zstd => 1,
         }
     }
 }

@@ -53,6 +53,7 @@ fn vm_offer() -> Offer {
             bandwidth: Some(1 << 26),
             max_downtime_ms: Some(300),
             postcopy: false,
+            state_compression: None,
         },
     }
 }
@@ -371,4 +372,39 @@ fn plan_display_is_readable() {
             && s.contains("live: true"),
         "{s}"
     );
+}
+
+#[test]
+fn zstd_frames_is_chosen_by_new_peers_and_skipped_by_older_ones() {
+    let mut offer = container_offer();
+    offer.state_compression = vec![C::ZstdFrames, C::None, C::Zstd];
+    let mut c = full_container_caps();
+    c.state_compression = vec![C::ZstdFrames, C::Zstd, C::None];
+    assert_eq!(
+        negotiate(&offer, &c).unwrap().state_compression,
+        C::ZstdFrames
+    );
+    // A target from before zstd_frames reads it as an unknown value and
+    // answers with what it knows: the source's next choice wins.
+    let wire = serde_json::to_string(&offer).unwrap();
+    let mut seen_by_old: Offer = serde_json::from_str(&wire).unwrap();
+    seen_by_old.state_compression = seen_by_old
+        .state_compression
+        .iter()
+        .map(|x| if *x == C::ZstdFrames { C::Unknown } else { *x })
+        .collect();
+    let mut old = full_container_caps();
+    old.state_compression = vec![C::Zstd, C::None];
+    assert_eq!(
+        negotiate(&seen_by_old, &old).unwrap().state_compression,
+        C::None
+    );
+    // Protocol v1 cannot express it (nor stream state at all).
+    assert_eq!(
+        offer.clone().for_version(1).state_compression,
+        vec![C::None, C::Zstd]
+    );
+    // zstd_frames is never a byte-stream codec (the fs channel).
+    let io = tokio::io::duplex(64);
+    assert!(crate::ByteChannel::new(io.0, C::ZstdFrames).is_err());
 }

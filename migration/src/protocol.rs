@@ -251,7 +251,11 @@ pub enum InstanceType {
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
     None,
+    /// One zstd stream over the whole channel.
     Zstd,
+    /// Each frame compressed on its own when that pays off (state stream
+    /// only; see `frames`).
+    ZstdFrames,
     /// A value from a newer peer; never chosen.
     #[serde(other)]
     Unknown,
@@ -320,6 +324,10 @@ pub struct MoveOptions {
     /// The user asked for post-copy (`--postcopy`).
     #[serde(default)]
     pub postcopy: bool,
+    /// The state stream's compression the user asked for (`--compression`);
+    /// `None` = the source's default (`zstd_frames`, falling back to none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_compression: Option<Compression>,
 }
 
 /// The first message on control, from both sides.

@@ -414,6 +414,12 @@ impl Member {
 impl Drop for Member {
     fn drop(&mut self) {
         self.cleanup();
+        // For diagnosis: FERRY_TEST_KEEP_LOGS=DIR keeps each member's log there.
+        if let Some(keep) = std::env::var_os("FERRY_TEST_KEEP_LOGS") {
+            let _ = std::fs::create_dir_all(&keep);
+            let dest = Path::new(&keep).join(format!("{}-{}.log", self.name, std::process::id()));
+            let _ = std::fs::write(dest, self.log());
+        }
         if std::thread::panicking() {
             eprintln!("--- ferryd log ({}):\n{}", self.name, tail(&self.log(), 80));
         }

@@ -70,6 +70,7 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     let meta: Value = serde_json::from_str(&out).unwrap();
     eprintln!("move result: {meta}");
     assert_eq!(meta["plan"]["state"]["type"], "criu_page_server", "{meta}");
+    assert_eq!(meta["plan"]["state_compression"], "zstd_frames", "{meta}");
 
     // It runs on m2 now, continuing its counter; the source process is gone.
     let inst = ms[1].instance("c1").await;
@@ -143,8 +144,8 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     assert_eq!(get(&ms[1]).trim(), "served-by-c1");
 
     // A capped live move (1 MiB/s): the root filesystem (about 2 MB of
-    // busybox) and the memory are paced, the state stream compressed; and
-    // back without a cap.
+    // busybox) and the memory are paced, the state stream one zstd stream
+    // (`--compression zstd`); and back without a cap or compression.
     let before_cap = ms[1].container_counter("c1");
     let out = ms[0].ferry_ok(&[
         "move",
@@ -153,6 +154,8 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
         "m1",
         "--bandwidth",
         "1MiB",
+        "--compression",
+        "zstd",
         "--format",
         "json",
     ]);
@@ -160,12 +163,35 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     assert_eq!(meta["plan"]["state_compression"], "zstd", "{meta}");
     assert_eq!(meta["plan"]["options"]["bandwidth"], 1u64 << 20, "{meta}");
     assert!(
+        meta["timeline"].as_array().is_some_and(|t| t.len() >= 6),
+        "{meta}"
+    );
+    assert!(
         meta["total_ms"].as_u64().unwrap() >= 1500,
         "2 MB at 1 MiB/s took less than 1.5 s: the cap was not applied: {meta}"
     );
     assert_eq!(location(&ms[1], "c1").as_deref(), Some("m1"));
     assert!(ms[0].container_counter("c1") >= before_cap);
-    ms[0].ferry_ok(&["move", "c1", "--target", "m2"]);
+    // Uncompressed: each socket read crosses as one plain frame.
+    let out = ms[0].ferry_ok(&[
+        "move",
+        "c1",
+        "--target",
+        "m2",
+        "--compression",
+        "none",
+        "--format",
+        "json",
+    ]);
+    let meta: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(meta["plan"]["state_compression"], "none", "{meta}");
+    assert_eq!(location(&ms[0], "c1").as_deref(), Some("m2"));
+    let before = ms[1].container_counter("c1");
+    wait_for(
+        10,
+        "the counter to go on after the uncompressed move",
+        || (ms[1].container_counter("c1") > before).then_some(()),
+    );
 
     // And back, stateless this time: stopped, moved, started (counter restarts).
     ms[0].ferry_ok(&["move", "c1", "--target", "m1", "--stateless"]);
@@ -186,6 +212,22 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("already runs"),
         "{out:?}"
+    );
+    let body = br#"{"migration": true, "live": true, "state_compression": "lz4"}"#;
+    let (code, v) = ms[0]
+        .raw(
+            ferry_client::Method::POST,
+            "/1.0/instances/c1?target=m2",
+            Some(body),
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"adaptive\""),
+        "{v}"
     );
     assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
@@ -375,6 +417,7 @@ async fn live_vm_move_keeps_the_guest_running() {
     let meta: Value = serde_json::from_str(&out).unwrap();
     eprintln!("VM move result: {meta}");
     assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
+    assert_eq!(meta["plan"]["state_compression"], "zstd_frames", "{meta}");
     // The disk was copied while the VM ran (block mirror over fs), identical.
     assert_eq!(meta["plan"]["fs"]["type"], "block_mirror", "{meta}");
     assert_eq!(meta["qemu_params"]["block_mirror"], true, "{meta}");
@@ -437,8 +480,10 @@ async fn live_vm_move_keeps_the_guest_running() {
     assert_eq!(meta["qemu_params"]["postcopy"], true, "{meta}");
     assert_eq!(meta["qemu_params"]["max_bandwidth"], 256u64 << 20, "{meta}");
     assert_eq!(meta["qemu_params"]["xbzrle"], true, "capped link: {meta}");
+    // Post-copy's return path (page requests) goes through the same
+    // per-frame compression.
     assert_eq!(
-        meta["plan"]["state_compression"], "zstd",
+        meta["plan"]["state_compression"], "zstd_frames",
         "capped link: {meta}"
     );
     assert_eq!(meta["qemu_params"]["downtime_limit_ms"], 100, "{meta}");

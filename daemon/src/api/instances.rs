@@ -145,6 +145,9 @@ pub struct Post {
     max_downtime_ms: Option<u64>,
     #[serde(default)]
     postcopy: bool,
+    /// The state stream's compression: "adaptive" (default), "zstd" or "none".
+    #[serde(default)]
+    state_compression: Option<String>,
 }
 
 /// `POST /1.0/instances/<name>?target=M {"migration": true, "live": true}`: move.
@@ -181,10 +184,23 @@ pub async fn post(
             "\"max_downtime_ms\" must be positive (default 300)".into(),
         ));
     }
+    use ferry_migration::Compression;
+    let state_compression = match req.state_compression.as_deref() {
+        None => None,
+        Some("adaptive" | "zstd_frames") => Some(Compression::ZstdFrames),
+        Some("zstd") => Some(Compression::Zstd),
+        Some("none") => Some(Compression::None),
+        Some(other) => {
+            return Err(ActionError::BadRequest(format!(
+                "\"state_compression\": unknown value {other:?}: use \"adaptive\" (the default), \"zstd\" or \"none\""
+            )))
+        }
+    };
     let options = ferry_migration::MoveOptions {
         bandwidth: req.bandwidth,
         max_downtime_ms: req.max_downtime_ms,
         postcopy: req.postcopy,
+        state_compression,
     };
     Ok(async_op(
         &d.move_instance(&name, target, req.live, options).await?,

@@ -132,6 +132,7 @@ impl MoveRun {
                         .map_err(|e| format!("checkpoint failed: {e}"))?;
                     self.op
                         .set_meta("criu_dump_ms", json!(dump.dump_time.as_millis() as u64));
+                    self.mark("CRIU dump done");
                     self.dumped = true;
                     match tokio::time::timeout(Duration::from_secs(60), relay).await {
                         Ok(Ok(Ok(stats))) => self.op.set_meta(
@@ -162,6 +163,7 @@ impl MoveRun {
                 };
                 let (b, _pass2) = send_archive(bridge, rootfs, pass).await?;
                 bridge = b;
+                self.mark("final rootfs pass sent");
             }
             let extra = match &plan.state {
                 StatePlan::CriuPageServer { .. } => Some(images.clone()),
@@ -273,6 +275,7 @@ impl Daemon {
             }
             if plan.is_stateful() {
                 bridge = recv_archive(bridge, rootfs.clone(), true).await?;
+                tracing::debug!(instance = %spec.name, "move target: final rootfs pass applied");
             }
         }
         match &plan.state {

@@ -84,18 +84,20 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
 
 /// Relay a local socket (CRIU's page-server / lazy-pages end, QEMU's
 /// migration stream) and the state channel, both ways, until both directions
-/// ended. With compression the bytes go through the zstd byte channel; without
-/// (the usual, uncompressed plan) they take a direct path: each read from the
-/// socket becomes one websocket frame as it is, and each frame is written to
-/// the socket — no intermediate byte stream, about half the copies. `limit`
-/// (bytes/s) paces what the socket sends (a container move's `--bandwidth`;
-/// QEMU paces its own stream).
+/// ended. Uncompressed and `zstd_frames` plans take the direct path: each
+/// read from the socket becomes one websocket frame (with `zstd_frames`
+/// compressed on its own when that pays off, see `ferry_migration::frames`)
+/// and each frame is written to the socket — no intermediate byte stream.
+/// A `zstd` plan goes through the zstd byte channel. `limit` (bytes/s) paces
+/// what crosses the link (a container move's `--bandwidth`; QEMU paces its
+/// own stream).
 pub(super) async fn relay_state(
     sock: tokio::net::UnixStream,
     pipe: ws::WsPipe,
     compression: ferry_migration::Compression,
     limit: Option<u64>,
 ) -> Result<ferry_migration::RelayStats, String> {
+    use ferry_migration::{Compression, FrameDecoder, FrameEncoder};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let chunk = limit.map_or(ws::CHUNK, |l| (l as usize / 10).clamp(4096, ws::CHUNK));
     let (mut r, mut w) = sock.into_split();
@@ -105,7 +107,7 @@ pub(super) async fn relay_state(
     let write_err = |total: u64, e: std::io::Error| {
         format!("writing the local stream after {total} bytes: {e}")
     };
-    if compression != ferry_migration::Compression::None {
+    if compression == Compression::Zstd || compression == Compression::Unknown {
         let stream = ferry_migration::ByteChannel::new(ws::into_stream(pipe), compression)
             .map_err(|e| e.to_string())?;
         let (mut cr, mut cw) = tokio::io::split(stream);
@@ -134,21 +136,51 @@ pub(super) async fn relay_state(
         let (a_to_b, b_to_a) = tokio::try_join!(up, down)?;
         return Ok(ferry_migration::RelayStats { a_to_b, b_to_a });
     }
+    let framed = compression == Compression::ZstdFrames;
+    let (mut enc, mut dec) = if framed {
+        let e = |e: ferry_migration::FrameError| e.to_string();
+        (
+            Some(FrameEncoder::new().map_err(e)?),
+            Some(FrameDecoder::new().map_err(e)?),
+        )
+    } else {
+        (None, None)
+    };
     let ws::WsPipe { tx, mut rx } = pipe;
     let up = async move {
-        let (mut total, mut pace) = (0u64, Pace::new(limit));
+        let (mut total, mut wire, mut pace) = (0u64, 0u64, Pace::new(limit));
         loop {
-            let mut buf = Vec::with_capacity(chunk);
+            let mut buf = Vec::with_capacity(chunk + 1);
+            if framed {
+                buf.push(ferry_migration::frames::TAG_RAW);
+            }
             let n = r.read_buf(&mut buf).await.map_err(|e| read_err(total, e))?;
             // An empty frame ends this direction (half-close), as EOF did here.
+            if n == 0 {
+                buf.clear();
+            } else if let Some(enc) = enc.as_mut() {
+                buf = enc.encode_raw_frame(buf).map_err(|e| e.to_string())?;
+            }
+            wire += buf.len() as u64;
             if tx.send(buf).await.is_err() {
                 return Err(format!("the state channel closed after {total} bytes"));
             }
             if n == 0 {
+                match enc.as_ref().map(|e| e.stats()) {
+                    Some(s) => tracing::debug!(
+                        bytes = total,
+                        wire = s.wire_bytes,
+                        frames = s.frames,
+                        compressed = s.compressed_frames,
+                        misses = s.misses,
+                        "state relay: local stream ended, sent (zstd frames)"
+                    ),
+                    None => tracing::debug!(bytes = total, "state relay: local stream ended, sent"),
+                }
                 return Ok(total);
             }
             total += n as u64;
-            pace.after(total).await;
+            pace.after(wire).await;
         }
     };
     let down = async move {
@@ -157,10 +189,20 @@ pub(super) async fn relay_state(
             if frame.is_empty() {
                 break;
             }
-            w.write_all(&frame).await.map_err(|e| write_err(total, e))?;
-            total += frame.len() as u64;
+            let data = match dec.as_mut() {
+                Some(d) => d
+                    .decode(&frame)
+                    .map_err(|e| format!("after {total} bytes from the peer: {e}"))?,
+                None => &frame[..],
+            };
+            w.write_all(data).await.map_err(|e| write_err(total, e))?;
+            total += data.len() as u64;
         }
         let _ = w.shutdown().await;
+        tracing::debug!(
+            bytes = total,
+            "state relay: peer stream ended, written locally"
+        );
         Ok::<u64, String>(total)
     };
     let (a_to_b, b_to_a) = tokio::try_join!(up, down)?;

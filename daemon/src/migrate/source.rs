@@ -210,6 +210,8 @@ impl Daemon {
                     vm_migrated: false,
                     vm_lost: false,
                     options,
+                    started,
+                    timeline: Default::default(),
                 };
                 match m.run().await {
                     Ok(plan) => {
@@ -262,11 +264,25 @@ pub(super) struct MoveRun {
     pub(super) nbd_relay: Option<tokio::task::AbortHandle>,
     /// --bandwidth / --max-downtime / --postcopy of this move.
     pub(super) options: MoveOptions,
+    pub(super) started: Instant,
+    /// Each stage with the ms since the move started (operation metadata
+    /// `timeline`: where the time went).
+    pub(super) timeline: std::sync::Mutex<Vec<serde_json::Value>>,
 }
 
 impl MoveRun {
     pub(super) fn phase(&self, phase: Phase, text: &str) {
         super::progress::set_phase(&self.op, phase, text);
+        self.mark(text);
+    }
+
+    /// Note a step in the operation's `timeline`.
+    pub(super) fn mark(&self, text: &str) {
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        tracing::debug!(instance = %self.spec.name, at_ms, "move source: {text}");
+        let mut t = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
+        t.push(json!({"at_ms": at_ms, "stage": text}));
+        self.op.set_meta("timeline", json!(*t));
     }
 
     pub(super) fn check_cancel(&self) -> Result<(), String> {
@@ -349,12 +365,24 @@ impl MoveRun {
             instance_type: if vm { MigType::Vm } else { MigType::Container },
             fs,
             state,
-            // zstd on the state stream pays off on a capped link; on an
-            // unlimited one it would cost more CPU than it saves.
-            state_compression: if options.bandwidth.is_some() {
-                vec![Compression::Zstd, Compression::None]
-            } else {
-                vec![Compression::None, Compression::Zstd]
+            // Adaptive per-frame zstd by default: it gives up on frames that
+            // do not compress. A peer without it: one zstd stream pays off on
+            // a capped link; on an unlimited one it costs more CPU than it saves.
+            state_compression: match options.state_compression {
+                Some(Compression::None) => vec![Compression::None],
+                Some(c) => vec![c, Compression::None],
+                None if options.bandwidth.is_some() => {
+                    vec![
+                        Compression::ZstdFrames,
+                        Compression::Zstd,
+                        Compression::None,
+                    ]
+                }
+                None => vec![
+                    Compression::ZstdFrames,
+                    Compression::None,
+                    Compression::Zstd,
+                ],
             },
             volume_size,
             snapshots: vec![],
@@ -410,6 +438,7 @@ impl MoveRun {
             .call::<_, serde_json::Value>(&self.target.address, SINK_PATH, &req)
             .await
             .map_err(|e| e.to_string())?;
+        self.mark("the target accepted: waiting for its channels");
         let wait = |rx: tokio::sync::oneshot::Receiver<ws::WsPipe>| async move {
             tokio::time::timeout(DIAL_TIMEOUT, rx)
                 .await
@@ -425,6 +454,7 @@ impl MoveRun {
         let mut plan = st.plan().cloned().ok_or("no plan after the handshake")?;
         plan.reasons.extend(offer.version_notes(plan.version));
         tracing::info!(instance = %self.rec.name, target = %self.target.name, plan = %plan, "move plan agreed");
+        self.mark("plan agreed");
         self.op.set_meta("plan", json!(plan));
         self.op.set_meta("path", json!(path_of(&plan)));
         if !plan.reasons.is_empty() {
@@ -518,6 +548,7 @@ impl MoveRun {
                 };
                 let ms = events.unwrap_or(t.elapsed().as_millis() as u64);
                 self.op.set_meta("downtime_ms", json!(ms));
+                self.mark("the target resumed the instance");
             }
             if let (Message::Resumed { .. }, Some(dump)) = (&msg, self.lazy.as_mut()) {
                 // Post-copy: it runs on the target; the source may never resume.
@@ -544,6 +575,7 @@ impl MoveRun {
             })
             .await
             .map_err(|e| format!("recording the new location: {e}"))?;
+        self.mark("new location recorded");
         self.dumped = false;
         self.saved_state = false;
         self.vm_migrated = false;
@@ -563,6 +595,7 @@ impl MoveRun {
         self.d
             .events
             .send_lifecycle("instance-migrated", &self.rec.name);
+        self.mark("source cleaned up");
     }
 
     /// After a failure: the instance runs on the source exactly as before.

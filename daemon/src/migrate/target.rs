@@ -117,9 +117,13 @@ impl Daemon {
                     .map_err(|e| e.to_string())
             }
         };
-        let mut ctl = WsControl(dial(&req.secrets.control).await?);
-        let state_pipe = dial(&req.secrets.state).await?;
-        let fs_pipe = dial(&req.secrets.fs).await?;
+        // The three TLS connections are set up at the same time.
+        let (ctl, state_pipe, fs_pipe) = tokio::try_join!(
+            dial(&req.secrets.control),
+            dial(&req.secrets.state),
+            dial(&req.secrets.fs)
+        )?;
+        let mut ctl = WsControl(ctl);
         let mut fs = vec![
             FsTransfer::Archive {
                 compression: vec![Compression::Zstd, Compression::None],
@@ -164,7 +168,11 @@ impl Daemon {
                 ],
             ]
             .concat(),
-            state_compression: vec![Compression::Zstd, Compression::None],
+            state_compression: vec![
+                Compression::ZstdFrames,
+                Compression::Zstd,
+                Compression::None,
+            ],
             free_bytes: super::progress::free_bytes(&pools),
         };
         let st = target_handshake(&mut ctl, &self.local_end(), caps)
@@ -227,15 +235,10 @@ impl Daemon {
         vol: ferry_drivers::VolatileChanges,
     ) -> Result<(), String> {
         let volume = spec.paths.volume.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            use std::os::fd::AsRawFd;
-            let dir = std::fs::File::open(&volume)
-                .map_err(|e| format!("open {}: {e}", volume.display()))?;
-            nix::unistd::syncfs(dir.as_raw_fd())
-                .map_err(|e| format!("syncfs {}: {e}", volume.display()))
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        let vm = spec.kind == ferry_drivers::InstanceType::VirtualMachine;
+        tokio::task::spawn_blocking(move || make_durable(&volume, vm))
+            .await
+            .map_err(|e| e.to_string())??;
         if !vol.is_empty() {
             if let Err(e) = self
                 .submit(Command::UpdateVolatile {
@@ -254,6 +257,33 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         Ok(())
     }
+}
+
+/// Flush a received volume to disk. A VM's volume is a few files (its disk
+/// image, a state file): fsync each and the directory. A container's rootfs
+/// is a tree of many files: one syncfs of its filesystem.
+fn make_durable(volume: &Path, vm: bool) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let open = |p: &Path| std::fs::File::open(p).map_err(|e| format!("open {}: {e}", p.display()));
+    let dir = open(volume)?;
+    if !vm {
+        return nix::unistd::syncfs(dir.as_raw_fd())
+            .map_err(|e| format!("syncfs {}: {e}", volume.display()));
+    }
+    let entries = std::fs::read_dir(volume).map_err(|e| format!("{}: {e}", volume.display()))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            open(&p)?
+                .sync_all()
+                .map_err(|e| format!("fsync {}: {e}", p.display()))?;
+        } else if e.file_type().is_ok_and(|t| t.is_dir()) {
+            // e.g. a state directory: flush its files too.
+            make_durable(&p, true)?;
+        }
+    }
+    dir.sync_all()
+        .map_err(|e| format!("fsync {}: {e}", volume.display()))
 }
 
 /// The instance runs here: tell the source (the point of no return).

@@ -151,6 +151,7 @@ impl MoveRun {
                     }
                 })?;
             // QEMU completed: the source is paused, the target runs or is about to.
+            self.mark("QEMU migration completed");
             self.vm_migrated = true;
             self.stop_event_us = stats.stop_event_us;
             self.frozen = Some(

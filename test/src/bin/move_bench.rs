@@ -22,9 +22,10 @@
 //! - (a) raw QEMU-to-QEMU over two socketpairs and a relay
 //!   (`migrate_incoming` / `migrate_outgoing`, ferry's default parameters;
 //!   the disk is copied before, no block mirror);
-//! - (b) ferry's live move with its defaults;
+//! - (b) ferry's live move with its defaults (adaptive zstd on the state stream);
+//! - (b0) the same with `--compression none` (the transport's own cost);
 //! - (c) ferry's live move with Incus/LXD-like settings (`--bandwidth 128MiB
-//!   --max-downtime 300`);
+//!   --max-downtime 300 --compression none`);
 //! - (d) ferry's stateful-stop fallback: the move to a member started with
 //!   `FERRY_MIGRATION_PROTOCOL=1`.
 //!
@@ -1053,6 +1054,23 @@ fn render(r: &Report) -> String {
             f2(ratio(dd, db)),
             verdict(db.zip(dd).map(|(b, d)| 20.0 * b <= d))
         );
+        let b0 = find(vm, "b0");
+        let (t0, d0, tt0) = (
+            b0.median("throughput"),
+            b0.median("downtime"),
+            b0.median("total"),
+        );
+        let _ = writeln!(
+            s,
+            "- (for reference) without compression (b0): throughput {} MiB/s, (b0)/(a) = {}; downtime {} ms, (b0)/(a) = {}; total {} ms, (c)/(b0) = {}; (d)/(b0) = {}",
+            f0(t0),
+            f2(ratio(t0, ta)),
+            f0(d0),
+            f2(ratio(d0, da)),
+            f0(tt0),
+            f2(ratio(tc, tt0)),
+            f2(ratio(dd, d0))
+        );
         failures(&mut s, vm);
     }
     s
@@ -1208,10 +1226,14 @@ async fn run(o: Opts) -> i32 {
                 "a",
                 "(a) raw QEMU → QEMU over a unix socket relay (ferry's parameters, no disk mirror)",
             ),
-            Series::new("b", "(b) ferry live move, defaults"),
+            Series::new("b", "(b) ferry live move, defaults (adaptive zstd on the state stream)"),
+            Series::new(
+                "b0",
+                "(b0) ferry live move, defaults but `--compression none` (the transport's own cost)",
+            ),
             Series::new(
                 "c",
-                "(c) ferry live move, Incus/LXD-like `--bandwidth 128MiB --max-downtime 300`",
+                "(c) ferry live move, Incus/LXD-like `--bandwidth 128MiB --max-downtime 300 --compression none`",
             ),
             Series::new(
                 "d",
@@ -1246,11 +1268,24 @@ async fn run(o: Opts) -> i32 {
                     x.record(rep, Err(format!("launch: {err}")));
                 }
             } else {
-                // m1 -> m2 (defaults), m2 -> m1 (capped), m1 -> m3 (v1), m3 -> m1 (v1).
-                let plan: [(usize, usize, &[&str]); 4] = [
+                // m1 -> m2 (defaults), m2 -> m1 (no compression),
+                // m1 -> m2 (capped, Incus-like), m2 -> m3 (v1), m3 -> m1 (v1).
+                let plan: [(usize, usize, &[&str]); 5] = [
                     (0, 1, &[]),
-                    (1, 0, &["--bandwidth", "128MiB", "--max-downtime", "300"]),
-                    (0, 2, &[]),
+                    (1, 0, &["--compression", "none"]),
+                    (
+                        0,
+                        1,
+                        &[
+                            "--bandwidth",
+                            "128MiB",
+                            "--max-downtime",
+                            "300",
+                            "--compression",
+                            "none",
+                        ],
+                    ),
+                    (1, 2, &[]),
                     (2, 0, &[]),
                 ];
                 let mut broken = None;
