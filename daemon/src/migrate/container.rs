@@ -161,9 +161,12 @@ impl MoveRun {
                     limit: plan.options.bandwidth,
                     ..Default::default()
                 };
-                let (b, _pass2) = send_archive(bridge, rootfs, pass).await?;
+                let (b, pass2) = send_archive(bridge, rootfs, pass).await?;
                 bridge = b;
-                self.mark("final rootfs pass sent");
+                self.mark(&format!(
+                    "final rootfs pass sent ({} entries, {} bytes of content, {} deleted)",
+                    pass2.entries, pass2.bytes, pass2.deleted
+                ));
             }
             let extra = match &plan.state {
                 StatePlan::CriuPageServer { .. } => Some(images.clone()),
@@ -321,8 +324,10 @@ impl Daemon {
         } else {
             Default::default()
         };
+        let st = super::target::send_resumed(ctl, st, None).await?;
+        // After Resumed: freeing the images is not part of the downtime.
         let _ = std::fs::remove_dir_all(&images);
-        self.report_resumed(ctl, st, spec, vol).await
+        self.report_success(ctl, st, spec, vol).await
     }
 }
 

@@ -211,19 +211,6 @@ impl Daemon {
         res
     }
 
-    /// The instance runs here: tell the source, record the target's
-    /// volatile keys (the ones that count from now on), finish.
-    pub(super) async fn report_resumed(
-        &self,
-        ctl: &mut WsControl,
-        st: TargetState,
-        spec: &InstanceSpec,
-        vol: ferry_drivers::VolatileChanges,
-    ) -> Result<(), String> {
-        let st = send_resumed(ctl, st, None).await?;
-        self.report_success(ctl, st, spec, vol).await
-    }
-
     /// Record the volatile keys and send Success (after Resumed). The
     /// received volume is flushed to disk first: after Success the source
     /// deletes its copy.

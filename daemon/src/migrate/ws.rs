@@ -14,7 +14,10 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Duration, Instant};
 use tokio_tungstenite::tungstenite::Message as TMsg;
 
-const QUEUE: usize = 64;
+/// Frames queued per direction: a few MiB at most in flight per channel (a
+/// deep queue hides a slow receiver from QEMU, whose switch-over estimate
+/// then counts bytes still queued here, and costs memory per move).
+const QUEUE: usize = 8;
 /// Both ends ping every few seconds; a link that delivers nothing (not even
 /// a pong) for `DEAD_AFTER`, or takes longer than `SEND_TIMEOUT` to accept
 /// one frame, is dead: the channel closes and the move fails instead of

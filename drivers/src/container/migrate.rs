@@ -403,7 +403,7 @@ impl ContainerDriver {
                 if ps_log.is_file() {
                     let _ = std::fs::rename(&ps_log, spec.paths.logs.join(PAGE_SERVER_LOG));
                 }
-                if let Err(e) = remove_if_exists(images_dir) {
+                if let Err(e) = super::discard_dir(images_dir) {
                     tracing::warn!("cannot remove {}: {e}", images_dir.display());
                 }
                 Ok(super::running(spec))

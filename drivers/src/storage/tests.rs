@@ -329,6 +329,34 @@ fn incremental(src: &Path, dst: &Path, base: Manifest) -> (ArchiveStats, Archive
     (w, r)
 }
 
+/// On a filesystem with nanosecond timestamps, entries older than
+/// `RACY_FINE_MS` are settled (not resent) while one written just before the
+/// pass is racy and resent by the next one — even when it then changes
+/// within the same timestamp tick with the same size.
+#[test]
+fn fine_timestamps_narrow_the_racy_window() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = fs::File::open(t.path()).unwrap();
+    if !super::write::fine_timestamps_for_tests(dir.as_raw_fd()) {
+        eprintln!("SKIP: {} has no fine timestamps", t.path().display());
+        return;
+    }
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    build_tree(&src);
+    std::thread::sleep(std::time::Duration::from_millis(
+        (super::write::RACY_FINE_MS * 3) as u64,
+    ));
+    fs::write(src.join("fresh"), "1111").unwrap();
+    let (w1, _) = full_pass(&src, &dst, true);
+    fs::write(src.join("fresh"), "2222").unwrap();
+    let (w2, _) = incremental(&src, &dst, w1.manifest.unwrap());
+    // Only `fresh` (and the root, whose ctime changed when it was created).
+    assert!(w2.entries <= 2, "settled entries were resent: {w2:?}");
+    assert_eq!(fs::read(dst.join("fresh")).unwrap(), b"2222");
+    assert_same_tree(&src, &dst);
+}
+
 #[test]
 fn incremental_pass_applies_changes() {
     let t = tempfile::tempdir().unwrap();

@@ -11,6 +11,14 @@
 //! "racy": its mtime/ctime was within [`RACY_SECS`] of the moment the
 //! previous pass started, where a later change within the same timestamp
 //! tick could have left the stat identical (git's "racy clean" problem).
+//! On local filesystems with nanosecond timestamps (ext4, xfs, btrfs,
+//! tmpfs) the window is [`RACY_FINE_MS`] instead: their timestamps come from
+//! the kernel's coarse clock, at most one jiffy (≤ 10 ms) behind, so any
+//! change after an entry was read gets a timestamp newer than one that was
+//! already 100 ms old when the pass started. (A container launched a moment
+//! before its move would otherwise resend its whole rootfs while frozen.)
+//! Entries without sub-second timestamps (e.g. ext4 with 128-byte inodes)
+//! keep the 2 s window.
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
@@ -26,6 +34,49 @@ use super::{ArchiveError, ArchiveOptions, ArchiveStats, Progress};
 /// Entries whose mtime/ctime is this close to the start of the pass that
 /// recorded them are always resent by the next pass.
 pub const RACY_SECS: i64 = 2;
+/// The window on filesystems with fine timestamps (see the module doc).
+pub const RACY_FINE_MS: i64 = 100;
+
+/// When a pass started, and whether its filesystem has fine timestamps.
+#[derive(Clone, Copy)]
+struct PassClock {
+    secs: i64,
+    nanos: i128,
+    fine_fs: bool,
+}
+
+impl PassClock {
+    fn now(root_fd: RawFd) -> PassClock {
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        PassClock {
+            secs: d.as_secs() as i64,
+            nanos: d.as_nanos() as i128,
+            fine_fs: fine_timestamps(root_fd),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) fn fine_timestamps_for_tests(fd: RawFd) -> bool {
+    fine_timestamps(fd)
+}
+
+/// Local filesystems whose timestamps have nanoseconds from the kernel's
+/// clock (not a server's).
+fn fine_timestamps(fd: RawFd) -> bool {
+    const EXT: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into the struct we own.
+    if unsafe { libc::fstatfs(fd, &mut sfs) } != 0 {
+        return false;
+    }
+    matches!(sfs.f_type as i64, EXT | XFS | BTRFS | TMPFS)
+}
 
 /// What one pass saw of each path, keyed by archive path (`.` = root).
 #[derive(Clone, Default)]
@@ -67,8 +118,15 @@ struct Stamp {
 }
 
 impl Stamp {
-    fn new(st: &Stat, pass_start: i64) -> Stamp {
-        let newest = st.st_mtime.max(st.st_ctime);
+    fn new(st: &Stat, clock: PassClock) -> Stamp {
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        let fine = clock.fine_fs && (st.st_mtime_nsec != 0 || st.st_ctime_nsec != 0);
+        let racy = if fine {
+            let newest = ns(st.st_mtime, st.st_mtime_nsec).max(ns(st.st_ctime, st.st_ctime_nsec));
+            newest + RACY_FINE_MS as i128 * 1_000_000 >= clock.nanos
+        } else {
+            st.st_mtime.max(st.st_ctime) + RACY_SECS >= clock.secs
+        };
         Stamp {
             mode: st.st_mode,
             ino: st.st_ino,
@@ -79,7 +137,7 @@ impl Stamp {
             rdev: st.st_rdev,
             mtime: (st.st_mtime, st.st_mtime_nsec),
             ctime: (st.st_ctime, st.st_ctime_nsec),
-            racy: newest + RACY_SECS >= pass_start,
+            racy,
         }
     }
     fn same_as(&self, now: &Stamp) -> bool {
@@ -115,10 +173,7 @@ pub fn write_archive(
     let root_b = root.as_os_str().as_bytes();
     let rootfd = fsops::open_dir_path(root).map_err(ArchiveError::io(root_b, "open root"))?;
     let st = fsops::fstat(rootfd.as_raw_fd()).map_err(ArchiveError::io(root_b, "stat root"))?;
-    let pass_start = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let pass_start = PassClock::now(rootfd.as_raw_fd());
     let mut w = Writer {
         enc: Enc::new(BufWriter::with_capacity(256 << 10, out)),
         opts,
@@ -175,7 +230,7 @@ struct Writer<'a, W: Write> {
     enc: Enc<BufWriter<W>>,
     opts: &'a ArchiveOptions,
     root_dev: u64,
-    pass_start: i64,
+    pass_start: PassClock,
     /// (dev, ino) of inodes with several names → first path seen.
     links: HashMap<(u64, u64), Vec<u8>>,
     /// Manifest of this pass (kept when recording or incremental).
