@@ -124,6 +124,8 @@ impl MoveRun {
                         "criu_dump_ms",
                         json!(dump.info().dump_time.as_millis() as u64),
                     );
+                    // Frozen from CRIU's start, not from our checks before it.
+                    self.frozen = Some(dump.info().frozen_at);
                     self.lazy = Some(dump);
                 } else {
                     let dump = driver
@@ -132,6 +134,9 @@ impl MoveRun {
                         .map_err(|e| format!("checkpoint failed: {e}"))?;
                     self.op
                         .set_meta("criu_dump_ms", json!(dump.dump_time.as_millis() as u64));
+                    // Frozen from CRIU's start, not from the driver's checks
+                    // before it (the container still ran then).
+                    self.frozen = Some(dump.frozen_at);
                     self.mark("CRIU dump done");
                     self.dumped = true;
                     match tokio::time::timeout(Duration::from_secs(60), relay).await {

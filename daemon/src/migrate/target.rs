@@ -144,9 +144,11 @@ impl Daemon {
                 .join(&req.record.storage_pool),
         };
         let mut state = vec![];
-        if ferry_drivers::container::ContainerDriver::lazy_pages_support()
-            .await
-            .is_ok()
+        let container = spec.kind == ferry_drivers::InstanceType::Container;
+        if container
+            && ferry_drivers::container::ContainerDriver::lazy_pages_support()
+                .await
+                .is_ok()
         {
             state.push(StateTransfer::CriuLazyPages);
         }

@@ -58,6 +58,30 @@ pub fn parse_version(out: &str) -> Option<(u32, u32, u32)> {
     Some((major, minor, patch))
 }
 
+/// Results of `criu --version` / `criu check --feature F`, per binary (path
+/// and modification time: a replaced binary is checked again). Each run
+/// costs tens of ms, and every move asks.
+fn cached(bin: &Path, what: &str) -> Option<Result<(), String>> {
+    let key = cache_key(bin, what)?;
+    CHECKS.lock().ok()?.get(&key).cloned()
+}
+
+fn remember(bin: &Path, what: &str, r: &Result<(), String>) {
+    if let (Some(key), Ok(mut m)) = (cache_key(bin, what), CHECKS.lock()) {
+        m.insert(key, r.clone());
+    }
+}
+
+type CheckKey = (PathBuf, std::time::SystemTime, String);
+static CHECKS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<CheckKey, Result<(), String>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn cache_key(bin: &Path, what: &str) -> Option<CheckKey> {
+    let mtime = std::fs::metadata(bin).ok()?.modified().ok()?;
+    Some((bin.to_path_buf(), mtime, what.to_string()))
+}
+
 /// The criu binary, checked to be 4.2.x.
 pub async fn checked_criu() -> Result<PathBuf, DriverError> {
     let missing = |detail: String| DriverError::MissingTool {
@@ -66,24 +90,36 @@ pub async fn checked_criu() -> Result<PathBuf, DriverError> {
     };
     let bin =
         find_criu().ok_or_else(|| missing("criu not found in PATH or /usr/local/sbin".into()))?;
-    let out = tokio::process::Command::new(&bin)
+    let r = match cached(&bin, "--version") {
+        Some(r) => r,
+        None => {
+            let r = check_version(&bin).await;
+            remember(&bin, "--version", &r);
+            r
+        }
+    };
+    r.map(|()| bin).map_err(missing)
+}
+
+async fn check_version(bin: &Path) -> Result<(), String> {
+    let out = tokio::process::Command::new(bin)
         .arg("--version")
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| missing(format!("{}: {e}", bin.display())))?;
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     match parse_version(&text) {
-        Some((maj, min, _)) if (maj, min) == REQUIRED => Ok(bin),
-        Some((maj, min, p)) => Err(missing(format!(
+        Some((maj, min, _)) if (maj, min) == REQUIRED => Ok(()),
+        Some((maj, min, p)) => Err(format!(
             "{} is version {maj}.{min}.{p}, ferry needs 4.2.x",
             bin.display()
-        ))),
-        None => Err(missing(format!(
+        )),
+        None => Err(format!(
             "cannot parse `{} --version`: {}",
             bin.display(),
             text.trim()
-        ))),
+        )),
     }
 }
 
@@ -91,6 +127,19 @@ pub async fn checked_criu() -> Result<PathBuf, DriverError> {
 /// e.g. `uffd-noncoop`, `mem_dirty_track`): Ok, or Err with CRIU's own
 /// explanation ("Dirty tracking is OFF...").
 pub async fn check_feature(bin: &Path, feature: &str) -> Result<(), String> {
+    let what = format!("check --feature {feature}");
+    if let Some(r) = cached(bin, &what) {
+        return r;
+    }
+    let r = run_check_feature(bin, feature).await;
+    // A hung or unrunnable check is not an answer about the feature.
+    if r.as_ref().err().is_none_or(|e| e.contains("failed (")) {
+        remember(bin, &what, &r);
+    }
+    r
+}
+
+async fn run_check_feature(bin: &Path, feature: &str) -> Result<(), String> {
     let out = tokio::process::Command::new(bin)
         .args(["check", "--feature", feature])
         .stdin(Stdio::null())
