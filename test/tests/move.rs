@@ -71,6 +71,11 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     eprintln!("move result: {meta}");
     assert_eq!(meta["plan"]["state"]["type"], "criu_page_server", "{meta}");
     assert_eq!(meta["plan"]["state_compression"], "zstd_frames", "{meta}");
+    let (raw, wire) = (
+        meta["state_bytes"].as_u64().unwrap(),
+        meta["state_wire_bytes"].as_u64().unwrap(),
+    );
+    assert!(raw > 0 && wire <= raw + raw / 100, "{meta}");
 
     // It runs on m2 now, continuing its counter; the source process is gone.
     let inst = ms[1].instance("c1").await;
@@ -185,6 +190,8 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     ]);
     let meta: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(meta["plan"]["state_compression"], "none", "{meta}");
+    // Uncompressed: every byte crosses as it is.
+    assert_eq!(meta["state_wire_bytes"], meta["state_bytes"], "{meta}");
     assert_eq!(location(&ms[0], "c1").as_deref(), Some("m2"));
     let before = ms[1].container_counter("c1");
     wait_for(
@@ -418,6 +425,13 @@ async fn live_vm_move_keeps_the_guest_running() {
     eprintln!("VM move result: {meta}");
     assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
     assert_eq!(meta["plan"]["state_compression"], "zstd_frames", "{meta}");
+    // The test guest's RAM is zero pages and pages holding one dword: the
+    // link carries a small fraction of what QEMU sent.
+    let (raw, wire) = (
+        meta["state_bytes"].as_u64().unwrap(),
+        meta["state_wire_bytes"].as_u64().unwrap(),
+    );
+    assert!(raw >= 1 << 20 && wire * 10 < raw, "{meta}");
     // The disk was copied while the VM ran (block mirror over fs), identical.
     assert_eq!(meta["plan"]["fs"]["type"], "block_mirror", "{meta}");
     assert_eq!(meta["qemu_params"]["block_mirror"], true, "{meta}");

@@ -140,10 +140,13 @@ impl MoveRun {
                     self.mark("CRIU dump done");
                     self.dumped = true;
                     match tokio::time::timeout(Duration::from_secs(60), relay).await {
-                        Ok(Ok(Ok(stats))) => self.op.set_meta(
-                            "state_progress",
-                            json!(format!("{} MB of memory", stats.a_to_b / 1_000_000)),
-                        ),
+                        Ok(Ok(Ok(stats))) => {
+                            self.op.set_meta(
+                                "state_progress",
+                                json!(format!("{} MB of memory", stats.sent / 1_000_000)),
+                            );
+                            stats.publish(&self.op);
+                        }
                         Ok(Ok(Err(e))) => return Err(format!("memory stream: {e}")),
                         _ => return Err("memory stream did not finish".into()),
                     }

@@ -96,7 +96,7 @@ pub(super) async fn relay_state(
     pipe: ws::WsPipe,
     compression: ferry_migration::Compression,
     limit: Option<u64>,
-) -> Result<ferry_migration::RelayStats, String> {
+) -> Result<StateStats, String> {
     use ferry_migration::{Compression, FrameDecoder, FrameEncoder};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let chunk = limit.map_or(ws::CHUNK, |l| (l as usize / 10).clamp(4096, ws::CHUNK));
@@ -110,6 +110,7 @@ pub(super) async fn relay_state(
     if compression == Compression::Zstd || compression == Compression::Unknown {
         let stream = ferry_migration::ByteChannel::new(ws::into_stream(pipe), compression)
             .map_err(|e| e.to_string())?;
+        let counters = stream.counters();
         let (mut cr, mut cw) = tokio::io::split(stream);
         let up = async {
             let (mut total, mut pace) = (0u64, Pace::new(limit));
@@ -133,8 +134,12 @@ pub(super) async fn relay_state(
             let _ = w.shutdown().await;
             Ok::<u64, String>(total)
         };
-        let (a_to_b, b_to_a) = tokio::try_join!(up, down)?;
-        return Ok(ferry_migration::RelayStats { a_to_b, b_to_a });
+        let (sent, received) = tokio::try_join!(up, down)?;
+        return Ok(StateStats {
+            sent,
+            received,
+            sent_wire: counters.sent_wire.get(),
+        });
     }
     let framed = compression == Compression::ZstdFrames;
     let (mut enc, mut dec) = if framed {
@@ -177,7 +182,7 @@ pub(super) async fn relay_state(
                     ),
                     None => tracing::debug!(bytes = total, "state relay: local stream ended, sent"),
                 }
-                return Ok(total);
+                return Ok((total, wire));
             }
             total += n as u64;
             pace.after(wire).await;
@@ -205,8 +210,32 @@ pub(super) async fn relay_state(
         );
         Ok::<u64, String>(total)
     };
-    let (a_to_b, b_to_a) = tokio::try_join!(up, down)?;
-    Ok(ferry_migration::RelayStats { a_to_b, b_to_a })
+    let ((sent, sent_wire), received) = tokio::try_join!(up, down)?;
+    Ok(StateStats {
+        sent,
+        received,
+        sent_wire,
+    })
+}
+
+/// What a state relay moved: payload bytes each way, and the bytes that
+/// crossed the link for `sent` (after compression; empty end frame excluded).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct StateStats {
+    pub sent: u64,
+    pub received: u64,
+    pub sent_wire: u64,
+}
+
+impl StateStats {
+    /// Operation metadata: `state_bytes` and `state_wire_bytes` (what the
+    /// compression saved on the link), `state_return_bytes` (page requests,
+    /// QEMU's return path).
+    pub(super) fn publish(&self, op: &crate::ops::Op) {
+        op.set_meta("state_bytes", serde_json::json!(self.sent));
+        op.set_meta("state_wire_bytes", serde_json::json!(self.sent_wire));
+        op.set_meta("state_return_bytes", serde_json::json!(self.received));
+    }
 }
 
 /// Keeps a stream at or under `limit` bytes per second (on average since

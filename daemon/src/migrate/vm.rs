@@ -168,7 +168,11 @@ impl MoveRun {
                 }),
             );
             self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent}));
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), relay).await;
+            if let Ok(Ok(Ok(stats))) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), relay).await
+            {
+                stats.publish(&self.op);
+            }
         }
         self.finish_handover(ctl, st, plan, counters.sent.get())
             .await?;
