@@ -113,7 +113,6 @@ impl MoveRun {
                     }
                     r
                 });
-                self.frozen = Some(Instant::now());
                 if lazy {
                     // The dump keeps serving pages until the target has them all.
                     let dump = driver

@@ -152,8 +152,13 @@ pub(super) async fn relay_state(
         (None, None)
     };
     let ws::WsPipe { tx, mut rx } = pipe;
+    // Bytes on the link so far: the frames' as counted by the encoder; without
+    // one, the payload itself.
+    let wire = |enc: &Option<FrameEncoder>, total: u64| {
+        enc.as_ref().map_or(total, |e| e.stats().wire_bytes)
+    };
     let up = async move {
-        let (mut total, mut wire, mut pace) = (0u64, 0u64, Pace::new(limit));
+        let (mut total, mut pace) = (0u64, Pace::new(limit));
         loop {
             let mut buf = Vec::with_capacity(chunk + 1);
             if framed {
@@ -166,26 +171,22 @@ pub(super) async fn relay_state(
             } else if let Some(enc) = enc.as_mut() {
                 buf = enc.encode_raw_frame(buf).map_err(|e| e.to_string())?;
             }
-            wire += buf.len() as u64;
             if tx.send(buf).await.is_err() {
                 return Err(format!("the state channel closed after {total} bytes"));
             }
             if n == 0 {
-                match enc.as_ref().map(|e| e.stats()) {
-                    Some(s) => tracing::debug!(
-                        bytes = total,
-                        wire = s.wire_bytes,
-                        frames = s.frames,
-                        compressed = s.compressed_frames,
-                        misses = s.misses,
-                        "state relay: local stream ended, sent (zstd frames)"
-                    ),
-                    None => tracing::debug!(bytes = total, "state relay: local stream ended, sent"),
-                }
-                return Ok((total, wire));
+                let s = enc.as_ref().map(|e| e.stats()).unwrap_or_default();
+                tracing::debug!(
+                    bytes = total,
+                    wire = wire(&enc, total),
+                    compressed_frames = s.compressed_frames,
+                    misses = s.misses,
+                    "state relay: local stream ended, sent"
+                );
+                return Ok((total, wire(&enc, total)));
             }
             total += n as u64;
-            pace.after(wire).await;
+            pace.after(wire(&enc, total)).await;
         }
     };
     let down = async move {

@@ -262,13 +262,13 @@ fn make_durable(volume: &Path, vm: bool) -> Result<(), String> {
     let entries = std::fs::read_dir(volume).map_err(|e| format!("{}: {e}", volume.display()))?;
     for e in entries.flatten() {
         let p = e.path();
-        if e.file_type().is_ok_and(|t| t.is_file()) {
-            open(&p)?
+        match e.file_type() {
+            Ok(t) if t.is_file() => open(&p)?
                 .sync_all()
-                .map_err(|e| format!("fsync {}: {e}", p.display()))?;
-        } else if e.file_type().is_ok_and(|t| t.is_dir()) {
+                .map_err(|e| format!("fsync {}: {e}", p.display()))?,
             // e.g. a state directory: flush its files too.
-            make_durable(&p, true)?;
+            Ok(t) if t.is_dir() => make_durable(&p, true)?,
+            _ => {}
         }
     }
     dir.sync_all()

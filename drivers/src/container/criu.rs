@@ -58,28 +58,34 @@ pub fn parse_version(out: &str) -> Option<(u32, u32, u32)> {
     Some((major, minor, patch))
 }
 
-/// Results of `criu --version` / `criu check --feature F`, per binary (path
+/// Answers of `criu --version` / `criu check --feature F`, per binary (path
 /// and modification time: a replaced binary is checked again). Each run
 /// costs tens of ms, and every move asks.
-fn cached(bin: &Path, what: &str) -> Option<Result<(), String>> {
-    let key = cache_key(bin, what)?;
-    CHECKS.lock().ok()?.get(&key).cloned()
-}
-
-fn remember(bin: &Path, what: &str, r: &Result<(), String>) {
-    if let (Some(key), Ok(mut m)) = (cache_key(bin, what), CHECKS.lock()) {
-        m.insert(key, r.clone());
-    }
-}
-
 type CheckKey = (PathBuf, std::time::SystemTime, String);
 static CHECKS: std::sync::LazyLock<
     std::sync::Mutex<std::collections::HashMap<CheckKey, Result<(), String>>>,
 > = std::sync::LazyLock::new(Default::default);
 
-fn cache_key(bin: &Path, what: &str) -> Option<CheckKey> {
-    let mtime = std::fs::metadata(bin).ok()?.modified().ok()?;
-    Some((bin.to_path_buf(), mtime, what.to_string()))
+/// The kept answer to `what`, or `run`'s: `Ok(answer)` is what CRIU said
+/// (kept); `Err` means it could not say — it did not run or hung (not kept).
+async fn cached_check(
+    bin: &Path,
+    what: &str,
+    run: impl std::future::Future<Output = Result<Result<(), String>, String>>,
+) -> Result<(), String> {
+    let key = std::fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .ok()
+        .map(|mtime| (bin.to_path_buf(), mtime, what.to_string()));
+    let lock = || CHECKS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(answer) = key.as_ref().and_then(|k| lock().get(k).cloned()) {
+        return answer;
+    }
+    let answer = run.await?;
+    if let Some(k) = key {
+        lock().insert(k, answer.clone());
+    }
+    answer
 }
 
 /// The criu binary, checked to be 4.2.x.
@@ -90,18 +96,13 @@ pub async fn checked_criu() -> Result<PathBuf, DriverError> {
     };
     let bin =
         find_criu().ok_or_else(|| missing("criu not found in PATH or /usr/local/sbin".into()))?;
-    let r = match cached(&bin, "--version") {
-        Some(r) => r,
-        None => {
-            let r = check_version(&bin).await;
-            remember(&bin, "--version", &r);
-            r
-        }
-    };
-    r.map(|()| bin).map_err(missing)
+    cached_check(&bin, "--version", check_version(&bin))
+        .await
+        .map(|()| bin)
+        .map_err(missing)
 }
 
-async fn check_version(bin: &Path) -> Result<(), String> {
+async fn check_version(bin: &Path) -> Result<Result<(), String>, String> {
     let out = tokio::process::Command::new(bin)
         .arg("--version")
         .stdin(Stdio::null())
@@ -109,7 +110,7 @@ async fn check_version(bin: &Path) -> Result<(), String> {
         .await
         .map_err(|e| format!("{}: {e}", bin.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    match parse_version(&text) {
+    Ok(match parse_version(&text) {
         Some((maj, min, _)) if (maj, min) == REQUIRED => Ok(()),
         Some((maj, min, p)) => Err(format!(
             "{} is version {maj}.{min}.{p}, ferry needs 4.2.x",
@@ -120,7 +121,7 @@ async fn check_version(bin: &Path) -> Result<(), String> {
             bin.display(),
             text.trim()
         )),
-    }
+    })
 }
 
 /// `criu check --feature FEAT` (feature names as in `criu check --help`,
@@ -128,18 +129,10 @@ async fn check_version(bin: &Path) -> Result<(), String> {
 /// explanation ("Dirty tracking is OFF...").
 pub async fn check_feature(bin: &Path, feature: &str) -> Result<(), String> {
     let what = format!("check --feature {feature}");
-    if let Some(r) = cached(bin, &what) {
-        return r;
-    }
-    let r = run_check_feature(bin, feature).await;
-    // A hung or unrunnable check is not an answer about the feature.
-    if r.as_ref().err().is_none_or(|e| e.contains("failed (")) {
-        remember(bin, &what, &r);
-    }
-    r
+    cached_check(bin, &what, run_check_feature(bin, feature)).await
 }
 
-async fn run_check_feature(bin: &Path, feature: &str) -> Result<(), String> {
+async fn run_check_feature(bin: &Path, feature: &str) -> Result<Result<(), String>, String> {
     let out = tokio::process::Command::new(bin)
         .args(["check", "--feature", feature])
         .stdin(Stdio::null())
@@ -151,18 +144,18 @@ async fn run_check_feature(bin: &Path, feature: &str) -> Result<(), String> {
         Ok(Ok(o)) => o,
     };
     if out.status.success() {
-        return Ok(());
+        return Ok(Ok(()));
     }
     let text = format!(
         "{} {}",
         String::from_utf8_lossy(&out.stdout).trim(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Err(format!(
+    Ok(Err(format!(
         "`criu check --feature {feature}` failed ({}): {}",
         out.status,
         text.trim()
-    ))
+    )))
 }
 
 /// `criu dump` of the whole tree rooted at `pid`; CRIU kills the tree when

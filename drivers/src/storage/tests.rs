@@ -337,7 +337,7 @@ fn incremental(src: &Path, dst: &Path, base: Manifest) -> (ArchiveStats, Archive
 fn fine_timestamps_narrow_the_racy_window() {
     let t = tempfile::tempdir().unwrap();
     let dir = fs::File::open(t.path()).unwrap();
-    if !super::write::fine_timestamps_for_tests(dir.as_raw_fd()) {
+    if !super::write::fine_timestamps(dir.as_raw_fd()) {
         eprintln!("SKIP: {} has no fine timestamps", t.path().display());
         return;
     }

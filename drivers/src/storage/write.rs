@@ -58,14 +58,9 @@ impl PassClock {
     }
 }
 
-#[cfg(test)]
-pub(super) fn fine_timestamps_for_tests(fd: RawFd) -> bool {
-    fine_timestamps(fd)
-}
-
 /// Local filesystems whose timestamps have nanoseconds from the kernel's
 /// clock (not a server's).
-fn fine_timestamps(fd: RawFd) -> bool {
+pub(super) fn fine_timestamps(fd: RawFd) -> bool {
     const EXT: i64 = 0xEF53;
     const XFS: i64 = 0x5846_5342;
     const BTRFS: i64 = 0x9123_683E;
