@@ -58,9 +58,17 @@ pub enum PeerKind {
     Anonymous,
 }
 
-/// The crypto provider used for every config here.
+/// The crypto provider used for every config here: ring's, with AES-128-GCM
+/// first among the TLS 1.3 suites (ring's default puts AES-256-GCM first).
+/// Members move whole instances over these connections, so the bulk cipher's
+/// cost counts; AES-128-GCM is TLS 1.3's mandatory suite and about 10 %
+/// cheaper here (4 AES rounds fewer per block). A peer that prefers another
+/// suite still gets it: the order only decides between suites both offer.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    let first = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+    p.cipher_suites.sort_by_key(|s| s.suite() != first);
+    Arc::new(p)
 }
 
 /// The TLS server name members use when dialling each other (a SAN of every

@@ -405,3 +405,19 @@ async fn tls12_same_rules() {
         PeerKind::Anonymous
     );
 }
+
+#[test]
+fn members_prefer_aes128_gcm_and_keep_every_suite() {
+    let p = provider();
+    let default = rustls::crypto::ring::default_provider();
+    assert_eq!(
+        p.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    let names = |v: &[rustls::SupportedCipherSuite]| {
+        let mut n: Vec<_> = v.iter().map(|s| format!("{:?}", s.suite())).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&p.cipher_suites), names(&default.cipher_suites));
+}

@@ -4,6 +4,7 @@
 //! (half-close). From a pipe we make the control channel (one JSON message
 //! per frame) or a byte stream for the bulk channels.
 
+use axum::body::Bytes;
 use axum::extract::ws::{Message as AxMsg, WebSocket};
 use ferry_migration::{
     decode_message, encode_message, ChannelError, Message, MessageChannel, DEFAULT_MAX_FRAME,
@@ -40,14 +41,16 @@ fn link_dead(last_rx: Instant) -> bool {
 pub(super) const CHUNK: usize = 256 * 1024;
 
 /// Frames in and out of one websocket; an empty frame = end of that direction.
+/// Received frames keep the websocket's own buffer (`Bytes`: clones share
+/// it), so the payload is not copied again.
 pub struct WsPipe {
     pub tx: mpsc::Sender<Vec<u8>>,
-    pub rx: mpsc::Receiver<Vec<u8>>,
+    pub rx: mpsc::Receiver<Bytes>,
 }
 
 /// Pump an axum (server side) websocket.
 pub fn from_axum(mut ws: WebSocket) -> WsPipe {
-    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     tokio::spawn(async move {
         let (mut reading, mut writing) = (true, true);
@@ -58,7 +61,7 @@ pub fn from_axum(mut ws: WebSocket) -> WsPipe {
                 m = ws.recv(), if reading => {
                     last_rx = Instant::now();
                     match m {
-                        Some(Ok(AxMsg::Binary(b))) if in_tx.send(b.to_vec()).await.is_err() => reading = false,
+                        Some(Ok(AxMsg::Binary(b))) if in_tx.send(b.clone()).await.is_err() => reading = false,
                         Some(Ok(AxMsg::Close(_))) | None | Some(Err(_)) => reading = false,
                         _ => {}
                     }
@@ -89,7 +92,7 @@ pub fn from_tungstenite<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> WsPipe
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (in_tx, in_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     tokio::spawn(async move {
         let (mut sink, mut stream) = ws.split();
@@ -101,7 +104,7 @@ where
                 m = stream.next(), if reading => {
                     last_rx = Instant::now();
                     match m {
-                        Some(Ok(TMsg::Binary(b))) if in_tx.send(b.to_vec()).await.is_err() => reading = false,
+                        Some(Ok(TMsg::Binary(b))) if in_tx.send(b.clone()).await.is_err() => reading = false,
                         Some(Ok(TMsg::Close(_))) | None | Some(Err(_)) => reading = false,
                         _ => {}
                     }
