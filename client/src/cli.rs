@@ -392,6 +392,9 @@ pub struct MoveArgs {
     /// VMs: the longest pause QEMU may plan for the switch-over, in ms (default 300)
     #[arg(long)]
     pub max_downtime: Option<u64>,
+    /// VMs: the pause to wait for first, in ms, for up to four passes or 1 s before accepting --max-downtime (default 10; equal to --max-downtime: switch over as soon as QEMU allows)
+    #[arg(long)]
+    pub downtime_target: Option<u64>,
     /// Resume on the target first and pull memory after (a broken link then loses the instance)
     #[arg(long)]
     pub postcopy: bool,

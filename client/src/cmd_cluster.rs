@@ -82,7 +82,7 @@ pub async fn move_instance(ctx: &Ctx, a: &MoveArgs) -> Result<i32> {
     if a.postcopy {
         eprintln!("Warning: with --postcopy the instance runs on the target before all its memory arrived; if the link breaks during the move, the instance is lost.");
     }
-    let body = json!({"migration": true, "live": !a.stateless, "bandwidth": bandwidth, "max_downtime_ms": a.max_downtime, "postcopy": a.postcopy, "state_compression": a.compression});
+    let body = json!({"migration": true, "live": !a.stateless, "bandwidth": bandwidth, "max_downtime_ms": a.max_downtime, "downtime_target_ms": a.downtime_target, "postcopy": a.postcopy, "state_compression": a.compression});
     let path = format!("/1.0/instances/{}?target={}", a.name, a.target);
     let what = format!("Moving {} to {}", a.name, a.target);
     let op = ctx.run_op(Method::POST, &path, Some(&body), &what).await?;

@@ -52,6 +52,7 @@ fn vm_offer() -> Offer {
         options: MoveOptions {
             bandwidth: Some(1 << 26),
             max_downtime_ms: Some(300),
+            downtime_target_ms: None,
             postcopy: false,
             state_compression: None,
         },

@@ -321,6 +321,11 @@ pub struct MoveOptions {
     /// QEMU downtime-limit; `None` = QEMU's default (300 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_downtime_ms: Option<u64>,
+    /// The pause ferry first waits for before accepting up to
+    /// `max_downtime_ms` (the source's switch-over policy); `None` = the
+    /// source's default (10 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_target_ms: Option<u64>,
     /// The user asked for post-copy (`--postcopy`).
     #[serde(default)]
     pub postcopy: bool,

@@ -236,6 +236,22 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
             .contains("\"adaptive\""),
         "{v}"
     );
+    let body = br#"{"migration": true, "live": true, "downtime_target_ms": 0}"#;
+    let (code, v) = ms[0]
+        .raw(
+            ferry_client::Method::POST,
+            "/1.0/instances/c1?target=m2",
+            Some(body),
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("downtime_target_ms"),
+        "{v}"
+    );
     assert_eq!(location(&ms[0], "c1").as_deref(), Some("m1"));
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
 }
@@ -440,6 +456,11 @@ async fn live_vm_move_keeps_the_guest_running() {
         meta["qemu_params"]["xbzrle"], false,
         "unlimited link: {meta}"
     );
+    // Switch-over policy: QEMU starts with the 10 ms downtime target and is
+    // raised to the 300 ms maximum only if the guest does not settle.
+    assert_eq!(meta["qemu_params"]["downtime_target_ms"], 10, "{meta}");
+    let limit = meta["qemu"]["switchover_limit_ms"].as_u64();
+    assert!(matches!(limit, Some(10) | Some(300)), "{meta}");
     assert_eq!(
         sha(&ms[1].spec("v1", true).paths.volume.join("disk.img")),
         src_disk,
@@ -501,6 +522,8 @@ async fn live_vm_move_keeps_the_guest_running() {
         "capped link: {meta}"
     );
     assert_eq!(meta["qemu_params"]["downtime_limit_ms"], 100, "{meta}");
+    // Post-copy switches after the bulk pass: no settling on the target.
+    assert_eq!(meta["qemu"]["switchover_limit_ms"], 100, "{meta}");
     let back = VmDriver::default()
         .read_counter(&ms[0].spec("v1", true))
         .await

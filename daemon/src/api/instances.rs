@@ -143,6 +143,9 @@ pub struct Post {
     bandwidth: Option<u64>,
     #[serde(default)]
     max_downtime_ms: Option<u64>,
+    /// VMs: the pause to wait for before accepting up to `max_downtime_ms`.
+    #[serde(default)]
+    downtime_target_ms: Option<u64>,
     #[serde(default)]
     postcopy: bool,
     /// The state stream's compression: "adaptive" (default), "zstd" or "none".
@@ -184,6 +187,11 @@ pub async fn post(
             "\"max_downtime_ms\" must be positive (default 300)".into(),
         ));
     }
+    if req.downtime_target_ms == Some(0) {
+        return Err(ActionError::BadRequest(
+            "\"downtime_target_ms\" must be positive (default 10; set it to max_downtime_ms to switch over as soon as QEMU allows)".into(),
+        ));
+    }
     use ferry_migration::Compression;
     let state_compression = match req.state_compression.as_deref() {
         None => None,
@@ -199,6 +207,7 @@ pub async fn post(
     let options = ferry_migration::MoveOptions {
         bandwidth: req.bandwidth,
         max_downtime_ms: req.max_downtime_ms,
+        downtime_target_ms: req.downtime_target_ms,
         postcopy: req.postcopy,
         state_compression,
     };

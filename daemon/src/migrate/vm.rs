@@ -36,6 +36,10 @@ fn params(plan: &Plan) -> MigrateParams {
             .options
             .max_downtime_ms
             .unwrap_or(MigrateParams::default().downtime_limit_ms),
+        downtime_target_ms: plan
+            .options
+            .downtime_target_ms
+            .or(MigrateParams::default().downtime_target_ms),
         ..MigrateParams::default()
     }
 }
@@ -167,7 +171,7 @@ impl MoveRun {
                     ..params(plan)
                 }),
             );
-            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent}));
+            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms}));
             if let Ok(Ok(Ok(stats))) =
                 tokio::time::timeout(std::time::Duration::from_secs(10), relay).await
             {

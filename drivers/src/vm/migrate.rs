@@ -70,6 +70,23 @@ const MAX_DOWNTIME_MS: u64 = 2_000_000;
 const QMP_CONNECT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Default of [`MigrateParams::downtime_target_ms`].
+pub const DEFAULT_DOWNTIME_TARGET_MS: u64 = 10;
+/// Settling ends (the limit is raised to the maximum) after this many
+/// dirty-bitmap syncs: QEMU's first sync is at the start, the second ends the
+/// bulk pass, so 5 = three passes over the re-dirtied pages.
+const SETTLE_SYNCS: u64 = 5;
+/// ... or after a third of the time the bulk pass took, within these bounds
+/// (settling must not cost more than a fraction of the move).
+const SETTLE_TIME_MIN: Duration = Duration::from_millis(50);
+const SETTLE_TIME_MAX: Duration = Duration::from_secs(1);
+/// Polling while settling: the budget is short.
+const SETTLE_POLL: Duration = Duration::from_millis(10);
+
+/// How long to wait for the guest to settle after a bulk pass that took `bulk`.
+fn settle_budget(bulk: Duration) -> Duration {
+    (bulk / 3).clamp(SETTLE_TIME_MIN, SETTLE_TIME_MAX)
+}
 /// Pre-copy with no byte moving for this long is cancelled (stuck relay).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The target may take this long after `completed` to report the run state.
@@ -90,6 +107,16 @@ pub struct MigrateParams {
     pub max_bandwidth: Option<u64>,
     /// Longest acceptable pause of the guest at switchover.
     pub downtime_limit_ms: u64,
+    /// Switch-over policy. While the guest converges, QEMU may switch over
+    /// only when it expects a pause below this (its `downtime-limit` starts
+    /// here); the limit is raised to `downtime_limit_ms` once the guest does
+    /// not get there: auto-converge starts throttling it, three passes after
+    /// the bulk pass, or after a third of the time the bulk pass took (at
+    /// least 50 ms, at most 1 s). `None` or ≥ the limit: QEMU's
+    /// own behaviour (switch over as soon as the estimate fits the limit,
+    /// usually right after the bulk pass with what the guest dirtied
+    /// meanwhile). Ignored with post-copy. Source side only.
+    pub downtime_target_ms: Option<u64>,
     /// The disk is mirrored over NBD during the move ([`super::mirror`]):
     /// pause before switchover to complete the mirror. The source needs a
     /// READY mirror job when the migration starts.
@@ -104,6 +131,7 @@ impl Default for MigrateParams {
             postcopy: false,
             max_bandwidth: None,
             downtime_limit_ms: 300,
+            downtime_target_ms: Some(DEFAULT_DOWNTIME_TARGET_MS),
             block_mirror: false,
         }
     }
@@ -124,7 +152,22 @@ impl MigrateParams {
                 self.downtime_limit_ms
             )));
         }
+        if let Some(t) = self.downtime_target_ms {
+            if t == 0 || t > MAX_DOWNTIME_MS {
+                return Err(DriverError::InvalidConfig(format!(
+                    "migration downtime target {t} ms: must be from 1 to {MAX_DOWNTIME_MS} ms (or unset)"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The `downtime-limit` QEMU starts with: the target while settling.
+    fn initial_downtime_limit(&self) -> u64 {
+        match self.downtime_target_ms {
+            Some(t) if !self.postcopy && t < self.downtime_limit_ms => t,
+            _ => self.downtime_limit_ms,
+        }
     }
 
     /// Capabilities, all set explicitly (a QEMU keeps them across migrations).
@@ -201,6 +244,10 @@ pub struct OutgoingStats {
     /// paused; part of the downtime).
     #[serde(default)]
     pub mirror_switchover_ms: Option<u64>,
+    /// The `downtime-limit` in force when QEMU switched over: the downtime
+    /// target if the guest settled, else the maximum.
+    #[serde(default)]
+    pub switchover_limit_ms: u64,
 }
 
 /// Result of a completed incoming migration.
@@ -254,7 +301,7 @@ async fn set_source_parameters(qmp: &mut Qmp, params: &MigrateParams) -> Result<
         max_bandwidth: Some(params.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH)),
         // 0 = unlimited; a cap applies to post-copy as well.
         max_postcopy_bandwidth: Some(params.max_bandwidth.unwrap_or(0)),
-        downtime_limit: Some(params.downtime_limit_ms),
+        downtime_limit: Some(params.initial_downtime_limit()),
         ..Default::default()
     })
     .await
@@ -532,6 +579,11 @@ struct OutgoingWatch<'a> {
     /// The mirror was completed at switchover (in that time): its end is
     /// no failure.
     mirror_done: Option<Duration>,
+    /// The `downtime-limit` QEMU has now.
+    limit_now: u64,
+    /// When the bulk pass ended (the second dirty-bitmap sync), while
+    /// settling, and how long settling may last from then.
+    bulk_done: Option<(Instant, Duration)>,
 }
 
 impl<'a> OutgoingWatch<'a> {
@@ -553,6 +605,46 @@ impl<'a> OutgoingWatch<'a> {
             last_bytes: 0,
             mirror_failure: None,
             mirror_done: None,
+            limit_now: params.initial_downtime_limit(),
+            bulk_done: None,
+        }
+    }
+
+    /// While settling on the downtime target: raise QEMU's limit to the
+    /// maximum once the guest does not converge to the target.
+    async fn maybe_stop_settling(&mut self, qmp: &mut Qmp, info: &MigrateInfo) {
+        let max = self.params.downtime_limit_ms;
+        if self.limit_now >= max || info.status != "active" || self.cancel_sent {
+            return;
+        }
+        let syncs = info.dirty_sync_count.unwrap_or(0);
+        if syncs >= 2 && self.bulk_done.is_none() {
+            self.bulk_done = Some((Instant::now(), settle_budget(self.started.elapsed())));
+        }
+        let throttle = info.cpu_throttle_percent.unwrap_or(0);
+        let why = if throttle > 0 {
+            format!("auto-converge throttles the guest ({throttle}%)")
+        } else if syncs >= SETTLE_SYNCS {
+            format!("{} passes after the bulk pass", syncs.saturating_sub(2))
+        } else if let Some((at, budget)) = self.bulk_done.filter(|(at, b)| at.elapsed() >= *b) {
+            format!("{:?} after the bulk pass (budget {budget:?})", at.elapsed())
+        } else {
+            return;
+        };
+        let set = MigrateSetParameters {
+            downtime_limit: Some(max),
+            ..Default::default()
+        };
+        match qmp.set_parameters(set).await {
+            Ok(()) => {
+                tracing::info!(
+                    "migration: no switch-over within {} ms yet ({why}): downtime-limit raised to {max} ms",
+                    self.limit_now
+                );
+                self.limit_now = max;
+            }
+            // e.g. completed meanwhile; the next poll tells.
+            Err(e) => tracing::warn!("raising the downtime-limit to {max} ms: {e}"),
         }
     }
 
@@ -632,17 +724,23 @@ impl<'a> OutgoingWatch<'a> {
                 self.handle_mirror(qmp, &info).await?;
             }
             self.maybe_switch_postcopy(qmp, &info).await;
+            self.maybe_stop_settling(qmp, &info).await;
             self.handle_cancel_and_stall(qmp, &info).await?;
             if self.last_report.elapsed() >= REPORT_EVERY {
                 self.report(&info, progress);
             }
+            let poll = if self.limit_now < self.params.downtime_limit_ms {
+                SETTLE_POLL
+            } else {
+                POLL
+            };
             if self.params.block_mirror {
                 // React to `pre-switchover` at once: the guest is paused.
-                if let Some(ev) = qmp.next_event(POLL).await {
+                if let Some(ev) = qmp.next_event(poll).await {
                     self.note_events(vec![ev]);
                 }
             } else {
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep(poll).await;
             }
         }
     }
@@ -803,6 +901,7 @@ impl<'a> OutgoingWatch<'a> {
             stop_event_us: self.stop_event_us,
             wall_ms: self.started.elapsed().as_millis() as u64,
             mirror_switchover_ms: self.mirror_done.map(|d| d.as_millis() as u64),
+            switchover_limit_ms: self.limit_now,
         }
     }
 }
@@ -1061,6 +1160,46 @@ mod tests {
         assert!(caps.contains(&(Cap::pause_before_switchover, true)));
         let parsed: MigrateParams = serde_json::from_str(r#"{"postcopy": true}"#).unwrap();
         assert!(parsed.postcopy && parsed.auto_converge && parsed.downtime_limit_ms == 300);
+        assert!(MigrateParams {
+            downtime_target_ms: Some(0),
+            ..p.clone()
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn switch_over_starts_at_the_downtime_target() {
+        let p = MigrateParams::default();
+        assert_eq!(p.initial_downtime_limit(), DEFAULT_DOWNTIME_TARGET_MS);
+        // No settling: no target, a target at or above the limit, post-copy.
+        for q in [
+            MigrateParams {
+                downtime_target_ms: None,
+                ..p.clone()
+            },
+            MigrateParams {
+                downtime_target_ms: Some(300),
+                ..p.clone()
+            },
+            MigrateParams {
+                downtime_target_ms: Some(500),
+                ..p.clone()
+            },
+            MigrateParams {
+                postcopy: true,
+                ..p.clone()
+            },
+        ] {
+            assert_eq!(q.initial_downtime_limit(), 300, "{q:?}");
+        }
+        // A peer without the field gets the policy's default.
+        let parsed: MigrateParams = serde_json::from_str(r#"{"downtime_limit_ms": 50}"#).unwrap();
+        assert_eq!(parsed.initial_downtime_limit(), DEFAULT_DOWNTIME_TARGET_MS);
+        let ms = Duration::from_millis;
+        assert_eq!(settle_budget(ms(60)), ms(50));
+        assert_eq!(settle_budget(ms(600)), ms(200));
+        assert_eq!(settle_budget(ms(60_000)), ms(1000));
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //! - (b) ferry's live move with its defaults (adaptive zstd on the state stream);
 //! - (b0) the same with `--compression none` (the transport's own cost);
 //! - (c) ferry's live move with Incus/LXD-like settings (`--bandwidth 128MiB
-//!   --max-downtime 300 --compression none`);
+//!   --max-downtime 300 --downtime-target 300 --compression none`: QEMU's
+//!   own switch-over, no compression);
 //! - (d) ferry's stateful-stop fallback: the move to a member started with
 //!   `FERRY_MIGRATION_PROTOCOL=1`.
 //!
@@ -612,8 +613,9 @@ async fn ferry_container_move(
         .map_err(|err| format!("after the move: {err}"))?;
     s.insert("rss_after_mib", rss as f64);
     eprintln!(
-        "    path: {}",
-        meta["path"].as_str().unwrap_or("?").replace('\n', " ")
+        "    path: {}\n    timeline: {}",
+        meta["path"].as_str().unwrap_or("?").replace('\n', " "),
+        meta["timeline"]
     );
     Ok(s)
 }
@@ -683,7 +685,11 @@ async fn wait_guest(spec: &InstanceSpec, secs: u64) -> Result<(), String> {
 
 /// Raw QEMU-to-QEMU move of a freshly booted VM, relayed over socketpairs,
 /// with ferry's default parameters (no block mirror: the disk is copied first).
-async fn raw_vm(base: &Path, name: &str) -> Result<BTreeMap<&'static str, f64>, String> {
+async fn raw_vm(
+    base: &Path,
+    name: &str,
+    params: &MigrateParams,
+) -> Result<BTreeMap<&'static str, f64>, String> {
     let d = VmDriver::default();
     let ctx = OpCtx::detached();
     let a = vm_spec(&base.join("a"), name);
@@ -700,7 +706,7 @@ async fn raw_vm(base: &Path, name: &str) -> Result<BTreeMap<&'static str, f64>, 
         b.paths.volume.join("disk.img"),
     )
     .map_err(e("copy disk"))?;
-    let params = MigrateParams::default();
+    let params = params.clone();
     let cfg = d.launch_config(&a).map_err(e("launch config"))?;
 
     let (a_qemu, a_relay) = std::os::unix::net::UnixStream::pair().map_err(e("socketpair"))?;
@@ -745,6 +751,7 @@ async fn raw_vm(base: &Path, name: &str) -> Result<BTreeMap<&'static str, f64>, 
     s.insert("sent_mib", out.transferred as f64 / MIB as f64);
     s.insert("passes", out.dirty_sync_count as f64);
     s.insert("throttle", out.max_throttle_percent as f64);
+    s.insert("limit", out.switchover_limit_ms as f64);
     if out.total_time_ms > 0 {
         s.insert(
             "throughput",
@@ -783,6 +790,9 @@ async fn ferry_vm_move(
     if let Some(x) = num(&meta, &["qemu", "max_throttle_percent"]) {
         s.insert("throttle", x);
     }
+    if let Some(x) = num(&meta, &["qemu", "switchover_limit_ms"]) {
+        s.insert("limit", x);
+    }
     if let (Some(t), Some(b)) = (
         num(&meta, &["qemu", "total_ms"]),
         num(&meta, &["qemu", "transferred"]),
@@ -794,8 +804,9 @@ async fn ferry_vm_move(
         }
     }
     eprintln!(
-        "    path: {}",
-        meta["path"].as_str().unwrap_or("?").replace('\n', " ")
+        "    path: {}\n    timeline: {}",
+        meta["path"].as_str().unwrap_or("?").replace('\n', " "),
+        meta["timeline"]
     );
     wait_guest(&to.spec("v1", true), 30)
         .await
@@ -1011,6 +1022,7 @@ fn render(r: &Report) -> String {
                 ("throughput MiB/s (RAM sent / QEMU total)", "throughput", 0),
                 ("passes", "passes", 0),
                 ("max throttle %", "throttle", 0),
+                ("downtime-limit at switch-over", "limit", 0),
             ],
         );
         let (a, b, c, d) = (find(vm, "a"), find(vm, "b"), find(vm, "c"), find(vm, "d"));
@@ -1070,6 +1082,15 @@ fn render(r: &Report) -> String {
             f0(tt0),
             f2(ratio(tc, tt0)),
             f2(ratio(dd, d0))
+        );
+        let a0 = find(vm, "a0");
+        let d_a0 = a0.median("downtime");
+        let _ = writeln!(
+            s,
+            "- (for reference) raw QEMU with its own switch-over (a0): downtime {} ms, (b)/(a0) = {}; total {} ms",
+            f0(d_a0),
+            f2(ratio(db, d_a0)),
+            f0(a0.median("total")),
         );
         failures(&mut s, vm);
     }
@@ -1224,7 +1245,7 @@ async fn run(o: Opts) -> i32 {
         let mut series = vec![
             Series::new(
                 "a",
-                "(a) raw QEMU → QEMU over a unix socket relay (ferry's parameters, no disk mirror)",
+                "(a) raw QEMU → QEMU over a unix socket relay (ferry's parameters and switch-over policy, no disk mirror)",
             ),
             Series::new("b", "(b) ferry live move, defaults (adaptive zstd on the state stream)"),
             Series::new(
@@ -1233,7 +1254,7 @@ async fn run(o: Opts) -> i32 {
             ),
             Series::new(
                 "c",
-                "(c) ferry live move, Incus/LXD-like `--bandwidth 128MiB --max-downtime 300 --compression none`",
+                "(c) ferry live move, Incus/LXD-like `--bandwidth 128MiB --max-downtime 300 --downtime-target 300 --compression none`",
             ),
             Series::new(
                 "d",
@@ -1241,11 +1262,27 @@ async fn run(o: Opts) -> i32 {
             ),
             Series::new("d2", "(d′) the same, back from the v1 member"),
         ];
+        series.insert(
+            1,
+            Series::new(
+                "a0",
+                "(a0) raw QEMU → QEMU as (a) but with QEMU's own switch-over (`downtime-limit` 300 ms from the start, no downtime target)",
+            ),
+        );
+        // series[0..2]: raw; series[FERRY..]: ferry's moves, in plan order.
+        const FERRY: usize = 2;
         for rep in 0..o.reps {
             eprintln!("== VMs, repetition {}/{}", rep + 1, o.reps);
             let base = work.path().join(format!("vm{rep}"));
-            let r = raw_vm(&base, &format!("rv{rep}")).await;
+            let r = raw_vm(&base, &format!("rv{rep}"), &MigrateParams::default()).await;
             series[0].record(rep, r);
+            // The same with QEMU's own switch-over (no downtime target).
+            let own = MigrateParams {
+                downtime_target_ms: None,
+                ..MigrateParams::default()
+            };
+            let r = raw_vm(&base, &format!("rq{rep}"), &own).await;
+            series[1].record(rep, r);
             let launched = ferry(
                 &ms[0],
                 &[
@@ -1264,7 +1301,7 @@ async fn run(o: Opts) -> i32 {
             )
             .await;
             if let Err(err) = launched {
-                for x in &mut series[1..] {
+                for x in &mut series[FERRY..] {
                     x.record(rep, Err(format!("launch: {err}")));
                 }
             } else {
@@ -1281,6 +1318,8 @@ async fn run(o: Opts) -> i32 {
                             "128MiB",
                             "--max-downtime",
                             "300",
+                            "--downtime-target",
+                            "300",
                             "--compression",
                             "none",
                         ],
@@ -1291,14 +1330,14 @@ async fn run(o: Opts) -> i32 {
                 let mut broken = None;
                 for (i, (from, to, extra)) in plan.iter().enumerate() {
                     if let Some(b) = &broken {
-                        series[i + 1].record(rep, Err(format!("skipped: {b}")));
+                        series[i + FERRY].record(rep, Err(format!("skipped: {b}")));
                         continue;
                     }
                     let r = ferry_vm_move(&ms[*from], &ms[*to], extra).await;
                     if let Err(err) = &r {
                         broken = Some(format!("an earlier move failed ({err})"));
                     }
-                    series[i + 1].record(rep, r);
+                    series[i + FERRY].record(rep, r);
                 }
             }
             delete(&ms[0], "v1").await;
