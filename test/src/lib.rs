@@ -391,9 +391,20 @@ impl Member {
                 )
                 .collect::<Result<Vec<_>, _>>()
             {
+                // An instance still moving (a test that failed mid-move) is
+                // busy: wait for the move to end, or the daemon would be
+                // killed under it and leave a restored process behind.
+                let deadline = Instant::now() + Duration::from_secs(30);
                 for e in list {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    let _ = self.ferry(&["delete", "--force", &name]);
+                    loop {
+                        let out = self.ferry(&["delete", "--force", &name]);
+                        let busy = String::from_utf8_lossy(&out.stderr).contains("is busy");
+                        if !busy || Instant::now() > deadline {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
                 }
             }
             let _ = nix::sys::signal::kill(
