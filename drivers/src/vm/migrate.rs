@@ -9,7 +9,8 @@
 //!                                                                caps; getfd; migrate-incoming fd:
 //!  migrate_outgoing(spec, params, fd_a)                          IncomingVm::wait()
 //!    caps; params; getfd; migrate fd:   fd_a ⇄ websocket ⇄ fd_b  (both directions: post-copy
-//!    query-migrate every 50 ms,                                   needs the return path)
+//!    query-migrate on each QMP event,                             needs the return path)
+//!    at least every 50 ms (10 ms while settling on the target)
 //!    progress every second
 //!    [post-copy: migrate-start-postcopy after the first pass]
 //!    STOP (source) ─────────── final RAM + device state ───────▶ RESUME (target runs the guest)
@@ -734,13 +735,10 @@ impl<'a> OutgoingWatch<'a> {
             } else {
                 POLL
             };
-            if self.params.block_mirror {
-                // React to `pre-switchover` at once: the guest is paused.
-                if let Some(ev) = qmp.next_event(poll).await {
-                    self.note_events(vec![ev]);
-                }
-            } else {
-                tokio::time::sleep(poll).await;
+            // Wake on QEMU's next event (`events` is on): react at once to
+            // `pre-switchover` (the guest is paused) and to completion.
+            if let Some(ev) = qmp.next_event(poll).await {
+                self.note_events(vec![ev]);
             }
         }
     }

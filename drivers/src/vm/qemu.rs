@@ -315,7 +315,8 @@ pub async fn wait_exit(f: &VmFiles, pid: u32, timeout: Duration) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Short: a move's clean-up (QEMU's quit) waits on this.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

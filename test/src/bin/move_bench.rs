@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use ferry_drivers::container::{forkstart_main, ContainerDriver, PagesTo};
 use ferry_drivers::vm::migrate::MigrateParams;
+use ferry_drivers::vm::mirror::MirrorParams;
 use ferry_drivers::vm::VmDriver;
 use ferry_drivers::{InstancePaths, InstanceSpec, InstanceType, Lifecycle, OpCtx};
 use ferry_test::bench::{self, ms, sh, Args, Doc, Host, Run};
@@ -701,11 +702,18 @@ async fn raw_vm(
     wait_guest(&a, 60).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     std::fs::create_dir_all(&b.paths.volume).map_err(e("mkdir"))?;
-    std::fs::copy(
-        a.paths.volume.join("disk.img"),
-        b.paths.volume.join("disk.img"),
-    )
-    .map_err(e("copy disk"))?;
+    if params.block_mirror {
+        // As ferry on a dir pool: B's empty disk, filled by A's mirror.
+        let size = d.disk_size(&a).map_err(e("disk size"))?;
+        d.prepare_mirror_target(&b, size)
+            .map_err(e("prepare mirror target"))?;
+    } else {
+        std::fs::copy(
+            a.paths.volume.join("disk.img"),
+            b.paths.volume.join("disk.img"),
+        )
+        .map_err(e("copy disk"))?;
+    }
     let params = params.clone();
     let cfg = d.launch_config(&a).map_err(e("launch config"))?;
 
@@ -719,10 +727,24 @@ async fn raw_vm(
         tokio::io::copy_bidirectional(&mut ar, &mut br).await
     });
     let t0 = Instant::now();
-    let incoming = d
+    let mut incoming = d
         .migrate_incoming(&b, &cfg, &params, b_qemu.into(), &ctx)
         .await
         .map_err(e("migrate_incoming"))?;
+    let mut mirror_ms = None;
+    if params.block_mirror {
+        // A's QEMU mirrors straight into B's NBD export (no relay).
+        let sock = b.paths.run.join("nbd-export.sock");
+        incoming
+            .start_nbd_export(&sock)
+            .await
+            .map_err(e("NBD export"))?;
+        let t = Instant::now();
+        d.mirror(&a, &sock, &MirrorParams::default(), |_| {}, &ctx)
+            .await
+            .map_err(e("mirror"))?;
+        mirror_ms = Some(ms(t.elapsed()));
+    }
     let (inc, out) = tokio::join!(
         incoming.wait(&ctx),
         d.migrate_outgoing(&a, &params, a_qemu.into(), |_| {}, &ctx)
@@ -747,6 +769,9 @@ async fn raw_vm(
     }
     s.insert("qemu_downtime", out.downtime_ms as f64);
     s.insert("qemu_total", out.total_time_ms as f64);
+    if let Some(m) = mirror_ms {
+        s.insert("mirror", m);
+    }
     s.insert("total", ms(wall));
     s.insert("sent_mib", out.transferred as f64 / MIB as f64);
     s.insert("passes", out.dirty_sync_count as f64);
@@ -1245,7 +1270,7 @@ async fn run(o: Opts) -> i32 {
         let mut series = vec![
             Series::new(
                 "a",
-                "(a) raw QEMU → QEMU over a unix socket relay (ferry's parameters and switch-over policy, no disk mirror)",
+                "(a) raw QEMU → QEMU over a unix socket relay, disk mirrored straight into the target's NBD export (ferry's parameters and switch-over policy)",
             ),
             Series::new("b", "(b) ferry live move, defaults (adaptive zstd on the state stream)"),
             Series::new(
@@ -1274,12 +1299,18 @@ async fn run(o: Opts) -> i32 {
         for rep in 0..o.reps {
             eprintln!("== VMs, repetition {}/{}", rep + 1, o.reps);
             let base = work.path().join(format!("vm{rep}"));
-            let r = raw_vm(&base, &format!("rv{rep}"), &MigrateParams::default()).await;
+            // ferry's parameters for a dir pool's VM: its defaults plus the
+            // disk mirror (ferry's (b) moves the disk the same way).
+            let ferrys = MigrateParams {
+                block_mirror: true,
+                ..MigrateParams::default()
+            };
+            let r = raw_vm(&base, &format!("rv{rep}"), &ferrys).await;
             series[0].record(rep, r);
             // The same with QEMU's own switch-over (no downtime target).
             let own = MigrateParams {
                 downtime_target_ms: None,
-                ..MigrateParams::default()
+                ..ferrys.clone()
             };
             let r = raw_vm(&base, &format!("rq{rep}"), &own).await;
             series[1].record(rep, r);
