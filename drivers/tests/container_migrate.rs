@@ -413,6 +413,43 @@ async fn dump_then_resume(base: PathBuf) -> TestResult {
         !nft_tables(pid)?.contains("CRIU-"),
         "lock table left by a failed dump"
     );
+
+    // Pre-dumps: only where CRIU can track dirty memory. Elsewhere (this
+    // project's test machine) they are refused before CRIU runs, and the
+    // container is untouched; where they work, the second writes less.
+    let pre = d.migrate_pre_dump(&a, &images, 1, &ctx).await;
+    match ContainerDriver::pre_dump_support().await {
+        Err(why) => {
+            println!("  pre-dump refused (no dirty tracking here): {why}");
+            ensure!(
+                matches!(pre, Err(DriverError::Unsupported(_))),
+                "pre-dump without dirty tracking not refused: {pre:?}"
+            );
+            ensure!(
+                !ferry_drivers::container::pre_dump_dir(&images, 1).exists(),
+                "a refused pre-dump left a directory"
+            );
+        }
+        Ok(()) => {
+            let one = pre.map_err(e("pre-dump 1"))?;
+            let two = d
+                .migrate_pre_dump(&a, &images, 2, &ctx)
+                .await
+                .map_err(e("pre-dump 2"))?;
+            println!("  pre-dumps: {one:?} then {two:?}");
+            ensure!(
+                two.pages_written < one.pages_written,
+                "the second pre-dump did not write less"
+            );
+        }
+    }
+    let c1 = counter(&a).ok_or("no counter")?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    ensure!(
+        counter(&a).is_some_and(|c2| c2 > c1) && proc_state(pid) != Some('T'),
+        "not running after the pre-dump attempt"
+    );
+    let _ = std::fs::remove_dir_all(ferry_drivers::container::pre_dump_root(&images));
     let _ = std::fs::remove_dir_all(&images);
 
     let info = d

@@ -72,6 +72,8 @@ async fn sink(
             .unwrap();
         let tls = acceptor.accept(tcp).await.unwrap();
         let mut path = String::new();
+        // The callback's error type is tungstenite's, not ours.
+        #[allow(clippy::result_large_err)]
         let ws = tokio_tungstenite::accept_hdr_async(
             tls,
             |r: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {

@@ -3,6 +3,7 @@
 //! | plan                     | dir pool                                   | shared pool        |
 //! |--------------------------|--------------------------------------------|--------------------|
 //! | live (CRIU page server)  | rootfs pass 1, pass 2 (changes), CRIU images | CRIU images      |
+//! | live with pre-dumps      | pass 1, pre-dump dirs + an empty one, pass 2, CRIU images | pre-dump dirs + an empty one, CRIU images |
 //! | stateful stop (v1 peers) | rootfs pass 1, pass 2 (changes), state dir | nothing            |
 //! | stateless                | rootfs (after the stop)                    | nothing            |
 //!
@@ -22,6 +23,7 @@ use ferry_migration::{
 use serde_json::json;
 use tokio_util::io::SyncIoBridge;
 
+use super::predump::{discard_pre_dumps, pre_dump_of, recv_pre_dumps, PRE_DUMPS_RECEIVED};
 use super::progress::Phase;
 use super::source::{close_bridge, send_archive, MoveRun, Pass};
 use super::target::{recv_archive, ReadBridge};
@@ -83,10 +85,25 @@ impl MoveRun {
                     Phase::Filesystem,
                     "waiting for the target to apply the first pass",
                 );
-                st = wait_first_pass(ctl, st, self.op.cancel_token()).await?;
+                st = wait_ack(
+                    ctl,
+                    st,
+                    self.op.cancel_token(),
+                    FIRST_PASS_APPLIED,
+                    "apply the first filesystem pass",
+                )
+                .await?;
             }
         }
         self.check_cancel()?;
+        let mut parent = None;
+        if let Some(goal) = pre_dump_of(plan) {
+            let r = self
+                .pre_copy_memory(ctl, st, bridge, &images, goal, plan.options.bandwidth)
+                .await;
+            let r = r.inspect_err(|_| discard_pre_dumps(&images));
+            (st, bridge, parent) = r?;
+        }
         match &plan.state {
             StatePlan::CriuPageServer { lazy_pages, .. } => {
                 let lazy = *lazy_pages;
@@ -128,7 +145,13 @@ impl MoveRun {
                     self.lazy = Some(dump);
                 } else {
                     let dump = driver
-                        .migrate_dump_with(&self.spec, &images, PagesTo::Socket(criu_end), &ctx)
+                        .migrate_dump_after(
+                            &self.spec,
+                            &images,
+                            PagesTo::Socket(criu_end),
+                            parent.as_deref(),
+                            &ctx,
+                        )
                         .await
                         .map_err(|e| format!("checkpoint failed: {e}"))?;
                     self.op
@@ -198,6 +221,7 @@ impl MoveRun {
         close_bridge(bridge).await?;
         self.finish_handover(ctl, st, plan, counters.sent.get())
             .await?;
+        discard_pre_dumps(&images);
         self.phase(Phase::Completing, "cleaning up the source");
         if let Some(dump) = self.lazy.take() {
             match driver
@@ -247,25 +271,28 @@ impl Daemon {
         std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
         let lazy = plan.is_postcopy();
         let live = matches!(plan.state, StatePlan::CriuPageServer { .. });
+        let pre_dumps = pre_dump_of(plan).is_some();
         let mut state_pipe = Some(state_pipe);
-        // Memory pages: a CRIU page server fed by the state channel.
-        let page_server = if live && !lazy {
-            let state_pipe = state_pipe.take().ok_or("no state channel")?;
-            let (criu_end, ours) = socketpair()?;
-            let ps = driver
-                .page_server_on_socket(&images, criu_end, &ctx)
-                .await
-                .map_err(|e| e.to_string())?;
-            let relay = tokio::spawn(super::relay_state(
-                ours,
-                state_pipe,
-                plan.state_compression,
-                None,
-            ));
-            Some((ps, relay))
-        } else {
-            None
+        // Memory pages: a CRIU page server fed by the state channel (after
+        // pre-dumps: once they are here, on top of the last one).
+        let start_page_server = |parent: Option<PathBuf>, pipe: Option<WsPipe>| {
+            let (driver, ctx, images) = (driver.clone(), ctx.clone(), images.clone());
+            let compression = plan.state_compression;
+            async move {
+                let state_pipe = pipe.ok_or("no state channel")?;
+                let (criu_end, ours) = socketpair()?;
+                let ps = driver
+                    .page_server_after(&images, criu_end, parent.as_deref(), &ctx)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let relay = tokio::spawn(super::relay_state(ours, state_pipe, compression, None));
+                Ok::<_, String>((ps, relay))
+            }
         };
+        let mut page_server = None;
+        if live && !lazy && !pre_dumps {
+            page_server = Some(start_page_server(None, state_pipe.take()).await?);
+        }
         let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
             .map_err(|e| e.to_string())?;
         let (r, _w) = tokio::io::split(fs);
@@ -274,19 +301,19 @@ impl Daemon {
         if !shared {
             bridge = recv_archive(bridge, rootfs.clone(), false).await?;
             if plan.is_stateful() && plan.version >= 2 {
-                ctl.send(&Message::Progress(Progress {
-                    stage: Stage::Filesystem,
-                    bytes: 0,
-                    total: None,
-                    detail: Some(FIRST_PASS_APPLIED.into()),
-                }))
-                .await
-                .map_err(|e| e.to_string())?;
+                send_ack(ctl, FIRST_PASS_APPLIED).await?;
             }
-            if plan.is_stateful() {
-                bridge = recv_archive(bridge, rootfs.clone(), true).await?;
-                tracing::debug!(instance = %spec.name, "move target: final rootfs pass applied");
-            }
+        }
+        if pre_dumps {
+            let r = recv_pre_dumps(bridge, &images).await;
+            let (b, parent) = r.inspect_err(|_| discard_pre_dumps(&images))?;
+            bridge = b;
+            page_server = Some(start_page_server(parent, state_pipe.take()).await?);
+            send_ack(ctl, PRE_DUMPS_RECEIVED).await?;
+        }
+        if !shared && plan.is_stateful() {
+            bridge = recv_archive(bridge, rootfs.clone(), true).await?;
+            tracing::debug!(instance = %spec.name, "move target: final rootfs pass applied");
         }
         match &plan.state {
             StatePlan::CriuPageServer { .. } => {
@@ -334,6 +361,7 @@ impl Daemon {
         let st = super::target::send_resumed(ctl, st, None).await?;
         // After Resumed: freeing the images is not part of the downtime.
         let _ = std::fs::remove_dir_all(&images);
+        discard_pre_dumps(&images);
         self.report_success(ctl, st, spec, vol).await
     }
 }
@@ -391,11 +419,14 @@ impl Daemon {
 /// its disk (protocol v2; v1 targets do not send it and are not waited for).
 const FIRST_PASS_APPLIED: &str = "first pass applied";
 
-/// Source: wait (bounded) for the target's first-pass ack on control.
-async fn wait_first_pass(
+/// Source: wait (bounded) for the target's ack `detail` on control (it
+/// could not `what` in time otherwise).
+pub(super) async fn wait_ack(
     ctl: &mut WsControl,
     st: SourceState,
     cancel: tokio_util::sync::CancellationToken,
+    detail: &str,
+    what: &str,
 ) -> Result<SourceState, String> {
     let mut st = st;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -404,17 +435,26 @@ async fn wait_first_pass(
         let (next, msg) = tokio::select! {
             _ = cancel.cancelled() => return Err("cancelled by the user".into()),
             r = tokio::time::timeout(left, st.recv(ctl)) => r
-                .map_err(|_| {
-                    "the target did not apply the first filesystem pass within 10 minutes"
-                        .to_string()
-                })?
+                .map_err(|_| format!("the target did not {what} within 10 minutes"))?
                 .map_err(super::peer_error("target"))?,
         };
         st = next;
-        if matches!(&msg, Message::Progress(p) if p.detail.as_deref() == Some(FIRST_PASS_APPLIED)) {
+        if matches!(&msg, Message::Progress(p) if p.detail.as_deref() == Some(detail)) {
             return Ok(st);
         }
     }
+}
+
+/// Target: tell the source that `detail` happened (protocol v2 acks).
+async fn send_ack(ctl: &mut WsControl, detail: &str) -> Result<(), String> {
+    ctl.send(&Message::Progress(Progress {
+        stage: Stage::Filesystem,
+        bytes: 0,
+        total: None,
+        detail: Some(detail.into()),
+    }))
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// Move every file of `from` into `to` (keeping what `to` already has), then remove `from`.

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 pub mod container;
+mod predump;
 pub mod progress;
 pub mod source;
 pub mod target;

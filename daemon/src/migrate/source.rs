@@ -303,6 +303,11 @@ impl MoveRun {
             (false, _) => vec![StateTransfer::None],
             (true, false) => {
                 let mut v = vec![StateTransfer::CriuPageServer];
+                if !self.options.postcopy {
+                    // Only where CRIU can track dirty memory (not on this
+                    // project's test machine: see doc/moves.md).
+                    v.extend(super::predump::pre_dump_capability().await);
+                }
                 if self.options.postcopy {
                     match ContainerDriver::lazy_pages_support().await {
                         Ok(()) => v.push(StateTransfer::CriuLazyPages),
@@ -587,6 +592,7 @@ impl MoveRun {
     /// then announce the move.
     pub(super) async fn clean_up_source(&self) {
         let _ = std::fs::remove_dir_all(Self::images_dir(&self.spec));
+        super::predump::discard_pre_dumps(&Self::images_dir(&self.spec));
         if self.rec.storage_pool == crate::settings::SHARED_POOL {
             super::remove_member_files(&self.spec);
         } else if let Err(e) = Driver::for_type(self.spec.kind).delete(&self.spec).await {
@@ -649,6 +655,7 @@ impl MoveRun {
             let _ = driver.start(&self.spec, &ctx).await;
         }
         let _ = std::fs::remove_dir_all(Self::images_dir(&self.spec));
+        super::predump::discard_pre_dumps(&Self::images_dir(&self.spec));
     }
 }
 

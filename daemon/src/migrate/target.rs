@@ -152,6 +152,9 @@ impl Daemon {
         {
             state.push(StateTransfer::CriuLazyPages);
         }
+        if container {
+            state.extend(super::predump::pre_dump_capability().await);
+        }
         let caps = Capabilities {
             fs,
             state: [

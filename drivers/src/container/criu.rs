@@ -238,6 +238,30 @@ pub fn migrate_dump_args(
     v
 }
 
+/// Incremental dumps: `--track-mem` (soft-dirty tracking, so the next
+/// iteration sends only what changed) and, after a previous iteration,
+/// `--prev-images-dir PARENT` (relative to the images dir: CRIU links it as
+/// `images/parent` and marks unchanged pages as being there).
+pub fn incremental_args(parent: Option<&Path>) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec!["--track-mem".into()];
+    if let Some(p) = parent {
+        v.push("--prev-images-dir".into());
+        v.push(p.into());
+    }
+    v
+}
+
+/// One iteration of iterative migration: `criu pre-dump` of the running
+/// tree into `images` (its memory only; the tasks run on), see
+/// [`incremental_args`].
+pub fn pre_dump_args(pid: u32, images: &Path, log: &Path, parent: Option<&Path>) -> Vec<OsString> {
+    let mut v: Vec<OsString> = ["pre-dump", "--tree"].map(OsString::from).into();
+    v.push(pid.to_string().into());
+    v.extend(common_args(images, log));
+    v.extend(incremental_args(parent));
+    v
+}
+
 /// `criu page-server` receiving one dump's pages into `images` (it exits
 /// when the dump's connection closes). CRIU refuses `--port 0`: the caller
 /// picks the port. With `--status-fd 3` CRIU writes one NUL byte to fd 3
@@ -356,6 +380,10 @@ pub fn nft_lock_table(run_id: &str) -> String {
 pub struct DumpStats {
     /// Time the tasks were frozen, in microseconds (field 2).
     pub frozen_us: Option<u64>,
+    /// Memory pages looked at (field 5).
+    pub pages_scanned: Option<u64>,
+    /// Pages left out because the parent images hold them (field 6).
+    pub pages_skipped_parent: Option<u64>,
     /// Memory pages written to images or to the page server (field 7).
     pub pages_written: Option<u64>,
 }
@@ -376,6 +404,8 @@ pub fn parse_dump_stats(img: &[u8]) -> Option<DumpStats> {
         if let ProtoVal::Varint(n) = v {
             match f {
                 2 => st.frozen_us = Some(n),
+                5 => st.pages_scanned = Some(n),
+                6 => st.pages_skipped_parent = Some(n),
                 7 => st.pages_written = Some(n),
                 _ => {}
             }
@@ -625,6 +655,24 @@ mod tests {
     }
 
     #[test]
+    fn pre_dump_and_incremental_args() {
+        let p = pre_dump_args(
+            7,
+            Path::new("/i/pre/2"),
+            Path::new("/l"),
+            Some(Path::new("../1")),
+        );
+        let p: Vec<_> = p.iter().map(|s| s.to_str().unwrap()).collect();
+        assert_eq!(&p[..3], ["pre-dump", "--tree", "7"]);
+        assert!(p.windows(2).any(|w| w == ["--images-dir", "/i/pre/2"]));
+        assert!(p.windows(2).any(|w| w == ["--prev-images-dir", "../1"]));
+        assert!(p.contains(&"--track-mem") && !p.contains(&"--leave-stopped"));
+        let first = pre_dump_args(7, Path::new("/i/pre/1"), Path::new("/l"), None);
+        assert!(!first.iter().any(|a| a == "--prev-images-dir"));
+        assert_eq!(incremental_args(None), vec![OsString::from("--track-mem")]);
+    }
+
+    #[test]
     fn lazy_args() {
         let d = lazy_dump_args(7, Path::new("/i"), Path::new("/l"), PageEndpoint::Fd(3), 4);
         let d: Vec<_> = d.iter().map(|s| s.to_str().unwrap()).collect();
@@ -681,6 +729,10 @@ mod tests {
         let st = parse_dump_stats(&img).unwrap();
         assert_eq!(st.frozen_us, Some(88082));
         assert_eq!(st.pages_written, Some(61));
+        assert_eq!(
+            (st.pages_scanned, st.pages_skipped_parent),
+            (Some(106), Some(0))
+        );
         assert_eq!(parse_dump_stats(&img[..20]), None);
     }
 

@@ -140,6 +140,22 @@ impl ContainerDriver {
         pages: PagesTo,
         ctx: &OpCtx,
     ) -> Result<DumpInfo, DriverError> {
+        self.migrate_dump_after(spec, images_dir, pages, None, ctx)
+            .await
+    }
+
+    /// [`migrate_dump_with`](Self::migrate_dump_with) after pre-dumps
+    /// ([`predump`](super::predump)): `parent` is the last pre-dump's
+    /// directory relative to `images_dir`; only the pages changed since
+    /// then are sent.
+    pub async fn migrate_dump_after(
+        &self,
+        spec: &InstanceSpec,
+        images_dir: &Path,
+        pages: PagesTo,
+        parent: Option<&Path>,
+        ctx: &OpCtx,
+    ) -> Result<DumpInfo, DriverError> {
         let l = Layout::of(spec);
         let rec = self.check_dumpable(spec).await?;
         let bin = criu::checked_criu().await?;
@@ -155,7 +171,10 @@ impl ContainerDriver {
             PagesTo::PageServer(addr) => (Some(PageEndpoint::Tcp(*addr)), vec![]),
             PagesTo::Socket(sock) => (Some(PageEndpoint::Fd(3)), vec![(sock.as_raw_fd(), 3)]),
         };
-        let args = criu::migrate_dump_args(rec.pid, images_dir, &l.dump_log, endpoint);
+        let mut args = criu::migrate_dump_args(rec.pid, images_dir, &l.dump_log, endpoint);
+        if parent.is_some() {
+            args.extend(criu::incremental_args(parent));
+        }
         let frozen_at = Instant::now();
         let r = criu::run_with_fds(&bin, &args, &l.dump_log, self.timeouts.dump, None, &fds).await;
         // Our copy of the socket must go, or the relay never sees EOF.
@@ -310,7 +329,9 @@ impl ContainerDriver {
         for attempt in 0..8 {
             ctx.check_cancelled("page server (nothing was started)")?;
             let addr = free_port()?;
-            match spawn_page_server(&bin, images_dir, PageEndpoint::Tcp(addr), None, &log).await? {
+            match spawn_page_server(&bin, images_dir, PageEndpoint::Tcp(addr), None, None, &log)
+                .await?
+            {
                 Ok(child) => {
                     tracing::info!(%addr, dir = %images_dir.display(), "criu page-server listening");
                     return Ok(PageServer {
@@ -347,6 +368,20 @@ impl ContainerDriver {
         sock: OwnedFd,
         ctx: &OpCtx,
     ) -> Result<PageServer, DriverError> {
+        self.page_server_after(images_dir, sock, None, ctx).await
+    }
+
+    /// [`page_server_on_socket`](Self::page_server_on_socket) for a dump
+    /// after pre-dumps: `parent` (relative to `images_dir`) is where the
+    /// last pre-dump's images were received; CRIU links it as
+    /// `images_dir/parent` for the restore.
+    pub async fn page_server_after(
+        &self,
+        images_dir: &Path,
+        sock: OwnedFd,
+        parent: Option<&Path>,
+        ctx: &OpCtx,
+    ) -> Result<PageServer, DriverError> {
         let bin = criu::checked_criu().await?;
         mkdirs(&[images_dir])?;
         ctx.check_cancelled("page server (nothing was started)")?;
@@ -357,6 +392,7 @@ impl ContainerDriver {
             images_dir,
             PageEndpoint::Fd(4),
             Some(sock.as_raw_fd()),
+            parent,
             &log,
         )
         .await?;
@@ -638,9 +674,13 @@ async fn spawn_page_server(
     images: &Path,
     ep: PageEndpoint,
     sock: Option<i32>,
+    parent: Option<&Path>,
     log: &Path,
 ) -> Result<Result<tokio::process::Child, String>, DriverError> {
-    let args = criu::page_server_args(images, ep, log);
+    let mut args = criu::page_server_args(images, ep, log);
+    if let Some(p) = parent {
+        args.extend(["--prev-images-dir".into(), p.into()]);
+    }
     let what = format!("page-server on {ep:?}");
     spawn_ready(bin, &args, sock, log, Duration::from_secs(30), &what).await
 }
