@@ -23,7 +23,7 @@ use ferry_migration::{
 use serde_json::json;
 use tokio_util::io::SyncIoBridge;
 
-use super::predump::{discard_pre_dumps, pre_dump_of, recv_pre_dumps, PRE_DUMPS_RECEIVED};
+use super::predump::{pre_dump_of, recv_pre_dumps, remove_images, PRE_DUMPS_RECEIVED};
 use super::progress::Phase;
 use super::source::{close_bridge, send_archive, MoveRun, Pass};
 use super::target::{recv_archive, ReadBridge};
@@ -98,11 +98,9 @@ impl MoveRun {
         self.check_cancel()?;
         let mut parent = None;
         if let Some(goal) = pre_dump_of(plan) {
-            let r = self
+            (st, bridge, parent) = self
                 .pre_copy_memory(ctl, st, bridge, &images, goal, plan.options.bandwidth)
-                .await;
-            let r = r.inspect_err(|_| discard_pre_dumps(&images));
-            (st, bridge, parent) = r?;
+                .await?;
         }
         match &plan.state {
             StatePlan::CriuPageServer { lazy_pages, .. } => {
@@ -221,7 +219,6 @@ impl MoveRun {
         close_bridge(bridge).await?;
         self.finish_handover(ctl, st, plan, counters.sent.get())
             .await?;
-        discard_pre_dumps(&images);
         self.phase(Phase::Completing, "cleaning up the source");
         if let Some(dump) = self.lazy.take() {
             match driver
@@ -305,8 +302,7 @@ impl Daemon {
             }
         }
         if pre_dumps {
-            let r = recv_pre_dumps(bridge, &images).await;
-            let (b, parent) = r.inspect_err(|_| discard_pre_dumps(&images))?;
+            let (b, parent) = recv_pre_dumps(bridge, &images).await?;
             bridge = b;
             page_server = Some(start_page_server(parent, state_pipe.take()).await?);
             send_ack(ctl, PRE_DUMPS_RECEIVED).await?;
@@ -360,8 +356,7 @@ impl Daemon {
         };
         let st = super::target::send_resumed(ctl, st, None).await?;
         // After Resumed: freeing the images is not part of the downtime.
-        let _ = std::fs::remove_dir_all(&images);
-        discard_pre_dumps(&images);
+        remove_images(&images);
         self.report_success(ctl, st, spec, vol).await
     }
 }

@@ -169,8 +169,11 @@ pub(super) async fn recv_pre_dumps(
     Ok((bridge, (n > 0).then(|| final_parent(images, n))))
 }
 
-/// Remove a move's pre-dump directories (both sides, success or not).
-pub(super) fn discard_pre_dumps(images: &Path) {
+/// Remove a move's checkpoint images and pre-dump directories (the source
+/// after the move or its recovery, the target once the instance runs; a
+/// failed receive deletes the whole run directory).
+pub(super) fn remove_images(images: &Path) {
+    let _ = std::fs::remove_dir_all(images);
     let _ = std::fs::remove_dir_all(pre_dump_root(images));
 }
 

@@ -307,8 +307,7 @@ impl MoveRun {
                     // Only where CRIU can track dirty memory (not on this
                     // project's test machine: see doc/moves.md).
                     v.extend(super::predump::pre_dump_capability().await);
-                }
-                if self.options.postcopy {
+                } else {
                     match ContainerDriver::lazy_pages_support().await {
                         Ok(()) => v.push(StateTransfer::CriuLazyPages),
                         Err(e) => {
@@ -591,8 +590,7 @@ impl MoveRun {
     /// the volume now belongs to the target: only member-local files go),
     /// then announce the move.
     pub(super) async fn clean_up_source(&self) {
-        let _ = std::fs::remove_dir_all(Self::images_dir(&self.spec));
-        super::predump::discard_pre_dumps(&Self::images_dir(&self.spec));
+        super::predump::remove_images(&Self::images_dir(&self.spec));
         if self.rec.storage_pool == crate::settings::SHARED_POOL {
             super::remove_member_files(&self.spec);
         } else if let Err(e) = Driver::for_type(self.spec.kind).delete(&self.spec).await {
@@ -654,8 +652,7 @@ impl MoveRun {
         } else if self.running && !self.live && !self.d.runtime(&self.spec).await.running {
             let _ = driver.start(&self.spec, &ctx).await;
         }
-        let _ = std::fs::remove_dir_all(Self::images_dir(&self.spec));
-        super::predump::discard_pre_dumps(&Self::images_dir(&self.spec));
+        super::predump::remove_images(&Self::images_dir(&self.spec));
     }
 }
 

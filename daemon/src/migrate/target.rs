@@ -144,15 +144,11 @@ impl Daemon {
                 .join(&req.record.storage_pool),
         };
         let mut state = vec![];
-        let container = spec.kind == ferry_drivers::InstanceType::Container;
-        if container
-            && ferry_drivers::container::ContainerDriver::lazy_pages_support()
-                .await
-                .is_ok()
-        {
-            state.push(StateTransfer::CriuLazyPages);
-        }
-        if container {
+        if spec.kind == ferry_drivers::InstanceType::Container {
+            let lazy = ferry_drivers::container::ContainerDriver::lazy_pages_support().await;
+            if lazy.is_ok() {
+                state.push(StateTransfer::CriuLazyPages);
+            }
             state.extend(super::predump::pre_dump_capability().await);
         }
         let caps = Capabilities {

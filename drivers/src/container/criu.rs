@@ -266,9 +266,18 @@ pub fn pre_dump_args(pid: u32, images: &Path, log: &Path, parent: Option<&Path>)
 /// when the dump's connection closes). CRIU refuses `--port 0`: the caller
 /// picks the port. With `--status-fd 3` CRIU writes one NUL byte to fd 3
 /// once it listens (or holds the socket).
-pub fn page_server_args(images: &Path, ep: PageEndpoint, log: &Path) -> Vec<OsString> {
+pub fn page_server_args(
+    images: &Path,
+    ep: PageEndpoint,
+    parent: Option<&Path>,
+    log: &Path,
+) -> Vec<OsString> {
     let mut v: Vec<OsString> = vec!["page-server".into(), "--images-dir".into(), images.into()];
     v.extend(ep.args());
+    if let Some(p) = parent {
+        // A dump after pre-dumps: CRIU links `images/parent` to it.
+        v.extend(["--prev-images-dir".into(), p.into()]);
+    }
     v.extend(status_and_log(log));
     v
 }
@@ -638,11 +647,24 @@ mod tests {
         assert!(d.windows(2).any(|w| w == ["--port", "40123"]));
         let d = migrate_dump_args(7, Path::new("/i"), Path::new("/l"), None);
         assert!(!d.iter().any(|a| a == "--page-server"));
-        let p = page_server_args(Path::new("/i"), PageEndpoint::Tcp(addr), Path::new("/l"));
+        let p = page_server_args(
+            Path::new("/i"),
+            PageEndpoint::Tcp(addr),
+            None,
+            Path::new("/l"),
+        );
         let p: Vec<_> = p.iter().map(|s| s.to_str().unwrap()).collect();
         assert_eq!(p[0], "page-server");
         assert!(p.windows(2).any(|w| w == ["--status-fd", "3"]));
         assert!(p.windows(2).any(|w| w == ["--port", "40123"]));
+        assert!(!p.contains(&"--prev-images-dir"));
+        let p = page_server_args(
+            Path::new("/i"),
+            PageEndpoint::Fd(4),
+            Some(Path::new("../p/2")),
+            Path::new("/l"),
+        );
+        assert!(p.windows(2).any(|w| w == ["--prev-images-dir", "../p/2"]));
         let d = migrate_dump_args(
             7,
             Path::new("/i"),

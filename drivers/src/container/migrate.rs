@@ -677,10 +677,7 @@ async fn spawn_page_server(
     parent: Option<&Path>,
     log: &Path,
 ) -> Result<Result<tokio::process::Child, String>, DriverError> {
-    let mut args = criu::page_server_args(images, ep, log);
-    if let Some(p) = parent {
-        args.extend(["--prev-images-dir".into(), p.into()]);
-    }
+    let args = criu::page_server_args(images, ep, parent, log);
     let what = format!("page-server on {ep:?}");
     spawn_ready(bin, &args, sock, log, Duration::from_secs(30), &what).await
 }
