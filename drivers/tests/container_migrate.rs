@@ -17,7 +17,9 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_drivers::container::{forkstart_main, ContainerDriver, LazyFrom, LazyServe, PagesTo};
+use ferry_drivers::container::{
+    forkstart_main, ContainerDriver, LazyFrom, LazyServe, PageSink, PagesTo,
+};
 use ferry_drivers::storage::{
     read_archive, write_archive, ArchiveOptions, ArchiveStats, ExtractOptions, Manifest,
 };
@@ -116,6 +118,9 @@ enum Pages {
     /// Unix socketpairs at both ends (`--ps-socket`), a relay task copies
     /// between them as the daemon will over its state channel.
     Relay,
+    /// A unix socketpair at the dump's end only: ferry's own page sink
+    /// writes the images on B (no `criu page-server`).
+    Sink,
 }
 
 /// Move a running container from member A to member B.
@@ -175,6 +180,22 @@ async fn move_between_members(base: PathBuf, mode: Pages) -> TestResult {
             });
             (Some(ps), PagesTo::Socket(src_criu.into()), Some(relay))
         }
+        Pages::Sink => {
+            use std::os::unix::net::UnixStream;
+            let (src_criu, src_relay) = UnixStream::pair().map_err(e("socketpair"))?;
+            std::fs::create_dir_all(&images_b).map_err(e("mkdir B images"))?;
+            let dir = images_b.clone();
+            let relay = tokio::spawn(async move {
+                src_relay.set_nonblocking(true)?;
+                let mut s = tokio::net::UnixStream::from_std(src_relay)?;
+                let mut sink = PageSink::new(&dir);
+                let moved = tokio::io::copy_bidirectional(&mut s, &mut sink).await?;
+                let stats = sink.finish()?;
+                println!("  page sink: {stats:?}");
+                Ok(moved)
+            });
+            (None, PagesTo::Socket(src_criu.into()), Some(relay))
+        }
     };
 
     // Freeze: the final dump.
@@ -218,6 +239,8 @@ async fn move_between_members(base: PathBuf, mode: Pages) -> TestResult {
             .map_err(e("relay task"))?
             .map_err(e("relay"))?;
         println!("  relayed {up} bytes to the page server, {down} back");
+        ensure!(has_pages(&images_b), "no pages arrived on B");
+        ensure!(!has_pages(&images_a), "pages written locally on A");
     }
     let dumped = info.frozen_at.elapsed();
 
@@ -352,6 +375,10 @@ async fn move_page_server(base: PathBuf) -> TestResult {
 
 async fn move_relayed(base: PathBuf) -> TestResult {
     move_between_members(base, Pages::Relay).await
+}
+
+async fn move_page_sink(base: PathBuf) -> TestResult {
+    move_between_members(base, Pages::Sink).await
 }
 
 async fn move_files(base: PathBuf) -> TestResult {
@@ -921,9 +948,10 @@ fn main() {
         return;
     }
     let filter = argv.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
-    let tests: [(&str, TestFn); 8] = [
+    let tests: [(&str, TestFn); 9] = [
         ("move_page_server", |b| Box::pin(move_page_server(b))),
         ("move_relayed", |b| Box::pin(move_relayed(b))),
+        ("move_page_sink", |b| Box::pin(move_page_sink(b))),
         ("dump_then_resume", |b| Box::pin(dump_then_resume(b))),
         ("move_files", |b| Box::pin(move_files(b))),
         ("move_shared_volume", |b| Box::pin(move_shared_volume(b))),

@@ -86,6 +86,10 @@ pub enum StatePlan {
     CriuPageServer {
         pre_dump: Option<PreDump>,
         lazy_pages: bool,
+        /// The target's page sink reads the stream (`ferry_page_sink`, with
+        /// this header layout) instead of `criu page-server`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        page_sink: Option<u32>,
     },
     VmQemuLive {
         features: Vec<QemuFeature>,
@@ -168,6 +172,7 @@ impl Plan {
             StatePlan::CriuPageServer {
                 pre_dump,
                 lazy_pages,
+                page_sink,
             } => {
                 let mut v = Vec::new();
                 if let Some(p) = pre_dump {
@@ -179,6 +184,9 @@ impl Plan {
                 v.push(StateTransfer::CriuPageServer);
                 if *lazy_pages {
                     v.push(StateTransfer::CriuLazyPages);
+                }
+                if let Some(criu_iov) = *page_sink {
+                    v.push(StateTransfer::FerryPageSink { criu_iov });
                 }
                 v
             }
@@ -206,8 +214,14 @@ impl std::fmt::Display for Plan {
             StatePlan::CriuPageServer {
                 pre_dump,
                 lazy_pages,
+                page_sink,
             } => format!(
-                "CRIU page server{}{}",
+                "CRIU page server{}{}{}",
+                if page_sink.is_some() {
+                    " stream into ferry's page sink"
+                } else {
+                    ""
+                },
                 pre_dump
                     .map(|p| format!(
                         ", pre-dump ≤{}× until {}%",
@@ -298,6 +312,7 @@ impl Since for StateTransfer {
             StateTransfer::CriuPageServer
             | StateTransfer::CriuPreDump { .. }
             | StateTransfer::CriuLazyPages
+            | StateTransfer::FerryPageSink { .. }
             | StateTransfer::VmQemuLive { .. } => 2,
             StateTransfer::StatefulStopFile | StateTransfer::None => 1,
         }
@@ -397,6 +412,7 @@ fn validate(offer: &Offer) -> Result<(), NegotiationError> {
             StateTransfer::CriuPageServer
             | StateTransfer::CriuPreDump { .. }
             | StateTransfer::CriuLazyPages
+            | StateTransfer::FerryPageSink { .. }
                 if vm =>
             {
                 return bad(format!(
@@ -510,9 +526,21 @@ fn choose_live(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) ->
                 }),
                 _ => None,
             };
+            // The sink takes a plain stop-and-copy dump of a layout both know.
+            let page_sink = match both(offer, caps, |s| {
+                matches!(s, StateTransfer::FerryPageSink { .. })
+            }) {
+                _ if lazy_pages || pre_dump.is_some() => None,
+                Some((
+                    StateTransfer::FerryPageSink { criu_iov: a },
+                    StateTransfer::FerryPageSink { criu_iov: b },
+                )) if a == b => Some(*a),
+                _ => None,
+            };
             Some(StatePlan::CriuPageServer {
                 pre_dump,
                 lazy_pages,
+                page_sink,
             })
         }
         InstanceType::Vm => {

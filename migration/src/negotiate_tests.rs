@@ -100,7 +100,8 @@ fn container_live_with_pre_dump_and_source_preferences() {
                 max_iterations: 5,
                 goal_percent: 70
             }),
-            lazy_pages: false
+            lazy_pages: false,
+            page_sink: None,
         }
     );
     assert_eq!(plan.state_compression, C::Zstd);
@@ -148,7 +149,8 @@ fn postcopy_not_shared_is_dropped_with_a_reason() {
         plan.state,
         StatePlan::CriuPageServer {
             pre_dump: None,
-            lazy_pages: false
+            lazy_pages: false,
+            page_sink: None,
         }
     );
     assert!(!plan.options.postcopy);
@@ -408,4 +410,88 @@ fn zstd_frames_is_chosen_by_new_peers_and_skipped_by_older_ones() {
     // zstd_frames is never a byte-stream codec (the fs channel).
     let io = tokio::io::duplex(64);
     assert!(crate::ByteChannel::new(io.0, C::ZstdFrames).is_err());
+}
+
+#[test]
+fn page_sink_only_for_a_plain_dump_of_a_layout_both_know() {
+    let sink = |criu_iov| S::FerryPageSink { criu_iov };
+    let plain = |mut o: Offer| {
+        o.state.retain(|s| !matches!(s, S::CriuPreDump { .. }));
+        o.state.push(sink(2));
+        o
+    };
+    let with_sink = |iov| {
+        let mut c = full_container_caps();
+        c.state.push(sink(iov));
+        c
+    };
+    // Both list layout 2, stop-and-copy: the sink; the response says so and
+    // the source derives the same plan from it.
+    let offer = plain(container_offer());
+    let plan = negotiate(&offer, &with_sink(2)).unwrap();
+    assert_eq!(
+        plan.state,
+        StatePlan::CriuPageServer {
+            pre_dump: None,
+            lazy_pages: false,
+            page_sink: Some(2),
+        }
+    );
+    assert!(plan.to_string().contains("ferry's page sink"), "{plan}");
+    let resp = plan.to_response();
+    assert!(resp.state.contains(&sink(2)));
+    assert_eq!(check_response(&offer, &resp).unwrap().state, plan.state);
+    // Another layout, or a target without the sink: CRIU's page server.
+    for caps in [with_sink(3), full_container_caps()] {
+        let plan = negotiate(&offer, &caps).unwrap();
+        assert!(
+            matches!(
+                plan.state,
+                StatePlan::CriuPageServer {
+                    page_sink: None,
+                    ..
+                }
+            ),
+            "{plan}"
+        );
+    }
+    // Pre-dumps (parents) and post-copy (lazy pages) keep CRIU's server.
+    let mut pre = container_offer();
+    pre.state.push(sink(2));
+    let plan = negotiate(&pre, &with_sink(2)).unwrap();
+    assert!(
+        matches!(
+            plan.state,
+            StatePlan::CriuPageServer {
+                page_sink: None,
+                pre_dump: Some(_),
+                ..
+            }
+        ),
+        "{plan}"
+    );
+    let mut lazy = plain(container_offer());
+    lazy.options.postcopy = true;
+    let plan = negotiate(&lazy, &with_sink(2)).unwrap();
+    assert!(
+        matches!(
+            plan.state,
+            StatePlan::CriuPageServer {
+                page_sink: None,
+                lazy_pages: true,
+                ..
+            }
+        ),
+        "{plan}"
+    );
+    // Not a VM transfer.
+    let mut vm = vm_offer();
+    vm.state.push(sink(2));
+    assert!(negotiate(&vm, &with_sink(2)).is_err());
+    // Since v2: an older offer never carries it.
+    let old = offer.for_version(1);
+    assert!(!old
+        .state
+        .iter()
+        .any(|s| matches!(s, S::FerryPageSink { .. })));
 }

@@ -290,6 +290,13 @@ pub enum StateTransfer {
     },
     /// CRIU post-copy: restore first, pages follow on demand over state.
     CriuLazyPages,
+    /// With `criu_page_server` (stop-and-copy, no pre-dump): the target
+    /// writes the dump's page stream into images itself instead of running
+    /// `criu page-server`. `criu_iov`: the page-server header layout of the
+    /// source's CRIU (2 = CRIU 4.2: 32 bytes, 64-bit page counts); the
+    /// target lists the layouts it reads. Since protocol v2 (an older v2
+    /// peer reads it as unknown and the page server is used).
+    FerryPageSink { criu_iov: u32 },
     /// QEMU-to-QEMU live migration over the state channel.
     VmQemuLive { features: Vec<QemuFeature> },
     /// Fallback: stateful stop, state file on the fs channel, stateful start.

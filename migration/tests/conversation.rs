@@ -167,7 +167,8 @@ async fn happy_path_live_container_move() {
         plan.state,
         StatePlan::CriuPageServer {
             pre_dump: None,
-            lazy_pages: false
+            lazy_pages: false,
+            page_sink: None,
         }
     );
     assert_eq!(plan.state_compression, Compression::Zstd);

@@ -70,6 +70,8 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     let meta: Value = serde_json::from_str(&out).unwrap();
     eprintln!("move result: {meta}");
     assert_eq!(meta["plan"]["state"]["type"], "criu_page_server", "{meta}");
+    // The target wrote the pages into images itself (no `criu page-server`).
+    assert_eq!(meta["plan"]["state"]["page_sink"], 2, "{meta}");
     assert_eq!(meta["plan"]["state_compression"], "zstd_frames", "{meta}");
     let (raw, wire) = (
         meta["state_bytes"].as_u64().unwrap(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ferry_drivers::vm::VmDriver;
 use ferry_test::{form_cluster, location, need_root, pid_alive, wait_for, Member};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn move_json(m: &Member, name: &str, target: &str) -> Value {
     let out = m.ferry_ok(&["move", name, "--target", target, "--format", "json"]);
@@ -132,9 +132,10 @@ async fn instances_on_a_shared_pool_move_without_copying_storage() {
         .tempdir()
         .unwrap();
     let p = pool.path().to_str().unwrap();
-    // m1 and m2 see the pool; m3 does not.
+    // m1 and m2 see the pool; m3 does not. m1 receives container pages
+    // with CRIU's own page server, m2 with ferry's page sink.
     let ms = vec![
-        Member::start_with_env("m1", &[("FERRY_SHARED_POOL", p)]),
+        Member::start_with_env("m1", &[("FERRY_SHARED_POOL", p), ("FERRY_PAGE_SINK", "0")]),
         Member::start_with_env("m2", &[("FERRY_SHARED_POOL", p)]),
         Member::start("m3"),
     ];
@@ -185,6 +186,13 @@ async fn instances_on_a_shared_pool_move_without_copying_storage() {
         let meta = move_json(&ms[from], "c1", &ms[to].name);
         assert_eq!(meta["plan"]["fs"]["type"], "shared", "{meta}");
         assert_eq!(meta["plan"]["state"]["type"], "criu_page_server", "{meta}");
+        let (sink, path) = if to == 1 {
+            (json!(2), "live (CRIU dump into ferry's page sink)")
+        } else {
+            (Value::Null, "live (CRIU page server)")
+        };
+        assert_eq!(meta["plan"]["state"]["page_sink"], sink, "{meta}");
+        assert_eq!(meta["path"], path, "{meta}");
         assert!(
             cvol.join("rootfs/bin/busybox").exists(),
             "the shared volume was removed"

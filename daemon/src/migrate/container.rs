@@ -14,7 +14,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_drivers::container::{ContainerDriver, LazyFrom, LazyServe, PagesTo};
+use ferry_drivers::container::{
+    AnswerForSink, ContainerDriver, LazyFrom, LazyServe, PageServer, PageSink, PagesTo,
+};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave, VolatileChanges};
 use ferry_migration::{
     ByteChannel, Message, MessageChannel, Plan, Progress, SourceState, Stage, StatePlan,
@@ -121,8 +123,26 @@ impl MoveRun {
                 // channel (no TCP port, no Nagle stalls).
                 let (criu_end, ours) = socketpair()?;
                 let (compression, limit) = (plan.state_compression, plan.options.bandwidth);
+                let sink = matches!(
+                    plan.state,
+                    StatePlan::CriuPageServer {
+                        page_sink: Some(_),
+                        ..
+                    }
+                );
+                // Into ferry's page sink: CRIU gets its answers here and a deep
+                // socket buffer, so it writes the pages at memory speed and
+                // goes on with the dump while ferry sends them.
+                if sink {
+                    deepen_send_buffer(&criu_end);
+                }
                 let relay = tokio::spawn(async move {
-                    let r = super::relay_state(ours, state_pipe, compression, limit).await;
+                    let r = if sink {
+                        let ours = AnswerForSink::new(ours);
+                        super::relay_state(ours, state_pipe, compression, limit).await
+                    } else {
+                        super::relay_state(ours, state_pipe, compression, limit).await
+                    };
                     if let Err(e) = &r {
                         tracing::warn!(error = %e, "memory page stream");
                     }
@@ -283,12 +303,26 @@ impl Daemon {
                     .await
                     .map_err(|e| e.to_string())?;
                 let relay = tokio::spawn(super::relay_state(ours, state_pipe, compression, None));
-                Ok::<_, String>((ps, relay))
+                Ok::<_, String>(PagesIn::Criu(Box::new(ps), relay))
             }
         };
         let mut page_server = None;
         if live && !lazy && !pre_dumps {
-            page_server = Some(start_page_server(None, state_pipe.take()).await?);
+            page_server = Some(match plan.state {
+                StatePlan::CriuPageServer {
+                    page_sink: Some(_), ..
+                } => {
+                    let state_pipe = state_pipe.take().ok_or("no state channel")?;
+                    // The source answers CRIU (AnswerForSink): nothing goes back.
+                    let mut sink = PageSink::new(&images).answers(false);
+                    let compression = plan.state_compression;
+                    PagesIn::Sink(tokio::spawn(async move {
+                        let r = super::relay_state(&mut sink, state_pipe, compression, None).await;
+                        (r, sink)
+                    }))
+                }
+                _ => start_page_server(None, state_pipe.take()).await?,
+            });
         }
         let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
             .map_err(|e| e.to_string())?;
@@ -332,11 +366,8 @@ impl Daemon {
                 .restore_postcopy(ctl, st, spec, &images, state_pipe, plan)
                 .await;
         }
-        let vol: VolatileChanges = if let Some((ps, relay)) = page_server {
-            let _ = relay.await;
-            tracing::debug!(instance = %spec.name, "move target: page stream ended");
-            ps.wait().await.map_err(|e| format!("page server: {e}"))?;
-            tracing::debug!(instance = %spec.name, "move target: page server done");
+        let vol: VolatileChanges = if let Some(pages) = page_server {
+            pages.done(&spec.name).await?;
             driver
                 .migrate_restore(spec, &images, &ctx)
                 .await
@@ -462,4 +493,62 @@ fn merge_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     std::fs::remove_dir_all(from)
+}
+
+/// Where the target's memory pages go: CRIU's page server (fed by a relay)
+/// or ferry's page sink (the relay writes the images itself).
+enum PagesIn {
+    Criu(
+        Box<PageServer>,
+        tokio::task::JoinHandle<Result<super::StateStats, String>>,
+    ),
+    Sink(tokio::task::JoinHandle<(Result<super::StateStats, String>, PageSink)>),
+}
+
+impl PagesIn {
+    /// Wait for every page to be written (the dump has ended).
+    async fn done(self, name: &str) -> Result<(), String> {
+        match self {
+            PagesIn::Criu(ps, relay) => {
+                let _ = relay.await;
+                tracing::debug!(instance = %name, "move target: page stream ended");
+                ps.wait().await.map_err(|e| format!("page server: {e}"))?;
+                tracing::debug!(instance = %name, "move target: page server done");
+            }
+            PagesIn::Sink(relay) => {
+                let (relayed, sink) = relay.await.map_err(|e| format!("page sink: {e}"))?;
+                relayed.map_err(|e| format!("page sink: {e}"))?;
+                let stats = sink.finish().map_err(|e| e.to_string())?;
+                tracing::debug!(instance = %name, pagemaps = stats.pagemaps, entries = stats.entries,
+                    page_bytes = stats.page_bytes, "move target: page sink wrote the pages");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Let CRIU's end of the page socketpair hold up to an eighth of the
+/// member's available memory (at most 256 MiB) of pages not yet sent, so the
+/// dump does not wait for the link. Past that it waits as before; where the
+/// buffer cannot be set it stays at the default.
+fn deepen_send_buffer(criu_end: &std::os::fd::OwnedFd) {
+    const MAX: usize = 256 << 20;
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    let bytes = (avail / 8).min(MAX);
+    // The kernel doubles what is set (its bookkeeping).
+    let r = nix::sys::socket::setsockopt(
+        criu_end,
+        nix::sys::socket::sockopt::SndBufForce,
+        &(bytes / 2),
+    );
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "cannot deepen the page socket's send buffer");
+    }
 }

@@ -84,7 +84,7 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
 }
 
 /// Relay a local socket (CRIU's page-server / lazy-pages end, QEMU's
-/// migration stream) and the state channel, both ways, until both directions
+/// migration stream) or ferry's page sink and the state channel, both ways, until both directions
 /// ended. Uncompressed and `zstd_frames` plans take the direct path: each
 /// read from the socket becomes one websocket frame (with `zstd_frames`
 /// compressed on its own when that pays off, see `ferry_migration::frames`)
@@ -92,16 +92,19 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
 /// A `zstd` plan goes through the zstd byte channel. `limit` (bytes/s) paces
 /// what crosses the link (a container move's `--bandwidth`; QEMU paces its
 /// own stream).
-pub(super) async fn relay_state(
-    sock: tokio::net::UnixStream,
+pub(super) async fn relay_state<L>(
+    local: L,
     pipe: ws::WsPipe,
     compression: ferry_migration::Compression,
     limit: Option<u64>,
-) -> Result<StateStats, String> {
+) -> Result<StateStats, String>
+where
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
     use ferry_migration::{Compression, FrameDecoder, FrameEncoder};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let chunk = limit.map_or(ws::CHUNK, |l| (l as usize / 10).clamp(4096, ws::CHUNK));
-    let (mut r, mut w) = sock.into_split();
+    let (mut r, mut w) = tokio::io::split(local);
     let read_err = |total: u64, e: std::io::Error| {
         format!("reading the local stream after {total} bytes: {e}")
     };

@@ -59,6 +59,7 @@ pub(super) fn pre_dump_of(plan: &Plan) -> Option<PreDumpGoal> {
         StatePlan::CriuPageServer {
             pre_dump: Some(p),
             lazy_pages: false,
+            ..
         } if plan.version >= 2 => Some(PreDumpGoal {
             max_iterations: p.max_iterations,
             goal_percent: p.goal_percent,
@@ -191,6 +192,7 @@ mod tests {
             state: StatePlan::CriuPageServer {
                 pre_dump: pre,
                 lazy_pages: lazy,
+                page_sink: None,
             },
             state_compression: ferry_migration::Compression::None,
             volume_size: 0,

@@ -304,6 +304,11 @@ impl MoveRun {
             (true, false) => {
                 let mut v = vec![StateTransfer::CriuPageServer];
                 if !self.options.postcopy {
+                    // Our CRIU (4.2, checked before any dump) writes this
+                    // page-server header layout.
+                    v.push(StateTransfer::FerryPageSink {
+                        criu_iov: ferry_drivers::container::CRIU_IOV_LAYOUT,
+                    });
                     // Only where CRIU can track dirty memory (not on this
                     // project's test machine: see doc/moves.md).
                     v.extend(super::predump::pre_dump_capability().await);
@@ -664,6 +669,9 @@ pub fn path_of(plan: &Plan) -> &'static str {
         StatePlan::CriuPageServer {
             lazy_pages: true, ..
         } => "live (post-copy: CRIU lazy pages)",
+        StatePlan::CriuPageServer {
+            page_sink: Some(_), ..
+        } => "live (CRIU dump into ferry's page sink)",
         StatePlan::CriuPageServer { .. } => "live (CRIU page server)",
         StatePlan::VmQemuLive { .. } => "live (QEMU to QEMU)",
     }

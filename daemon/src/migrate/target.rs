@@ -150,6 +150,13 @@ impl Daemon {
                 state.push(StateTransfer::CriuLazyPages);
             }
             state.extend(super::predump::pre_dump_capability().await);
+            // Write the dump's pages into images here, without a `criu
+            // page-server` (FERRY_PAGE_SINK=0 turns it off, for comparisons).
+            if std::env::var("FERRY_PAGE_SINK").as_deref() != Ok("0") {
+                state.push(StateTransfer::FerryPageSink {
+                    criu_iov: ferry_drivers::container::CRIU_IOV_LAYOUT,
+                });
+            }
         }
         let caps = Capabilities {
             fs,

@@ -35,6 +35,7 @@ mod lazy;
 mod lifecycle;
 mod migrate;
 mod mounts;
+mod pagesink;
 mod predump;
 mod procfs;
 mod state;
@@ -58,6 +59,7 @@ pub use forkstart::forkstart_main;
 pub use image::IMAGE;
 pub use lazy::{LazyDump, LazyFrom, LazyPages, LazyServe, LazyServed, MigrationFeatures};
 pub use migrate::{DumpInfo, PageServer, PagesTo};
+pub use pagesink::{AnswerForSink, PageSink, PageSinkError, PageSinkStats, CRIU_IOV_LAYOUT};
 pub use predump::{final_parent, pre_dump_dir, pre_dump_root, PreDumpGoal, PreDumpInfo};
 
 /// Time limits of the driver's steps.
