@@ -187,7 +187,13 @@ impl PageSink {
             }
             match self.cursor.next(&mut data)? {
                 Some(Piece::Pages(pages)) => {
-                    let open = self.open.as_mut().expect("page data only after an open");
+                    // Pages follow only a header that found its image open
+                    // (after a refused one the stream is not fed again).
+                    let Some(open) = self.open.as_mut() else {
+                        return Err(PageSinkError::Protocol(
+                            "page data without an open image".into(),
+                        ));
+                    };
                     open.pages
                         .write_all(pages)
                         .map_err(|source| PageSinkError::Io {
