@@ -233,6 +233,19 @@ async fn container_move_failures_leave_it_running_on_the_source() {
     let err = failed(&c, &id, "Failure").await;
     assert!(err.contains("No space left on device"), "{err}");
     container_undisturbed(&ms, pid).await;
+    // The target's page sink runs out of space for the memory images
+    // (the dump's pages stream into a 16 KiB tmpfs where they land).
+    drop(small);
+    let images = ms[1].spec("c1", false).paths.run.join("migration");
+    std::fs::create_dir_all(&images).unwrap();
+    let small = SmallPool::mount(&images, "size=16k");
+    let (c, id) = start_move(&ms[0], "c1", "m2", json!({"migration": true, "live": true})).await;
+    let err = failed(&c, &id, "Failure").await;
+    assert!(
+        err.contains("page sink") && err.contains("No space left on device"),
+        "{err}"
+    );
+    container_undisturbed(&ms, pid).await;
     // And a pool too small for the volume is refused at negotiation.
     drop(small);
     let small = SmallPool::mount(&pool, "size=512k");

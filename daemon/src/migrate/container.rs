@@ -324,42 +324,58 @@ impl Daemon {
                 _ => start_page_server(None, state_pipe.take()).await?,
             });
         }
-        let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
-            .map_err(|e| e.to_string())?;
-        let (r, _w) = tokio::io::split(fs);
-        let mut bridge: ReadBridge = SyncIoBridge::new(r);
-        let rootfs = spec.paths.volume.join("rootfs");
-        if !shared {
-            bridge = recv_archive(bridge, rootfs.clone(), false).await?;
-            if plan.is_stateful() && plan.version >= 2 {
-                send_ack(ctl, FIRST_PASS_APPLIED).await?;
+        // When the page sink fails (a full disk, say), the source stops and
+        // what breaks here is only a consequence: report the sink's error.
+        let received = async {
+            let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
+                .map_err(|e| e.to_string())?;
+            let (r, _w) = tokio::io::split(fs);
+            let mut bridge: ReadBridge = SyncIoBridge::new(r);
+            let rootfs = spec.paths.volume.join("rootfs");
+            if !shared {
+                bridge = recv_archive(bridge, rootfs.clone(), false).await?;
+                if plan.is_stateful() && plan.version >= 2 {
+                    send_ack(ctl, FIRST_PASS_APPLIED).await?;
+                }
             }
-        }
-        if pre_dumps {
-            let (b, parent) = recv_pre_dumps(bridge, &images).await?;
-            bridge = b;
-            page_server = Some(start_page_server(parent, state_pipe.take()).await?);
-            send_ack(ctl, PRE_DUMPS_RECEIVED).await?;
-        }
-        if !shared && plan.is_stateful() {
-            bridge = recv_archive(bridge, rootfs.clone(), true).await?;
-            tracing::debug!(instance = %spec.name, "move target: final rootfs pass applied");
-        }
-        match &plan.state {
-            StatePlan::CriuPageServer { .. } => {
-                let meta = spec.paths.run.join("migration-meta.tmp");
-                let _ = std::fs::remove_dir_all(&meta);
-                let _bridge = recv_archive(bridge, meta.clone(), false).await?;
-                merge_dir(&meta, &images).map_err(|e| format!("checkpoint images: {e}"))?;
+            if pre_dumps {
+                let (b, parent) = recv_pre_dumps(bridge, &images).await?;
+                bridge = b;
+                page_server = Some(start_page_server(parent, state_pipe.take()).await?);
+                send_ack(ctl, PRE_DUMPS_RECEIVED).await?;
             }
-            StatePlan::StatefulStopFile if !shared => {
-                let _bridge = recv_archive(bridge, spec.paths.state_dir(), false).await?;
+            if !shared && plan.is_stateful() {
+                bridge = recv_archive(bridge, rootfs.clone(), true).await?;
+                tracing::debug!(instance = %spec.name, "move target: final rootfs pass applied");
             }
-            _ => {}
+            match &plan.state {
+                StatePlan::CriuPageServer { .. } => {
+                    let meta = spec.paths.run.join("migration-meta.tmp");
+                    let _ = std::fs::remove_dir_all(&meta);
+                    let _bridge = recv_archive(bridge, meta.clone(), false).await?;
+                    merge_dir(&meta, &images).map_err(|e| format!("checkpoint images: {e}"))?;
+                }
+                StatePlan::StatefulStopFile if !shared => {
+                    let _bridge = recv_archive(bridge, spec.paths.state_dir(), false).await?;
+                }
+                _ => {}
+            }
+            tracing::debug!(instance = %spec.name, "move target: filesystem and images received");
+            let st = super::target::await_restore(ctl, st).await?;
+            tracing::debug!(instance = %spec.name, "move target: source says all sent");
+            Ok::<_, String>(st)
         }
-        tracing::debug!(instance = %spec.name, "move target: filesystem and images received");
-        let st = super::target::await_restore(ctl, st).await?;
-        tracing::debug!(instance = %spec.name, "move target: source says all sent");
+        .await;
+        let st = match received {
+            Ok(st) => st,
+            Err(e) => match page_server.as_mut().map(PagesIn::failed) {
+                Some(f) => match f.await {
+                    Some(pe) => return Err(format!("{pe} (and here: {e})")),
+                    None => return Err(e),
+                },
+                None => return Err(e),
+            },
+        };
         if lazy {
             let state_pipe = state_pipe.take().ok_or("no state channel")?;
             return self
@@ -506,6 +522,18 @@ enum PagesIn {
 }
 
 impl PagesIn {
+    /// The sink's error if its relay has ended with one (waiting a moment
+    /// for it to notice).
+    async fn failed(&mut self) -> Option<String> {
+        let PagesIn::Sink(relay) = self else {
+            return None;
+        };
+        match tokio::time::timeout(Duration::from_millis(500), relay).await {
+            Ok(Ok((Err(e), _))) => Some(format!("page sink: {e}")),
+            _ => None,
+        }
+    }
+
     /// Wait for every page to be written (the dump has ended).
     async fn done(self, name: &str) -> Result<(), String> {
         match self {
