@@ -142,6 +142,17 @@ impl Plan {
         }
     }
 
+    /// The target's page sink receives the dump's pages (`ferry_page_sink`).
+    pub fn uses_page_sink(&self) -> bool {
+        matches!(
+            self.state,
+            StatePlan::CriuPageServer {
+                page_sink: Some(_),
+                ..
+            }
+        )
+    }
+
     /// The fs channel's compression (`none` for shared storage).
     pub fn fs_compression(&self) -> Compression {
         match self.fs {

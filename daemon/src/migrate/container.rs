@@ -123,13 +123,7 @@ impl MoveRun {
                 // channel (no TCP port, no Nagle stalls).
                 let (criu_end, ours) = socketpair()?;
                 let (compression, limit) = (plan.state_compression, plan.options.bandwidth);
-                let sink = matches!(
-                    plan.state,
-                    StatePlan::CriuPageServer {
-                        page_sink: Some(_),
-                        ..
-                    }
-                );
+                let sink = plan.uses_page_sink();
                 // Into ferry's page sink: CRIU gets its answers here and a deep
                 // socket buffer, so it writes the pages at memory speed and
                 // goes on with the dump while ferry sends them.
@@ -308,20 +302,17 @@ impl Daemon {
         };
         let mut page_server = None;
         if live && !lazy && !pre_dumps {
-            page_server = Some(match plan.state {
-                StatePlan::CriuPageServer {
-                    page_sink: Some(_), ..
-                } => {
-                    let state_pipe = state_pipe.take().ok_or("no state channel")?;
-                    // The source answers CRIU (AnswerForSink): nothing goes back.
-                    let mut sink = PageSink::new(&images).answers(false);
-                    let compression = plan.state_compression;
-                    PagesIn::Sink(tokio::spawn(async move {
-                        let r = super::relay_state(&mut sink, state_pipe, compression, None).await;
-                        (r, sink)
-                    }))
-                }
-                _ => start_page_server(None, state_pipe.take()).await?,
+            page_server = Some(if plan.uses_page_sink() {
+                let state_pipe = state_pipe.take().ok_or("no state channel")?;
+                // The source answers CRIU (AnswerForSink): nothing goes back.
+                let mut sink = PageSink::new(&images).answers(false);
+                let compression = plan.state_compression;
+                PagesIn::Sink(tokio::spawn(async move {
+                    let r = super::relay_state(&mut sink, state_pipe, compression, None).await;
+                    (r, sink)
+                }))
+            } else {
+                start_page_server(None, state_pipe.take()).await?
             });
         }
         // When the page sink fails (a full disk, say), the source stops and
@@ -368,13 +359,13 @@ impl Daemon {
         .await;
         let st = match received {
             Ok(st) => st,
-            Err(e) => match page_server.as_mut().map(PagesIn::failed) {
-                Some(f) => match f.await {
-                    Some(pe) => return Err(format!("{pe} (and here: {e})")),
-                    None => return Err(e),
-                },
-                None => return Err(e),
-            },
+            Err(e) => {
+                let sink_err = match page_server.as_mut() {
+                    Some(pages) => pages.failed().await,
+                    None => None,
+                };
+                return Err(sink_err.map_or(e.clone(), |pe| format!("{pe} (and here: {e})")));
+            }
         };
         if lazy {
             let state_pipe = state_pipe.take().ok_or("no state channel")?;
@@ -560,16 +551,8 @@ impl PagesIn {
 /// dump does not wait for the link. Past that it waits as before; where the
 /// buffer cannot be set it stays at the default.
 fn deepen_send_buffer(criu_end: &std::os::fd::OwnedFd) {
-    const MAX: usize = 256 << 20;
-    let avail = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
-        })
-        .map_or(0, |kib| kib * 1024);
-    let bytes = (avail / 8).min(MAX);
+    const MAX: u64 = 256 << 20;
+    let bytes = (crate::cluster::mem_free() / 8).min(MAX) as usize;
     // The kernel doubles what is set (its bookkeeping).
     let r = nix::sys::socket::setsockopt(
         criu_end,

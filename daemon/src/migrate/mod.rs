@@ -84,8 +84,8 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
 }
 
 /// Relay a local socket (CRIU's page-server / lazy-pages end, QEMU's
-/// migration stream) or ferry's page sink and the state channel, both ways, until both directions
-/// ended. Uncompressed and `zstd_frames` plans take the direct path: each
+/// migration stream) or ferry's page sink and the state channel, both ways,
+/// until both directions ended. Uncompressed and `zstd_frames` plans take the direct path: each
 /// read from the socket becomes one websocket frame (with `zstd_frames`
 /// compressed on its own when that pays off, see `ferry_migration::frames`)
 /// and each frame is written to the socket — no intermediate byte stream.

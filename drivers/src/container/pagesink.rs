@@ -45,7 +45,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -154,12 +154,6 @@ impl PageSink {
     pub fn answers(mut self, yes: bool) -> PageSink {
         self.answers_here = yes;
         self
-    }
-
-    /// Whether the dump closed the session (`FLUSH_N_CLOSE` received, every
-    /// image written).
-    pub fn is_closed(&self) -> bool {
-        self.closed
     }
 
     /// The result once the stream ended: the stats, or why the images are
@@ -357,9 +351,7 @@ impl Header {
             dst_id: u64_at(24),
         }
     }
-}
 
-impl Header {
     /// The flags of an `ADD`/`ADD_F` entry.
     fn entry_flags(&self) -> u32 {
         if self.cmd == PS_IOV_ADD {
@@ -433,12 +425,10 @@ impl Cursor {
 pub struct AnswerForSink<S> {
     inner: S,
     cursor: Cursor,
-    /// Answer bytes CRIU may read: handed over or owed.
-    given: u64,
     /// Answer bytes the commands seen so far need.
     needed: u64,
-    /// Bytes of `given` not yet written to CRIU.
-    owed: u64,
+    /// Answer bytes written to CRIU.
+    written: u64,
     /// CRIU's close (`FLUSH_N_CLOSE`) went through.
     closed: bool,
 }
@@ -452,28 +442,29 @@ impl<S> AnswerForSink<S> {
         AnswerForSink {
             inner,
             cursor: Cursor::default(),
-            given: PREPAID,
             needed: 0,
-            owed: PREPAID,
+            written: 0,
             closed: false,
         }
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AnswerForSink<S> {
-    /// Write the owed zero bytes to CRIU.
+    /// Write the owed zero bytes to CRIU: [`PREPAID`], or what the stream
+    /// needed if that is more.
     fn pay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         const ZEROS: [u8; 512] = [0; 512];
-        while self.owed > 0 {
-            let n = self.owed.min(ZEROS.len() as u64) as usize;
-            match Pin::new(&mut self.inner).poll_write(cx, &ZEROS[..n]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(w)) => self.owed -= w as u64,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+        loop {
+            let owed = self.needed.max(PREPAID) - self.written;
+            if owed == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let n = owed.min(ZEROS.len() as u64) as usize;
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &ZEROS[..n]))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                w => self.written += w as u64,
             }
         }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -511,10 +502,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for AnswerForSink<S> {
                     this.closed |= h.cmd == PS_IOV_FLUSH_N_CLOSE;
                 }
             }
-            if this.needed > this.given {
-                this.owed += this.needed - this.given;
-                this.given = this.needed;
-            }
             if let Poll::Ready(Err(e)) = this.pay(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -531,11 +518,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AnswerForSink<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match this.pay(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_write(cx, buf),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        ready!(this.pay(cx))?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -545,10 +529,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AnswerForSink<S> {
     /// The answers CRIU was given go out before the end.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match this.pay(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
-            other => other,
-        }
+        ready!(this.pay(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

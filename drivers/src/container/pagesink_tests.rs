@@ -60,7 +60,7 @@ fn writes_the_images_criu_writes_whatever_the_chunking() {
         for part in stream().chunks(chunk) {
             sink.feed(part).unwrap();
         }
-        assert!(sink.is_closed());
+        assert!(sink.closed);
         let stats = sink.finish().unwrap();
         assert_eq!(
             stats,
@@ -161,7 +161,7 @@ fn a_stream_cut_short_is_an_error() {
     let mut sink = PageSink::new(dir.path());
     let s = stream();
     sink.feed(&s[..s.len() - HEADER - 100]).unwrap();
-    assert!(!sink.is_closed());
+    assert!(!sink.closed);
     let err = sink.finish().unwrap_err();
     assert!(
         err.to_string().contains("ended before the dump closed it"),
