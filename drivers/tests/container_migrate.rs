@@ -23,7 +23,7 @@ use ferry_drivers::container::{
 use ferry_drivers::storage::{
     read_archive, write_archive, ArchiveOptions, ArchiveStats, ExtractOptions, Manifest,
 };
-use ferry_drivers::{DriverError, Lifecycle, OpCtx};
+use ferry_drivers::{DriverError, InstanceSpec, Lifecycle, OpCtx};
 
 fn is_mounted(p: &Path) -> bool {
     let Ok(p) = p.canonicalize() else {
@@ -253,9 +253,17 @@ async fn move_between_members(base: PathBuf, mode: Pages) -> TestResult {
     let ship = t.elapsed();
 
     let t = Instant::now();
-    d.migrate_restore(&b, &images_b, &ctx)
-        .await
-        .map_err(e("migrate_restore"))?;
+    if matches!(mode, Pages::Sink) {
+        // As ferryd does with its page sink: the restore starts before the
+        // pages are declared complete and waits at its gate, having read
+        // none. A refused gate aborts it cleanly; an opened one restores.
+        gated_restore(&d, &b, &images_b, false).await?;
+        gated_restore(&d, &b, &images_b, true).await?;
+    } else {
+        d.migrate_restore(&b, &images_b, &ctx)
+            .await
+            .map_err(e("migrate_restore"))?;
+    }
     let restore = t.elapsed();
     let frozen = info.frozen_at.elapsed();
     println!(
@@ -366,6 +374,74 @@ async fn move_between_members(base: PathBuf, mode: Pages) -> TestResult {
     d.stop(&b, false, &ctx).await.map_err(e("stop on B"))?;
     ensure!(ferry_cgroups(&name).is_empty(), "cgroup left after stop");
     d.delete(&b).await.map_err(e("delete on B"))?;
+    Ok(())
+}
+
+/// A gated restore on B: wait until CRIU is held at the gate, check it
+/// has read no page yet, then open (`open`) or refuse the gate.
+async fn gated_restore(
+    d: &ContainerDriver,
+    b: &InstanceSpec,
+    images: &Path,
+    open: bool,
+) -> TestResult {
+    let ctx = OpCtx::detached();
+    let log = b.paths.logs.join("restore.log");
+    let _ = std::fs::remove_file(&log);
+    let (opener, gate) = ferry_drivers::container::pages_gate();
+    let restore = d.migrate_restore_gated(b, images, gate, &ctx);
+    tokio::pin!(restore);
+    let t = Instant::now();
+    let held = loop {
+        tokio::select! {
+            r = &mut restore => return Err(format!("the gated restore ended before its gate: {:?}", r.map(|_| ()))),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Running post-setup-namespaces scripts") {
+            // Still held a moment later, and no page read.
+            tokio::select! {
+                r = &mut restore => return Err(format!("the restore passed a closed gate: {:?}", r.map(|_| ()))),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            break std::fs::read_to_string(&log).unwrap_or_default();
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "the restore never reached its gate"
+        );
+    };
+    ensure!(
+        !held.contains("page read") && !held.contains("Restore finished"),
+        "CRIU read pages before the gate opened:\n{held}"
+    );
+    println!("  restore held at its gate after {}", ms(t.elapsed()));
+    if open {
+        opener.open();
+        restore.await.map_err(e("gated restore"))?;
+        return Ok(());
+    }
+    opener.refuse();
+    let r = restore.await;
+    println!(
+        "  refused gate: {}",
+        r.as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or("")
+    );
+    ensure!(r.is_err(), "a refused gate restored the container");
+    ensure!(
+        !d.state(b).await.map_err(e("state B"))?.running,
+        "B runs after a refused gate"
+    );
+    ensure!(
+        images.join("inventory.img").is_file(),
+        "a refused gate removed the images"
+    );
     Ok(())
 }
 

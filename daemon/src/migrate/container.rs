@@ -104,6 +104,7 @@ impl MoveRun {
                 .pre_copy_memory(ctl, st, bridge, &images, goal, plan.options.bandwidth)
                 .await?;
         }
+        let mut pages = None;
         match &plan.state {
             StatePlan::CriuPageServer { lazy_pages, .. } => {
                 let lazy = *lazy_pages;
@@ -173,17 +174,11 @@ impl MoveRun {
                     self.frozen = Some(dump.frozen_at);
                     self.mark("CRIU dump done");
                     self.dumped = true;
-                    match tokio::time::timeout(Duration::from_secs(60), relay).await {
-                        Ok(Ok(Ok(stats))) => {
-                            self.op.set_meta(
-                                "state_progress",
-                                json!(format!("{} MB of memory", stats.sent / 1_000_000)),
-                            );
-                            stats.publish(&self.op);
-                        }
-                        Ok(Ok(Err(e))) => return Err(format!("memory stream: {e}")),
-                        _ => return Err("memory stream did not finish".into()),
-                    }
+                    // The pages may still be on their way (CRIU wrote them
+                    // into a deep socket buffer): the final rootfs pass and
+                    // the images go over the fs channel meanwhile, and the
+                    // relay is awaited before the hand-over.
+                    pages = Some(relay);
                 }
             }
             StatePlan::StatefulStopFile => {
@@ -223,6 +218,9 @@ impl MoveRun {
                 let (b, _) = send_archive(bridge, dir, pass).await?;
                 bridge = b;
             }
+            if let Some(relay) = pages {
+                self.pages_sent(relay).await?;
+            }
             if let Some(t) = self.frozen {
                 self.op.set_meta(
                     "frozen_ms_at_handover",
@@ -252,6 +250,26 @@ impl MoveRun {
         }
         self.clean_up_source().await;
         Ok(())
+    }
+
+    /// Wait for the memory page stream to have reached the target.
+    async fn pages_sent(
+        &mut self,
+        relay: tokio::task::JoinHandle<Result<super::StateStats, String>>,
+    ) -> Result<(), String> {
+        match tokio::time::timeout(Duration::from_secs(60), relay).await {
+            Ok(Ok(Ok(stats))) => {
+                self.mark("memory pages sent");
+                self.op.set_meta(
+                    "state_progress",
+                    json!(format!("{} MB of memory", stats.sent / 1_000_000)),
+                );
+                stats.publish(&self.op);
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(format!("memory stream: {e}")),
+            _ => Err("memory stream did not finish".into()),
+        }
     }
 }
 
@@ -315,8 +333,6 @@ impl Daemon {
                 start_page_server(None, state_pipe.take()).await?
             });
         }
-        // When the page sink fails (a full disk, say), the source stops and
-        // what breaks here is only a consequence: report the sink's error.
         let received = async {
             let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
                 .map_err(|e| e.to_string())?;
@@ -352,21 +368,26 @@ impl Daemon {
                 _ => {}
             }
             tracing::debug!(instance = %spec.name, "move target: filesystem and images received");
-            let st = super::target::await_restore(ctl, st).await?;
-            tracing::debug!(instance = %spec.name, "move target: source says all sent");
-            Ok::<_, String>(st)
+            Ok::<_, String>(())
         }
         .await;
-        let st = match received {
-            Ok(st) => st,
-            Err(e) => {
-                let sink_err = match page_server.as_mut() {
-                    Some(pages) => pages.failed().await,
-                    None => None,
-                };
-                return Err(sink_err.map_or(e.clone(), |pe| format!("{pe} (and here: {e})")));
+        if let Err(e) = received {
+            return Err(PagesIn::prefer_error(page_server.as_mut(), e).await);
+        }
+        if !lazy && early_restore() {
+            if let Some(PagesIn::Sink(_)) = &page_server {
+                let pages = page_server.take().ok_or("no page sink")?;
+                let (st, vol) = self
+                    .restore_while_pages_arrive(ctl, st, spec, &images, pages)
+                    .await?;
+                return self.resumed(ctl, st, spec, &images, vol).await;
             }
+        }
+        let st = match super::target::await_restore(ctl, st).await {
+            Ok(st) => st,
+            Err(e) => return Err(PagesIn::prefer_error(page_server.as_mut(), e).await),
         };
+        tracing::debug!(instance = %spec.name, "move target: source says all sent");
         if lazy {
             let state_pipe = state_pipe.take().ok_or("no state channel")?;
             return self
@@ -392,11 +413,65 @@ impl Daemon {
         } else {
             Default::default()
         };
+        self.resumed(ctl, st, spec, &images, vol).await
+    }
+
+    async fn resumed(
+        &self,
+        ctl: &mut WsControl,
+        st: TargetState,
+        spec: &InstanceSpec,
+        images: &Path,
+        vol: VolatileChanges,
+    ) -> Result<(), String> {
         let st = super::target::send_resumed(ctl, st, None).await?;
         // After Resumed: freeing the images is not part of the downtime.
-        remove_images(&images);
+        remove_images(images);
         self.report_success(ctl, st, spec, vol).await
     }
+
+    /// With ferry's page sink the pages may still be arriving once the
+    /// other images are here: `criu restore` starts now, sets the container
+    /// up meanwhile and waits at its gate (before it reads any page) until
+    /// the source has said all is sent and the sink holds every page. If
+    /// either fails, the gate refuses and CRIU aborts the restore.
+    async fn restore_while_pages_arrive(
+        &self,
+        ctl: &mut WsControl,
+        st: TargetState,
+        spec: &InstanceSpec,
+        images: &Path,
+        mut pages: PagesIn,
+    ) -> Result<(TargetState, VolatileChanges), String> {
+        let (opener, gate) = ferry_drivers::container::pages_gate();
+        let ready = async {
+            let r = match super::target::await_restore(ctl, st).await {
+                Ok(st) => pages.done(&spec.name).await.map(|()| st),
+                Err(e) => Err(PagesIn::prefer_error(Some(&mut pages), e).await),
+            };
+            match &r {
+                Ok(_) => {
+                    tracing::debug!(instance = %spec.name, "move target: all pages here, opening the restore's gate");
+                    opener.open()
+                }
+                Err(_) => opener.refuse(),
+            }
+            r
+        };
+        let (driver, ctx) = (ContainerDriver::default(), OpCtx::detached());
+        let restore = driver.migrate_restore_gated(spec, images, gate, &ctx);
+        let (ready, restored) = tokio::join!(ready, restore);
+        let st = ready?;
+        let vol = restored.map_err(|e| format!("restore failed: {e}"))?;
+        Ok((st, vol))
+    }
+}
+
+/// The target starts `criu restore` while the pages still arrive (ferry's
+/// page sink only); `FERRY_EARLY_RESTORE=0` on a member waits for them
+/// first, for comparisons.
+fn early_restore() -> bool {
+    std::env::var("FERRY_EARLY_RESTORE").map_or(true, |v| v != "0")
 }
 
 impl Daemon {
@@ -513,6 +588,16 @@ enum PagesIn {
 }
 
 impl PagesIn {
+    /// When the page sink fails (a full disk, say), the source stops and
+    /// what broke elsewhere is only a consequence: the sink's error first.
+    async fn prefer_error(pages: Option<&mut PagesIn>, e: String) -> String {
+        let sink_err = match pages {
+            Some(p) => p.failed().await,
+            None => None,
+        };
+        sink_err.map_or(e.clone(), |pe| format!("{pe} (and here: {e})"))
+    }
+
     /// The sink's error if its relay has ended with one (waiting a moment
     /// for it to notice).
     async fn failed(&mut self) -> Option<String> {

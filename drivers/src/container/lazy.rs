@@ -599,7 +599,14 @@ impl ContainerDriver {
         mkdirs(&[&spec.paths.run, &spec.paths.logs])?;
         let cg = self.setup_cgroup(spec)?;
         let r = {
-            let restore = self.run_restore(spec, images_dir, &bin, cg.as_ref(), ctx, true);
+            let restore = self.run_restore(
+                spec,
+                images_dir,
+                &bin,
+                cg.as_ref(),
+                ctx,
+                super::state::RestoreMode::Lazy,
+            );
             tokio::pin!(restore);
             tokio::select! {
                 r = &mut restore => r,

@@ -60,8 +60,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::criu::{self, Outcome, PageEndpoint};
+use super::gate::PagesGate;
 use super::procfs::{self, InitRecord};
-use super::state::mkdirs;
+use super::state::{mkdirs, RestoreMode};
 use super::{remove_if_exists, ContainerDriver, Layout};
 use crate::*;
 
@@ -422,6 +423,33 @@ impl ContainerDriver {
         images_dir: &Path,
         ctx: &OpCtx,
     ) -> Result<VolatileChanges, DriverError> {
+        self.restore_moved(spec, images_dir, RestoreMode::Plain, ctx)
+            .await
+    }
+
+    /// [`migrate_restore`](Self::migrate_restore) started while the memory
+    /// pages are still arriving: every other image must be in place; the
+    /// restore sets the container up and waits at `gate` before it reads
+    /// any page (see the `gate` module). A refused or dropped opener
+    /// aborts it: nothing is left running, the images stay.
+    pub async fn migrate_restore_gated(
+        &self,
+        spec: &InstanceSpec,
+        images_dir: &Path,
+        gate: PagesGate,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
+        self.restore_moved(spec, images_dir, RestoreMode::Gated(gate), ctx)
+            .await
+    }
+
+    async fn restore_moved(
+        &self,
+        spec: &InstanceSpec,
+        images_dir: &Path,
+        mode: RestoreMode,
+        ctx: &OpCtx,
+    ) -> Result<VolatileChanges, DriverError> {
         let l = self.check_restorable(spec, images_dir)?;
         let bin = criu::checked_criu().await?;
         ctx.check_cancelled("restore on the target (nothing was restored)")?;
@@ -430,7 +458,7 @@ impl ContainerDriver {
         mkdirs(&[&spec.paths.run, &spec.paths.logs])?;
         let cg = self.setup_cgroup(spec)?;
         match self
-            .run_restore(spec, images_dir, &bin, cg.as_ref(), ctx, false)
+            .run_restore(spec, images_dir, &bin, cg.as_ref(), ctx, mode)
             .await
         {
             Ok(rec) => {

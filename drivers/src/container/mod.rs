@@ -30,6 +30,7 @@ mod config;
 mod console;
 mod criu;
 mod forkstart;
+mod gate;
 mod image;
 mod lazy;
 mod lifecycle;
@@ -56,6 +57,7 @@ use procfs::InitRecord;
 
 pub use console::CONSOLE_LOG;
 pub use forkstart::forkstart_main;
+pub use gate::{pages_gate, PagesGate, PagesGateOpener};
 pub use image::IMAGE;
 pub use lazy::{LazyDump, LazyFrom, LazyPages, LazyServe, LazyServed, MigrationFeatures};
 pub use migrate::{DumpInfo, PageServer, PagesTo};

@@ -11,7 +11,7 @@
 //! restored pids are killed and the host set-up undone, the saved state kept.
 //! The restored tree is re-attached to the cgroup, and the state removed.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -118,7 +118,7 @@ impl StateSave for ContainerDriver {
         mkdirs(&[&spec.paths.run, &spec.paths.logs])?;
         let cg = self.setup_cgroup(spec)?;
         match self
-            .run_restore(spec, &l.state, &bin, cg.as_ref(), ctx, false)
+            .run_restore(spec, &l.state, &bin, cg.as_ref(), ctx, RestoreMode::Plain)
             .await
         {
             Ok(rec) => {
@@ -202,8 +202,9 @@ impl ContainerDriver {
         bin: &std::path::Path,
         cg: Option<&Cgroup>,
         ctx: &OpCtx,
-        lazy: bool,
+        mode: RestoreMode,
     ) -> Result<InitRecord, DriverError> {
+        let lazy = matches!(mode, RestoreMode::Lazy);
         let l = &Layout::of(spec);
         l.bind_rootfs()?;
         let root = l
@@ -215,13 +216,34 @@ impl ContainerDriver {
         ctx.check_cancelled("stateful start (nothing was restored; the state is kept)")?;
         ctx.progress("stage", "restoring container state");
         let t0 = Instant::now();
-        let args = criu::restore_args(images, &root, &pidfile, &l.restore_log, lazy);
+        let mut args = criu::restore_args(images, &root, &pidfile, &l.restore_log, lazy);
+        let mut gate = match mode {
+            RestoreMode::Gated(g) => Some(super::gate::ArmedGate::arm(g, &spec.paths.run)?),
+            _ => None,
+        };
+        if let Some(g) = &gate {
+            args.extend(g.args());
+        }
         let limit = if lazy {
             self.timeouts.lazy_restore
+        } else if gate.is_some() {
+            // Plus the wait at the gate (a move's source gives its pages a
+            // minute after the dump).
+            self.timeouts.restore + Duration::from_secs(60)
         } else {
             self.timeouts.restore
         };
-        match criu::run(bin, &args, &l.restore_log, limit, Some(ctx.cancel_token())).await {
+        let run = criu::run(bin, &args, &l.restore_log, limit, Some(ctx.cancel_token()));
+        let ran = match gate.as_mut() {
+            // The gate's end stays open (and the verdict is passed on) until criu exits.
+            Some(g) => tokio::select! {
+                r = run => r,
+                _ = g.relay_verdict() => unreachable!("the gate's relay never ends"),
+            },
+            None => run.await,
+        };
+        drop(gate);
+        match ran {
             Ok(()) => {}
             Err((Outcome::Cancelled, _)) => {
                 return Err(DriverError::Cancelled(
@@ -273,4 +295,15 @@ impl ContainerDriver {
             cg.kill_all();
         }
     }
+}
+
+/// How [`ContainerDriver::run_restore`] runs `criu restore`.
+#[derive(Debug)]
+pub(super) enum RestoreMode {
+    /// Every image in place.
+    Plain,
+    /// `--lazy-pages`: memory comes from a lazy-pages daemon.
+    Lazy,
+    /// Pages still arriving: held at the gate before reading them.
+    Gated(super::gate::PagesGate),
 }
