@@ -1017,8 +1017,9 @@ impl IncomingVm {
         let mut cancel_refused = false;
         let mut last_query = Instant::now() - Duration::from_secs(1);
         let mut status = String::from("setup");
+        let mut woke_by: Option<QmpEvent> = None;
         loop {
-            for ev in qmp.drain_events() {
+            for ev in woke_by.take().into_iter().chain(qmp.drain_events()) {
                 match ev.name.as_str() {
                     "RESUME" => resume_us = resume_us.or(Some(ev.timestamp_us)),
                     "MIGRATION" => status = ev.migration_status().unwrap_or("").to_string(),
@@ -1091,7 +1092,9 @@ impl IncomingVm {
                     )));
                 }
             }
-            tokio::time::sleep(POLL).await;
+            // Woken early by QEMU's events (MIGRATION completed, RESUME):
+            // the source waits for this side's Resumed.
+            woke_by = qmp.next_event(POLL).await;
         }
     }
 
