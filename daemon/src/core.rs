@@ -137,6 +137,7 @@ impl Daemon {
             tracing::info!("clustered: raft node started");
             d.clean_partial_receives();
         }
+        tokio::spawn(ferry_drivers::warm_up());
         Ok(d)
     }
 

@@ -230,6 +230,22 @@ impl StateSave for Driver {
     }
 }
 
+/// Run the drivers' tool checks (`criu --version`, `qemu --version`) once,
+/// so the first move or start after the daemon starts does not wait for
+/// them (QEMU takes ~0.1 s to print its version here). Results are cached
+/// per process; a missing tool is reported when it is needed, not here.
+pub async fn warm_up() {
+    let (criu, qemu) = tokio::join!(
+        container::ContainerDriver::tools_checked(),
+        vm::qemu::qemu_version()
+    );
+    tracing::debug!(
+        criu = criu.is_ok(),
+        qemu = qemu.is_ok(),
+        "driver tool checks cached"
+    );
+}
+
 /// Parse a size like `512MiB`, `1GiB`, `256MB`, `1048576` into bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
