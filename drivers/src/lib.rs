@@ -230,17 +230,17 @@ impl StateSave for Driver {
     }
 }
 
-/// Run the drivers' tool checks (`criu --version`, `qemu --version`) once,
-/// so the first move or start after the daemon starts does not wait for
-/// them (QEMU takes ~0.1 s to print its version here). Results are cached
-/// per process; a missing tool is reported when it is needed, not here.
+/// Run the drivers' tool checks once (`criu --version`, the CRIU features a
+/// move's offer asks for, `qemu --version`), so the first move or start
+/// after the daemon starts does not wait for them (QEMU takes ~0.1 s to
+/// print its version here). Results are cached per process; a missing tool
+/// is reported when it is needed, not here.
 pub async fn warm_up() {
-    let (criu, qemu) = tokio::join!(
-        container::ContainerDriver::tools_checked(),
-        vm::qemu::qemu_version()
-    );
+    let container = container::ContainerDriver::default();
+    let (criu, qemu) = tokio::join!(container.migration_features(), vm::qemu::qemu_version());
     tracing::debug!(
-        criu = criu.is_ok(),
+        lazy_pages = criu.lazy_pages.is_ok(),
+        pre_dump = criu.pre_dump.is_ok(),
         qemu = qemu.is_ok(),
         "driver tool checks cached"
     );

@@ -374,14 +374,13 @@ impl Daemon {
         if let Err(e) = received {
             return Err(PagesIn::prefer_error(page_server.as_mut(), e).await);
         }
-        if !lazy && early_restore() {
-            if let Some(PagesIn::Sink(_)) = &page_server {
-                let pages = page_server.take().ok_or("no page sink")?;
-                let (st, vol) = self
-                    .restore_while_pages_arrive(ctl, st, spec, &images, pages)
-                    .await?;
-                return self.resumed(ctl, st, spec, &images, vol).await;
-            }
+        // (The sink is never used with post-copy or pre-dumps.)
+        if matches!(page_server, Some(PagesIn::Sink(_))) && early_restore() {
+            let pages = page_server.take().ok_or("no page sink")?;
+            let (st, vol) = self
+                .restore_while_pages_arrive(ctl, st, spec, &images, pages)
+                .await?;
+            return self.resumed(ctl, st, spec, &images, vol).await;
         }
         let st = match super::target::await_restore(ctl, st).await {
             Ok(st) => st,

@@ -427,11 +427,6 @@ impl ContainerDriver {
             .await
     }
 
-    /// Whether CRIU is there in the version ferry needs (cached per process).
-    pub async fn tools_checked() -> Result<(), DriverError> {
-        criu::checked_criu().await.map(|_| ())
-    }
-
     /// [`migrate_restore`](Self::migrate_restore) started while the memory
     /// pages are still arriving: every other image must be in place; the
     /// restore sets the container up and waits at `gate` before it reads
