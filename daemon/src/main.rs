@@ -77,6 +77,9 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?,
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file (the demo's, the tests',
+        // systemd's journal) stays plain text that grep can match.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

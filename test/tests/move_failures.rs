@@ -1,6 +1,8 @@
 //! Failures injected for real into moves between real ferryd members: a
 //! CRIU restore that fails on the target, a target pool out of space, the
-//! members' TCP connections reset mid-transfer, and for VMs the target QEMU
+//! members' TCP connections reset mid-transfer (during the first rootfs
+//! pass, and while a container's memory pages cross with the target's
+//! restore already waiting at its gate), and for VMs the target QEMU
 //! or the target ferryd killed, the stream cut, or a cancel during
 //! pre-copy. Each time the instance keeps running exactly once, on the
 //! source, the record is unchanged, the target holds nothing and no
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_drivers::vm::VmDriver;
-use ferry_test::{form_cluster, location, need_root, wait_for, Member};
+use ferry_test::{form_cluster, location, need_root, tail, wait_for, Member};
 use serde_json::{json, Value};
 
 /// Start a move through the API; returns the client and operation id.
@@ -273,6 +275,79 @@ async fn container_move_failures_leave_it_running_on_the_source() {
     drop(cut);
     assert!(!err.is_empty());
     container_undisturbed(&ms, pid).await;
+    ms[0].ferry_ok(&["delete", "--force", "c1"]);
+}
+
+/// The link is cut while the memory pages cross: the dump is done (CRIU
+/// left the tasks stopped on the source), the target's restore has started
+/// and waits at its gate for the pages, and a 1 MiB/s cap keeps the ~8 MB a
+/// shell holds in memory on the wire for seconds. The source resumes the
+/// container; the target, once its dead-link timeout tells it, refuses the
+/// gate, so CRIU aborts there before any task of the container runs.
+#[tokio::test]
+async fn container_link_cut_while_the_pages_cross_leaves_it_on_the_source() {
+    if !need_root("container_link_cut_while_the_pages_cross_leaves_it_on_the_source") {
+        return;
+    }
+    let ms = vec![Member::start("m1"), Member::start("m2")];
+    form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
+    let pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
+    ms[0].ferry_ok(&[
+        "exec",
+        "c1",
+        "--",
+        "sh",
+        "-c",
+        "sh -c 'x=$(head -c 6000000 /dev/urandom | base64); echo $$ > /held; \
+         while :; do sleep 1; done' </dev/null >/dev/null 2>&1 &",
+    ]);
+    let rootfs = ms[0].spec("c1", false).paths.volume.join("rootfs");
+    wait_for(60, "the shell to hold its memory", || {
+        rootfs.join("held").exists().then_some(())
+    });
+    let mark = ms[1].log().len();
+    let (c, id) = start_move(
+        &ms[0],
+        "c1",
+        "m2",
+        json!({"migration": true, "live": true, "bandwidth": 1u64 << 20}),
+    )
+    .await;
+    // What the target logged since the move started.
+    let since = |m: &Member| m.log().get(mark..).unwrap_or_default().to_string();
+    let gated = |m: &Member| {
+        let new = since(m);
+        new.contains("filesystem and images received") && !new.contains("all pages here")
+    };
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !gated(&ms[1]) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the target never held a gated restore with pages still on the way");
+    let cut = Cut::port(port_of(&ms[0]));
+    let err = failed(&c, &id, "Failure").await;
+    drop(cut);
+    assert!(!err.is_empty());
+    // The target learns of the silent link by its own dead-link timeout
+    // (15 s without a frame); then its gate refuses and CRIU aborts there.
+    let refused = tokio::time::timeout(Duration::from_secs(40), async {
+        while !since(&ms[1]).contains("verdict given ok=false") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "the target's gate was not refused:\n{}",
+        tail(&since(&ms[1]), 40)
+    );
+    container_undisturbed(&ms, pid).await;
+    // The shell that held the memory runs on, on the source.
+    ms[0].ferry_ok(&["exec", "c1", "--", "sh", "-c", "kill -0 $(cat /held)"]);
+
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
 }
 

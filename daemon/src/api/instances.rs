@@ -138,7 +138,9 @@ pub struct Post {
     live: bool,
     #[serde(default)]
     name: String,
-    /// Bytes per second for a VM's memory stream (absent: unlimited).
+    /// Cap in bytes per second on what the move sends (a container's rootfs
+    /// passes and memory pages, a VM's disk mirror and RAM stream); absent:
+    /// the member's default, else unlimited.
     #[serde(default)]
     bandwidth: Option<u64>,
     #[serde(default)]

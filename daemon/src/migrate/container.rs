@@ -460,6 +460,9 @@ impl Daemon {
         let (driver, ctx) = (ContainerDriver::default(), OpCtx::detached());
         let restore = driver.migrate_restore_gated(spec, images, gate, &ctx);
         let (ready, restored) = tokio::join!(ready, restore);
+        if let (Err(e), Err(r)) = (&ready, &restored) {
+            tracing::debug!(instance = %spec.name, error = %e, restore = %r, "move target: the pages did not all arrive; the gated restore ended");
+        }
         let st = ready?;
         let vol = restored.map_err(|e| format!("restore failed: {e}"))?;
         Ok((st, vol))
