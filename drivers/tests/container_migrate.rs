@@ -426,9 +426,25 @@ async fn gated_restore(
         "CRIU read pages before the gate opened:\n{held}"
     );
     println!("  restore held at its gate after {}", ms(t.elapsed()));
+    // criu yields the CPUs to the page transfer while it waits…
+    let criu = criu_restoring(&log).ok_or("no criu restore process found")?;
+    let waiting = nice_of(criu).ok_or("criu's nice value")?;
+    if std::env::var_os("FERRY_GATED_NICE").is_none() {
+        ensure!(
+            waiting == 10,
+            "criu waits at its gate with nice {waiting}, not 10"
+        );
+    }
     if open {
         opener.open();
         restore.await.map_err(e("gated restore"))?;
+        // … and neither the rest of the restore nor the container keeps that.
+        let init = d.state(b).await.map_err(e("state B"))?.pid;
+        ensure!(
+            nice_of(init) == Some(0),
+            "the restored container runs niced: {:?}",
+            nice_of(init)
+        );
         return Ok(());
     }
     opener.refuse();
@@ -444,6 +460,31 @@ async fn gated_restore(
         "a refused gate removed the images"
     );
     Ok(())
+}
+
+/// The `criu restore` process writing `log`.
+fn criu_restoring(log: &Path) -> Option<u32> {
+    let needle = log.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|d| {
+        let pid: u32 = d.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(d.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (args.iter().any(|a| a == "restore") && args.contains(&needle)).then_some(pid)
+    })
+}
+
+/// A process's nice value (`/proc/<pid>/stat`, field 19).
+fn nice_of(pid: u32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(16)?
+        .parse()
+        .ok()
 }
 
 async fn move_page_server(base: PathBuf) -> TestResult {

@@ -512,12 +512,37 @@ pub async fn run_with_fds(
     cancel: Option<&CancellationToken>,
     fds: &[(i32, i32)],
 ) -> Result<(), (Outcome, DriverError)> {
+    run_niced(bin, args, log, timeout, cancel, fds, 0).await
+}
+
+/// [`run_with_fds`] with criu's nice value raised by `nice` (0: unchanged).
+pub async fn run_niced(
+    bin: &Path,
+    args: &[OsString],
+    log: &Path,
+    timeout: Duration,
+    cancel: Option<&CancellationToken>,
+    fds: &[(i32, i32)],
+    nice: i32,
+) -> Result<(), (Outcome, DriverError)> {
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if nice != 0 {
+        // SAFETY: nice(2) only.
+        unsafe {
+            cmd.pre_exec(move || {
+                *libc::__errno_location() = 0;
+                if libc::nice(nice) == -1 && *libc::__errno_location() != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     if !fds.is_empty() {
         let mut pairs = [(-1, -1); MAX_PLACED_FDS];
         let n = fds.len().min(MAX_PLACED_FDS);

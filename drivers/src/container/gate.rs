@@ -142,7 +142,13 @@ fn script_text(fifo: &Path) -> String {
          # says they have all arrived (see drivers/src/container/gate.rs).\n\
          [ \"$CRTOOLS_SCRIPT_ACTION\" = post-setup-namespaces ] || exit 0\n\
          read -r verdict < {q} || exit 1\n\
-         [ \"$verdict\" = ok ]\n"
+         [ \"$verdict\" = ok ] || exit 1\n\
+         # CRIU set up at a lower priority while the pages crossed; what is\n\
+         # left of the restore is the move's critical path. CRIU runs us\n\
+         # through `sh -c`: it is our parent or our grandparent.\n\
+         p=$PPID\n\
+         [ \"$(cat /proc/$p/comm 2>/dev/null)\" = criu ] || read -r _ _ _ p _ < /proc/$PPID/stat\n\
+         renice -n 0 -p \"$p\" >/dev/null 2>&1 || :\n"
     )
 }
 

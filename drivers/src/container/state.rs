@@ -233,7 +233,19 @@ impl ContainerDriver {
         } else {
             self.timeouts.restore
         };
-        let run = criu::run(bin, &args, &l.restore_log, limit, Some(ctx.cancel_token()));
+        // A gated restore sets up while a move's pages still cross on the
+        // same CPUs: it yields to them (its gate script restores CRIU's
+        // priority when it lets the restore go on).
+        let nice = if gate.is_some() { gated_nice() } else { 0 };
+        let run = criu::run_niced(
+            bin,
+            &args,
+            &l.restore_log,
+            limit,
+            Some(ctx.cancel_token()),
+            &[],
+            nice,
+        );
         let ran = match gate.as_mut() {
             // The gate's end stays open (and the verdict is passed on) until criu exits.
             Some(g) => tokio::select! {
@@ -306,4 +318,17 @@ pub(super) enum RestoreMode {
     Lazy,
     /// Pages still arriving: held at the gate before reading them.
     Gated(super::gate::PagesGate),
+}
+
+/// How much a gated restore's `criu` is niced while it waits for the pages
+/// (it sets up with time to spare; the page transfer is the critical path).
+/// `FERRY_GATED_NICE=0` turns it off, for comparisons.
+const GATED_NICE: i32 = 10;
+
+fn gated_nice() -> i32 {
+    std::env::var("FERRY_GATED_NICE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(GATED_NICE)
+        .clamp(0, 19)
 }
