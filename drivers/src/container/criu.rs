@@ -499,24 +499,12 @@ pub async fn run(
     timeout: Duration,
     cancel: Option<&CancellationToken>,
 ) -> Result<(), (Outcome, DriverError)> {
-    run_with_fds(bin, args, log, timeout, cancel, &[]).await
+    run_with(bin, args, log, timeout, cancel, &[], 0).await
 }
 
 /// [`run`], with the fds of `fds` (`(src, dst)`, see [`place_fds`])
-/// inherited by criu.
-pub async fn run_with_fds(
-    bin: &Path,
-    args: &[OsString],
-    log: &Path,
-    timeout: Duration,
-    cancel: Option<&CancellationToken>,
-    fds: &[(i32, i32)],
-) -> Result<(), (Outcome, DriverError)> {
-    run_niced(bin, args, log, timeout, cancel, fds, 0).await
-}
-
-/// [`run_with_fds`] with criu's nice value raised by `nice` (0: unchanged).
-pub async fn run_niced(
+/// inherited by criu, and criu's nice value raised by `nice` (0: unchanged).
+pub async fn run_with(
     bin: &Path,
     args: &[OsString],
     log: &Path,

@@ -177,7 +177,7 @@ impl ContainerDriver {
             args.extend(criu::incremental_args(parent));
         }
         let frozen_at = Instant::now();
-        let r = criu::run_with_fds(&bin, &args, &l.dump_log, self.timeouts.dump, None, &fds).await;
+        let r = criu::run_with(&bin, &args, &l.dump_log, self.timeouts.dump, None, &fds, 0).await;
         // Our copy of the socket must go, or the relay never sees EOF.
         drop(pages);
         let dump_time = frozen_at.elapsed();

@@ -237,7 +237,7 @@ impl ContainerDriver {
         // same CPUs: it yields to them (its gate script restores CRIU's
         // priority when it lets the restore go on).
         let nice = if gate.is_some() { gated_nice() } else { 0 };
-        let run = criu::run_niced(
+        let run = criu::run_with(
             bin,
             &args,
             &l.restore_log,
