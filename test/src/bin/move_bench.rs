@@ -140,6 +140,8 @@ struct Series {
     key: &'static str,
     label: String,
     samples: Vec<BTreeMap<&'static str, f64>>,
+    /// The repetition (0-based) each sample comes from.
+    reps: Vec<usize>,
     errors: Vec<String>,
 }
 
@@ -149,6 +151,7 @@ impl Series {
             key,
             label: label.into(),
             samples: Vec::new(),
+            reps: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -159,6 +162,7 @@ impl Series {
                 let line: Vec<String> = s.iter().map(|(k, v)| format!("{k}={v:.1}")).collect();
                 eprintln!("  [{}] rep {}: {}", self.key, rep + 1, line.join(" "));
                 self.samples.push(s);
+                self.reps.push(rep);
             }
             Err(e) => {
                 eprintln!("  [{}] rep {}: FAILED: {e}", self.key, rep + 1);
@@ -185,6 +189,32 @@ impl Series {
     fn cell(&self, metric: &str, decimals: usize) -> String {
         bench::spread(&self.values(metric), decimals)
     }
+
+    /// `metric` of this series over `other`'s, within each repetition both
+    /// ran (the variants of a repetition run back to back), sorted.
+    fn paired_ratios(&self, other: &Series, metric: &str) -> Vec<f64> {
+        let at = |s: &Series, rep: usize| {
+            let i = s.reps.iter().position(|r| *r == rep)?;
+            s.samples[i].get(metric).copied()
+        };
+        bench::sorted(
+            self.reps
+                .iter()
+                .filter_map(|&rep| ratio(at(self, rep), at(other, rep)))
+                .collect(),
+        )
+    }
+}
+
+/// "- paired …: median (min–max) of the per-repetition ratio; the goal held
+/// in k of n repetitions" (`holds` judges one ratio).
+fn paired_line(what: &str, ratios: &[f64], holds: impl Fn(f64) -> bool) -> String {
+    format!(
+        "- paired, {what} within each repetition: {}; the goal held in {} of {} repetitions",
+        bench::spread(ratios, 2),
+        ratios.iter().filter(|r| holds(**r)).count(),
+        ratios.len()
+    )
 }
 
 // ---------------------------------------------------------------- helpers
@@ -1005,6 +1035,8 @@ fn render(r: &Report) -> String {
             f2(ratio(dc, da)),
             verdict(dc.zip(da).map(|(c, a)| c <= a))
         );
+        let paired = c.paired_ratios(a, "downtime");
+        let _ = writeln!(s, "{}", paired_line("(c)/(a)", &paired, |r| r <= 1.0));
         let title = "stretch: ferry live (c) ≤ 1.2 × floor (b)";
         let goal = scaled_goal(title, dc, (1.2, db), "ms", "(c)/(b)", false);
         let _ = writeln!(s, "{goal}");
@@ -1082,6 +1114,8 @@ fn render(r: &Report) -> String {
             f0(dc),
             verdict(db.zip(dc).map(|(b, c)| b <= c))
         );
+        let paired = c.paired_ratios(b, "total");
+        let _ = writeln!(s, "{}", paired_line("total (c)/(b)", &paired, |r| r >= 3.0));
         let dd = d.median("downtime");
         let _ = writeln!(
             s,
