@@ -10,7 +10,8 @@
 
 mod common;
 use common::{
-    counter, e, ensure, ferry_cgroups, pid_gone, proc_state, spec, Cleanup, TestFn, TestResult,
+    counter, e, ensure, ferry_cgroups, nice_of, pid_gone, proc_state, spec, Cleanup, TestFn,
+    TestResult,
 };
 use std::collections::BTreeMap;
 use std::io::BufReader;
@@ -474,17 +475,6 @@ fn criu_restoring(log: &Path) -> Option<u32> {
             .collect();
         (args.iter().any(|a| a == "restore") && args.contains(&needle)).then_some(pid)
     })
-}
-
-/// A process's nice value (`/proc/<pid>/stat`, field 19).
-fn nice_of(pid: u32) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(16)?
-        .parse()
-        .ok()
 }
 
 async fn move_page_server(base: PathBuf) -> TestResult {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_drivers::vm::VmDriver;
-use ferry_test::{form_cluster, location, need_root, tail, wait_for, Member};
+use ferry_test::{form_cluster, location, need_root, wait_for, Member};
 use serde_json::{json, Value};
 
 /// Start a move through the API; returns the client and operation id.
@@ -320,30 +320,23 @@ async fn container_link_cut_while_the_pages_cross_leaves_it_on_the_source() {
         let new = since(m);
         new.contains("filesystem and images received") && !new.contains("all pages here")
     };
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while !gated(&ms[1]) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the target never held a gated restore with pages still on the way");
+    wait_for(
+        60,
+        "a gated restore on the target with pages still on the way",
+        || gated(&ms[1]).then_some(()),
+    );
     let cut = Cut::port(port_of(&ms[0]));
     let err = failed(&c, &id, "Failure").await;
     drop(cut);
     assert!(!err.is_empty());
     // The target learns of the silent link by its own dead-link timeout
     // (15 s without a frame); then its gate refuses and CRIU aborts there.
-    let refused = tokio::time::timeout(Duration::from_secs(40), async {
-        while !since(&ms[1]).contains("verdict given ok=false") {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    assert!(
-        refused.is_ok(),
-        "the target's gate was not refused:\n{}",
-        tail(&since(&ms[1]), 40)
-    );
+    // (On a timeout the members' logs are printed as they shut down.)
+    wait_for(40, "the target's gate to be refused", || {
+        since(&ms[1])
+            .contains("verdict given ok=false")
+            .then_some(())
+    });
     container_undisturbed(&ms, pid).await;
     // The shell that held the memory runs on, on the source.
     ms[0].ferry_ok(&["exec", "c1", "--", "sh", "-c", "kill -0 $(cat /held)"]);

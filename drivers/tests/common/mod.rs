@@ -139,6 +139,17 @@ pub fn proc_state(pid: u32) -> Option<char> {
     s.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// A process's nice value (`/proc/<pid>/stat`, field 19).
+pub fn nice_of(pid: u32) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(16)?
+        .parse()
+        .ok()
+}
+
 pub fn pid_gone(pid: u32) -> bool {
     matches!(proc_state(pid), None | Some('Z'))
 }
