@@ -398,7 +398,7 @@ pub struct MoveArgs {
     /// Resume on the target first and pull memory after (a broken link then loses the instance)
     #[arg(long)]
     pub postcopy: bool,
-    /// Compression of the memory stream: adaptive (default: each frame zstd-compressed when that saves space), zstd or none
+    /// Compression of the memory stream: adaptive (default: each frame zstd-compressed when that saves space; for a VM also acknowledged, so the link holds little at switch-over), zstd or none
     #[arg(long, value_parser = ["adaptive", "zstd", "none"])]
     pub compression: Option<String>,
 }

@@ -311,7 +311,7 @@ impl<T: AsyncRead + AsyncWrite> ByteChannel<T> {
                     c.sent.clone(),
                 )),
             ),
-            Compression::ZstdFrames => {
+            Compression::ZstdFrames | Compression::ZstdFramesAcked => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "zstd_frames compresses frame by frame: it is not a byte-stream codec",

@@ -11,8 +11,16 @@
 //! frame   = tag:u8 body
 //! tag 0   raw       body = the bytes as read
 //! tag 1   zstd      body = raw_len:u32 (little endian) ++ one zstd frame of raw_len bytes
+//! tag 2   ack       body = written:u64 (little endian), `zstd_frames_acked` only
 //! (an empty websocket frame, without a tag, still ends the direction)
 //! ```
+//!
+//! With `zstd_frames_acked`, each side sends an ack frame after every
+//! [`ACK_EVERY`] payload bytes it wrote locally (the total so far, so a
+//! later ack covers an earlier one), and a sender waits while more than
+//! [`WINDOW`] payload bytes it sent are unacknowledged. A side sends no ack
+//! after it ended its direction; its peer stops waiting for acks once it
+//! sees that end.
 //!
 //! Encoder policy: frames under [`MIN_COMPRESS`] bytes go raw (protocol
 //! chatter, QEMU's return path). A frame is sent compressed only when that
@@ -31,6 +39,11 @@ use thiserror::Error;
 
 pub const TAG_RAW: u8 = 0;
 pub const TAG_ZSTD: u8 = 1;
+pub const TAG_ACK: u8 = 2;
+/// `zstd_frames_acked`: the most payload a sender keeps unacknowledged.
+pub const WINDOW: u64 = 8 << 20;
+/// `zstd_frames_acked`: a receiver acknowledges after this much payload.
+pub const ACK_EVERY: u64 = 1 << 20;
 /// Frames shorter than this are never compressed.
 pub const MIN_COMPRESS: usize = 2048;
 /// The largest frame a peer may announce (the relay reads at most 256 KiB).
@@ -43,7 +56,7 @@ pub const LEVEL: i32 = 1;
 
 #[derive(Debug, Error)]
 pub enum FrameError {
-    #[error("state frame: unknown tag {0} (expected 0 = raw or 1 = zstd)")]
+    #[error("state frame: unknown tag {0} (expected 0 = raw, 1 = zstd or, acknowledged, 2 = ack)")]
     UnknownTag(u8),
     #[error("state frame: truncated header ({0} bytes)")]
     Truncated(usize),
@@ -53,6 +66,27 @@ pub enum FrameError {
     Corrupt { announced: usize, detail: String },
     #[error("zstd: {0}")]
     Zstd(#[from] std::io::Error),
+}
+
+/// An ack frame: `written` payload bytes were written on the receiving side.
+pub fn ack_frame(written: u64) -> Vec<u8> {
+    let mut f = Vec::with_capacity(9);
+    f.push(TAG_ACK);
+    f.extend_from_slice(&written.to_le_bytes());
+    f
+}
+
+/// The count an ack frame carries; `Ok(None)` for any other frame.
+pub fn parse_ack(frame: &[u8]) -> Result<Option<u64>, FrameError> {
+    match frame.first() {
+        Some(&TAG_ACK) => {
+            let body: [u8; 8] = frame[1..]
+                .try_into()
+                .map_err(|_| FrameError::Truncated(frame.len()))?;
+            Ok(Some(u64::from_le_bytes(body)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Counters of what the encoder did (for logs and the operation's metadata).

@@ -103,3 +103,22 @@ fn bad_frames_are_refused() {
     g.extend_from_slice(&[0xAB; 64]);
     assert!(matches!(d.decode(&g), Err(FrameError::Corrupt { .. })));
 }
+
+#[test]
+fn ack_frames_carry_the_count_and_are_no_data() {
+    let f = ack_frame(5 << 20);
+    assert_eq!(f.len(), 9);
+    assert_eq!(parse_ack(&f).unwrap(), Some(5 << 20));
+    // Data frames are no acks.
+    assert_eq!(parse_ack(&[TAG_RAW, 1, 2, 3]).unwrap(), None);
+    assert!(matches!(
+        parse_ack(&[TAG_ACK, 1, 2]),
+        Err(FrameError::Truncated(3))
+    ));
+    // A decoder for plain zstd_frames refuses them.
+    let mut dec = FrameDecoder::new().unwrap();
+    assert!(matches!(
+        dec.decode(&f),
+        Err(FrameError::UnknownTag(TAG_ACK))
+    ));
+}

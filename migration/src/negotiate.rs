@@ -287,7 +287,7 @@ impl Since for Compression {
     fn since(&self) -> u32 {
         match self {
             Compression::Unknown => u32::MAX,
-            Compression::ZstdFrames => 2,
+            Compression::ZstdFrames | Compression::ZstdFramesAcked => 2,
             Compression::None | Compression::Zstd => 1,
         }
     }

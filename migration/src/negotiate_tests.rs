@@ -495,3 +495,33 @@ fn page_sink_only_for_a_plain_dump_of_a_layout_both_know() {
         .iter()
         .any(|s| matches!(s, S::FerryPageSink { .. })));
 }
+
+#[test]
+fn acknowledged_frames_when_both_sides_have_them_else_plain_frames() {
+    let mut offer = vm_offer();
+    offer.state_compression = vec![C::ZstdFramesAcked, C::ZstdFrames, C::None];
+    let mut c = caps(
+        vec![archive(&[C::Zstd])],
+        vec![S::VmQemuLive {
+            features: vec![Q::AutoConverge],
+        }],
+    );
+    c.state_compression = vec![C::ZstdFramesAcked, C::ZstdFrames, C::None];
+    assert_eq!(
+        negotiate(&offer, &c).unwrap().state_compression,
+        C::ZstdFramesAcked
+    );
+    // A target built before acknowledgements reads the value as unknown.
+    let older: Vec<C> = serde_json::from_str(r#"["zstd_frames_acked", "zstd_frames"]"#).unwrap();
+    assert_eq!(older, vec![C::ZstdFramesAcked, C::ZstdFrames]);
+    let unknown: C = serde_json::from_str(r#""zstd_frames_windowed""#).unwrap();
+    assert_eq!(unknown, C::Unknown);
+    c.state_compression = vec![C::ZstdFrames, C::None];
+    assert_eq!(
+        negotiate(&offer, &c).unwrap().state_compression,
+        C::ZstdFrames
+    );
+    // Protocol v1 has neither.
+    let v1 = offer.for_version(1);
+    assert_eq!(v1.state_compression, vec![C::None]);
+}

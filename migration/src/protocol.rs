@@ -256,6 +256,13 @@ pub enum Compression {
     /// Each frame compressed on its own when that pays off (state stream
     /// only; see `frames`).
     ZstdFrames,
+    /// `zstd_frames` plus acknowledgements: each side reports the payload
+    /// it wrote locally, and a sender keeps at most
+    /// [`crate::frames::WINDOW`] payload bytes unacknowledged. Compressed
+    /// frames are small: without a window, the link's buffers can hold
+    /// hundreds of MiB of easily compressed memory that the receiver has
+    /// yet to write, and a VM's switch-over would wait for all of it.
+    ZstdFramesAcked,
     /// A value from a newer peer; never chosen.
     #[serde(other)]
     Unknown,

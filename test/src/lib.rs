@@ -182,7 +182,11 @@ impl Member {
                 "--name",
                 &self.name,
             ])
-            .env("FERRY_LOG", "info,ferryd=debug,ferry_drivers=debug")
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_LOG")
+                    .unwrap_or_else(|_| "info,ferryd=debug,ferry_drivers=debug".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

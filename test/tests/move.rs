@@ -431,7 +431,12 @@ async fn live_vm_move_keeps_the_guest_running() {
     let meta: Value = serde_json::from_str(&out).unwrap();
     eprintln!("VM move result: {meta}");
     assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
-    assert_eq!(meta["plan"]["state_compression"], "zstd_frames", "{meta}");
+    // Per-frame zstd with acknowledgements: a VM's pre-copy keeps at most
+    // frames::WINDOW unacknowledged on the link.
+    assert_eq!(
+        meta["plan"]["state_compression"], "zstd_frames_acked",
+        "{meta}"
+    );
     // The test guest's RAM is zero pages and pages holding one dword: the
     // link carries a small fraction of what QEMU sent.
     let (raw, wire) = (
@@ -509,7 +514,7 @@ async fn live_vm_move_keeps_the_guest_running() {
     // Post-copy's return path (page requests) goes through the same
     // per-frame compression.
     assert_eq!(
-        meta["plan"]["state_compression"], "zstd_frames",
+        meta["plan"]["state_compression"], "zstd_frames_acked",
         "capped link: {meta}"
     );
     assert_eq!(meta["qemu_params"]["downtime_limit_ms"], 100, "{meta}");

@@ -150,7 +150,8 @@ pub struct Post {
     downtime_target_ms: Option<u64>,
     #[serde(default)]
     postcopy: bool,
-    /// The state stream's compression: "adaptive" (default), "zstd" or "none".
+    /// The state stream's compression: "adaptive" (default), "zstd_frames",
+    /// "zstd_frames_acked", "zstd" or "none".
     #[serde(default)]
     state_compression: Option<String>,
 }
@@ -197,12 +198,14 @@ pub async fn post(
     use ferry_migration::Compression;
     let state_compression = match req.state_compression.as_deref() {
         None => None,
-        Some("adaptive" | "zstd_frames") => Some(Compression::ZstdFrames),
+        Some("adaptive") => None,
+        Some("zstd_frames") => Some(Compression::ZstdFrames),
+        Some("zstd_frames_acked") => Some(Compression::ZstdFramesAcked),
         Some("zstd") => Some(Compression::Zstd),
         Some("none") => Some(Compression::None),
         Some(other) => {
             return Err(ActionError::BadRequest(format!(
-                "\"state_compression\": unknown value {other:?}: use \"adaptive\" (the default), \"zstd\" or \"none\""
+                "\"state_compression\": unknown value {other:?}: use \"adaptive\" (the default: per-frame zstd, acknowledged for VMs), \"zstd_frames\", \"zstd_frames_acked\", \"zstd\" or \"none\""
             )))
         }
     };

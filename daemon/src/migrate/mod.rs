@@ -10,7 +10,8 @@
 //! see `source.rs` and `target.rs`, and doc/migration-protocol.md.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_db::InstanceRecord;
@@ -89,7 +90,9 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
 /// read from the socket becomes one websocket frame (with `zstd_frames`
 /// compressed on its own when that pays off, see `ferry_migration::frames`)
 /// and each frame is written to the socket — no intermediate byte stream.
-/// A `zstd` plan goes through the zstd byte channel. `limit` (bytes/s) paces
+/// With `zstd_frames_acked` each side also acknowledges what it wrote
+/// locally and a sender keeps at most `frames::WINDOW` bytes unacknowledged
+/// ([`AckWindow`]). A `zstd` plan goes through the zstd byte channel. `limit` (bytes/s) paces
 /// what crosses the link (a container move's `--bandwidth`; QEMU paces its
 /// own stream).
 pub(super) async fn relay_state<L>(
@@ -145,7 +148,12 @@ where
             sent_wire: counters.sent_wire.get(),
         });
     }
-    let framed = compression == Compression::ZstdFrames;
+    let framed = matches!(
+        compression,
+        Compression::ZstdFrames | Compression::ZstdFramesAcked
+    );
+    let window =
+        (compression == Compression::ZstdFramesAcked).then(|| Arc::new(AckWindow::default()));
     let (mut enc, mut dec) = if framed {
         let e = |e: ferry_migration::FrameError| e.to_string();
         (
@@ -156,6 +164,8 @@ where
         (None, None)
     };
     let ws::WsPipe { tx, mut rx } = pipe;
+    let ack_tx = tx.clone();
+    let up_window = window.clone();
     // Bytes on the link so far: the frames' as counted by the encoder; without
     // one, the payload itself.
     let wire = |enc: &Option<FrameEncoder>, total: u64| {
@@ -174,6 +184,11 @@ where
                 buf.clear();
             } else if let Some(enc) = enc.as_mut() {
                 buf = enc.encode_raw_frame(buf).map_err(|e| e.to_string())?;
+            }
+            match (&up_window, n) {
+                (Some(win), 0) => win.end_ours(),
+                (Some(win), _) => win.wait_room(total + n as u64).await?,
+                (None, _) => {}
             }
             if tx.send(buf).await.is_err() {
                 return Err(format!("the state channel closed after {total} bytes"));
@@ -194,10 +209,18 @@ where
         }
     };
     let down = async move {
-        let mut total = 0u64;
+        let (mut total, mut acked) = (0u64, 0u64);
         while let Some(frame) = rx.recv().await {
             if frame.is_empty() {
                 break;
+            }
+            if let Some(win) = &window {
+                let ack = ferry_migration::frames::parse_ack(&frame)
+                    .map_err(|e| format!("after {total} bytes from the peer: {e}"))?;
+                if let Some(n) = ack {
+                    win.acked(n);
+                    continue;
+                }
             }
             let data = match dec.as_mut() {
                 Some(d) => d
@@ -207,7 +230,21 @@ where
             };
             w.write_all(data).await.map_err(|e| write_err(total, e))?;
             total += data.len() as u64;
+            if let Some(win) = &window {
+                if total - acked >= ferry_migration::frames::ACK_EVERY && !win.ours_ended() {
+                    acked = total;
+                    let ack = ferry_migration::frames::ack_frame(total);
+                    if ack_tx.send(ack).await.is_err() {
+                        return Err(format!("the state channel closed after {total} bytes"));
+                    }
+                }
+            }
         }
+        // The peer sends no acks after its end: stop waiting for them.
+        if let Some(win) = &window {
+            win.end_theirs();
+        }
+        drop(ack_tx);
         let _ = w.shutdown().await;
         tracing::debug!(
             bytes = total,
@@ -240,6 +277,58 @@ impl StateStats {
         op.set_meta("state_bytes", serde_json::json!(self.sent));
         op.set_meta("state_wire_bytes", serde_json::json!(self.sent_wire));
         op.set_meta("state_return_bytes", serde_json::json!(self.received));
+    }
+}
+
+/// A sender's side of `zstd_frames_acked`: how much of what it sent the
+/// peer acknowledged, and whether either direction ended.
+#[derive(Default)]
+pub(super) struct AckWindow {
+    acked: AtomicU64,
+    ours_ended: AtomicBool,
+    theirs_ended: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl AckWindow {
+    /// Wait until sending up to `upto` payload bytes keeps at most
+    /// `frames::WINDOW` unacknowledged. Fails when no ack comes for as long
+    /// as the link counts as dead.
+    async fn wait_room(&self, upto: u64) -> Result<(), String> {
+        use ferry_migration::frames::WINDOW;
+        loop {
+            let acked = self.acked.load(Ordering::Acquire);
+            if upto.saturating_sub(acked) <= WINDOW || self.theirs_ended.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if tokio::time::timeout(ws::DEAD_AFTER, self.wake.notified())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "the peer acknowledged {acked} bytes of the state stream and no more for {}s",
+                    ws::DEAD_AFTER.as_secs()
+                ));
+            }
+        }
+    }
+
+    fn acked(&self, n: u64) {
+        self.acked.fetch_max(n, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    fn end_ours(&self) {
+        self.ours_ended.store(true, Ordering::Release);
+    }
+
+    fn ours_ended(&self) -> bool {
+        self.ours_ended.load(Ordering::Acquire)
+    }
+
+    fn end_theirs(&self) {
+        self.theirs_ended.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 }
 

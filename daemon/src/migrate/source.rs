@@ -377,21 +377,29 @@ impl MoveRun {
             // Adaptive per-frame zstd by default: it gives up on frames that
             // do not compress. A peer without it: one zstd stream pays off on
             // a capped link; on an unlimited one it costs more CPU than it saves.
+            // A VM's pre-copy also gets acknowledgements (`zstd_frames_acked`):
+            // what the link still holds at switch-over is downtime. A frozen
+            // container's pages need no window.
             state_compression: match options.state_compression {
                 Some(Compression::None) => vec![Compression::None],
-                Some(c) => vec![c, Compression::None],
-                None if options.bandwidth.is_some() => {
-                    vec![
-                        Compression::ZstdFrames,
-                        Compression::Zstd,
-                        Compression::None,
-                    ]
-                }
-                None => vec![
+                Some(Compression::ZstdFramesAcked) => vec![
+                    Compression::ZstdFramesAcked,
                     Compression::ZstdFrames,
                     Compression::None,
-                    Compression::Zstd,
                 ],
+                Some(c) => vec![c, Compression::None],
+                None => {
+                    let mut v = vec![Compression::ZstdFrames];
+                    if vm {
+                        v.insert(0, Compression::ZstdFramesAcked);
+                    }
+                    if options.bandwidth.is_some() {
+                        v.extend([Compression::Zstd, Compression::None]);
+                    } else {
+                        v.extend([Compression::None, Compression::Zstd]);
+                    }
+                    v
+                }
             },
             volume_size,
             snapshots: vec![],

@@ -177,6 +177,7 @@ impl Daemon {
             ]
             .concat(),
             state_compression: vec![
+                Compression::ZstdFramesAcked,
                 Compression::ZstdFrames,
                 Compression::Zstd,
                 Compression::None,

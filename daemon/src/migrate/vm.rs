@@ -171,7 +171,7 @@ impl MoveRun {
                     ..params(plan)
                 }),
             );
-            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms}));
+            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth}));
             if let Ok(Ok(Ok(stats))) =
                 tokio::time::timeout(std::time::Duration::from_secs(10), relay).await
             {

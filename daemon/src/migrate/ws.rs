@@ -24,7 +24,7 @@ const QUEUE: usize = 8;
 /// one frame, is dead: the channel closes and the move fails instead of
 /// waiting for TCP's own timeouts (many minutes on a silent partition).
 const PING_EVERY: Duration = Duration::from_secs(3);
-const DEAD_AFTER: Duration = Duration::from_secs(15);
+pub(super) const DEAD_AFTER: Duration = Duration::from_secs(15);
 const SEND_TIMEOUT: Duration = Duration::from_secs(15);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -59,6 +59,7 @@ use super::mirror;
 use super::qemu::{self, Launch, VmFiles};
 use super::qmp::{MigrateInfo, Qmp, QmpEvent};
 use super::state::{self, LaunchRecord};
+use super::switchover::SwitchoverRate;
 use super::VmDriver;
 use crate::{DriverError, InstanceSpec, OpCtx};
 
@@ -77,16 +78,27 @@ pub const DEFAULT_DOWNTIME_TARGET_MS: u64 = 10;
 /// dirty-bitmap syncs: QEMU's first sync is at the start, the second ends the
 /// bulk pass, so 5 = three passes over the re-dirtied pages.
 const SETTLE_SYNCS: u64 = 5;
-/// ... or after a third of the time the bulk pass took, within these bounds
+/// ... or after a third of the time the bulk pass took, or one and a half
+/// times what sending once more what the guest dirtied during the bulk pass
+/// takes at the measured rate, whichever is longer, within these bounds
 /// (settling must not cost more than a fraction of the move).
 const SETTLE_TIME_MIN: Duration = Duration::from_millis(50);
 const SETTLE_TIME_MAX: Duration = Duration::from_secs(1);
 /// Polling while settling: the budget is short.
 const SETTLE_POLL: Duration = Duration::from_millis(10);
 
-/// How long to wait for the guest to settle after a bulk pass that took `bulk`.
-fn settle_budget(bulk: Duration) -> Duration {
-    (bulk / 3).clamp(SETTLE_TIME_MIN, SETTLE_TIME_MAX)
+/// How long to wait for the guest to settle after a bulk pass that took
+/// `bulk` and left `dirty` bytes to send again at `rate` bytes/s (0: not
+/// measured).
+fn settle_budget(bulk: Duration, dirty: u64, rate: u64) -> Duration {
+    let resend = if rate > 0 {
+        Duration::from_secs_f64(dirty as f64 / rate as f64) * 3 / 2
+    } else {
+        Duration::ZERO
+    };
+    (bulk / 3)
+        .max(resend)
+        .clamp(SETTLE_TIME_MIN, SETTLE_TIME_MAX)
 }
 /// Pre-copy with no byte moving for this long is cancelled (stuck relay).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -112,8 +124,11 @@ pub struct MigrateParams {
     /// only when it expects a pause below this (its `downtime-limit` starts
     /// here); the limit is raised to `downtime_limit_ms` once the guest does
     /// not get there: auto-converge starts throttling it, three passes after
-    /// the bulk pass, or after a third of the time the bulk pass took (at
-    /// least 50 ms, at most 1 s). `None` or ≥ the limit: QEMU's
+    /// the bulk pass, or after a third of the time the bulk pass took or
+    /// 1.5 × the time to send again what the guest dirtied meanwhile,
+    /// whichever is longer (at least 50 ms, at most 1 s). While it runs,
+    /// QEMU judges the switch-over with the rate ferry measured
+    /// ([`super::switchover`]). `None` or ≥ the limit: QEMU's
     /// own behaviour (switch over as soon as the estimate fits the limit,
     /// usually right after the bulk pass with what the guest dirtied
     /// meanwhile). Ignored with post-copy. Source side only.
@@ -161,6 +176,12 @@ impl MigrateParams {
             }
         }
         Ok(())
+    }
+
+    /// Whether ferry's switch-over policy runs (a downtime target below the
+    /// limit, no post-copy).
+    fn switchover_policy(&self) -> bool {
+        self.initial_downtime_limit() < self.downtime_limit_ms
     }
 
     /// The `downtime-limit` QEMU starts with: the target while settling.
@@ -249,6 +270,10 @@ pub struct OutgoingStats {
     /// target if the guest settled, else the maximum.
     #[serde(default)]
     pub switchover_limit_ms: u64,
+    /// The switch-over bandwidth (bytes/s) ferry measured and gave QEMU
+    /// ([`super::switchover`]); 0: QEMU used its own estimate.
+    #[serde(default)]
+    pub switchover_bandwidth: u64,
 }
 
 /// Result of a completed incoming migration.
@@ -303,6 +328,9 @@ async fn set_source_parameters(qmp: &mut Qmp, params: &MigrateParams) -> Result<
         // 0 = unlimited; a cap applies to post-copy as well.
         max_postcopy_bandwidth: Some(params.max_bandwidth.unwrap_or(0)),
         downtime_limit: Some(params.initial_downtime_limit()),
+        // QEMU's own estimate until ferry measured the stream (a QEMU keeps
+        // parameters across migrations).
+        avail_switchover_bandwidth: Some(0),
         ..Default::default()
     })
     .await
@@ -582,6 +610,8 @@ struct OutgoingWatch<'a> {
     mirror_done: Option<Duration>,
     /// The `downtime-limit` QEMU has now.
     limit_now: u64,
+    /// The stream's rate, for QEMU's switch-over decision.
+    switchover: SwitchoverRate,
     /// When the bulk pass ended (the second dirty-bitmap sync), while
     /// settling, and how long settling may last from then.
     bulk_done: Option<(Instant, Duration)>,
@@ -607,7 +637,31 @@ impl<'a> OutgoingWatch<'a> {
             mirror_failure: None,
             mirror_done: None,
             limit_now: params.initial_downtime_limit(),
+            switchover: SwitchoverRate::default(),
             bulk_done: None,
+        }
+    }
+
+    /// While the switch-over policy runs: keep QEMU's switch-over bandwidth
+    /// at the rate the stream was measured to carry (see [`super::switchover`]).
+    async fn tell_switchover_rate(&mut self, qmp: &mut Qmp, info: &MigrateInfo) {
+        if !self.params.switchover_policy() || info.status != "active" || self.cancel_sent {
+            return;
+        }
+        let Some(bw) = self.switchover.observe(Instant::now(), info) else {
+            return;
+        };
+        let set = MigrateSetParameters {
+            avail_switchover_bandwidth: Some(bw),
+            ..Default::default()
+        };
+        match qmp.set_parameters(set).await {
+            Ok(()) => tracing::debug!(
+                mib_per_s = bw >> 20,
+                "migration: switch-over bandwidth set to the measured rate"
+            ),
+            // e.g. completed meanwhile; QEMU keeps its own estimate.
+            Err(e) => tracing::warn!("setting the switch-over bandwidth: {e}"),
         }
     }
 
@@ -619,8 +673,20 @@ impl<'a> OutgoingWatch<'a> {
             return;
         }
         let syncs = info.dirty_sync_count.unwrap_or(0);
+        tracing::trace!(
+            at_ms = self.started.elapsed().as_millis() as u64,
+            syncs,
+            remaining_kib = info.remaining.unwrap_or(0) >> 10,
+            transferred_kib = info.transferred.unwrap_or(0) >> 10,
+            "migration: settling"
+        );
         if syncs >= 2 && self.bulk_done.is_none() {
-            self.bulk_done = Some((Instant::now(), settle_budget(self.started.elapsed())));
+            let budget = settle_budget(
+                self.started.elapsed(),
+                info.remaining.unwrap_or(0),
+                self.switchover.told(),
+            );
+            self.bulk_done = Some((Instant::now(), budget));
         }
         let throttle = info.cpu_throttle_percent.unwrap_or(0);
         let why = if throttle > 0 {
@@ -725,6 +791,7 @@ impl<'a> OutgoingWatch<'a> {
                 self.handle_mirror(qmp, &info).await?;
             }
             self.maybe_switch_postcopy(qmp, &info).await;
+            self.tell_switchover_rate(qmp, &info).await;
             self.maybe_stop_settling(qmp, &info).await;
             self.handle_cancel_and_stall(qmp, &info).await?;
             if self.last_report.elapsed() >= REPORT_EVERY {
@@ -900,6 +967,7 @@ impl<'a> OutgoingWatch<'a> {
             wall_ms: self.started.elapsed().as_millis() as u64,
             mirror_switchover_ms: self.mirror_done.map(|d| d.as_millis() as u64),
             switchover_limit_ms: self.limit_now,
+            switchover_bandwidth: self.switchover.told(),
         }
     }
 }
@@ -1198,9 +1266,15 @@ mod tests {
         let parsed: MigrateParams = serde_json::from_str(r#"{"downtime_limit_ms": 50}"#).unwrap();
         assert_eq!(parsed.initial_downtime_limit(), DEFAULT_DOWNTIME_TARGET_MS);
         let ms = Duration::from_millis;
-        assert_eq!(settle_budget(ms(60)), ms(50));
-        assert_eq!(settle_budget(ms(600)), ms(200));
-        assert_eq!(settle_budget(ms(60_000)), ms(1000));
+        assert_eq!(settle_budget(ms(60), 0, 0), ms(50));
+        assert_eq!(settle_budget(ms(600), 0, 0), ms(200));
+        assert_eq!(settle_budget(ms(60_000), 0, 0), ms(1000));
+        // 60 MiB left after a 250 ms bulk pass, at 600 MiB/s: 100 ms to send
+        // it again, so 150 ms rather than 83.
+        assert_eq!(settle_budget(ms(250), 60 << 20, 600 << 20), ms(150));
+        // Little left: a third of the bulk pass.
+        assert_eq!(settle_budget(ms(300), 6 << 20, 600 << 20), ms(100));
+        assert_eq!(settle_budget(ms(300), 6 << 30, 1 << 20), ms(1000));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod mirror;
 pub mod qemu;
 pub mod qmp;
 pub mod state;
+mod switchover;
 
 use std::time::Duration;
 

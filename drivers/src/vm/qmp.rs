@@ -227,6 +227,10 @@ pub struct MigrateInfo {
     pub mbps: Option<f64>,
     pub setup_time_ms: Option<u64>,
     pub expected_downtime_ms: Option<u64>,
+    /// Bytes of whole pages sent so far.
+    pub normal_bytes: Option<u64>,
+    /// Zero pages sent so far (as markers).
+    pub zero_pages: Option<u64>,
 }
 
 impl MigrateInfo {
@@ -253,6 +257,8 @@ impl MigrateInfo {
             mbps: ram.and_then(|r| r.get("mbps")).and_then(Value::as_f64),
             setup_time_ms: v.get("setup-time").and_then(Value::as_u64),
             expected_downtime_ms: v.get("expected-downtime").and_then(Value::as_u64),
+            normal_bytes: ram_u("normal-bytes"),
+            zero_pages: ram_u("duplicate"),
         }
     }
 }
