@@ -470,4 +470,135 @@ mod tests {
         assert!(p.take("op1", &s.control).is_none(), "a secret works once");
         assert!(p.take("op1", &s.fs).is_some());
     }
+
+    use axum::body::Bytes;
+    use ferry_migration::frames::{ACK_EVERY, WINDOW};
+    use ferry_migration::Compression;
+    use std::sync::atomic::AtomicU64;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    /// One direction of a link whose buffer is as deep as it gets (a
+    /// socket's buffer full of small compressed frames): the sender never
+    /// waits for the receiver.
+    fn deep_link(mut from: mpsc::Receiver<Vec<u8>>, to: mpsc::Sender<Bytes>) {
+        let (buf_tx, mut buf_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            while let Some(f) = from.recv().await {
+                let _ = buf_tx.send(f);
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(f) = buf_rx.recv().await {
+                if to.send(Bytes::from(f)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn linked_pipes() -> (ws::WsPipe, ws::WsPipe) {
+        let (a_tx, a_out) = mpsc::channel(8);
+        let (b_tx, b_out) = mpsc::channel(8);
+        let (a_in, a_rx) = mpsc::channel(8);
+        let (b_in, b_rx) = mpsc::channel(8);
+        deep_link(a_out, b_in);
+        deep_link(b_out, a_in);
+        (
+            ws::WsPipe { tx: a_tx, rx: a_rx },
+            ws::WsPipe { tx: b_tx, rx: b_rx },
+        )
+    }
+
+    /// 64 MiB of pages holding one byte each (compress ~200:1) from A to a
+    /// receiver that stalls after 1 MiB: how far the sender got meanwhile,
+    /// then everything must arrive intact.
+    async fn sent_while_the_receiver_stalls(compression: Compression) -> u64 {
+        const TOTAL: usize = 64 << 20;
+        let (pa, pb) = linked_pipes();
+        let (a_user, a_local) = tokio::io::duplex(64 << 10);
+        let (mut b_user, b_local) = tokio::io::duplex(64 << 10);
+        let ra = tokio::spawn(relay_state(a_local, pa, compression, None));
+        let rb = tokio::spawn(relay_state(b_local, pb, compression, None));
+        let written = Arc::new(AtomicU64::new(0));
+        let w = written.clone();
+        let (mut a_read, mut a_write) = tokio::io::split(a_user);
+        let writer = tokio::spawn(async move {
+            let mut page = vec![0u8; 4096];
+            for i in 0..TOTAL / 4096 {
+                page[0] = (i % 251) as u8 + 1;
+                a_write.write_all(&page).await.unwrap();
+                w.fetch_add(4096, Ordering::Relaxed);
+            }
+            a_write.shutdown().await.unwrap();
+            // The peer ends its direction without sending anything.
+            let mut rest = vec![];
+            a_read.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        });
+        let mut got = vec![0u8; 1 << 20];
+        b_user.read_exact(&mut got).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ahead = written.load(Ordering::Relaxed);
+        b_user.shutdown().await.unwrap();
+        let mut rest = vec![];
+        b_user.read_to_end(&mut rest).await.unwrap();
+        got.extend_from_slice(&rest);
+        assert_eq!(got.len(), TOTAL);
+        assert!(got
+            .chunks(4096)
+            .enumerate()
+            .all(|(i, p)| p[0] == (i % 251) as u8 + 1 && p[1..].iter().all(|b| *b == 0)));
+        writer.await.unwrap();
+        ra.await.unwrap().unwrap();
+        rb.await.unwrap().unwrap();
+        ahead
+    }
+
+    #[tokio::test]
+    async fn acknowledged_frames_bound_what_the_link_holds() {
+        let acked = sent_while_the_receiver_stalls(Compression::ZstdFramesAcked).await;
+        // 1 MiB read + the window + one frame and the local buffers.
+        assert!(
+            acked <= (1 << 20) + WINDOW + ACK_EVERY + (1 << 20),
+            "the sender got {acked} bytes ahead of a stalled receiver"
+        );
+        // Without acks the deep link takes it all: what the test is about.
+        let plain = sent_while_the_receiver_stalls(Compression::ZstdFrames).await;
+        assert!(
+            plain > 4 * WINDOW,
+            "without acks only {plain} bytes went ahead"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_ended_its_direction_no_longer_holds_the_window() {
+        // B ends its direction at once (like a QEMU that never writes its
+        // return path and closes early): A must still send everything.
+        let (pa, pb) = linked_pipes();
+        let (a_user, a_local) = tokio::io::duplex(64 << 10);
+        let (b_user, b_local) = tokio::io::duplex(64 << 10);
+        let c = Compression::ZstdFramesAcked;
+        let ra = tokio::spawn(relay_state(a_local, pa, c, None));
+        let rb = tokio::spawn(relay_state(b_local, pb, c, None));
+        let (mut b_read, mut b_write) = tokio::io::split(b_user);
+        b_write.shutdown().await.unwrap();
+        let (mut a_read, mut a_write) = tokio::io::split(a_user);
+        let writer = tokio::spawn(async move {
+            let data = vec![7u8; 3 * WINDOW as usize];
+            a_write.write_all(&data).await.unwrap();
+            a_write.shutdown().await.unwrap();
+            let mut rest = vec![];
+            a_read.read_to_end(&mut rest).await.unwrap();
+        });
+        let mut got = vec![];
+        tokio::time::timeout(Duration::from_secs(20), b_read.read_to_end(&mut got))
+            .await
+            .expect("the sender stalled")
+            .unwrap();
+        assert_eq!(got.len(), 3 * WINDOW as usize);
+        writer.await.unwrap();
+        ra.await.unwrap().unwrap();
+        rb.await.unwrap().unwrap();
+    }
 }
