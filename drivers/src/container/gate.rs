@@ -144,8 +144,8 @@ fn script_text(fifo: &Path) -> String {
          read -r verdict < {q} || exit 1\n\
          [ \"$verdict\" = ok ] || exit 1\n\
          # CRIU set up at a lower priority while the pages crossed; what is\n\
-         # left of the restore is the move's critical path. CRIU runs us\n\
-         # through `sh -c`: it is our parent or our grandparent.\n\
+         # left of the restore is the move's critical path. CRIU execs this\n\
+         # file from a process it forked: criu is our parent or grandparent.\n\
          p=$PPID\n\
          [ \"$(cat /proc/$p/comm 2>/dev/null)\" = criu ] || read -r _ _ _ p _ < /proc/$PPID/stat\n\
          renice -n 0 -p \"$p\" >/dev/null 2>&1 || :\n"
