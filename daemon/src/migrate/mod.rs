@@ -474,7 +474,6 @@ mod tests {
     use axum::body::Bytes;
     use ferry_migration::frames::{ACK_EVERY, WINDOW};
     use ferry_migration::Compression;
-    use std::sync::atomic::AtomicU64;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
 

@@ -80,7 +80,8 @@ pub const DEFAULT_DOWNTIME_TARGET_MS: u64 = 10;
 const SETTLE_SYNCS: u64 = 5;
 /// ... or after a third of the time the bulk pass took, or one and a half
 /// times what sending once more what the guest dirtied during the bulk pass
-/// takes at the measured rate, whichever is longer, within these bounds
+/// takes at the rate given to QEMU (3/4 of the measured one, see
+/// [`super::switchover`]), whichever is longer, within these bounds
 /// (settling must not cost more than a fraction of the move).
 const SETTLE_TIME_MIN: Duration = Duration::from_millis(50);
 const SETTLE_TIME_MAX: Duration = Duration::from_secs(1);

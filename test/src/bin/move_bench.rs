@@ -193,14 +193,15 @@ impl Series {
     /// `metric` of this series over `other`'s, within each repetition both
     /// ran (the variants of a repetition run back to back), sorted.
     fn paired_ratios(&self, other: &Series, metric: &str) -> Vec<f64> {
-        let at = |s: &Series, rep: usize| {
-            let i = s.reps.iter().position(|r| *r == rep)?;
-            s.samples[i].get(metric).copied()
+        let theirs = |rep: usize| {
+            let i = other.reps.iter().position(|r| *r == rep)?;
+            other.samples[i].get(metric).copied()
         };
         bench::sorted(
             self.reps
                 .iter()
-                .filter_map(|&rep| ratio(at(self, rep), at(other, rep)))
+                .zip(&self.samples)
+                .filter_map(|(&rep, ours)| ratio(ours.get(metric).copied(), theirs(rep)))
                 .collect(),
         )
     }
