@@ -457,6 +457,10 @@ async fn live_vm_move_keeps_the_guest_running() {
     assert_eq!(meta["qemu_params"]["downtime_target_ms"], 10, "{meta}");
     let limit = meta["qemu"]["switchover_limit_ms"].as_u64();
     assert!(matches!(limit, Some(10) | Some(300)), "{meta}");
+    // The source's vCPU threads yielded to the migration while it ran.
+    if std::env::var_os("FERRY_VCPU_NICE").is_none() {
+        assert_eq!(meta["qemu"]["vcpu_nice"], 19, "{meta}");
+    }
     assert_eq!(
         sha(&ms[1].spec("v1", true).paths.volume.join("disk.img")),
         src_disk,

@@ -388,11 +388,45 @@ async fn vm_on_m1(ms: &[Member], memory: &str) -> i64 {
     panic!("the guest never counted");
 }
 
+/// The nice value of every thread of a process (field 19 of
+/// /proc/<pid>/task/<tid>/stat, after the parenthesised command).
+fn thread_nice_values(pid: i64) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let nice = rest.split_whitespace().nth(16).and_then(|v| v.parse().ok());
+        out.push((
+            t.file_name().to_string_lossy().into_owned(),
+            nice.unwrap_or(i64::MIN),
+        ));
+    }
+    out
+}
+
 async fn vm_undisturbed(ms: &[Member], pid: i64) {
     assert_eq!(
         ms[0].instance("v1").await["state"]["pid"].as_i64(),
         Some(pid),
         "the VM is not the same QEMU on the source"
+    );
+    // The vCPU threads yielded to the migration only while it ran: they are
+    // back at the main thread's priority.
+    let nice = thread_nice_values(pid);
+    let main = nice
+        .iter()
+        .find(|(t, _)| *t == pid.to_string())
+        .map(|(_, n)| *n);
+    assert!(
+        nice.len() > 1 && main.is_some() && nice.iter().all(|(_, n)| Some(*n) == main),
+        "the source QEMU's threads kept a changed priority: {nice:?}"
     );
     assert_eq!(ms[0].instance("v1").await["status"], "Running");
     let spec = ms[0].spec("v1", true);

@@ -171,7 +171,7 @@ impl MoveRun {
                     ..params(plan)
                 }),
             );
-            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth}));
+            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth, "vcpu_nice": stats.vcpu_nice, "mirror_switchover_ms": stats.mirror_switchover_ms}));
             if let Ok(Ok(Ok(stats))) =
                 tokio::time::timeout(std::time::Duration::from_secs(10), relay).await
             {

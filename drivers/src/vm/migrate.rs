@@ -56,6 +56,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::VmConfig;
 use super::mirror;
+use super::priority::{self, VcpuPriority};
 use super::qemu::{self, Launch, VmFiles};
 use super::qmp::{MigrateInfo, Qmp, QmpEvent};
 use super::state::{self, LaunchRecord};
@@ -275,6 +276,10 @@ pub struct OutgoingStats {
     /// ([`super::switchover`]); 0: QEMU used its own estimate.
     #[serde(default)]
     pub switchover_bandwidth: u64,
+    /// The nice value the source's vCPU threads had during the migration
+    /// ([`super::priority`]); 0: unchanged.
+    #[serde(default)]
+    pub vcpu_nice: i32,
 }
 
 /// Result of a completed incoming migration.
@@ -521,9 +526,17 @@ impl VmDriver {
         }
         drop(stream_fd);
         ctx.progress("stage", "migrating the VM's memory");
+        let nice = priority::migration_vcpu_nice();
+        let vcpus = VcpuPriority::lower(&mut qmp, nice).await;
         let mut w = OutgoingWatch::new(params, trigger, ctx);
-        match w.run(&mut qmp, &progress).await {
-            Ok(stats) => Ok(stats),
+        let r = w.run(&mut qmp, &progress).await;
+        let reniced = vcpus.reniced();
+        vcpus.restore();
+        match r {
+            Ok(stats) => Ok(OutgoingStats {
+                vcpu_nice: if reniced { nice } else { 0 },
+                ..stats
+            }),
             Err(Failure::PostCopy(e)) => Err(e),
             Err(Failure::PreCopy(e)) => match recover_source(&mut qmp, was_running).await {
                 Ok(()) => Err(e),
@@ -969,6 +982,7 @@ impl<'a> OutgoingWatch<'a> {
             mirror_switchover_ms: self.mirror_done.map(|d| d.as_millis() as u64),
             switchover_limit_ms: self.limit_now,
             switchover_bandwidth: self.switchover.told(),
+            vcpu_nice: 0,
         }
     }
 }

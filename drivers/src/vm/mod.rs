@@ -22,6 +22,7 @@ pub mod guest;
 pub mod image;
 pub mod migrate;
 pub mod mirror;
+mod priority;
 pub mod qemu;
 pub mod qmp;
 pub mod state;

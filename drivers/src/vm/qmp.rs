@@ -207,6 +207,7 @@ raw_commands! {
     RawNbdServerStop => "nbd-server-stop",
     RawBlockExportAdd => "block-export-add",
     RawMigrateContinue => "migrate-continue",
+    RawQueryCpusFast => "query-cpus-fast",
 }
 
 /// Migration status as reported by `query-migrate` (fields kept loose).
