@@ -316,11 +316,25 @@ pub fn receiving_marker(spec: &InstanceSpec) -> PathBuf {
 
 impl Daemon {
     /// At start: delete volumes left by a receive this member never finished
-    /// (the instance's record does not place it here).
+    /// (the instance's record does not place it here), and put back the
+    /// vCPU priority of VMs an unfinished outgoing migration left lowered.
     pub fn clean_partial_receives(&self) {
         let Ok(recs) = self.db().list_instances() else {
             return;
         };
+        // A VM whose outgoing migration this member's previous ferryd never
+        // finished still has its vCPU threads yielding to it.
+        for rec in recs.iter().filter(|r| r.member == self.member) {
+            let Ok(spec) = self.spec_for(rec) else {
+                continue;
+            };
+            if spec.kind == ferry_drivers::InstanceType::VirtualMachine {
+                let n = ferry_drivers::vm::VmDriver::default().restore_vcpu_priority(&spec);
+                if n > 0 {
+                    tracing::warn!(instance = %rec.name, threads = n, "put the vCPU threads of a VM back at their priority after an unfinished migration");
+                }
+            }
+        }
         for rec in recs.iter().filter(|r| r.member != self.member) {
             let Ok(spec) = self.spec_for(rec) else {
                 continue;

@@ -88,6 +88,35 @@ impl Drop for VcpuPriority {
     }
 }
 
+impl super::VmDriver {
+    /// After a ferryd restart: a ferryd that died during an outgoing
+    /// migration could not put its vCPU threads back. Any thread of the
+    /// VM's QEMU whose nice value is above the main thread's gets the main
+    /// thread's. Returns how many were put back (0 if QEMU does not run).
+    pub fn restore_vcpu_priority(&self, spec: &crate::InstanceSpec) -> usize {
+        let f = super::qemu::VmFiles::of(spec);
+        match super::qemu::running_pid(&f) {
+            Some(pid) => level_threads(pid as i32),
+            None => 0,
+        }
+    }
+}
+
+/// Put every thread of `pid` whose nice value is above the main thread's
+/// back to the main thread's.
+fn level_threads(pid: i32) -> usize {
+    let Some(main) = nice_of(pid) else { return 0 };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|tid| nice_of(*tid).is_some_and(|n| n > main))
+        .filter(|tid| set_nice(*tid, main))
+        .count()
+}
+
 /// The `thread-id`s of a `query-cpus-fast` answer.
 fn thread_ids(v: &serde_json::Value) -> Vec<i32> {
     v.as_array()
@@ -132,6 +161,11 @@ mod tests {
 
     #[test]
     fn renices_a_thread_and_puts_it_back() {
+        // SAFETY: geteuid(2). Lowering a nice value needs CAP_SYS_NICE.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: putting a nice value back needs root");
+            return;
+        }
         // A thread of this test process stands in for a vCPU thread.
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -151,6 +185,11 @@ mod tests {
         assert!(p.reniced());
         p.restore();
         assert_eq!(nice_of(tid), Some(before));
+        // A thread left behind at 19 (its ferryd died) is put back.
+        assert!(set_nice(tid, 19));
+        let main = nice_of(std::process::id() as i32).unwrap();
+        assert!(level_threads(std::process::id() as i32) >= 1);
+        assert_eq!(nice_of(tid), Some(main));
         done_tx.send(()).unwrap();
         t.join().unwrap();
     }
