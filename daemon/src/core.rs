@@ -135,7 +135,7 @@ impl Daemon {
             );
             d.start_cluster(cfg, cert).await?;
             tracing::info!("clustered: raft node started");
-            d.clean_partial_receives();
+            d.recover_unfinished_moves();
         }
         tokio::spawn(ferry_drivers::warm_up());
         Ok(d)

@@ -318,7 +318,7 @@ impl Daemon {
     /// At start: delete volumes left by a receive this member never finished
     /// (the instance's record does not place it here), and put back the
     /// vCPU priority of VMs an unfinished outgoing migration left lowered.
-    pub fn clean_partial_receives(&self) {
+    pub fn recover_unfinished_moves(&self) {
         let Ok(recs) = self.db().list_instances() else {
             return;
         };

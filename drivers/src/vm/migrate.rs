@@ -526,17 +526,12 @@ impl VmDriver {
         }
         drop(stream_fd);
         ctx.progress("stage", "migrating the VM's memory");
-        let nice = priority::migration_vcpu_nice();
-        let vcpus = VcpuPriority::lower(&mut qmp, nice).await;
+        let vcpus = VcpuPriority::lower(&mut qmp, priority::migration_vcpu_nice()).await;
         let mut w = OutgoingWatch::new(params, trigger, ctx);
         let r = w.run(&mut qmp, &progress).await;
-        let reniced = vcpus.reniced();
-        vcpus.restore();
+        let vcpu_nice = vcpus.restore();
         match r {
-            Ok(stats) => Ok(OutgoingStats {
-                vcpu_nice: if reniced { nice } else { 0 },
-                ..stats
-            }),
+            Ok(stats) => Ok(OutgoingStats { vcpu_nice, ..stats }),
             Err(Failure::PostCopy(e)) => Err(e),
             Err(Failure::PreCopy(e)) => match recover_source(&mut qmp, was_running).await {
                 Ok(()) => Err(e),

@@ -29,9 +29,11 @@ pub(super) fn migration_vcpu_nice() -> i32 {
         .clamp(0, 19)
 }
 
-/// The vCPU threads whose nice value was raised, with the value each had.
+/// The vCPU threads whose nice value was raised to `nice`, with the value
+/// each had.
 #[derive(Debug, Default)]
 pub(super) struct VcpuPriority {
+    nice: i32,
     saved: Vec<(i32, i32)>,
 }
 
@@ -40,7 +42,10 @@ impl VcpuPriority {
     /// lowers one that is already higher). Best effort: a thread that cannot
     /// be reniced is logged and left as it is.
     pub(super) async fn lower(qmp: &mut Qmp, nice: i32) -> VcpuPriority {
-        let mut p = VcpuPriority::default();
+        let mut p = VcpuPriority {
+            nice,
+            saved: Vec::new(),
+        };
         if nice <= 0 {
             return p;
         }
@@ -71,11 +76,13 @@ impl VcpuPriority {
     }
 
     /// Put back the nice values the threads had (dropping does the same).
-    pub(super) fn restore(self) {}
-
-    /// Whether any thread was reniced.
-    pub(super) fn reniced(&self) -> bool {
-        !self.saved.is_empty()
+    /// Returns the value they had meanwhile (0: none was changed).
+    pub(super) fn restore(self) -> i32 {
+        if self.saved.is_empty() {
+            0
+        } else {
+            self.nice
+        }
     }
 }
 
@@ -178,12 +185,12 @@ mod tests {
         let before = nice_of(tid).unwrap();
         assert!(before < 19, "the test thread starts at nice {before}");
         let p = VcpuPriority {
+            nice: 19,
             saved: vec![(tid, before)],
         };
         assert!(set_nice(tid, 19));
         assert_eq!(nice_of(tid), Some(19));
-        assert!(p.reniced());
-        p.restore();
+        assert_eq!(p.restore(), 19);
         assert_eq!(nice_of(tid), Some(before));
         // A thread left behind at 19 (its ferryd died) is put back.
         assert!(set_nice(tid, 19));
