@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams};
 use ferry_drivers::vm::mirror::MirrorParams;
-use ferry_drivers::vm::VmDriver;
+use ferry_drivers::vm::{VcpuPriority, VmDriver};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave};
 use ferry_migration::{
     ByteChannel, FsPlan, Plan, QemuFeature, SourceState, StatePlan, TargetState,
@@ -88,6 +88,14 @@ impl MoveRun {
         }
         self.check_cancel()?;
         let mut fs = Some(fs);
+        let live = matches!(plan.state, StatePlan::VmQemuLive { .. });
+        // The guest's vCPUs yield to the whole move, the disk mirror included
+        // (put back when this guard goes, however the move ends).
+        let vcpus = if live {
+            vm.lower_vcpu_priority(&self.spec).await
+        } else {
+            VcpuPriority::default()
+        };
         if !shared && !mirror {
             self.phase(Phase::Filesystem, "copying the VM's volume");
             let (_r, w) = tokio::io::split(fs.take().ok_or("no fs channel")?);
@@ -105,7 +113,7 @@ impl MoveRun {
             self.mirror_disk(plan, fs.take().ok_or("no fs channel")?)
                 .await?;
         }
-        if matches!(plan.state, StatePlan::VmQemuLive { .. }) {
+        if live {
             self.phase(Phase::Memory, "migrating memory (QEMU pre-copy)");
             let (qemu_fd, ours) = socketpair()?;
             let compression = plan.state_compression;
@@ -156,6 +164,7 @@ impl MoveRun {
                 })?;
             // QEMU completed: the source is paused, the target runs or is about to.
             self.mark("QEMU migration completed");
+            let vcpu_nice = stats.vcpu_nice.max(vcpus.restore());
             self.vm_migrated = true;
             self.stop_event_us = stats.stop_event_us;
             self.frozen = Some(
@@ -171,7 +180,7 @@ impl MoveRun {
                     ..params(plan)
                 }),
             );
-            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth, "vcpu_nice": stats.vcpu_nice, "mirror_switchover_ms": stats.mirror_switchover_ms}));
+            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth, "vcpu_nice": vcpu_nice, "mirror_switchover_ms": stats.mirror_switchover_ms}));
             if let Ok(Ok(Ok(stats))) =
                 tokio::time::timeout(std::time::Duration::from_secs(10), relay).await
             {

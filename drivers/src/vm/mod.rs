@@ -38,6 +38,7 @@ use qemu::{Launch, VmFiles};
 use qmp::Qmp;
 
 pub use image::COUNTER_ADDR;
+pub use priority::VcpuPriority;
 
 const QMP_CONNECT: Duration = Duration::from_secs(10);
 

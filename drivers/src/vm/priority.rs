@@ -5,7 +5,8 @@
 //! their fair share of the CPU that QEMU's migration thread, ferry's relay
 //! and (on one machine) the target QEMU need, so the move takes longer and
 //! the guest re-dirties more while it runs. For the length of the outgoing
-//! migration ferry raises the nice value of the source QEMU's vCPU threads
+//! migration (for a move, from its agreed plan on, the disk mirror
+//! included: see [`super::VmDriver::lower_vcpu_priority`]) ferry raises the nice value of the source QEMU's vCPU threads
 //! (the threads `query-cpus-fast` names), and puts back what they had when
 //! it ends, however it ends. On a member with idle cores this changes
 //! nothing: a thread's nice value only matters when threads compete for a
@@ -30,9 +31,10 @@ pub(super) fn migration_vcpu_nice() -> i32 {
 }
 
 /// The vCPU threads whose nice value was raised to `nice`, with the value
-/// each had.
+/// each had. Dropping it puts them back.
 #[derive(Debug, Default)]
-pub(super) struct VcpuPriority {
+#[must_use = "dropping the guard puts the vCPU threads' priority back at once"]
+pub struct VcpuPriority {
     nice: i32,
     saved: Vec<(i32, i32)>,
 }
@@ -77,7 +79,7 @@ impl VcpuPriority {
 
     /// Put back the nice values the threads had (dropping does the same).
     /// Returns the value they had meanwhile (0: none was changed).
-    pub(super) fn restore(self) -> i32 {
+    pub fn restore(self) -> i32 {
         if self.saved.is_empty() {
             0
         } else {
@@ -96,6 +98,26 @@ impl Drop for VcpuPriority {
 }
 
 impl super::VmDriver {
+    /// The VM's vCPU threads yield to an outgoing live move from its start:
+    /// the disk mirror and the target's start compete for the same cores as
+    /// the RAM migration does ([`migrate_outgoing`](Self::migrate_outgoing)
+    /// lowers them for the RAM part by itself; threads already lowered are
+    /// left to this guard). Best effort: a VM whose QEMU does not answer
+    /// gets an empty guard.
+    pub async fn lower_vcpu_priority(&self, spec: &crate::InstanceSpec) -> VcpuPriority {
+        let f = super::qemu::VmFiles::of(spec);
+        if super::qemu::running_pid(&f).is_none() {
+            return VcpuPriority::default();
+        }
+        match Qmp::connect(&f.qmp, std::time::Duration::from_secs(2)).await {
+            Ok(mut qmp) => VcpuPriority::lower(&mut qmp, migration_vcpu_nice()).await,
+            Err(e) => {
+                tracing::warn!("{}: QMP for the vCPU threads' priority: {e}", spec.name);
+                VcpuPriority::default()
+            }
+        }
+    }
+
     /// After a ferryd restart: a ferryd that died during an outgoing
     /// migration could not put its vCPU threads back. Any thread of the
     /// VM's QEMU whose nice value is above the main thread's gets the main
