@@ -84,6 +84,60 @@ pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStre
     Ok((std::os::fd::OwnedFd::from(theirs), ours))
 }
 
+/// The send buffer of each end of a QEMU migration stream's socketpair.
+/// With the kernel's default (about 208 KiB) QEMU's migration thread and
+/// ferry's relay (and, on the target, the relay and QEMU's loader) take
+/// turns in small steps: each waits for the other whenever the buffer is
+/// full or empty, and on a busy member those gaps are CPU the guest's vCPUs
+/// take, to dirty again what was just sent. 2 MiB lets each side run longer
+/// per turn. It adds at most this much, per socketpair, to what is still in
+/// flight at switch-over (a few ms at the rates measured here).
+/// `FERRY_STREAM_SNDBUF_KIB` overrides it (0: the kernel's default), for
+/// comparisons.
+const QEMU_STREAM_SNDBUF: usize = 2 << 20;
+
+/// [`socketpair`] for a QEMU migration stream (see [`QEMU_STREAM_SNDBUF`]).
+pub(super) fn qemu_stream_socketpair(
+) -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStream), String> {
+    use std::os::fd::AsRawFd;
+    let (theirs, ours) = socketpair()?;
+    let size = std::env::var("FERRY_STREAM_SNDBUF_KIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(QEMU_STREAM_SNDBUF, |kib| kib << 10);
+    if size > 0 {
+        for fd in [theirs.as_raw_fd(), ours.as_raw_fd()] {
+            if let Err(e) = set_send_buffer(fd, size) {
+                tracing::debug!("migration stream send buffer of {size} bytes: {e}");
+            }
+        }
+    }
+    Ok((theirs, ours))
+}
+
+/// SO_SNDBUFFORCE (root: above `net.core.wmem_max`), else SO_SNDBUF.
+fn set_send_buffer(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |opt| {
+        // SAFETY: setsockopt(2) on a socket this process owns, with a c_int.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
+}
+
 /// Relay a local socket (CRIU's page-server / lazy-pages end, QEMU's
 /// migration stream) or ferry's page sink and the state channel, both ways,
 /// until both directions ended. Uncompressed and `zstd_frames` plans take the direct path: each
@@ -457,6 +511,38 @@ impl<T> Pending<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn qemu_stream_socketpair_has_the_larger_send_buffer() {
+        use std::os::fd::AsRawFd;
+        let sndbuf = |fd| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt(2) into a c_int.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            v as usize
+        };
+        let (plain, plain_ours) = socketpair().unwrap();
+        let (theirs, ours) = qemu_stream_socketpair().unwrap();
+        // SAFETY: geteuid(2). Above net.core.wmem_max needs SO_SNDBUFFORCE (root).
+        if unsafe { libc::geteuid() } == 0 && std::env::var_os("FERRY_STREAM_SNDBUF_KIB").is_none()
+        {
+            // The kernel reports twice what was set (its bookkeeping share).
+            assert!(sndbuf(theirs.as_raw_fd()) >= QEMU_STREAM_SNDBUF);
+            assert!(sndbuf(ours.as_raw_fd()) >= QEMU_STREAM_SNDBUF);
+        }
+        assert!(sndbuf(plain.as_raw_fd()) < QEMU_STREAM_SNDBUF);
+        assert!(sndbuf(plain_ours.as_raw_fd()) < QEMU_STREAM_SNDBUF);
+    }
 
     #[test]
     fn secrets_are_single_use_and_exact() {

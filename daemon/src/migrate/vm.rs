@@ -18,7 +18,7 @@ use tokio_util::io::SyncIoBridge;
 use super::progress::Phase;
 use super::source::{close_bridge, send_archive, MoveRun, Pass};
 use super::ws::{self, WsControl, WsPipe};
-use super::{is_shared, socketpair};
+use super::{is_shared, qemu_stream_socketpair};
 use crate::core::Daemon;
 
 /// QEMU parameters from the agreed plan (the same on both sides).
@@ -115,7 +115,7 @@ impl MoveRun {
         }
         if live {
             self.phase(Phase::Memory, "migrating memory (QEMU pre-copy)");
-            let (qemu_fd, ours) = socketpair()?;
+            let (qemu_fd, ours) = qemu_stream_socketpair()?;
             let compression = plan.state_compression;
             let nbd = self.nbd_relay.clone();
             let relay = tokio::spawn(async move {
@@ -335,7 +335,7 @@ impl Daemon {
             let launch: LaunchConfig =
                 serde_json::from_value(launch.ok_or("the source sent no launch configuration")?)
                     .map_err(|e| e.to_string())?;
-            let (qemu_fd, ours) = socketpair()?;
+            let (qemu_fd, ours) = qemu_stream_socketpair()?;
             let mut incoming = vm
                 .migrate_incoming(spec, &launch, &params(plan), qemu_fd, &ctx)
                 .await
