@@ -99,15 +99,14 @@ const QEMU_STREAM_SNDBUF: usize = 2 << 20;
 /// [`socketpair`] for a QEMU migration stream (see [`QEMU_STREAM_SNDBUF`]).
 pub(super) fn qemu_stream_socketpair(
 ) -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStream), String> {
-    use std::os::fd::AsRawFd;
     let (theirs, ours) = socketpair()?;
     let size = std::env::var("FERRY_STREAM_SNDBUF_KIB")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .map_or(QEMU_STREAM_SNDBUF, |kib| kib << 10);
     if size > 0 {
-        for fd in [theirs.as_raw_fd(), ours.as_raw_fd()] {
-            if let Err(e) = set_send_buffer(fd, size) {
+        for r in [set_send_buffer(&theirs, size), set_send_buffer(&ours, size)] {
+            if let Err(e) = r {
                 tracing::debug!("migration stream send buffer of {size} bytes: {e}");
             }
         }
@@ -115,27 +114,12 @@ pub(super) fn qemu_stream_socketpair(
     Ok((theirs, ours))
 }
 
-/// SO_SNDBUFFORCE (root: above `net.core.wmem_max`), else SO_SNDBUF.
-fn set_send_buffer(fd: std::os::fd::RawFd, bytes: usize) -> std::io::Result<()> {
-    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    let set = |opt| {
-        // SAFETY: setsockopt(2) on a socket this process owns, with a c_int.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
+/// SO_SNDBUFFORCE (root: above `net.core.wmem_max`), else SO_SNDBUF. The
+/// kernel reports (and accounts) twice the value, for its bookkeeping.
+fn set_send_buffer(fd: &impl std::os::fd::AsFd, bytes: usize) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(fd, sockopt::SndBufForce, &bytes)
+        .or_else(|_| setsockopt(fd, sockopt::SndBuf, &bytes))
 }
 
 /// Relay a local socket (CRIU's page-server / lazy-pages end, QEMU's
