@@ -6,9 +6,10 @@
 //! and (on one machine) the target QEMU need, so the move takes longer and
 //! the guest re-dirties more while it runs. For the length of the outgoing
 //! migration (for a move, from its agreed plan on, the disk mirror
-//! included: see [`super::VmDriver::lower_vcpu_priority`]) ferry raises the nice value of the source QEMU's vCPU threads
-//! (the threads `query-cpus-fast` names), and puts back what they had when
-//! it ends, however it ends. On a member with idle cores this changes
+//! included: see [`super::VmDriver::lower_vcpu_priority`]) ferry raises the
+//! nice value of the source QEMU's vCPU threads (the threads
+//! `query-cpus-fast` names), and puts back what they had when it ends,
+//! however it ends. On a member with idle cores this changes
 //! nothing: a thread's nice value only matters when threads compete for a
 //! core. QEMU's auto-converge slows the guest for the same reason, by
 //! throttling it; this only reorders who runs first when there is no room.
