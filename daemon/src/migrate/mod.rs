@@ -498,34 +498,18 @@ mod tests {
 
     #[tokio::test]
     async fn qemu_stream_socketpair_has_the_larger_send_buffer() {
-        use std::os::fd::AsRawFd;
-        let sndbuf = |fd| {
-            let mut v: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: getsockopt(2) into a c_int.
-            let r = unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDBUF,
-                    (&mut v as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            assert_eq!(r, 0);
-            v as usize
-        };
+        use nix::sys::socket::{getsockopt, sockopt};
         let (plain, plain_ours) = socketpair().unwrap();
         let (theirs, ours) = qemu_stream_socketpair().unwrap();
         // SAFETY: geteuid(2). Above net.core.wmem_max needs SO_SNDBUFFORCE (root).
         if unsafe { libc::geteuid() } == 0 && std::env::var_os("FERRY_STREAM_SNDBUF_KIB").is_none()
         {
             // The kernel reports twice what was set (its bookkeeping share).
-            assert!(sndbuf(theirs.as_raw_fd()) >= QEMU_STREAM_SNDBUF);
-            assert!(sndbuf(ours.as_raw_fd()) >= QEMU_STREAM_SNDBUF);
+            assert!(getsockopt(&theirs, sockopt::SndBuf).unwrap() >= QEMU_STREAM_SNDBUF);
+            assert!(getsockopt(&ours, sockopt::SndBuf).unwrap() >= QEMU_STREAM_SNDBUF);
         }
-        assert!(sndbuf(plain.as_raw_fd()) < QEMU_STREAM_SNDBUF);
-        assert!(sndbuf(plain_ours.as_raw_fd()) < QEMU_STREAM_SNDBUF);
+        assert!(getsockopt(&plain, sockopt::SndBuf).unwrap() < QEMU_STREAM_SNDBUF);
+        assert!(getsockopt(&plain_ours, sockopt::SndBuf).unwrap() < QEMU_STREAM_SNDBUF);
     }
 
     #[test]

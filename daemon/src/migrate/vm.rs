@@ -164,7 +164,8 @@ impl MoveRun {
                 })?;
             // QEMU completed: the source is paused, the target runs or is about to.
             self.mark("QEMU migration completed");
-            let vcpu_nice = stats.vcpu_nice.max(vcpus.restore());
+            // The guest runs on the target now (or is about to).
+            drop(vcpus);
             self.vm_migrated = true;
             self.stop_event_us = stats.stop_event_us;
             self.frozen = Some(
@@ -180,7 +181,7 @@ impl MoveRun {
                     ..params(plan)
                 }),
             );
-            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth, "vcpu_nice": vcpu_nice, "mirror_switchover_ms": stats.mirror_switchover_ms}));
+            self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth, "vcpu_nice": stats.vcpu_nice, "mirror_switchover_ms": stats.mirror_switchover_ms}));
             if let Ok(Ok(Ok(stats))) =
                 tokio::time::timeout(std::time::Duration::from_secs(10), relay).await
             {

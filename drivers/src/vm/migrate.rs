@@ -276,8 +276,8 @@ pub struct OutgoingStats {
     /// ([`super::switchover`]); 0: QEMU used its own estimate.
     #[serde(default)]
     pub switchover_bandwidth: u64,
-    /// The nice value the source's vCPU threads had during the migration
-    /// ([`super::priority`]); 0: unchanged.
+    /// The nice value the source's vCPU threads ran at during the migration
+    /// ([`super::priority`]), whoever lowered them; 0: they did not yield.
     #[serde(default)]
     pub vcpu_nice: i32,
 }

@@ -38,6 +38,9 @@ pub(super) fn migration_vcpu_nice() -> i32 {
 pub struct VcpuPriority {
     nice: i32,
     saved: Vec<(i32, i32)>,
+    /// A vCPU thread runs at `nice` or above meanwhile, lowered here or
+    /// already (by an outer guard).
+    yielding: bool,
 }
 
 impl VcpuPriority {
@@ -48,6 +51,7 @@ impl VcpuPriority {
         let mut p = VcpuPriority {
             nice,
             saved: Vec::new(),
+            yielding: false,
         };
         if nice <= 0 {
             return p;
@@ -62,10 +66,12 @@ impl VcpuPriority {
         for tid in thread_ids(&cpus) {
             let Some(was) = nice_of(tid) else { continue };
             if was >= nice {
+                p.yielding = true;
                 continue;
             }
             if set_nice(tid, nice) {
                 p.saved.push((tid, was));
+                p.yielding = true;
             } else {
                 tracing::warn!(tid, "could not renice a vCPU thread for the migration");
             }
@@ -79,12 +85,12 @@ impl VcpuPriority {
     }
 
     /// Put back the nice values the threads had (dropping does the same).
-    /// Returns the value they had meanwhile (0: none was changed).
-    pub fn restore(self) -> i32 {
-        if self.saved.is_empty() {
-            0
-        } else {
+    /// Returns the value they ran at meanwhile (0: they did not yield).
+    pub(super) fn restore(self) -> i32 {
+        if self.yielding {
             self.nice
+        } else {
+            0
         }
     }
 }
@@ -210,6 +216,7 @@ mod tests {
         let p = VcpuPriority {
             nice: 19,
             saved: vec![(tid, before)],
+            yielding: true,
         };
         assert!(set_nice(tid, 19));
         assert_eq!(nice_of(tid), Some(19));
