@@ -71,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(ferry_drivers::container::forkstart_main(&argv[2..]));
     }
     cloexec_inherited_fds();
+    keep_freed_memory();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -103,6 +104,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot open ferry data dir {}", args.dir.display()))?;
     server::serve(daemon, args.listen).await
+}
+
+/// Fixed malloc thresholds for the bulk paths (a move relays its pages,
+/// disk and images in frames of up to 256 KiB). glibc's defaults move with
+/// what was last freed: big buffers come from `mmap` and go back with
+/// `munmap`, and a thread arena gives its freed top back with
+/// `madvise(MADV_DONTNEED)` once it passes the trim threshold. Each new frame
+/// then faults in and zeroes fresh pages. With buffers below 4 MiB taken
+/// from the arenas, and up to 32 MiB of freed memory kept per arena, a move
+/// reuses the same memory. This showed in CPU profiles of a container move:
+/// the page-fault samples of the ferryd that receives fell by about 60 %.
+/// `FERRY_MALLOC_TRIM_MIB=0` keeps glibc's defaults, for comparisons.
+fn keep_freed_memory() {
+    let trim_mib: i32 = std::env::var("FERRY_MALLOC_TRIM_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    #[cfg(target_env = "gnu")]
+    if trim_mib > 0 {
+        // SAFETY: mallopt(3) with constant parameters, before any thread
+        // other than this one exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, trim_mib.min(1024) << 20);
+        }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = trim_mib;
 }
 
 /// Descriptors ferryd inherited from whoever started it (a shell's saved
