@@ -635,18 +635,13 @@ impl PagesIn {
 
 /// Let CRIU's end of the page socketpair hold up to an eighth of the
 /// member's available memory (at most 256 MiB) of pages not yet sent, so the
-/// dump does not wait for the link. Past that it waits as before; where the
-/// buffer cannot be set it stays at the default.
+/// dump does not wait for the link. Past that it waits as before; without
+/// the right to force it (not root) it gets what `net.core.wmem_max` allows.
 fn deepen_send_buffer(criu_end: &std::os::fd::OwnedFd) {
     const MAX: u64 = 256 << 20;
     let bytes = (crate::cluster::mem_free() / 8).min(MAX) as usize;
     // The kernel doubles what is set (its bookkeeping).
-    let r = nix::sys::socket::setsockopt(
-        criu_end,
-        nix::sys::socket::sockopt::SndBufForce,
-        &(bytes / 2),
-    );
-    if let Err(e) = r {
+    if let Err(e) = super::set_send_buffer(criu_end, bytes / 2) {
         tracing::debug!(error = %e, "cannot deepen the page socket's send buffer");
     }
 }

@@ -115,8 +115,9 @@ pub(super) fn qemu_stream_socketpair(
 }
 
 /// SO_SNDBUFFORCE (root: above `net.core.wmem_max`), else SO_SNDBUF. The
-/// kernel reports (and accounts) twice the value, for its bookkeeping.
-fn set_send_buffer(fd: &impl std::os::fd::AsFd, bytes: usize) -> nix::Result<()> {
+/// kernel reports (and accounts) twice the value, for its bookkeeping. For
+/// QEMU's stream and CRIU's page socket.
+pub(super) fn set_send_buffer(fd: &impl std::os::fd::AsFd, bytes: usize) -> nix::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     setsockopt(fd, sockopt::SndBufForce, &bytes)
         .or_else(|_| setsockopt(fd, sockopt::SndBuf, &bytes))
