@@ -6,7 +6,9 @@
 //! or the target ferryd killed, the stream cut, or a cancel during
 //! pre-copy. Each time the instance keeps running exactly once, on the
 //! source, the record is unchanged, the target holds nothing and no
-//! operation is left running.
+//! operation is left running. And past the point of no return (the target
+//! runs the VM) a cluster database without quorum: the VM keeps running
+//! once, on the target, and the move is recorded once the database is back.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -121,10 +123,27 @@ struct Cut(String);
 
 impl Cut {
     fn port(port: u16) -> Cut {
-        let table = format!("ferry_test_cut_{port}");
+        Cut::rules(
+            &format!("ferry_test_cut_{port}"),
+            &format!(
+                "tcp dport {port} reject with tcp reset\n  tcp sport {port} reject with tcp reset"
+            ),
+        )
+    }
+
+    /// Only what is sent to `port`: nobody reaches that member's API, while
+    /// it still reaches the others (and answers on what it dialled).
+    fn to_port(port: u16) -> Cut {
+        Cut::rules(
+            &format!("ferry_test_cut_to_{port}"),
+            &format!("tcp dport {port} reject with tcp reset"),
+        )
+    }
+
+    fn rules(table: &str, rules: &str) -> Cut {
+        let table = table.to_string();
         let rules = format!(
-            "table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  \
-             tcp dport {port} reject with tcp reset\n  tcp sport {port} reject with tcp reset\n }}\n}}\n"
+            "table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  {rules}\n }}\n}}\n"
         );
         let st = std::process::Command::new("nft")
             .args(["-f", "-"])
@@ -555,4 +574,88 @@ async fn vm_postcopy_link_cut_reports_the_vm_lost() {
         (!t.paths.volume.exists() && !t.paths.run.join("qemu.pid").exists()).then_some(())
     });
     ms[0].ferry_ok(&["delete", "--force", "v1"]);
+}
+
+/// The database cannot record the new location when the target has taken
+/// the VM over: nobody reaches m2's API (its raft port), so the two-member
+/// cluster has no quorum from just after the memory phase began. m2 still
+/// dials m1, so the move itself completes and m2 runs the guest. The source
+/// must not resume its copy (that would run the VM twice): the operation
+/// waits for the database and says so, and once the link is back it
+/// records the move, once, and succeeds.
+#[tokio::test]
+async fn vm_handed_over_waits_for_the_database_and_runs_once() {
+    if !need_root("vm_handed_over_waits_for_the_database_and_runs_once") {
+        return;
+    }
+    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    let src_pid = vm_on_m1(&ms, "256MiB").await;
+    let body = json!({"migration": true, "live": true, "bandwidth": 32u64 << 20});
+    let (c, id) = start_move(&ms[0], "v1", "m2", body).await;
+    wait_phase(&c, &id, "memory").await;
+    let cut = Cut::to_port(port_of(&ms[1]));
+    let mut waiting = None;
+    for _ in 0..900 {
+        let op = c.operation(&id).await.unwrap();
+        assert!(
+            op.status_code < 200,
+            "the move ended while the database was unreachable: {op:?}"
+        );
+        let stage = op.metadata["stage"].as_str().unwrap_or("").to_string();
+        if stage.contains("waiting for the cluster database") {
+            waiting = Some(stage);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waiting = waiting.expect("the operation never said it waits for the database");
+    eprintln!("while cut: {waiting}");
+    // The target runs the guest; the source's QEMU is paused, not resumed.
+    let on_m2 = ms[1].spec("v1", true);
+    let on_m1 = ms[0].spec("v1", true);
+    let vm = VmDriver::default();
+    let t0 = vm.read_counter(&on_m2).await.expect("the guest runs on m2");
+    let s0 = vm.read_counter(&on_m1).await.ok();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        vm.read_counter(&on_m2).await.unwrap() > t0,
+        "the guest does not run on m2"
+    );
+    let s1 = vm.read_counter(&on_m1).await.ok();
+    assert_eq!(s0, s1, "the source resumed its copy: the VM runs twice");
+    assert!(c.operation(&id).await.unwrap().status_code < 200);
+    drop(cut);
+    let waited =
+        tokio::time::timeout(Duration::from_secs(120), c.wait_operation(&id, |_| {})).await;
+    assert!(
+        waited.is_ok(),
+        "the move did not end once the link was back"
+    );
+    let op = c.operation(&id).await.unwrap();
+    assert_eq!(op.status, "Success", "{op:?}");
+    for m in &ms {
+        assert_eq!(
+            location(m, "v1").as_deref(),
+            Some("m2"),
+            "as {} sees it",
+            m.name
+        );
+    }
+    let list: Value = serde_json::from_str(&ms[0].ferry_ok(&["list", "--format", "json"])).unwrap();
+    assert_eq!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["name"] == "v1")
+            .count(),
+        1
+    );
+    assert_eq!(ms[1].instance("v1").await["status"], "Running");
+    assert!(vm.read_counter(&on_m2).await.unwrap() > t0);
+    wait_for(15, "the source QEMU gone", || {
+        (!ferry_test::pid_alive(src_pid)).then_some(())
+    });
+    no_stuck_operation(&ms).await;
+    ms[1].ferry_ok(&["delete", "--force", "v1"]);
 }

@@ -21,6 +21,9 @@ use super::{Secrets, SinkRequest, DIAL_TIMEOUT, SINK_PATH};
 use crate::core::{ActionError, Daemon};
 use crate::ops::{Op, Outcome};
 
+/// Pause between attempts to record a handed-over instance's new location.
+const RECORD_RETRY: Duration = Duration::from_secs(1);
+
 impl Daemon {
     /// This member on the migration wire (versions from --migration-protocol).
     pub fn local_end(&self) -> LocalEnd {
@@ -209,6 +212,7 @@ impl Daemon {
                     frozen: None,
                     vm_migrated: false,
                     vm_lost: false,
+                    handed_over: false,
                     options,
                     started,
                     timeline: Default::default(),
@@ -255,6 +259,9 @@ pub(super) struct MoveRun {
     pub(super) vm_migrated: bool,
     /// A VM whose post-copy broke: its memory is split between both QEMUs.
     pub(super) vm_lost: bool,
+    /// The target reported success: it runs the instance; the source never
+    /// resumes its own copy from here on.
+    pub(super) handed_over: bool,
     /// QEMU's STOP event on the source (µs since the epoch).
     pub(super) stop_event_us: Option<u64>,
     /// The serving dump of a post-copy container move.
@@ -582,21 +589,76 @@ impl MoveRun {
     }
 
     /// The target runs it: one replicated write moves the record.
+    ///
+    /// The target's `Success` is the point of no return: it runs the
+    /// instance and keeps it. From here on the source never resumes its own
+    /// copy (that would run it twice: on a shared pool, two instances on one
+    /// volume). So the write is retried while the cluster database cannot
+    /// take it (no quorum, no leader), however long that lasts, and the
+    /// operation says what it waits for. A write that was applied although
+    /// its answer was lost (a write forwarded to the leader is retried, and
+    /// the retry is then refused: the record is no longer on this member)
+    /// counts as done once the record is seen on the target.
     pub(super) async fn commit_location(&mut self) -> Result<(), String> {
+        self.handed_over = true;
+        self.op.set_cancellable(false);
         self.phase(Phase::Completing, "recording the new location");
-        self.d
-            .submit(Command::MoveInstance {
-                name: self.rec.name.clone(),
-                from_member: self.d.member.clone(),
-                to_member: self.target.name.clone(),
-            })
-            .await
-            .map_err(|e| format!("recording the new location: {e}"))?;
+        let waiting = Instant::now();
+        let mut retries = 0u32;
+        loop {
+            let err = match self
+                .d
+                .submit(Command::MoveInstance {
+                    name: self.rec.name.clone(),
+                    from_member: self.d.member.clone(),
+                    to_member: self.target.name.clone(),
+                })
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => e,
+            };
+            if self.recorded_on_target().await {
+                tracing::warn!(instance = %self.rec.name, error = %err, "the new location was recorded although the write reported an error (its answer was lost, then its retry was refused)");
+                break;
+            }
+            if err.is_rejection() {
+                // Refused for good (the record changed under the lease):
+                // the instance runs on the target all the same.
+                return Err(format!(
+                    "the instance runs on member \"{}\" now, but recording its new location was refused: {err}; \
+                     its copy here is left stopped",
+                    self.target.name
+                ));
+            }
+            retries += 1;
+            let text = format!(
+                "recording the new location: waiting for the cluster database ({} s, attempt {}): {err}",
+                waiting.elapsed().as_secs(),
+                retries + 1
+            );
+            tracing::warn!(instance = %self.rec.name, "{text}");
+            self.op.set_meta("stage", json!(text));
+            tokio::time::sleep(RECORD_RETRY).await;
+        }
+        if retries > 0 {
+            tracing::info!(instance = %self.rec.name, waited_s = waiting.elapsed().as_secs(), "the new location is recorded after the cluster database was unavailable");
+        }
         self.mark("new location recorded");
         self.dumped = false;
         self.saved_state = false;
         self.vm_migrated = false;
         Ok(())
+    }
+
+    /// Does the (linearizably read) record place the instance on the target?
+    async fn recorded_on_target(&self) -> bool {
+        if let Some(c) = self.d.cluster() {
+            if c.barrier().await.is_err() {
+                return false;
+            }
+        }
+        matches!(self.d.db().get_instance(&self.rec.name), Ok(Some(r)) if r.member == self.target.name)
     }
 
     /// After the move: remove what the source still holds (on a shared pool
@@ -617,6 +679,12 @@ impl MoveRun {
 
     /// After a failure: the instance runs on the source exactly as before.
     async fn recover(&mut self) {
+        if self.handed_over {
+            // The target runs it (see `commit_location`): resuming here
+            // would run it twice. What is left here stays as it is.
+            tracing::error!(instance = %self.rec.name, target = %self.target.name, "the move failed after the target took the instance over: its copy here is not resumed");
+            return;
+        }
         let ctx = ferry_drivers::OpCtx::detached();
         let driver = Driver::for_type(self.spec.kind);
         if let Some(dump) = self.lazy.take() {
