@@ -189,13 +189,21 @@ impl Command {
 pub struct LogCommand {
     pub version: u32,
     pub command: Command,
+    /// The proposer's id for this write (random, 32 hex digits), the same on
+    /// every retry of it: the state machine applies a request once and answers
+    /// a retry with the first outcome (see `Db::apply_log_entries`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// The encoded shape of a [`LogCommand`], before its version is checked.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LogCommandWire {
     version: u32,
     command: serde_json::Value,
+    #[serde(default)]
+    request: Option<String>,
 }
 
 impl TryFrom<LogCommandWire> for LogCommand {
@@ -210,6 +218,7 @@ impl TryFrom<LogCommandWire> for LogCommand {
         Ok(LogCommand {
             version: wire.version,
             command,
+            request: wire.request,
         })
     }
 }
@@ -238,6 +247,15 @@ impl LogCommand {
         LogCommand {
             version: COMMAND_FORMAT_VERSION,
             command,
+            request: None,
+        }
+    }
+
+    /// The same, tagged with the proposer's request id (kept across retries).
+    pub fn with_request(self, id: impl Into<String>) -> LogCommand {
+        LogCommand {
+            request: Some(id.into()),
+            ..self
         }
     }
 
@@ -412,10 +430,27 @@ mod tests {
                 decoded,
                 LogCommand {
                     version: 1,
-                    command: cmd
+                    command: cmd,
+                    request: None,
                 }
             );
         }
+    }
+
+    #[test]
+    fn request_id_round_trips_and_unknown_envelope_fields_are_refused() {
+        let cmd =
+            LogCommand::new(Command::DeleteInstance { name: "c1".into() }).with_request("00ff");
+        let json = String::from_utf8(cmd.encode().unwrap()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"command":{"op":"delete_instance","name":"c1"},"request":"00ff"}"#
+        );
+        assert_eq!(LogCommand::decode(json.as_bytes()).unwrap(), cmd);
+        let odd =
+            r#"{"version":1,"command":{"op":"delete_instance","name":"c1"},"requests":"00ff"}"#;
+        let err = LogCommand::decode(odd.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
     }
 
     #[test]

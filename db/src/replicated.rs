@@ -25,6 +25,8 @@ pub struct LogEntry<'a> {
     pub log_id: &'a str,
     /// The command of a normal entry; `None` for blank and membership entries.
     pub command: Option<&'a Command>,
+    /// The command's request id ([`crate::LogCommand::request`]), if it has one.
+    pub request: Option<&'a str>,
     /// For a membership entry, the new stored membership (JSON).
     pub membership: Option<&'a str>,
 }
@@ -63,9 +65,15 @@ impl Db {
         let mut tx = conn.transaction()?;
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
-            let outcome = match entry.command {
-                None => Ok(()),
-                Some(cmd) => {
+            let earlier = match entry.request {
+                Some(id) if entry.command.is_some() => earlier_outcome(&tx, id, entry.index)?,
+                _ => None,
+            };
+            let outcome = match (earlier, entry.command) {
+                // A retry of a write applied before: answered, not applied again.
+                (Some(first), _) => first,
+                (None, None) => Ok(()),
+                (None, Some(cmd)) => {
                     let sp = tx.savepoint()?;
                     match apply::command(&sp, cmd) {
                         Ok(()) => {
@@ -78,6 +86,9 @@ impl Db {
                     }
                 }
             };
+            if let (Some(id), Some(_)) = (entry.request, entry.command) {
+                record_outcome(&tx, id, entry.index, &outcome)?;
+            }
             if let Some(membership) = entry.membership {
                 set_meta(&tx, MEMBERSHIP, membership)?;
             }
@@ -86,6 +97,10 @@ impl Db {
         if let Some(last) = entries.last() {
             set_meta(&tx, "applied_index", &last.index.to_string())?;
             set_meta(&tx, APPLIED_LOG_ID, last.log_id)?;
+            tx.execute(
+                "DELETE FROM applied_requests WHERE log_index + ?1 < ?2",
+                [KEEP_REQUESTS, last.index],
+            )?;
         }
         tx.commit()?;
         Ok(results)
@@ -147,6 +162,46 @@ impl Db {
     }
 }
 
+/// How many log entries a request id is remembered for (a proposer retries
+/// within seconds; this is far more entries than a cluster commits meanwhile).
+pub const KEEP_REQUESTS: u64 = 100_000;
+
+/// The outcome of request `id` if an entry at most [`KEEP_REQUESTS`] before
+/// `index` applied it.
+fn earlier_outcome(
+    conn: &Connection,
+    id: &str,
+    index: u64,
+) -> Result<Option<Result<(), DbError>>, DbError> {
+    let row: Option<Option<String>> = conn
+        .query_row(
+            "SELECT rejection FROM applied_requests WHERE id = ?1 AND log_index + ?2 >= ?3",
+            rusqlite::params![id, KEEP_REQUESTS, index],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(row.map(|rejection| match rejection {
+        None => Ok(()),
+        Some(text) => Err(DbError::Conflict(text)),
+    }))
+}
+
+fn record_outcome(
+    conn: &Connection,
+    id: &str,
+    index: u64,
+    outcome: &Result<(), DbError>,
+) -> Result<(), DbError> {
+    let rejection = outcome.as_ref().err().map(|e| e.to_string());
+    conn.execute(
+        "INSERT INTO applied_requests (id, log_index, rejection) VALUES (?1, ?2, ?3)
+         ON CONFLICT (id) DO UPDATE SET log_index = excluded.log_index,
+                                        rejection = excluded.rejection",
+        rusqlite::params![id, index, rejection],
+    )?;
+    Ok(())
+}
+
 fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), DbError> {
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
@@ -199,8 +254,82 @@ mod tests {
             index,
             log_id,
             command,
+            request: None,
             membership: None,
         }
+    }
+
+    fn status(name: &str, status: &str) -> Command {
+        Command::SetInstanceStatus {
+            name: name.into(),
+            status: status.into(),
+            last_used_at: None,
+        }
+    }
+
+    #[test]
+    fn a_retried_request_is_applied_once_and_answered_with_its_first_outcome() {
+        let db = Db::open_in_memory().unwrap();
+        let tagged = |index, cmd, id| LogEntry {
+            request: Some(id),
+            ..entry(index, "\"x\"", Some(cmd))
+        };
+        let (c1, running, stopped) = (
+            create("c1"),
+            status("c1", "Running"),
+            status("c1", "Stopped"),
+        );
+        let mv = Command::MoveInstance {
+            name: "c1".into(),
+            from_member: "m9".into(),
+            to_member: "m2".into(),
+        };
+        let first = db
+            .apply_log_entries(&[
+                tagged(1, &c1, "r1"),
+                tagged(2, &running, "r2"),
+                tagged(3, &stopped, "r3"),
+                tagged(4, &mv, "r4"),
+            ])
+            .unwrap();
+        assert!(first[..3].iter().all(|r| r.is_ok()), "{first:?}");
+        let refused = match &first[3] {
+            Err(DbError::Conflict(m)) => m.clone(),
+            other => panic!("{other:?}"),
+        };
+        // Retries, in a later batch: the answer of the first time, no effect.
+        let retries = db
+            .apply_log_entries(&[
+                tagged(5, &running, "r2"),
+                tagged(6, &c1, "r1"),
+                tagged(7, &mv, "r4"),
+                // The same command under a new id is a new write.
+                tagged(8, &c1, "r8"),
+            ])
+            .unwrap();
+        assert!(retries[0].is_ok() && retries[1].is_ok(), "{retries:?}");
+        assert!(matches!(&retries[2], Err(DbError::Conflict(m)) if *m == refused));
+        assert!(matches!(retries[3], Err(DbError::AlreadyExists { .. })));
+        // The interleaved "Stopped" was not overwritten by the retried "Running".
+        assert_eq!(db.get_instance("c1").unwrap().unwrap().status, "Stopped");
+        assert_eq!(db.applied_index().unwrap(), 8);
+        // Forgotten after KEEP_REQUESTS entries: then it is a new write again.
+        let late = KEEP_REQUESTS + 10;
+        let r = db.apply_log_entries(&[tagged(late, &c1, "r1")]).unwrap();
+        assert!(matches!(r[0], Err(DbError::AlreadyExists { .. })), "{r:?}");
+        let kept: Vec<(String, u64)> = db
+            .lock()
+            .prepare("SELECT id, log_index FROM applied_requests")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            kept,
+            vec![("r1".to_string(), late)],
+            "only the last entry's request is kept"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::DbError;
 /// Version of the schema this code creates and understands: the number of updates.
 pub const SCHEMA_VERSION: u32 = UPDATES.len() as u32;
 
-const UPDATES: &[&str] = &[UPDATE_1, UPDATE_2, UPDATE_3, UPDATE_4];
+const UPDATES: &[&str] = &[UPDATE_1, UPDATE_2, UPDATE_3, UPDATE_4, UPDATE_5];
 
 /// Version 1: the initial schema.
 const UPDATE_1: &str = "
@@ -95,6 +95,18 @@ CREATE TABLE certificates (
     certificate TEXT NOT NULL,
     created_at  TEXT NOT NULL
 );
+";
+
+/// Version 5: the replicated writes applied recently, by request id, so that a
+/// retried write is applied once (`rejection`: NULL when it was applied, else
+/// the refusal's text). Rows older than `replicated::KEEP_REQUESTS` entries go.
+const UPDATE_5: &str = "
+CREATE TABLE applied_requests (
+    id        TEXT PRIMARY KEY,
+    log_index INTEGER NOT NULL,
+    rejection TEXT
+);
+CREATE INDEX applied_requests_log_index ON applied_requests (log_index);
 ";
 
 /// Brings the schema up to date. Returns the resulting version.
@@ -391,7 +403,7 @@ mod tests {
             .unwrap();
         }
         let db = Db::open(&path).unwrap();
-        assert_eq!(db.schema_version().unwrap(), 4);
+        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(db.applied_index().unwrap(), 77);
         assert_eq!(
             db.raft_meta().unwrap().applied_log_id.as_deref(),

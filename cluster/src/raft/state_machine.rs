@@ -39,7 +39,8 @@ pub struct SnapshotBuilder {
 struct OwnedEntry {
     index: u64,
     log_id: String,
-    command: Option<Command>,
+    /// The command and its request id.
+    command: Option<(Command, Option<String>)>,
     membership: Option<String>,
 }
 
@@ -144,7 +145,7 @@ fn owned_entry(entry: Entry) -> Result<OwnedEntry, serde_json::Error> {
     let log_id = serde_json::to_string(&entry.log_id)?;
     let (command, membership) = match entry.payload {
         EntryPayload::Blank => (None, None),
-        EntryPayload::Normal(cmd) => (Some(cmd.command), None),
+        EntryPayload::Normal(cmd) => (Some((cmd.command, cmd.request)), None),
         EntryPayload::Membership(m) => {
             let stored = Membership::new(Some(entry.log_id), m);
             (None, Some(serde_json::to_string(&stored)?))
@@ -200,7 +201,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map(|e| LogEntry {
                     index: e.index,
                     log_id: &e.log_id,
-                    command: e.command.as_ref(),
+                    command: e.command.as_ref().map(|(c, _)| c),
+                    request: e.command.as_ref().and_then(|(_, r)| r.as_deref()),
                     membership: e.membership.as_deref(),
                 })
                 .collect();

@@ -194,7 +194,10 @@ impl Cluster {
     /// Commit one typed command (here or via the leader); returns once it is
     /// applied on the leader AND on this member (read-your-writes here).
     pub async fn write(&self, cmd: Command) -> Result<u64, DbError> {
-        let entry = LogCommand::new(cmd);
+        // One id for every attempt: a retry after an answer that got lost
+        // (the write was applied) is answered with the first outcome instead
+        // of being applied again.
+        let entry = LogCommand::new(cmd).with_request(request_id());
         let deadline = Instant::now() + WRITE_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -295,6 +298,11 @@ impl Cluster {
         seen.get(name)
             .map(|(t, hb)| (t.elapsed() < OFFLINE_AFTER, hb.clone()))
     }
+}
+
+/// A fresh request id for a replicated write: 128 random bits, hex.
+fn request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// Raft settings: the defaults of `ferry_cluster::raft::default_config`, and
