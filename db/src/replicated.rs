@@ -65,30 +65,19 @@ impl Db {
         let mut tx = conn.transaction()?;
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
-            let earlier = match entry.request {
-                Some(id) if entry.command.is_some() => earlier_outcome(&tx, id, entry.index)?,
-                _ => None,
-            };
-            let outcome = match (earlier, entry.command) {
-                // A retry of a write applied before: answered, not applied again.
-                (Some(first), _) => first,
-                (None, None) => Ok(()),
-                (None, Some(cmd)) => {
-                    let sp = tx.savepoint()?;
-                    match apply::command(&sp, cmd) {
-                        Ok(()) => {
-                            sp.commit()?;
-                            Ok(())
-                        }
-                        // Dropping the savepoint rolls it back.
-                        Err(err) if err.is_rejection() => Err(err),
-                        Err(err) => return Err(err),
-                    }
+            let outcome = match (entry.command, entry.request) {
+                (None, _) => Ok(()),
+                (Some(cmd), None) => apply_refusable(&mut tx, cmd)?,
+                (Some(cmd), Some(id)) => {
+                    let outcome = match earlier_outcome(&tx, id, entry.index)? {
+                        // A retry of a write applied before: answered, not applied again.
+                        Some(first) => first,
+                        None => apply_refusable(&mut tx, cmd)?,
+                    };
+                    record_outcome(&tx, id, entry.index, &outcome)?;
+                    outcome
                 }
             };
-            if let (Some(id), Some(_)) = (entry.request, entry.command) {
-                record_outcome(&tx, id, entry.index, &outcome)?;
-            }
             if let Some(membership) = entry.membership {
                 set_meta(&tx, MEMBERSHIP, membership)?;
             }
@@ -159,6 +148,24 @@ impl Db {
         }
         schema::update(&mut conn)?;
         Ok(meta)
+    }
+}
+
+/// Apply `cmd` in a savepoint: its refusal ([`DbError::is_rejection`]) rolls
+/// it back and is the outcome; any other error fails the batch.
+fn apply_refusable(
+    tx: &mut rusqlite::Transaction<'_>,
+    cmd: &Command,
+) -> Result<Result<(), DbError>, DbError> {
+    let sp = tx.savepoint()?;
+    match apply::command(&sp, cmd) {
+        Ok(()) => {
+            sp.commit()?;
+            Ok(Ok(()))
+        }
+        // Dropping the savepoint rolls it back.
+        Err(err) if err.is_rejection() => Ok(Err(err)),
+        Err(err) => Err(err),
     }
 }
 

@@ -9,7 +9,7 @@ use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
-use ferry_db::{Command, Db, LogEntry, RaftMeta};
+use ferry_db::{Db, LogCommand, LogEntry, RaftMeta};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError,
@@ -39,8 +39,7 @@ pub struct SnapshotBuilder {
 struct OwnedEntry {
     index: u64,
     log_id: String,
-    /// The command and its request id.
-    command: Option<(Command, Option<String>)>,
+    command: Option<LogCommand>,
     membership: Option<String>,
 }
 
@@ -145,7 +144,7 @@ fn owned_entry(entry: Entry) -> Result<OwnedEntry, serde_json::Error> {
     let log_id = serde_json::to_string(&entry.log_id)?;
     let (command, membership) = match entry.payload {
         EntryPayload::Blank => (None, None),
-        EntryPayload::Normal(cmd) => (Some((cmd.command, cmd.request)), None),
+        EntryPayload::Normal(cmd) => (Some(cmd), None),
         EntryPayload::Membership(m) => {
             let stored = Membership::new(Some(entry.log_id), m);
             (None, Some(serde_json::to_string(&stored)?))
@@ -201,8 +200,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map(|e| LogEntry {
                     index: e.index,
                     log_id: &e.log_id,
-                    command: e.command.as_ref().map(|(c, _)| c),
-                    request: e.command.as_ref().and_then(|(_, r)| r.as_deref()),
+                    command: e.command.as_ref().map(|c| &c.command),
+                    request: e.command.as_ref().and_then(|c| c.request.as_deref()),
                     membership: e.membership.as_deref(),
                 })
                 .collect();
