@@ -611,7 +611,8 @@ async fn vm_handed_over_waits_for_the_database_and_runs_once() {
     }
     let waiting = waiting.expect("the operation never said it waits for the database");
     eprintln!("while cut: {waiting}");
-    // The target runs the guest; the source's QEMU is paused, not resumed.
+    // The target runs the guest; the source's QEMU is paused or already
+    // gone (it quits once the target took over), never resumed.
     let on_m2 = ms[1].spec("v1", true);
     let on_m1 = ms[0].spec("v1", true);
     let vm = VmDriver::default();
@@ -624,6 +625,12 @@ async fn vm_handed_over_waits_for_the_database_and_runs_once() {
     );
     let s1 = vm.read_counter(&on_m1).await.ok();
     assert_eq!(s0, s1, "the source resumed its copy: the VM runs twice");
+    // Its resources are freed without waiting for the database.
+    wait_for(
+        15,
+        "the source QEMU gone while the database is unreachable",
+        || (!ferry_test::pid_alive(src_pid)).then_some(()),
+    );
     assert!(c.operation(&id).await.unwrap().status_code < 200);
     drop(cut);
     let waited =

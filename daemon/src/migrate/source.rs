@@ -533,6 +533,20 @@ impl MoveRun {
         plan: &Plan,
         fs_bytes: u64,
     ) -> Result<(), String> {
+        self.hand_over(ctl, st, plan, fs_bytes).await?;
+        self.commit_location().await
+    }
+
+    /// Tell the target everything was sent and wait for it to run the
+    /// instance (its `Success`); [`commit_location`](Self::commit_location)
+    /// follows.
+    pub(super) async fn hand_over(
+        &mut self,
+        ctl: &mut WsControl,
+        st: SourceState,
+        plan: &Plan,
+        fs_bytes: u64,
+    ) -> Result<(), String> {
         tracing::debug!(instance = %self.rec.name, "move source: all sent");
         ctl.send(&Message::FsDone { bytes: fs_bytes })
             .await
@@ -544,8 +558,7 @@ impl MoveRun {
                 .map_err(|e| e.to_string())?;
             st = st.state_sent().map_err(|e| e.to_string())?;
         }
-        self.await_target(ctl, st).await?;
-        self.commit_location().await
+        self.await_target(ctl, st).await
     }
 
     /// Wait for the target's Resumed/Success (recording ferry's downtime).

@@ -188,14 +188,24 @@ impl MoveRun {
                 stats.publish(&self.op);
             }
         }
-        self.finish_handover(ctl, st, plan, counters.sent.get())
-            .await?;
-        self.phase(Phase::Completing, "cleaning up the source");
-        if plan.is_live() {
-            if let Err(e) = vm.migrate_finish_source(&self.spec).await {
-                tracing::warn!(error = %e, "source QEMU cleanup after move");
+        self.hand_over(ctl, st, plan, counters.sent.get()).await?;
+        // The target runs the guest and keeps it (its `Success`: the point
+        // of no return, see `commit_location`): the paused source QEMU goes
+        // while the new location is recorded.
+        let quit = plan.is_live().then(|| {
+            let spec = self.spec.clone();
+            tokio::spawn(async move { VmDriver::default().migrate_finish_source(&spec).await })
+        });
+        let recorded = self.commit_location().await;
+        if let Some(quit) = quit {
+            match quit.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "source QEMU cleanup after move"),
+                Err(e) => tracing::warn!(error = %e, "source QEMU cleanup after move"),
             }
         }
+        recorded?;
+        self.phase(Phase::Completing, "cleaning up the source");
         self.clean_up_source().await;
         Ok(())
     }

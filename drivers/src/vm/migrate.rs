@@ -767,11 +767,14 @@ impl<'a> OutgoingWatch<'a> {
         progress: &(impl Fn(MigrationProgress) + Send),
     ) -> Result<OutgoingStats, Failure> {
         loop {
+            // Events are taken before the query, never after: one that
+            // arrives after the answer (e.g. `completed` right after
+            // `device`) must stay queued to end the wait below at once.
+            self.note_events(qmp.drain_events());
             let info = match qmp.query_migrate().await {
                 Ok(i) => i,
                 Err(e) => return Err(self.lost_source(e)),
             };
-            self.note_events(qmp.drain_events());
             self.max_throttle = self
                 .max_throttle
                 .max(info.cpu_throttle_percent.unwrap_or(0));
