@@ -29,7 +29,7 @@ use ferry_drivers::vm::migrate::{IncomingVm, MigrateParams, MigrationProgress};
 use ferry_drivers::vm::mirror::{MirrorParams, MirrorProgress};
 use ferry_drivers::vm::qmp::Qmp;
 use ferry_drivers::vm::VmDriver;
-use ferry_drivers::{InstanceSpec, Lifecycle, OpCtx};
+use ferry_drivers::{InstanceSpec, Lifecycle, OpCtx, StateSave};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -216,6 +216,13 @@ async fn prepare_target(
 /// After a failed move: A runs on in the same QEMU with no block job and no
 /// NBD node left; B's QEMU is gone.
 async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: &str) {
+    check_cleaned(d, m, a_pid, b_pid, label).await;
+    stop_on_a(d, m, a_pid).await;
+}
+
+/// After a failed move: A runs on in the same QEMU, without mirror job or
+/// NBD node, and B is gone.
+async fn check_cleaned(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: &str) {
     check_still_on_a(d, m, a_pid, label).await;
     let jobs = d.block_jobs(&m.a).await.unwrap();
     assert!(jobs.is_empty(), "{label}: block jobs left on A: {jobs:?}");
@@ -237,7 +244,6 @@ async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: 
     })
     .await;
     assert!(!m.b.paths.run.join("qmp.sock").exists() && !m.sock_t().exists());
-    stop_on_a(d, m, a_pid).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,7 +483,25 @@ async fn target_killed_during_ram_copy_with_mirror() {
         t.elapsed().as_secs_f64()
     );
     assert!(out.is_err() && inc.is_err());
-    check_stayed(&d, &m, a_pid, b_pid, "kill target").await;
+    check_cleaned(&d, &m, a_pid, b_pid, "kill target").await;
+    // The QEMU that tried the move (with pause-before-switchover) can still
+    // save its state to a file and come back from it.
+    let c = OpCtx::detached();
+    let before = d.read_counter(&m.a).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), d.save_state(&m.a, &c))
+        .await
+        .expect("the stateful stop after a failed move hangs")
+        .unwrap();
+    assert!(!is_qemu(a_pid));
+    d.restore_state(&m.a, &c).await.unwrap();
+    let after = d.read_counter(&m.a).await.unwrap();
+    assert!(
+        after >= before,
+        "the counter went back: {before} -> {after}"
+    );
+    advancing(&d, &m.a, "A after the stateful round trip").await;
+    let pid = d.state(&m.a).await.unwrap().pid;
+    stop_on_a(&d, &m, pid).await;
 }
 
 /// The NBD link dies after READY, before the RAM migration (no guest write

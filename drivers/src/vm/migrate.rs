@@ -207,6 +207,22 @@ impl MigrateParams {
     }
 }
 
+/// Capabilities of a migration into or out of a state file (stateful stop
+/// and start): `events` on, every other one off, whatever an earlier live
+/// migration of this QEMU left set (a QEMU keeps them: after a failed move
+/// with a disk mirror, `pause-before-switchover` parked a save at
+/// `pre-switchover` for good).
+pub(super) fn file_capabilities() -> Vec<(Cap, bool)> {
+    MigrateParams {
+        auto_converge: false,
+        xbzrle: false,
+        postcopy: false,
+        block_mirror: false,
+        ..MigrateParams::default()
+    }
+    .capabilities()
+}
+
 /// How the source's QEMU was started: the target starts its QEMU the same way.
 pub type LaunchConfig = LaunchRecord;
 

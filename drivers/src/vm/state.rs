@@ -1,13 +1,16 @@
 //! Stateful stop and start of a VM: QEMU migration into / out of a file.
 //!
-//! Save: `stop`, lift the bandwidth limit, hand QEMU the opened `state/memory.state.tmp` (`getfd`),
-//! `migrate fd:NAME`, poll `query-migrate` until `completed`, fsync, rename
+//! Save: migration capabilities reset (only `events`: an earlier live move
+//! may have left others set), `stop`, lift the bandwidth limit, hand QEMU
+//! the opened `state/memory.state.tmp` (`getfd`), `migrate fd:NAME`, follow
+//! `query-migrate` (woken by events) until `completed`, fsync, rename
 //! to `memory.state`, write `vm.json` (how QEMU must be started to take the
 //! state back), `quit`. On failure or cancel: `migrate_cancel`, `cont` if the
 //! VM was running, remove the partial file: the VM runs on as before.
 //!
 //! Restore: start QEMU with the recorded machine/memory/vCPUs plus
-//! `-incoming defer -S`, `getfd` the state file (read-only),
+//! `-incoming defer -S`, capabilities as for the save, `getfd` the state
+//! file (read-only),
 //! `migrate-incoming fd:NAME`, wait for `completed`, `cont`, then remove the
 //! state. On failure or cancel: kill that QEMU, keep the state.
 
@@ -84,7 +87,8 @@ fn failed(what: &str, info: &MigrateInfo) -> DriverError {
     }
 }
 
-/// Poll `query-migrate` until `completed`. Cancellation and timeout return errors.
+/// Follow `query-migrate` until `completed`, woken early by QEMU's
+/// MIGRATION events. Cancellation and timeout return errors.
 async fn wait_completed(
     qmp: &mut Qmp,
     ctx: &OpCtx,
@@ -96,6 +100,9 @@ async fn wait_completed(
     let mut last_report = Instant::now();
     loop {
         ctx.check_cancelled(what)?;
+        // Events are taken before the query: one that arrives after the
+        // answer stays queued and ends the wait below at once.
+        qmp.drain_events();
         let info = qmp.query_migrate().await?;
         match info.status.as_str() {
             "completed" => {
@@ -124,7 +131,7 @@ async fn wait_completed(
                 info.status
             )));
         }
-        tokio::time::sleep(POLL).await;
+        qmp.next_event(POLL).await;
     }
 }
 
@@ -175,6 +182,8 @@ pub async fn save(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, D
     let was_running = qmp.status().await? == "running";
     ctx.progress("stage", "pausing the VM");
     let result = async {
+        qmp.set_capabilities(&super::migrate::file_capabilities())
+            .await?;
         qmp.stop().await?;
         ctx.progress("stage", "saving the VM's memory");
         qmp.set_max_bandwidth(SAVE_BANDWIDTH).await?;
@@ -271,6 +280,8 @@ pub async fn restore(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges
     let result = async {
         let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
         ctx.progress("stage", "loading the VM's memory");
+        qmp.set_capabilities(&super::migrate::file_capabilities())
+            .await?;
         qmp.send_fd(FD_NAME, file.as_fd()).await?;
         qmp.migrate_incoming(&format!("fd:{FD_NAME}")).await?;
         let info = wait_completed(
