@@ -287,7 +287,9 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
             let env = c
                 .post(
                     "/1.0/instances/c1?target=m2",
-                    Some(&serde_json::json!({"migration": true, "live": true})),
+                    // Capped, so that the first pass lasts seconds on any
+                    // machine: the cancel and the kill below land inside it.
+                    Some(&serde_json::json!({"migration": true, "live": true, "bandwidth": 64u64 << 20})),
                 )
                 .await
                 .unwrap();

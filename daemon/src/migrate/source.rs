@@ -98,10 +98,12 @@ pub(super) async fn send_archive(
         limit,
     } = pass;
     let progress = Arc::new(ferry_drivers::storage::Progress::default());
-    let ticker = op.map(|(op, total)| {
+    let started = Instant::now();
+    let ticker = op.clone().map(|(op, total)| {
         let p = progress.clone();
         super::progress::ticker(op, Phase::Filesystem, total, move || p.bytes())
     });
+    let sent = progress.clone();
     let res = tokio::task::spawn_blocking(move || {
         let mut bridge = bridge;
         let opts = ArchiveOptions {
@@ -125,6 +127,19 @@ pub(super) async fn send_archive(
     .map_err(|e| format!("archive task: {e}"));
     if let Some(t) = ticker {
         t.abort();
+    }
+    // The pass's final figures (a pass shorter than the ticker's period
+    // would otherwise show none).
+    if let (Some((op, total)), Ok(Ok(_))) = (&op, &res) {
+        super::progress::publish(
+            op,
+            &super::progress::Figures::measure(
+                Phase::Filesystem,
+                sent.bytes(),
+                *total,
+                started.elapsed(),
+            ),
+        );
     }
     res?
 }
