@@ -287,7 +287,9 @@ async fn container_move_failures_leave_it_running_on_the_source() {
         "bs=1M",
         "count=200",
     ]);
-    let (c, id) = start_move(&ms[0], "c1", "m2", json!({"migration": true, "live": true})).await;
+    // Capped, so that the first pass lasts seconds on any machine.
+    let body = json!({"migration": true, "live": true, "bandwidth": 64u64 << 20});
+    let (c, id) = start_move(&ms[0], "c1", "m2", body).await;
     wait_phase(&c, &id, "filesystem").await;
     let cut = Cut::port(port_of(&ms[0]));
     let err = failed(&c, &id, "Failure").await;
