@@ -213,15 +213,14 @@ async fn prepare_target(
     (incoming, nbd_relay(&m.sock_s(), m.sock_t()))
 }
 
-/// After a failed move: A runs on in the same QEMU with no block job and no
-/// NBD node left; B's QEMU is gone.
+/// [`check_cleaned`], then A still stops normally.
 async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: &str) {
     check_cleaned(d, m, a_pid, b_pid, label).await;
     stop_on_a(d, m, a_pid).await;
 }
 
-/// After a failed move: A runs on in the same QEMU, without mirror job or
-/// NBD node, and B is gone.
+/// After a failed move: A runs on in the same QEMU with no block job and no
+/// NBD node left; B's QEMU is gone.
 async fn check_cleaned(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: &str) {
     check_still_on_a(d, m, a_pid, label).await;
     let jobs = d.block_jobs(&m.a).await.unwrap();

@@ -94,23 +94,50 @@ pub fn publish(op: &Op, f: &Figures) {
     op.set_meta("move_progress", json!(f.summary()));
 }
 
-/// Publish `bytes()` twice a second until the returned task is aborted.
+/// Publishes `bytes()` twice a second while it lives (dropping it stops
+/// that); [`Ticker::finish`] also publishes the final figures.
+pub struct Ticker {
+    task: tokio::task::JoinHandle<()>,
+    publish_now: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Ticker {
+    /// Stop and publish the last figures (a pass shorter than the period
+    /// would otherwise show none).
+    pub fn finish(self) {
+        self.task.abort();
+        (self.publish_now)();
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Start a [`Ticker`] for `phase`.
 pub fn ticker(
     op: Arc<Op>,
     phase: Phase,
     total: Option<u64>,
-    bytes: impl Fn() -> u64 + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
+    bytes: impl Fn() -> u64 + Send + Sync + 'static,
+) -> Ticker {
     let started = Instant::now();
-    tokio::spawn(async move {
+    let publish_now: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        publish(
+            &op,
+            &Figures::measure(phase, bytes(), total, started.elapsed()),
+        )
+    });
+    let tick = publish_now.clone();
+    let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            publish(
-                &op,
-                &Figures::measure(phase, bytes(), total, started.elapsed()),
-            );
+            tick();
         }
-    })
+    });
+    Ticker { task, publish_now }
 }
 
 /// Bytes a volume occupies (file sizes, not following symlinks).
@@ -151,6 +178,23 @@ mod tests {
         let f = Figures::measure(Phase::Memory, 0, None, Duration::ZERO);
         assert_eq!((f.rate_bytes_per_s, f.eta_s), (0, None));
         assert_eq!(serde_json::to_value(&f).unwrap()["phase"], json!("memory"));
+    }
+
+    #[tokio::test]
+    async fn a_ticker_finished_early_still_shows_the_final_figures() {
+        let ops = crate::ops::Operations::new(crate::events::EventBus::new(), "m1".into());
+        let op = ops.spawn("Testing", json!({}), false, |op| async move {
+            op.cancel_token().cancelled().await;
+            crate::ops::Outcome::Cancelled("done".into())
+        });
+        // Ended well within the 500 ms period: nothing ticked yet.
+        let t = ticker(op.clone(), Phase::Filesystem, Some(4000), || 3000);
+        assert!(op.to_json()["metadata"].get("progress").is_none());
+        t.finish();
+        let shown = op.to_json()["metadata"]["progress"].clone();
+        assert_eq!(shown["bytes_done"], 3000, "{shown}");
+        assert_eq!(shown["phase"], "filesystem", "{shown}");
+        let _ = op.cancel();
     }
 
     #[test]

@@ -98,12 +98,10 @@ pub(super) async fn send_archive(
         limit,
     } = pass;
     let progress = Arc::new(ferry_drivers::storage::Progress::default());
-    let started = Instant::now();
-    let ticker = op.clone().map(|(op, total)| {
+    let ticker = op.map(|(op, total)| {
         let p = progress.clone();
         super::progress::ticker(op, Phase::Filesystem, total, move || p.bytes())
     });
-    let sent = progress.clone();
     let res = tokio::task::spawn_blocking(move || {
         let mut bridge = bridge;
         let opts = ArchiveOptions {
@@ -125,21 +123,9 @@ pub(super) async fn send_archive(
     })
     .await
     .map_err(|e| format!("archive task: {e}"));
-    if let Some(t) = ticker {
-        t.abort();
-    }
-    // The pass's final figures (a pass shorter than the ticker's period
-    // would otherwise show none).
-    if let (Some((op, total)), Ok(Ok(_))) = (&op, &res) {
-        super::progress::publish(
-            op,
-            &super::progress::Figures::measure(
-                Phase::Filesystem,
-                sent.bytes(),
-                *total,
-                started.elapsed(),
-            ),
-        );
+    // A pass that ended shows its final figures; a failed one only stops.
+    if let (Some(t), Ok(Ok(_))) = (ticker, &res) {
+        t.finish();
     }
     res?
 }

@@ -198,10 +198,9 @@ impl MoveRun {
         });
         let recorded = self.commit_location().await;
         if let Some(quit) = quit {
-            match quit.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "source QEMU cleanup after move"),
-                Err(e) => tracing::warn!(error = %e, "source QEMU cleanup after move"),
+            let done = quit.await.map_err(|e| e.to_string());
+            if let Err(e) = done.and_then(|r| r.map_err(|e| e.to_string())) {
+                tracing::warn!(error = %e, "source QEMU cleanup after move");
             }
         }
         recorded?;
