@@ -10,9 +10,9 @@
 
 mod vmcommon;
 use vmcommon::{
-    advancing, begin, check_on_b, check_still_on_a, ctx, ctx_with, ferry_downtime_ms, finish_on_a,
-    is_qemu, kill_qemu_after, stop_on_a, stream, use_qemu_of, wait_for, Members, MEM_256_DIRTY_16,
-    MEM_512_DIRTY_128, MIB,
+    advancing, begin, check_on_b, check_qemu_defaults_on_a, check_still_on_a, ctx, ctx_with,
+    ferry_downtime_ms, finish_on_a, is_qemu, kill_qemu_after, stop_on_a, stream, use_qemu_of,
+    wait_for, Members, MEM_256_DIRTY_16, MEM_512_DIRTY_128, MIB,
 };
 
 use std::sync::{Arc, Mutex};
@@ -178,6 +178,7 @@ async fn check_moved(
 /// After a failed/cancelled move: A runs on in the same QEMU, B is gone.
 async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, o: &Outcome, label: &str) {
     check_still_on_a(d, m, a_pid, label).await;
+    check_qemu_defaults_on_a(m, label).await;
     assert!(
         !is_qemu(o.b_pid),
         "{label}: B's QEMU {} still alive",

@@ -13,9 +13,9 @@
 
 mod vmcommon;
 use vmcommon::{
-    advancing, begin, check_on_b, check_still_on_a, ctx, ferry_downtime_ms, finish_on_a, is_qemu,
-    kill_qemu_after, stop_on_a, stream, use_qemu_of, wait_for, Members, MEM_256_DIRTY_16,
-    MEM_512_DIRTY_128, MIB,
+    advancing, begin, check_on_b, check_qemu_defaults_on_a, check_still_on_a, ctx,
+    ferry_downtime_ms, finish_on_a, is_qemu, kill_qemu_after, stop_on_a, stream, use_qemu_of,
+    wait_for, Members, MEM_256_DIRTY_16, MEM_512_DIRTY_128, MIB,
 };
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -223,6 +223,7 @@ async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: 
 /// NBD node left; B's QEMU is gone.
 async fn check_cleaned(d: &VmDriver, m: &Members, a_pid: u32, b_pid: u32, label: &str) {
     check_still_on_a(d, m, a_pid, label).await;
+    check_qemu_defaults_on_a(m, label).await;
     let jobs = d.block_jobs(&m.a).await.unwrap();
     assert!(jobs.is_empty(), "{label}: block jobs left on A: {jobs:?}");
     let mut q = Qmp::connect(&m.a.paths.run.join("qmp.sock"), Duration::from_secs(10))

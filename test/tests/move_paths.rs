@@ -3,7 +3,8 @@
 //!   rolling upgrade): moves in both directions fall back to a stateful
 //!   stop, the state travels as files, the target starts statefully, and the
 //!   operation says which path was used and why;
-//! - a `shared` pool both members see: nothing is copied, the volume stays.
+//! - a `shared` pool both members see: nothing is copied, the volume stays;
+//! - members on QEMU 7.2 and 10.0: live VM moves both ways.
 
 use std::path::Path;
 use std::time::Duration;
@@ -106,6 +107,69 @@ async fn moves_to_and_from_a_previous_protocol_member_use_a_stateful_stop() {
         assert_eq!(location(src, "v1").as_deref(), Some(dst.name.as_str()));
     }
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
+    ms[0].ferry_ok(&["delete", "--force", "v1"]);
+}
+
+/// Members on different QEMU versions, as during an upgrade: m1 runs
+/// Debian main's QEMU 7.2, m2 the backports' 10.0. A live VM move goes both
+/// ways (dir pool: the disk by block mirror), each side on its own QEMU.
+#[tokio::test]
+async fn live_vm_moves_between_qemu_7_2_and_10_0_members() {
+    if !need_root("live_vm_moves_between_qemu_7_2_and_10_0_members") {
+        return;
+    }
+    let q72 = "/opt/ferry/qemu-7.2/usr/bin/qemu-system-x86_64";
+    if !Path::new(q72).exists() {
+        eprintln!("SKIP: {q72} missing (scripts/setup.sh unpacks it)");
+        return;
+    }
+    let ms = vec![
+        Member::start_with_env("m1", &[("FERRY_QEMU", q72)]),
+        Member::start("m2"),
+    ];
+    form_cluster(&ms);
+    ms[0].ferry_ok(&[
+        "launch",
+        "testvm",
+        "v1",
+        "--vm",
+        "--target",
+        "m1",
+        "-c",
+        "limits.memory=128MiB",
+    ]);
+    let vm = VmDriver::default();
+    wait_guest(&ms[0].spec("v1", true)).await;
+    let qemu_of = |pid: i64| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    for (from, to, binary) in [
+        (0usize, 1usize, "/usr/bin/"),
+        (1, 0, "/opt/ferry/qemu-7.2/"),
+    ] {
+        let (src, dst) = (&ms[from], &ms[to]);
+        let src_pid = src.instance("v1").await["state"]["pid"].as_i64().unwrap();
+        let before = vm.read_counter(&src.spec("v1", true)).await.unwrap();
+        let meta = move_json(src, "v1", &dst.name);
+        assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
+        let pid = dst.instance("v1").await["state"]["pid"].as_i64().unwrap();
+        assert!(
+            qemu_of(pid).starts_with(binary),
+            "the VM on {} runs {}, not its member's QEMU",
+            dst.name,
+            qemu_of(pid)
+        );
+        let dspec = dst.spec("v1", true);
+        let after = vm.read_counter(&dspec).await.unwrap();
+        assert!(after >= before, "guest counter reset: {after} < {before}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(vm.read_counter(&dspec).await.unwrap() > after);
+        assert!(!pid_alive(src_pid), "the source QEMU {src_pid} still runs");
+        assert!(!src.spec("v1", true).paths.volume.exists());
+        assert_eq!(location(src, "v1").as_deref(), Some(dst.name.as_str()));
+    }
     ms[0].ferry_ok(&["delete", "--force", "v1"]);
 }
 

@@ -31,7 +31,8 @@
 //! Failure semantics:
 //! - pre-copy (cancel, stall, broken stream, target gone): the source keeps
 //!   running in the same QEMU (`migrate_cancel`; `cont` if QEMU left it
-//!   paused); the target QEMU is killed and its runtime files removed.
+//!   paused), with QEMU's own migration capabilities and parameters put
+//!   back; the target QEMU is killed and its runtime files removed.
 //! - post-copy (after `migrate-start-postcopy` was issued): neither side can
 //!   go back. Cancellation requests are refused (reported as progress) and the
 //!   move is driven to completion; if the stream breaks, the guest's RAM is
@@ -538,6 +539,7 @@ impl VmDriver {
         qmp.send_fd(STREAM_FD, stream_fd.as_fd()).await?;
         if let Err(e) = qmp.migrate(&format!("fd:{STREAM_FD}")).await {
             let _ = qmp.close_fd(STREAM_FD).await;
+            restore_qemu_defaults(&mut qmp).await;
             return Err(e);
         }
         drop(stream_fd);
@@ -595,13 +597,11 @@ impl VmDriver {
             )));
         }
         let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
-        match qmp.status().await?.as_str() {
-            "running" => Ok(()),
-            _ => {
-                qmp.cont().await?;
-                Ok(())
-            }
+        if qmp.status().await? != "running" {
+            qmp.cont().await?;
         }
+        restore_qemu_defaults(&mut qmp).await;
+        Ok(())
     }
 }
 
@@ -670,7 +670,11 @@ impl<'a> OutgoingWatch<'a> {
     /// While the switch-over policy runs: keep QEMU's switch-over bandwidth
     /// at the rate the stream was measured to carry (see [`super::switchover`]).
     async fn tell_switchover_rate(&mut self, qmp: &mut Qmp, info: &MigrateInfo) {
-        if !self.params.switchover_policy() || info.status != "active" || self.cancel_sent {
+        if !self.params.switchover_policy()
+            || info.status != "active"
+            || self.cancel_sent
+            || !qmp.has_switchover_bandwidth()
+        {
             return;
         }
         let Some(bw) = self.switchover.observe(Instant::now(), info) else {
@@ -1026,7 +1030,41 @@ async fn recover_source(qmp: &mut Qmp, was_running: bool) -> Result<(), DriverEr
     if was_running && qmp.status().await? != "running" {
         qmp.cont().await?;
     }
+    restore_qemu_defaults(qmp).await;
     Ok(())
+}
+
+/// QEMU's `max-bandwidth` default (128 MiB/s).
+pub const QEMU_DEFAULT_BANDWIDTH: u64 = 128 << 20;
+/// QEMU's `downtime-limit` default, in ms.
+pub const QEMU_DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
+
+/// After a move that did not complete: put back QEMU's own migration
+/// settings on the source. A QEMU keeps capabilities and parameters across
+/// migrations, so whatever comes next (a save, another move, a QMP user)
+/// would otherwise inherit this move's `pause-before-switchover`, its 10 ms
+/// `downtime-limit`, its bandwidth figures. The guest runs on regardless:
+/// a refusal is only logged.
+pub(super) async fn restore_qemu_defaults(qmp: &mut Qmp) {
+    let caps: Vec<(Cap, bool)> = MigrateParams::default()
+        .capabilities()
+        .into_iter()
+        .map(|(c, _)| (c, false))
+        .collect();
+    let params = MigrateSetParameters {
+        max_bandwidth: Some(QEMU_DEFAULT_BANDWIDTH),
+        max_postcopy_bandwidth: Some(0),
+        downtime_limit: Some(QEMU_DEFAULT_DOWNTIME_LIMIT_MS),
+        avail_switchover_bandwidth: Some(0),
+        ..Default::default()
+    };
+    let r = match qmp.set_capabilities(&caps).await {
+        Ok(()) => qmp.set_parameters(params).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "putting back QEMU's migration defaults after a failed move");
+    }
 }
 
 fn clean_run_dir(spec: &InstanceSpec, f: &VmFiles) {

@@ -208,6 +208,8 @@ raw_commands! {
     RawBlockExportAdd => "block-export-add",
     RawMigrateContinue => "migrate-continue",
     RawQueryCpusFast => "query-cpus-fast",
+    RawQueryMigrateCapabilities => "query-migrate-capabilities",
+    RawQueryMigrateParameters => "query-migrate-parameters",
 }
 
 /// Migration status as reported by `query-migrate` (fields kept loose).
@@ -280,7 +282,12 @@ pub struct Qmp {
     /// command id") and abort ferryd. Such a connection is refused; callers
     /// connect again.
     in_flight: bool,
+    /// QEMU's version from its greeting (major, minor, micro).
+    version: (u64, u64, u64),
 }
+
+/// The first QEMU with `avail-switchover-bandwidth` (8.2).
+const SWITCHOVER_BANDWIDTH_SINCE: (u64, u64, u64) = (8, 2, 0);
 
 impl Drop for Qmp {
     fn drop(&mut self) {
@@ -320,6 +327,8 @@ impl Qmp {
         let negotiation = QmpStreamTokio::open_split(filter, w)
             .await
             .map_err(qmp_err(what))?;
+        let v = &negotiation.capabilities.QMP.version.qemu;
+        let version = (v.major as u64, v.minor as u64, v.micro as u64);
         let stream = negotiation.negotiate().await.map_err(qmp_err(what))?;
         let (service, responses) = stream.into_parts();
         let pump = tokio::spawn(responses.into_future());
@@ -330,7 +339,18 @@ impl Qmp {
             raw_fd,
             command_timeout: Duration::from_secs(30),
             in_flight: false,
+            version,
         })
+    }
+
+    /// QEMU's version from its greeting (major, minor, micro).
+    pub fn qemu_version(&self) -> (u64, u64, u64) {
+        self.version
+    }
+
+    /// Does this QEMU take `avail-switchover-bandwidth` (8.2 and later)?
+    pub fn has_switchover_bandwidth(&self) -> bool {
+        self.version >= SWITCHOVER_BANDWIDTH_SINCE
     }
 
     /// Run one typed qapi command.
@@ -484,11 +504,18 @@ impl Qmp {
             .map(|_| ())
     }
 
-    /// Set migration parameters (fields left `None` are unchanged).
+    /// Set migration parameters (fields left `None` are unchanged). On a
+    /// QEMU older than 8.2 `avail-switchover-bandwidth` is left out (7.2
+    /// refuses the whole command over it: "Parameter
+    /// 'avail-switchover-bandwidth' is unexpected"); QEMU then estimates the
+    /// switch-over bandwidth itself, as it always did.
     pub async fn set_parameters(
         &mut self,
-        params: qmp::MigrateSetParameters,
+        mut params: qmp::MigrateSetParameters,
     ) -> Result<(), DriverError> {
+        if !self.has_switchover_bandwidth() {
+            params.avail_switchover_bandwidth = None;
+        }
         self.execute(qmp::migrate_set_parameters(params))
             .await
             .map(|_| ())

@@ -156,6 +156,7 @@ async fn rollback_save(qmp: &mut Qmp, was_running: bool) -> Result<(), DriverErr
     if was_running {
         qmp.cont().await?;
     }
+    super::migrate::restore_qemu_defaults(qmp).await;
     Ok(())
 }
 

@@ -277,6 +277,44 @@ pub async fn check_still_on_a(d: &VmDriver, m: &Members, a_pid: u32, label: &str
     advancing(d, &m.a, &format!("{label}: A after the failed move")).await;
 }
 
+/// After a failed move: A's QEMU has QEMU's own migration settings again,
+/// none of the move's (a QEMU keeps them across migrations).
+pub async fn check_qemu_defaults_on_a(m: &Members, label: &str) {
+    use ferry_drivers::vm::migrate::{QEMU_DEFAULT_BANDWIDTH, QEMU_DEFAULT_DOWNTIME_LIMIT_MS};
+    use ferry_drivers::vm::qmp::Qmp;
+    let mut q = Qmp::connect(&m.a.paths.run.join("qmp.sock"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let caps = q
+        .execute_raw("query-migrate-capabilities", serde_json::json!({}))
+        .await
+        .unwrap();
+    let on: Vec<_> = caps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == true)
+        .map(|c| c["capability"].clone())
+        .collect();
+    assert!(
+        on.is_empty(),
+        "{label}: capabilities left on in A's QEMU: {on:?}"
+    );
+    let p = q
+        .execute_raw("query-migrate-parameters", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        p["downtime-limit"], QEMU_DEFAULT_DOWNTIME_LIMIT_MS,
+        "{label}: {p}"
+    );
+    assert_eq!(p["max-bandwidth"], QEMU_DEFAULT_BANDWIDTH, "{label}: {p}");
+    if let Some(bw) = p.get("avail-switchover-bandwidth") {
+        // QEMU 8.2 and later
+        assert_eq!(bw, 0, "{label}: {p}");
+    }
+}
+
 /// A can still be stopped normally (after a failed move); its QEMU is gone.
 pub async fn stop_on_a(d: &VmDriver, m: &Members, a_pid: u32) {
     d.stop(&m.a, false, &OpCtx::detached()).await.unwrap();
