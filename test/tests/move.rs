@@ -534,3 +534,97 @@ async fn live_vm_move_keeps_the_guest_running() {
     assert_eq!(ms[0].instance("v1").await["location"], "m1");
     ms[0].ferry_ok(&["delete", "--force", "v1"]);
 }
+
+/// CPU time (s) used so far by `pid` and all its descendants (living ones).
+fn tree_cpu_secs(pid: i64) -> f64 {
+    let mut parents = std::collections::HashMap::<i64, Vec<i64>>::new();
+    let mut ticks = std::collections::HashMap::<i64, u64>::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the command: state ppid ... utime(12th) stime(13th).
+        let ppid: i64 = f[1].parse().unwrap_or(0);
+        let t: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        parents.entry(ppid).or_default().push(p);
+        ticks.insert(p, t);
+    }
+    let (mut total, mut todo) = (0u64, vec![pid]);
+    while let Some(p) = todo.pop() {
+        total += ticks.get(&p).copied().unwrap_or(0);
+        todo.extend(parents.get(&p).into_iter().flatten());
+    }
+    total as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The share of one CPU the container whose init is `pid` uses over 1.5 s.
+fn cpu_share(pid: i64) -> f64 {
+    let (c0, t0) = (tree_cpu_secs(pid), std::time::Instant::now());
+    std::thread::sleep(Duration::from_millis(1500));
+    (tree_cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64()
+}
+
+/// `limits.cpu` on a container is a CFS quota: a busy loop inside gets no
+/// more than its share, on the member it was started on and, after a live
+/// move, on the member it was restored on.
+#[tokio::test]
+async fn container_cpu_limit_holds_before_and_after_a_live_move() {
+    if !need_root("container_cpu_limit_holds_before_and_after_a_live_move") {
+        return;
+    }
+    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    ms[0].ferry_ok(&[
+        "launch",
+        "busybox",
+        "c1",
+        "--target",
+        "m1",
+        "-c",
+        "limits.cpu=0.1",
+    ]);
+    // Bad values are refused with the key named, and change nothing.
+    let out = ms[0].ferry(&["config", "set", "c1", "limits.cpu=-1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("limits.cpu"),
+        "{out:?}"
+    );
+    // The loop closes its fds: CRIU cannot dump the exec session's host files.
+    ms[0].ferry_ok(&[
+        "exec",
+        "c1",
+        "--",
+        "sh",
+        "-c",
+        "(exec 0<&- 1>&- 2>&-; while :; do :; done) &",
+    ]);
+    for (i, m) in ms.iter().enumerate() {
+        if i == 1 {
+            ms[0].ferry_ok(&["move", "c1", "--target", "m2"]);
+        }
+        let pid = m.instance("c1").await["state"]["pid"].as_i64().unwrap();
+        let share = cpu_share(pid);
+        eprintln!("c1 on {}: {:.3} of a CPU", m.name, share);
+        // The loop runs (it survived the move), held at 0.1 CPU (+ slack
+        // for the accounting's granularity).
+        assert!(
+            share > 0.03,
+            "the busy loop does not run on {}: {share:.3}",
+            m.name
+        );
+        assert!(
+            share < 0.17,
+            "limits.cpu=0.1 not enforced on {}: the container used {share:.3} of a CPU",
+            m.name
+        );
+    }
+    ms[0].ferry_ok(&["delete", "--force", "c1"]);
+}

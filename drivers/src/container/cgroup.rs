@@ -1,5 +1,5 @@
-//! The container's cgroup: memory limit, process count, memory usage, and a
-//! way to kill everything left over.
+//! The container's cgroup: memory limit, CPU limit, process count, memory
+//! usage, and a way to kill everything left over.
 //!
 //! Preference order:
 //! 1. cgroup v2 with the `memory` controller (unified mode, `/sys/fs/cgroup`
@@ -9,6 +9,13 @@
 //!    `<mnt>/ferry/<name>-<key>`, `memory.limit_in_bytes`, `memory.usage_in_bytes`.
 //! 3. none: no limit can be applied (a `limits.memory` then fails to start),
 //!    processes are counted by walking the init's descendants.
+//!
+//! `limits.cpu` (N CPUs' worth of time, fractions allowed) is a CFS quota of
+//! N × 100 ms per 100 ms period: `cpu.max` in the same directory on v2
+//! (the `cpu` controller enabled down to it), `cpu.cfs_quota_us` in a
+//! directory of the same name in the v1 `cpu` hierarchy otherwise, which the
+//! tasks then join too. Without a `cpu` controller a `limits.cpu` fails to
+//! start.
 //!
 //! The cgroup is created before the container is started or restored and
 //! removed when it stops. CRIU records the tasks' cgroup paths at dump and, in
@@ -41,7 +48,24 @@ pub struct Cgroup {
     pub mount: PathBuf,
     /// `<mount>/ferry/<name>-<key>`.
     pub dir: PathBuf,
+    /// Where the `cpu` controller is for this cgroup, if the host has one:
+    /// [`Cgroup::dir`] on v2, `<v1 cpu mount>/ferry/<name>-<key>` on v1
+    /// (created only for a `limits.cpu`).
+    pub cpu: Option<CpuDir>,
 }
+
+/// The `cpu` controller's directory for a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuDir {
+    /// The hierarchy's mount point.
+    pub mount: PathBuf,
+    pub dir: PathBuf,
+    /// v1: a hierarchy of its own (the tasks join it separately).
+    pub separate: bool,
+}
+
+/// The CFS period ferry uses, in µs.
+pub const CPU_PERIOD_US: u64 = 100_000;
 
 /// A cgroup mount found in mountinfo: (fstype, mount point, super options).
 type CgMount = (String, PathBuf, String);
@@ -90,9 +114,30 @@ pub fn choose(
 }
 
 fn v2_has_memory(m: &Path) -> bool {
+    v2_has(m, "memory")
+}
+
+fn v2_has(m: &Path, controller: &str) -> bool {
     std::fs::read_to_string(m.join("cgroup.controllers"))
-        .map(|s| s.split_whitespace().any(|c| c == "memory"))
+        .map(|s| s.split_whitespace().any(|c| c == controller))
         .unwrap_or(false)
+}
+
+/// Where the `cpu` controller is, given the memory hierarchy chosen:
+/// the same v2 mount if it offers `cpu`, else a v1 hierarchy carrying `cpu`.
+pub fn choose_cpu(
+    mounts: &[CgMount],
+    kind: CgroupKind,
+    mount: &Path,
+    v2_has_cpu: impl Fn(&Path) -> bool,
+) -> Option<(PathBuf, bool)> {
+    if kind == CgroupKind::V2 && v2_has_cpu(mount) {
+        return Some((mount.to_path_buf(), false));
+    }
+    mounts
+        .iter()
+        .find(|(t, _, o)| t == "cgroup" && o.split(',').any(|x| x == "cpu"))
+        .map(|(_, m, _)| (m.clone(), true))
 }
 
 impl Cgroup {
@@ -100,23 +145,55 @@ impl Cgroup {
     /// this member is `key` (not created).
     pub fn for_instance(name: &str, key: &Path) -> Option<Cgroup> {
         let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        let (kind, mount) = choose(&parse_cgroup_mounts(&mi), v2_has_memory)?;
+        let mounts = parse_cgroup_mounts(&mi);
+        let (kind, mount) = choose(&mounts, v2_has_memory)?;
         let dir = mount.join("ferry").join(dir_name(name, key));
-        Some(Cgroup { kind, mount, dir })
+        let cpu =
+            choose_cpu(&mounts, kind, &mount, |m| v2_has(m, "cpu")).map(|(cmount, separate)| {
+                CpuDir {
+                    dir: if separate {
+                        cmount.join("ferry").join(dir_name(name, key))
+                    } else {
+                        dir.clone()
+                    },
+                    mount: cmount,
+                    separate,
+                }
+            });
+        Some(Cgroup {
+            kind,
+            mount,
+            dir,
+            cpu,
+        })
+    }
+
+    /// The v1 `cpu` directory when it exists (the tasks join it as well).
+    fn separate_cpu_dir(&self) -> Option<&Path> {
+        self.cpu
+            .as_ref()
+            .filter(|c| c.separate && c.dir.is_dir())
+            .map(|c| c.dir.as_path())
     }
 
     pub fn exists(&self) -> bool {
         self.dir.is_dir()
     }
 
-    /// Create the cgroup and apply the memory limit.
-    pub fn create(&self, memory_limit: Option<u64>) -> io::Result<()> {
+    /// Create the cgroup and apply the memory limit and the CPU quota
+    /// (µs per [`CPU_PERIOD_US`]; the caller checked [`Cgroup::cpu`]).
+    pub fn create(&self, memory_limit: Option<u64>, cpu_quota_us: Option<u64>) -> io::Result<()> {
         let parent = self.mount.join("ferry");
         if self.kind == CgroupKind::V2 {
-            // Delegate the memory controller down to ferry/<name>.
-            let _ = std::fs::write(self.mount.join("cgroup.subtree_control"), "+memory");
+            // Delegate the controllers down to ferry/<name>.
+            let ctrls = if cpu_quota_us.is_some() {
+                "+memory +cpu"
+            } else {
+                "+memory"
+            };
+            let _ = std::fs::write(self.mount.join("cgroup.subtree_control"), ctrls);
             std::fs::create_dir_all(&parent)?;
-            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
+            let _ = std::fs::write(parent.join("cgroup.subtree_control"), ctrls);
         }
         std::fs::create_dir_all(&self.dir)?;
         if let Some(limit) = memory_limit {
@@ -126,14 +203,43 @@ impl Cgroup {
             };
             std::fs::write(self.dir.join(file), limit.to_string())?;
         }
+        if let Some(quota) = cpu_quota_us {
+            let cpu = self
+                .cpu
+                .as_ref()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "no cpu controller"))?;
+            if cpu.separate {
+                std::fs::create_dir_all(&cpu.dir)?;
+                std::fs::write(cpu.dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+                std::fs::write(cpu.dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+            } else {
+                std::fs::write(cpu.dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
+            }
+        }
         Ok(())
     }
 
-    /// The directory, in this cgroup's hierarchy, that `pid` belongs to.
-    pub fn current_of(&self, pid: u32) -> Option<PathBuf> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        let rel = cgroup_path_in(&text, self.kind)?;
-        Some(self.mount.join(rel.trim_start_matches('/')))
+    /// Every `cgroup.procs` a task of the container joins: the memory (or
+    /// v2) directory's, and the v1 `cpu` directory's when there is one.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.procs_file()];
+        v.extend(self.separate_cpu_dir().map(|d| d.join("cgroup.procs")));
+        v
+    }
+
+    /// (hierarchy mount, our directory, controller for `/proc/<pid>/cgroup`)
+    /// of every hierarchy the container's tasks are in.
+    pub fn hierarchies(&self) -> Vec<(PathBuf, PathBuf, CgroupKind, &'static str)> {
+        let mut v = vec![(self.mount.clone(), self.dir.clone(), self.kind, "memory")];
+        if let (Some(c), Some(d)) = (&self.cpu, self.separate_cpu_dir()) {
+            v.push((
+                c.mount.clone(),
+                d.to_path_buf(),
+                CgroupKind::V1Memory,
+                "cpu",
+            ));
+        }
+        v
     }
 
     pub fn procs_file(&self) -> PathBuf {
@@ -159,7 +265,10 @@ impl Cgroup {
     }
 
     pub fn attach(&self, pid: u32) -> io::Result<()> {
-        std::fs::write(self.procs_file(), pid.to_string())
+        for f in self.procs_files() {
+            std::fs::write(f, pid.to_string())?;
+        }
+        Ok(())
     }
 
     /// SIGKILL every process still in the cgroup.
@@ -172,23 +281,45 @@ impl Cgroup {
         }
     }
 
-    /// Kill leftovers and remove the cgroup; retries while exiting tasks drain.
+    /// Kill leftovers and remove the cgroup (and its v1 `cpu` directory);
+    /// retries while exiting tasks drain.
     pub async fn remove(&self) -> io::Result<()> {
-        if !self.exists() {
-            return Ok(());
-        }
-        let mut last = None;
-        for _ in 0..50 {
-            self.kill_all();
-            match std::fs::remove_dir(&self.dir) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => last = Some(e),
+        let mut dirs: Vec<PathBuf> = vec![self.dir.clone()];
+        dirs.extend(self.separate_cpu_dir().map(Path::to_path_buf));
+        for dir in dirs {
+            if !dir.is_dir() {
+                continue;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let mut last = None;
+            for _ in 0..50 {
+                self.kill_all();
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
         }
-        Err(last.unwrap_or_else(|| io::Error::other("cgroup busy")))
+        Ok(())
     }
+}
+
+/// The directory of hierarchy `mount` that `pid` is in (`controller`
+/// names the v1 hierarchy; v2 has one).
+pub fn current_in(pid: u32, mount: &Path, kind: CgroupKind, controller: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = controller_path_in(&text, kind, controller)?;
+    Some(mount.join(rel.trim_start_matches('/')))
 }
 
 /// `<name>-<8 hex digits of FNV-1a(key)>`: stable across ferry versions.
@@ -200,15 +331,19 @@ pub fn dir_name(name: &str, key: &Path) -> String {
     format!("{name}-{h:08x}")
 }
 
-/// The path in `/proc/<pid>/cgroup` for the memory hierarchy (v1) or the
-/// unified one (v2).
-pub fn cgroup_path_in(proc_cgroup: &str, kind: CgroupKind) -> Option<&str> {
+/// The path in `/proc/<pid>/cgroup` for the v1 hierarchy carrying
+/// `controller`, or the unified one (v2).
+fn controller_path_in<'a>(
+    proc_cgroup: &'a str,
+    kind: CgroupKind,
+    controller: &str,
+) -> Option<&'a str> {
     proc_cgroup.lines().find_map(|l| {
         let mut f = l.splitn(3, ':');
         let (_id, ctrls, path) = (f.next()?, f.next()?, f.next()?);
         let hit = match kind {
             CgroupKind::V2 => ctrls.is_empty(),
-            CgroupKind::V1Memory => ctrls.split(',').any(|c| c == "memory"),
+            CgroupKind::V1Memory => ctrls.split(',').any(|c| c == controller),
         };
         hit.then_some(path)
     })
@@ -253,11 +388,33 @@ mod tests {
         assert_ne!(a, dir_name("c1", Path::new("/var/lib/ferry/m2/c1")));
         let pc = "9:name=systemd:/\n4:memory:/ferry/c1-0badcafe\n1:cpu,cpuacct:/\n0::/x";
         assert_eq!(
-            cgroup_path_in(pc, CgroupKind::V1Memory),
+            controller_path_in(pc, CgroupKind::V1Memory, "memory"),
             Some("/ferry/c1-0badcafe")
         );
-        assert_eq!(cgroup_path_in(pc, CgroupKind::V2), Some("/x"));
-        assert_eq!(cgroup_path_in("1:cpu:/", CgroupKind::V2), None);
+        assert_eq!(controller_path_in(pc, CgroupKind::V2, "memory"), Some("/x"));
+        assert_eq!(
+            controller_path_in(pc, CgroupKind::V1Memory, "cpu"),
+            Some("/")
+        );
+        assert_eq!(controller_path_in("1:cpu:/", CgroupKind::V2, "cpu"), None);
+    }
+
+    #[test]
+    fn cpu_controller_v2_or_v1() {
+        let m = parse_cgroup_mounts(HYBRID);
+        let memory = Path::new("/sys/fs/cgroup/memory");
+        assert_eq!(
+            choose_cpu(&m, CgroupKind::V1Memory, memory, |_| true),
+            Some((PathBuf::from("/sys/fs/cgroup/cpu"), true))
+        );
+        let unified = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(
+            choose_cpu(&m, CgroupKind::V2, unified, |_| true),
+            Some((unified.to_path_buf(), false))
+        );
+        let v2only = parse_cgroup_mounts("27 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw");
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(choose_cpu(&v2only, CgroupKind::V2, root, |_| false), None);
     }
 
     #[test]

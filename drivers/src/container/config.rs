@@ -79,6 +79,15 @@ fn memory_limit_value(v: &str) -> Result<u64, DriverError> {
     }
 }
 
+/// The CPU limit as a CFS quota in µs per [`super::cgroup::CPU_PERIOD_US`],
+/// if configured (assumes a validated config): `limits.cpu` CPUs' worth of
+/// time, at least 1 ms (the kernel's minimum quota).
+pub fn cpu_quota_us(config: &BTreeMap<String, String>) -> Option<u64> {
+    let n: f64 = config.get("limits.cpu")?.trim().parse().ok()?;
+    let quota = (n * super::cgroup::CPU_PERIOD_US as f64).round() as u64;
+    Some(quota.max(1000))
+}
+
 /// The memory limit in bytes, if configured (assumes a validated config).
 pub fn memory_limit(config: &BTreeMap<String, String>) -> Option<u64> {
     config
@@ -169,6 +178,11 @@ mod tests {
             [("limits.memory".to_string(), "256MiB".to_string())].into();
         assert_eq!(memory_limit(&cfg), Some(256 << 20));
         assert_eq!(memory_limit(&BTreeMap::new()), None);
+        let cpu = |v: &str| cpu_quota_us(&[("limits.cpu".to_string(), v.to_string())].into());
+        assert_eq!(cpu("2"), Some(200_000));
+        assert_eq!(cpu("0.5"), Some(50_000));
+        assert_eq!(cpu("0.001"), Some(1000), "the kernel's minimum quota");
+        assert_eq!(cpu_quota_us(&BTreeMap::new()), None);
     }
 
     #[test]

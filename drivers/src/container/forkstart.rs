@@ -37,8 +37,8 @@ pub struct ForkstartArgs {
     pub name: String,
     pub rootfs: PathBuf,
     pub pidfile: PathBuf,
-    /// `cgroup.procs` of the container's cgroup, if any.
-    pub cgroup_procs: Option<PathBuf>,
+    /// `cgroup.procs` of the container's cgroups (one per hierarchy), if any.
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl ForkstartArgs {
@@ -52,7 +52,7 @@ impl ForkstartArgs {
             "--pidfile".into(),
             self.pidfile.display().to_string(),
         ];
-        if let Some(c) = &self.cgroup_procs {
+        for c in &self.cgroup_procs {
             v.push("--cgroup".into());
             v.push(c.display().to_string());
         }
@@ -65,7 +65,7 @@ impl ForkstartArgs {
             Some(a) if a == "forkstart" => &args[1..],
             _ => args,
         };
-        let (mut name, mut rootfs, mut pidfile, mut cgroup) = (None, None, None, None);
+        let (mut name, mut rootfs, mut pidfile, mut cgroup) = (None, None, None, Vec::new());
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             let val = it
@@ -76,7 +76,7 @@ impl ForkstartArgs {
                 "--name" => name = Some(val),
                 "--rootfs" => rootfs = Some(PathBuf::from(val)),
                 "--pidfile" => pidfile = Some(PathBuf::from(val)),
-                "--cgroup" => cgroup = Some(PathBuf::from(val)),
+                "--cgroup" => cgroup.push(PathBuf::from(val)),
                 _ => return Err(format!("unknown argument {flag}")),
             }
         }
@@ -116,7 +116,7 @@ pub fn forkstart_main(args: &[String]) -> i32 {
 }
 
 fn run(a: &ForkstartArgs) -> Result<u32, String> {
-    if let Some(procs) = &a.cgroup_procs {
+    for procs in &a.cgroup_procs {
         std::fs::write(procs, std::process::id().to_string())
             .map_err(|e| format!("join cgroup {}: {e}", procs.display()))?;
     }
@@ -266,7 +266,10 @@ mod tests {
             name: "c1".into(),
             rootfs: "/v/c1/rootfs".into(),
             pidfile: "/run/c1/init.pid".into(),
-            cgroup_procs: Some("/sys/fs/cgroup/ferry/c1/cgroup.procs".into()),
+            cgroup_procs: vec![
+                "/sys/fs/cgroup/memory/ferry/c1/cgroup.procs".into(),
+                "/sys/fs/cgroup/cpu/ferry/c1/cgroup.procs".into(),
+            ],
         };
         assert_eq!(ForkstartArgs::parse(&a.to_args()), Ok(a.clone()));
         let mut with_verb = vec!["forkstart".to_string()];
@@ -285,6 +288,6 @@ mod tests {
         assert!(ForkstartArgs::parse(&s(&["--bogus", "x"])).is_err());
         let ok = ForkstartArgs::parse(&s(&["--name", "c1", "--rootfs", "/r", "--pidfile", "/p"]))
             .unwrap();
-        assert_eq!(ok.cgroup_procs, None);
+        assert!(ok.cgroup_procs.is_empty());
     }
 }

@@ -196,7 +196,7 @@ impl ContainerDriver {
                 .canonicalize()
                 .map_err(DriverError::io(format!("resolve {}", l.rootfs.display())))?,
             pidfile: std::path::absolute(&l.pidfile).map_err(DriverError::io("resolve pidfile"))?,
-            cgroup_procs: cg.map(|c| c.procs_file()),
+            cgroup_procs: cg.map(|c| c.procs_files()).unwrap_or_default(),
         };
         let child = tokio::process::Command::new(&self.helper)
             .arg("forkstart")

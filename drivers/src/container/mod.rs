@@ -195,7 +195,7 @@ pub struct ExecStdio {
 pub struct ExecChild {
     /// nsenter, which waits for the command and exits with its status.
     pub child: tokio::process::Child,
-    _procs: Option<std::fs::File>,
+    _procs: Vec<std::fs::File>,
 }
 
 /// The exit code of a command (128 + signal when killed).
@@ -314,26 +314,32 @@ impl ContainerDriver {
         )))
     }
 
-    /// Create the cgroup with the configured limit. `None` when the host has
-    /// no usable hierarchy and no limit is asked for.
+    /// Create the cgroup with the configured limits. `None` when the host
+    /// has no usable hierarchy and no limit is asked for.
     pub(crate) fn setup_cgroup(&self, spec: &InstanceSpec) -> Result<Option<Cgroup>, DriverError> {
         let limit = config::memory_limit(&spec.config);
+        let quota = config::cpu_quota_us(&spec.config);
         let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.run) else {
-            if limit.is_some() {
+            if limit.is_some() || quota.is_some() {
                 return Err(DriverError::Unsupported(
-                    "apply limits.memory: no cgroup memory controller is mounted (unset limits.memory)".into(),
+                    "apply limits.memory / limits.cpu: no cgroup memory controller is mounted (unset them)".into(),
                 ));
             }
             return Ok(None);
         };
-        match cg.create(limit) {
+        if quota.is_some() && cg.cpu.is_none() {
+            return Err(DriverError::Unsupported(
+                "apply limits.cpu: no cgroup cpu controller is mounted (unset limits.cpu)".into(),
+            ));
+        }
+        match cg.create(limit, quota) {
             Ok(()) => Ok(Some(cg)),
-            Err(e) if limit.is_none() => {
+            Err(e) if limit.is_none() && quota.is_none() => {
                 tracing::warn!(dir = %cg.dir.display(), "cannot create container cgroup, running without: {e}");
                 Ok(None)
             }
             Err(e) => Err(DriverError::io(format!(
-                "create cgroup {} with limits.memory",
+                "create cgroup {} with limits.memory / limits.cpu",
                 cg.dir.display()
             ))(e)),
         }
@@ -437,20 +443,21 @@ impl ContainerDriver {
             .kill_on_drop(true);
         // Join the container's cgroup between fork and exec so the command
         // is limited and counted like the rest of the container.
-        let procs = Cgroup::for_instance(&spec.name, &spec.paths.run)
+        let procs: Vec<std::fs::File> = Cgroup::for_instance(&spec.name, &spec.paths.run)
             .filter(Cgroup::exists)
-            .and_then(|cg| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(cg.procs_file())
-                    .ok()
-            });
-        if let Some(f) = &procs {
-            let fd = f.as_raw_fd();
+            .map(|cg| cg.procs_files())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok())
+            .collect();
+        if !procs.is_empty() {
+            let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
             // SAFETY: only write(2) runs in the child, which is async-signal-safe.
             unsafe {
                 cmd.pre_exec(move || {
-                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    for fd in &fds {
+                        libc::write(*fd, b"0".as_ptr().cast(), 1);
+                    }
                     Ok(())
                 });
             }

@@ -153,10 +153,17 @@ impl StateSave for ContainerDriver {
 /// into the cgroup paths recorded at dump: ours when dumped here (then this
 /// is a no-op), another member's when the dump came from elsewhere; an
 /// emptied foreign ferry cgroup is removed (rmdir fails harmlessly if used).
+/// The same in each hierarchy the container uses (v1: memory and cpu).
 fn reattach(cg: &Cgroup, init: u32) {
-    let foreign = cg
-        .current_of(init)
-        .filter(|d| *d != cg.dir && d.starts_with(cg.mount.join("ferry")));
+    let hierarchies = cg.hierarchies();
+    let foreign: Vec<(PathBuf, PathBuf)> = hierarchies
+        .iter()
+        .filter_map(|(mount, ours, kind, ctrl)| {
+            super::cgroup::current_in(init, mount, *kind, ctrl)
+                .filter(|d| d != ours && d.starts_with(mount.join("ferry")))
+                .map(|d| (d, ours.join("cgroup.procs")))
+        })
+        .collect();
     for p in procfs::tree_pids(init) {
         if let Err(e) = cg.attach(p) {
             tracing::debug!(
@@ -166,7 +173,7 @@ fn reattach(cg: &Cgroup, init: u32) {
             );
         }
     }
-    if let Some(dir) = foreign {
+    for (dir, ours) in foreign {
         // A task the tree forked while we listed it stayed behind. During a
         // move on one host the foreign cgroup is the source's, which still
         // holds the source's stopped tree (another pid namespace) and is
@@ -184,7 +191,7 @@ fn reattach(cg: &Cgroup, init: u32) {
                 break;
             }
             for p in left {
-                let _ = cg.attach(p);
+                let _ = std::fs::write(&ours, p.to_string());
             }
         }
         let _ = std::fs::remove_dir(&dir);
