@@ -280,6 +280,19 @@ impl Member {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `ferry launch IMAGE NAME [--vm] --target TARGET -c KEY=VALUE...`
+    /// (a VM when the image is `testvm`), required to succeed.
+    pub fn launch_on(&self, image: &str, name: &str, target: &str, config: &[&str]) {
+        let mut args = vec!["launch", image, name, "--target", target];
+        if image == "testvm" {
+            args.push("--vm");
+        }
+        for c in config {
+            args.extend(["-c", c]);
+        }
+        self.ferry_ok(&args);
+    }
+
     /// Send a request that creates an operation and wait for it; returns the final Operation JSON.
     pub async fn op(&self, method: Method, path: &str, body: Value) -> Result<Value, String> {
         match self

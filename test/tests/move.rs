@@ -393,16 +393,7 @@ async fn live_vm_move_keeps_the_guest_running() {
     use ferry_drivers::vm::VmDriver;
     let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
     form_cluster(&ms);
-    ms[0].ferry_ok(&[
-        "launch",
-        "testvm",
-        "v1",
-        "--vm",
-        "--target",
-        "m1",
-        "-c",
-        "limits.memory=256MiB",
-    ]);
+    ms[0].launch_on("testvm", "v1", "m1", &["limits.memory=256MiB"]);
     let console = |m: &Member| -> Option<u64> {
         let out = m.ferry_ok(&["console", "--show-log", "v1"]);
         out.lines().rev().find_map(|l| {
@@ -581,15 +572,7 @@ async fn container_cpu_limit_holds_before_and_after_a_live_move() {
     }
     let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
     form_cluster(&ms);
-    ms[0].ferry_ok(&[
-        "launch",
-        "busybox",
-        "c1",
-        "--target",
-        "m1",
-        "-c",
-        "limits.cpu=0.1",
-    ]);
+    ms[0].launch_on("busybox", "c1", "m1", &["limits.cpu=0.1"]);
     // Bad values are refused with the key named, and change nothing.
     let out = ms[0].ferry(&["config", "set", "c1", "limits.cpu=-1"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");

@@ -47,16 +47,7 @@ async fn moves_to_and_from_a_previous_protocol_member_use_a_stateful_stop() {
     ];
     form_cluster(&ms);
     ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
-    ms[0].ferry_ok(&[
-        "launch",
-        "testvm",
-        "v1",
-        "--vm",
-        "--target",
-        "m1",
-        "-c",
-        "limits.memory=128MiB",
-    ]);
+    ms[0].launch_on("testvm", "v1", "m1", &["limits.memory=128MiB"]);
     std::thread::sleep(Duration::from_millis(800));
     let vm = VmDriver::default();
     wait_guest(&ms[0].spec("v1", true)).await;
@@ -128,16 +119,7 @@ async fn live_vm_moves_between_qemu_7_2_and_10_0_members() {
         Member::start("m2"),
     ];
     form_cluster(&ms);
-    ms[0].ferry_ok(&[
-        "launch",
-        "testvm",
-        "v1",
-        "--vm",
-        "--target",
-        "m1",
-        "-c",
-        "limits.memory=128MiB",
-    ]);
+    ms[0].launch_on("testvm", "v1", "m1", &["limits.memory=128MiB"]);
     let vm = VmDriver::default();
     wait_guest(&ms[0].spec("v1", true)).await;
     let qemu_of = |pid: i64| {
