@@ -855,6 +855,7 @@ impl Daemon {
             .leases
             .acquire(name, "its configuration is being changed")?;
         let mut config = rec.config.clone();
+        let limits = changes.keys().any(|k| k.starts_with("limits."));
         for (k, v) in changes {
             if v.is_empty() {
                 config.remove(&k);
@@ -862,6 +863,7 @@ impl Daemon {
                 config.insert(k, v);
             }
         }
+        let old = self.spec_for(&rec)?;
         let spec = self.spec_for(&InstanceRecord {
             config: config.clone(),
             ..rec
@@ -870,11 +872,28 @@ impl Daemon {
             .validate(&spec)
             .map_err(|e| ActionError::BadRequest(e.to_string()))?;
         crate::evacuate::validate_config(&spec.config)?;
-        self.submit(Command::SetInstanceConfig {
-            name: name.to_string(),
-            config,
-        })
-        .await?;
+        // A running container gets new limits at once (the request was
+        // forwarded to its member); a VM's at its next cold start.
+        let live = match Driver::for_type(spec.kind) {
+            Driver::Container(c) if limits => Some(c),
+            _ => None,
+        };
+        if let Some(c) = &live {
+            c.apply_limits(&spec)
+                .map_err(|e| ActionError::BadRequest(e.to_string()))?;
+        }
+        let written = self
+            .submit(Command::SetInstanceConfig {
+                name: name.to_string(),
+                config,
+            })
+            .await;
+        if let (Err(_), Some(c)) = (&written, &live) {
+            if let Err(e) = c.apply_limits(&old) {
+                tracing::warn!(instance = name, error = %e, "putting the old limits back after a refused config write");
+            }
+        }
+        written?;
         Ok(())
     }
 

@@ -564,7 +564,8 @@ fn cpu_share(pid: i64) -> f64 {
 
 /// `limits.cpu` on a container is a CFS quota: a busy loop inside gets no
 /// more than its share, on the member it was started on and, after a live
-/// move, on the member it was restored on.
+/// move, on the member it was restored on; `ferry config set` changes the
+/// limits of the running container at once.
 #[tokio::test]
 async fn container_cpu_limit_holds_before_and_after_a_live_move() {
     if !need_root("container_cpu_limit_holds_before_and_after_a_live_move") {
@@ -609,5 +610,37 @@ async fn container_cpu_limit_holds_before_and_after_a_live_move() {
             m.name
         );
     }
+    // New limits apply to the running container at once (the request goes
+    // to m2 through m1).
+    ms[0].ferry_ok(&[
+        "config",
+        "set",
+        "c1",
+        "limits.cpu=0.5",
+        "limits.memory=64MiB",
+    ]);
+    let pid = ms[1].instance("c1").await["state"]["pid"].as_i64().unwrap();
+    let share = cpu_share(pid);
+    eprintln!("c1 with limits.cpu=0.5: {share:.3} of a CPU");
+    assert!(
+        share > 0.17 && share < 0.6,
+        "limits.cpu=0.5 not applied to the running container: {share:.3} of a CPU"
+    );
+    let cfg = ms[0].instance("c1").await["config"].clone();
+    let cgroup = std::path::PathBuf::from(cfg["volatile.cgroup"].as_str().unwrap());
+    let limit = ["memory.limit_in_bytes", "memory.max"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(cgroup.join(f)).ok())
+        .unwrap();
+    assert_eq!(limit.trim(), (64u64 << 20).to_string(), "{cgroup:?}");
+    ms[0].ferry_ok(&["config", "unset", "c1", "limits.cpu", "limits.memory"]);
+    let limit = ["memory.limit_in_bytes", "memory.max"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(cgroup.join(f)).ok())
+        .unwrap();
+    assert!(
+        limit.trim() == "max" || limit.trim().parse::<u64>().unwrap() > 1 << 62,
+        "limits.memory unset but the cgroup still has {limit}"
+    );
     ms[0].ferry_ok(&["delete", "--force", "c1"]);
 }

@@ -183,37 +183,77 @@ impl Cgroup {
     /// Create the cgroup and apply the memory limit and the CPU quota
     /// (µs per [`CPU_PERIOD_US`]; the caller checked [`Cgroup::cpu`]).
     pub fn create(&self, memory_limit: Option<u64>, cpu_quota_us: Option<u64>) -> io::Result<()> {
-        let parent = self.mount.join("ferry");
-        if self.kind == CgroupKind::V2 {
-            // Delegate the controllers down to ferry/<name>.
-            let ctrls = if cpu_quota_us.is_some() {
-                "+memory +cpu"
-            } else {
-                "+memory"
-            };
-            let _ = std::fs::write(self.mount.join("cgroup.subtree_control"), ctrls);
-            std::fs::create_dir_all(&parent)?;
-            let _ = std::fs::write(parent.join("cgroup.subtree_control"), ctrls);
-        }
+        std::fs::create_dir_all(self.mount.join("ferry"))?;
+        self.delegate(cpu_quota_us.is_some());
         std::fs::create_dir_all(&self.dir)?;
-        if let Some(limit) = memory_limit {
-            let file = match self.kind {
-                CgroupKind::V2 => "memory.max",
-                CgroupKind::V1Memory => "memory.limit_in_bytes",
-            };
-            std::fs::write(self.dir.join(file), limit.to_string())?;
+        self.set_limits(memory_limit, cpu_quota_us)
+    }
+
+    /// v2: enable the controllers down to `ferry/<name>` (its parent holds
+    /// no process, so this is allowed while containers run).
+    fn delegate(&self, cpu: bool) {
+        if self.kind == CgroupKind::V2 {
+            let ctrls = if cpu { "+memory +cpu" } else { "+memory" };
+            for d in [self.mount.clone(), self.mount.join("ferry")] {
+                let _ = std::fs::write(d.join("cgroup.subtree_control"), ctrls);
+            }
         }
-        if let Some(quota) = cpu_quota_us {
-            let cpu = self
-                .cpu
-                .as_ref()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "no cpu controller"))?;
-            if cpu.separate {
+    }
+
+    /// Set (or, with `None`, lift) the memory limit and the CPU quota of an
+    /// existing cgroup, at once for the tasks in it. A v1 `cpu` directory is
+    /// created when a quota first comes, and the tasks join it.
+    pub fn set_limits(
+        &self,
+        memory_limit: Option<u64>,
+        cpu_quota_us: Option<u64>,
+    ) -> io::Result<()> {
+        let (file, unlimited) = match self.kind {
+            CgroupKind::V2 => ("memory.max", "max"),
+            CgroupKind::V1Memory => ("memory.limit_in_bytes", "-1"),
+        };
+        let value = memory_limit.map_or(unlimited.to_string(), |l| l.to_string());
+        let current = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        let current = current.trim();
+        // v1 shows "no limit" as a huge number of bytes.
+        let unlimited_now = current == "max" || current.parse::<u64>().is_ok_and(|n| n >= 1 << 62);
+        if memory_limit.is_some() || !unlimited_now {
+            std::fs::write(self.dir.join(file), &value)?;
+        }
+        let Some(cpu) = &self.cpu else {
+            return match cpu_quota_us {
+                Some(_) => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "no cpu controller",
+                )),
+                None => Ok(()),
+            };
+        };
+        match (cpu.separate, cpu_quota_us) {
+            (true, Some(quota)) => {
+                let new = !cpu.dir.is_dir();
                 std::fs::create_dir_all(&cpu.dir)?;
                 std::fs::write(cpu.dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
                 std::fs::write(cpu.dir.join("cpu.cfs_quota_us"), quota.to_string())?;
-            } else {
-                std::fs::write(cpu.dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
+                if new {
+                    for pid in self.pids() {
+                        std::fs::write(cpu.dir.join("cgroup.procs"), pid.to_string())?;
+                    }
+                }
+            }
+            (true, None) if cpu.dir.is_dir() => {
+                std::fs::write(cpu.dir.join("cpu.cfs_quota_us"), "-1")?;
+            }
+            (true, None) => {}
+            (false, quota) => {
+                if quota.is_some() {
+                    self.delegate(true);
+                }
+                let max = cpu.dir.join("cpu.max");
+                if quota.is_some() || max.exists() {
+                    let q = quota.map_or("max".to_string(), |q| q.to_string());
+                    std::fs::write(max, format!("{q} {CPU_PERIOD_US}"))?;
+                }
             }
         }
         Ok(())

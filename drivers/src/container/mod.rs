@@ -345,6 +345,37 @@ impl ContainerDriver {
         }
     }
 
+    /// Apply the spec's `limits.memory` and `limits.cpu` to the container
+    /// running here, at once (a stopped container gets them when it
+    /// starts). A limit the kernel refuses, e.g. a memory limit below what
+    /// the container uses now, is an error and the old limits stay.
+    pub fn apply_limits(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.run).filter(Cgroup::exists)
+        else {
+            return Ok(());
+        };
+        let limit = config::memory_limit(&spec.config);
+        let quota = config::cpu_quota_us(&spec.config);
+        if quota.is_some() && cg.cpu.is_none() {
+            return Err(DriverError::Unsupported(
+                "apply limits.cpu: no cgroup cpu controller is mounted (unset limits.cpu)".into(),
+            ));
+        }
+        cg.set_limits(limit, quota).map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::EBUSY) {
+                " (the container uses more memory than that now: free some or choose a higher limit)"
+            } else {
+                ""
+            };
+            DriverError::InvalidConfig(format!(
+                "applying limits.memory={} limits.cpu={} to the running container {}: {e}{hint}",
+                spec.config.get("limits.memory").map_or("(none)", String::as_str),
+                spec.config.get("limits.cpu").map_or("(none)", String::as_str),
+                spec.name
+            ))
+        })
+    }
+
     /// Undo host-side setup: this member's rootfs mount, cgroup, pidfiles.
     /// Idempotent. Never touches the volume.
     pub(crate) async fn cleanup_host(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
