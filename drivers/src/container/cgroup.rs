@@ -267,8 +267,9 @@ impl Cgroup {
         v
     }
 
-    /// (hierarchy mount, our directory, controller for `/proc/<pid>/cgroup`)
-    /// of every hierarchy the container's tasks are in.
+    /// (hierarchy mount, our directory, kind, controller naming it in
+    /// `/proc/<pid>/cgroup`) of every hierarchy the container's tasks are
+    /// in; `V1Memory` stands for any v1 hierarchy there.
     pub fn hierarchies(&self) -> Vec<(PathBuf, PathBuf, CgroupKind, &'static str)> {
         let mut v = vec![(self.mount.clone(), self.dir.clone(), self.kind, "memory")];
         if let (Some(c), Some(d)) = (&self.cpu, self.separate_cpu_dir()) {
