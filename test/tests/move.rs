@@ -628,16 +628,16 @@ async fn container_cpu_limit_holds_before_and_after_a_live_move() {
     );
     let cfg = ms[0].instance("c1").await["config"].clone();
     let cgroup = std::path::PathBuf::from(cfg["volatile.cgroup"].as_str().unwrap());
-    let limit = ["memory.limit_in_bytes", "memory.max"]
-        .iter()
-        .find_map(|f| std::fs::read_to_string(cgroup.join(f)).ok())
-        .unwrap();
+    let memory_limit = || {
+        ["memory.limit_in_bytes", "memory.max"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(cgroup.join(f)).ok())
+            .unwrap()
+    };
+    let limit = memory_limit();
     assert_eq!(limit.trim(), (64u64 << 20).to_string(), "{cgroup:?}");
     ms[0].ferry_ok(&["config", "unset", "c1", "limits.cpu", "limits.memory"]);
-    let limit = ["memory.limit_in_bytes", "memory.max"]
-        .iter()
-        .find_map(|f| std::fs::read_to_string(cgroup.join(f)).ok())
-        .unwrap();
+    let limit = memory_limit();
     assert!(
         limit.trim() == "max" || limit.trim().parse::<u64>().unwrap() > 1 << 62,
         "limits.memory unset but the cgroup still has {limit}"

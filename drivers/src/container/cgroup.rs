@@ -328,30 +328,23 @@ impl Cgroup {
         let mut dirs: Vec<PathBuf> = vec![self.dir.clone()];
         dirs.extend(self.separate_cpu_dir().map(Path::to_path_buf));
         for dir in dirs {
-            if !dir.is_dir() {
-                continue;
-            }
-            let mut last = None;
-            for _ in 0..50 {
-                self.kill_all();
-                match std::fs::remove_dir(&dir) {
-                    Ok(()) => {
-                        last = None;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        last = None;
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            if let Some(e) = last {
-                return Err(e);
-            }
+            self.remove_dir(&dir).await?;
         }
         Ok(())
+    }
+
+    async fn remove_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut last = None;
+        for _ in 0..50 {
+            self.kill_all();
+            match std::fs::remove_dir(dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("cgroup busy")))
     }
 }
 

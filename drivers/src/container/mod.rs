@@ -169,6 +169,18 @@ pub(crate) fn running(spec: &InstanceSpec) -> VolatileChanges {
     v
 }
 
+/// The spec's memory limit (bytes) and CPU quota (µs per period) for `cg`;
+/// a `limits.cpu` on a host without a cpu controller is refused.
+fn limits_for(spec: &InstanceSpec, cg: &Cgroup) -> Result<(Option<u64>, Option<u64>), DriverError> {
+    let quota = config::cpu_quota_us(&spec.config);
+    if quota.is_some() && cg.cpu.is_none() {
+        return Err(DriverError::Unsupported(
+            "apply limits.cpu: no cgroup cpu controller is mounted (unset limits.cpu)".into(),
+        ));
+    }
+    Ok((config::memory_limit(&spec.config), quota))
+}
+
 /// Volatile keys of a stopped container: power state; no cgroup.
 pub(crate) fn stopped() -> VolatileChanges {
     let mut v = power("STOPPED");
@@ -317,21 +329,15 @@ impl ContainerDriver {
     /// Create the cgroup with the configured limits. `None` when the host
     /// has no usable hierarchy and no limit is asked for.
     pub(crate) fn setup_cgroup(&self, spec: &InstanceSpec) -> Result<Option<Cgroup>, DriverError> {
-        let limit = config::memory_limit(&spec.config);
-        let quota = config::cpu_quota_us(&spec.config);
         let Some(cg) = Cgroup::for_instance(&spec.name, &spec.paths.run) else {
-            if limit.is_some() || quota.is_some() {
+            if spec.config.contains_key("limits.memory") || spec.config.contains_key("limits.cpu") {
                 return Err(DriverError::Unsupported(
                     "apply limits.memory / limits.cpu: no cgroup memory controller is mounted (unset them)".into(),
                 ));
             }
             return Ok(None);
         };
-        if quota.is_some() && cg.cpu.is_none() {
-            return Err(DriverError::Unsupported(
-                "apply limits.cpu: no cgroup cpu controller is mounted (unset limits.cpu)".into(),
-            ));
-        }
+        let (limit, quota) = limits_for(spec, &cg)?;
         match cg.create(limit, quota) {
             Ok(()) => Ok(Some(cg)),
             Err(e) if limit.is_none() && quota.is_none() => {
@@ -354,13 +360,7 @@ impl ContainerDriver {
         else {
             return Ok(());
         };
-        let limit = config::memory_limit(&spec.config);
-        let quota = config::cpu_quota_us(&spec.config);
-        if quota.is_some() && cg.cpu.is_none() {
-            return Err(DriverError::Unsupported(
-                "apply limits.cpu: no cgroup cpu controller is mounted (unset limits.cpu)".into(),
-            ));
-        }
+        let (limit, quota) = limits_for(spec, &cg)?;
         cg.set_limits(limit, quota).map_err(|e| {
             let hint = if e.raw_os_error() == Some(libc::EBUSY) {
                 " (the container uses more memory than that now: free some or choose a higher limit)"

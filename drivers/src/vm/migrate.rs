@@ -1058,11 +1058,11 @@ pub(super) async fn restore_qemu_defaults(qmp: &mut Qmp) {
         avail_switchover_bandwidth: Some(0),
         ..Default::default()
     };
-    let r = match qmp.set_capabilities(&caps).await {
-        Ok(()) => qmp.set_parameters(params).await,
-        Err(e) => Err(e),
+    let r = async {
+        qmp.set_capabilities(&caps).await?;
+        qmp.set_parameters(params).await
     };
-    if let Err(e) = r {
+    if let Err(e) = r.await {
         tracing::warn!(error = %e, "putting back QEMU's migration defaults after a failed move");
     }
 }

@@ -343,11 +343,6 @@ impl Qmp {
         })
     }
 
-    /// QEMU's version from its greeting (major, minor, micro).
-    pub fn qemu_version(&self) -> (u64, u64, u64) {
-        self.version
-    }
-
     /// Does this QEMU take `avail-switchover-bandwidth` (8.2 and later)?
     pub fn has_switchover_bandwidth(&self) -> bool {
         self.version >= SWITCHOVER_BANDWIDTH_SINCE
