@@ -34,6 +34,8 @@ pub enum ActionError {
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -248,15 +250,7 @@ impl Daemon {
         } else {
             ("Stopped", 102)
         };
-        let mut config: Map<String, Value> = rec
-            .config
-            .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect();
-        config.insert("image.alias".into(), json!(rec.image));
-        for (k, v) in &rec.volatile {
-            config.insert(k.clone(), json!(v));
-        }
+        let config = crate::instance_put::shown_config(rec);
         let devices = json!({"root": {"type": "disk", "path": "/", "pool": rec.storage_pool}});
         let mut v = json!({
             "name": rec.name, "type": rec.kind, "status": status, "status_code": code,
@@ -845,15 +839,50 @@ impl Daemon {
         name: &str,
         changes: BTreeMap<String, String>,
     ) -> Result<(), ActionError> {
-        let rec = self.record(name)?;
         if let Some(k) = changes.keys().find(|k| k.starts_with("volatile.")) {
             return Err(ActionError::BadRequest(format!(
                 "Config key {k:?} is volatile and set by ferry: remove it"
             )));
         }
+        self.change_config(name, None, |_| Ok(changes)).await
+    }
+
+    /// `PUT /1.0/instances/<name>` (`incus config set/unset/edit`): replace the
+    /// writable fields, checking `If-Match` against the instance's ETag. The
+    /// change is made before the operation is returned (which is then done).
+    pub async fn put_instance(
+        &self,
+        name: &str,
+        put: crate::instance_put::InstancePut,
+        if_match: Option<&str>,
+    ) -> Result<Arc<Op>, ActionError> {
+        self.change_config(name, if_match, |rec| crate::instance_put::changes(rec, put))
+            .await?;
+        Ok(self
+            .ops
+            .spawn("Updating instance", resources(name), false, |_| async {
+                Outcome::Done(Map::new())
+            }))
+    }
+
+    /// One config change under the instance's lease: `make` turns the record
+    /// (read under the lease, after the `If-Match` check) into the key
+    /// changes; a running container's limits follow at once.
+    async fn change_config(
+        &self,
+        name: &str,
+        if_match: Option<&str>,
+        make: impl FnOnce(&InstanceRecord) -> Result<BTreeMap<String, String>, ActionError>,
+    ) -> Result<(), ActionError> {
         let _lease = self
             .leases
             .acquire(name, "its configuration is being changed")?;
+        let rec = self.record(name)?;
+        crate::instance_put::check_if_match(&rec, if_match)?;
+        let changes = make(&rec)?;
+        if changes.is_empty() {
+            return Ok(());
+        }
         let mut config = rec.config.clone();
         let limits = changes.keys().any(|k| k.starts_with("limits."));
         for (k, v) in changes {

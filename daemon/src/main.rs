@@ -12,6 +12,7 @@ mod core;
 mod evacuate;
 mod events;
 mod exec_ws;
+mod instance_put;
 mod migrate;
 mod ops;
 mod server;

@@ -1,7 +1,7 @@
 //! The stock `incus` client (Debian incus-client 6.0.4, installed by
 //! scripts/setup.sh) drives real ferryd members over their unix sockets:
 //! list, info, start/stop (stateful too), exec, move, cluster list,
-//! evacuate/restore, operation list, console.
+//! evacuate/restore, operation list, console, config set/get/show/unset.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -248,6 +248,195 @@ async fn stock_incus_client_drives_ferryd() {
     let out = incus(m1, conf, &["exec", "nosuch", "--", "true"]);
     assert_ne!(out.status.code(), Some(0));
     std::thread::sleep(Duration::from_millis(100));
+    let ops = m1.client.operations().await.unwrap();
+    assert!(ops.iter().all(|o| o.status_code >= 200), "{ops:?}");
+}
+
+/// `curl` over `m`'s unix socket: (HTTP status, headers + body).
+fn curl(m: &Member, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--unix-socket"])
+        .arg(m.dir.join("unix.socket"))
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status from curl {args:?}: {out:?}"));
+    (status, text)
+}
+
+/// The `ETag` header in a `curl -i` answer.
+fn etag_of(answer: &str) -> String {
+    answer
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("etag").then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no ETag in:\n{answer}"))
+}
+
+#[tokio::test]
+async fn stock_incus_config_set_get_show_unset() {
+    if !need_root("stock_incus_config_set_get_show_unset") {
+        return;
+    }
+    let conf = tempfile::tempdir().unwrap();
+    let conf = conf.path();
+    let ms: Vec<Member> = ["member1", "member2"]
+        .iter()
+        .map(|n| Member::start(n))
+        .collect();
+    form_cluster(&ms);
+    let (m1, m2) = (&ms[0], &ms[1]);
+    m1.ferry_ok(&["launch", "busybox", "c1", "--target", "member1"]);
+    let cgroup = std::path::PathBuf::from(
+        m1.instance("c1").await["config"]["volatile.cgroup"]
+            .as_str()
+            .expect("volatile.cgroup of a running container"),
+    );
+    let memory_limit = || -> u64 {
+        let v = ["memory.limit_in_bytes", "memory.max"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(cgroup.join(f)).ok())
+            .expect("memory limit file of c1's cgroup");
+        v.trim().parse().unwrap_or(u64::MAX)
+    };
+    let unlimited = memory_limit();
+    assert!(unlimited > 1 << 40, "{unlimited}");
+
+    // Through member2: GET + PUT forwarded to member1 with the ETag.
+    incus_ok(
+        m2,
+        conf,
+        &[
+            "config",
+            "set",
+            "c1",
+            "limits.memory=128MiB",
+            "user.note=hi",
+        ],
+    );
+    let cfg = m1.instance("c1").await["config"].clone();
+    assert_eq!(cfg["limits.memory"], "128MiB", "{cfg}");
+    assert_eq!(cfg["user.note"], "hi", "{cfg}");
+    assert_eq!(
+        memory_limit(),
+        128 << 20,
+        "not applied to the running container"
+    );
+    assert_eq!(
+        incus_ok(m2, conf, &["config", "get", "c1", "limits.memory"]).trim(),
+        "128MiB"
+    );
+    let shown = incus_ok(m1, conf, &["config", "show", "c1"]);
+    assert!(
+        shown.contains("limits.memory: 128MiB") && shown.contains("user.note: hi"),
+        "{shown}"
+    );
+
+    // Bad values and ferry's own keys are refused, naming the key; nothing changes.
+    let before = m1.instance("c1").await["config"].clone();
+    for (arg, named) in [
+        ("limits.cpu=lots", "limits.cpu"),
+        ("volatile.cgroup=/elsewhere", "volatile.cgroup"),
+        ("image.alias=alpine", "image.alias"),
+    ] {
+        let out = incus(m2, conf, &["config", "set", "c1", arg]);
+        assert_ne!(out.status.code(), Some(0), "{arg} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{arg}: {err}");
+        assert_eq!(
+            m1.instance("c1").await["config"],
+            before,
+            "{arg} changed the config"
+        );
+    }
+    assert_eq!(memory_limit(), 128 << 20);
+
+    // If-Match: the ETag both members give is the one a PUT must carry; a
+    // stale one is refused with 412 and changes nothing.
+    let (code, a1) = curl(m1, &["http://f/1.0/instances/c1"]);
+    assert_eq!(code, 200, "{a1}");
+    let (_, a2) = curl(m2, &["http://f/1.0/instances/c1"]);
+    let tag = etag_of(&a1);
+    assert_eq!(tag, etag_of(&a2), "member2 forwards a different ETag");
+    let put = r#"{"config": {"limits.memory": "64MiB"}}"#;
+    for via in [m1, m2] {
+        let (code, answer) = curl(
+            via,
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "If-Match: \"0000\"",
+                "-d",
+                put,
+                "http://f/1.0/instances/c1",
+            ],
+        );
+        assert_eq!(code, 412, "{answer}");
+        assert!(answer.contains("ETag"), "{answer}");
+    }
+    assert_eq!(m1.instance("c1").await["config"], before);
+    let (code, answer) = curl(
+        m2,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            &format!("If-Match: {tag}"),
+            "-d",
+            put,
+            "http://f/1.0/instances/c1",
+        ],
+    );
+    assert_eq!(code, 202, "{answer}");
+    let cfg = m1.instance("c1").await["config"].clone();
+    assert_eq!(cfg["limits.memory"], "64MiB", "{cfg}");
+    assert!(
+        cfg.get("user.note").is_none(),
+        "PUT replaces the config: {cfg}"
+    );
+    assert_eq!(memory_limit(), 64 << 20);
+
+    // unset lifts the limit on the running container.
+    incus_ok(m2, conf, &["config", "unset", "c1", "limits.memory"]);
+    assert!(m1.instance("c1").await["config"]
+        .get("limits.memory")
+        .is_none());
+    assert!(
+        memory_limit() > 1 << 40,
+        "limits.memory unset but still applied"
+    );
+
+    // config edit: the YAML of `config show`, changed, on stdin.
+    let yaml = incus_ok(m1, conf, &["config", "show", "c1"])
+        .replace("config:\n", "config:\n  limits.memory: 96MiB\n");
+    let mut edit = Command::new("incus")
+        .args(["config", "edit", "c1"])
+        .env("INCUS_SOCKET", m2.dir.join("unix.socket"))
+        .env("INCUS_CONF", conf)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    edit.stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    assert!(
+        edit.wait().unwrap().success(),
+        "incus config edit failed:\n{yaml}"
+    );
+    assert_eq!(m1.instance("c1").await["config"]["limits.memory"], "96MiB");
+    assert_eq!(memory_limit(), 96 << 20);
+    assert_eq!(m1.instance("c1").await["status"], "Running");
     let ops = m1.client.operations().await.unwrap();
     assert!(ops.iter().all(|o| o.status_code >= 200), "{ops:?}");
 }

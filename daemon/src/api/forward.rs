@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::{to_bytes, Body, Bytes};
 use axum::extract::{Request, State as St};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -173,7 +173,7 @@ async fn forward_operation(
         if m.name == d.member {
             continue;
         }
-        if let Ok(r) = send(d, &m.address, method.clone(), &pq, body.clone()).await {
+        if let Ok(r) = send(d, &m.address, method.clone(), &pq, body.clone(), None).await {
             if r.status() != StatusCode::NOT_FOUND {
                 return Some(r);
             }
@@ -184,6 +184,12 @@ async fn forward_operation(
 
 async fn proxy(d: &Arc<Daemon>, addr: &str, req: Request, pq: &str) -> Response {
     let method = req.method().clone();
+    // An instance's PUT carries `If-Match` (its ETag from a GET).
+    let if_match = req
+        .headers()
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = match to_bytes(req.into_body(), MAX_BODY).await {
         Ok(b) => b,
         Err(e) => {
@@ -193,7 +199,9 @@ async fn proxy(d: &Arc<Daemon>, addr: &str, req: Request, pq: &str) -> Response 
             )
         }
     };
-    send(d, addr, method, pq, body).await.unwrap_or_else(|e| e)
+    send(d, addr, method, pq, body, if_match.as_deref())
+        .await
+        .unwrap_or_else(|e| e)
 }
 
 async fn send(
@@ -202,13 +210,17 @@ async fn send(
     method: Method,
     pq: &str,
     body: Bytes,
+    if_match: Option<&str>,
 ) -> Result<Response, Response> {
     let cluster = d.cluster().expect("clustered");
-    let peers = cluster
+    let mut peers = cluster
         .peers
         .clone()
         .with_timeout(std::time::Duration::from_secs(120))
         .with_header(FORWARDED, "1");
+    if let Some(tag) = if_match {
+        peers = peers.with_header("if-match", tag);
+    }
     match peers.send(addr, method, pq, body).await {
         Ok(r) => {
             super::relay::mirror_operation(d, addr, r.status, &r.body);
@@ -217,6 +229,9 @@ async fn send(
             let ct = r.content_type.unwrap_or_else(|| "application/json".into());
             if let Ok(v) = HeaderValue::from_str(&ct) {
                 resp.headers_mut().insert("content-type", v);
+            }
+            if let Some(v) = r.etag.and_then(|t| HeaderValue::from_str(&t).ok()) {
+                resp.headers_mut().insert(header::ETAG, v);
             }
             Ok(resp)
         }

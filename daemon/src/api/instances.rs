@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State as St};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 
 use super::{async_op, parse_body, raw, sync, State};
@@ -51,7 +52,31 @@ pub async fn get_one(
     Query(q): Q,
 ) -> Result<Response, ActionError> {
     let rec = d.record(&name)?;
-    Ok(sync(d.instance_json(&rec, recursion(&q) >= 1).await))
+    let mut r = sync(d.instance_json(&rec, recursion(&q) >= 1).await);
+    let tag = format!("\"{}\"", crate::instance_put::etag(&rec));
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(r)
+}
+
+/// `PUT /1.0/instances/<name>`: replace the writable fields (`incus config
+/// set`, `unset`, `edit`), honouring `If-Match`; see crate::instance_put.
+pub async fn put(
+    St(d): State,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ActionError> {
+    let req = parse_body(&body)?;
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ActionError::BadRequest("If-Match: not a valid header value".into()))
+        })
+        .transpose()?;
+    Ok(async_op(&d.put_instance(&name, req, if_match).await?))
 }
 
 pub async fn delete(St(d): State, Path(name): Path<String>) -> Result<Response, ActionError> {

@@ -39,6 +39,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(instances::get_one)
                 .delete(instances::delete)
                 .patch(instances::patch)
+                .put(instances::put)
                 .post(instances::post),
         )
         .route(
@@ -174,6 +175,7 @@ impl IntoResponse for ActionError {
             ActionError::Conflict(_) => StatusCode::CONFLICT,
             ActionError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ActionError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ActionError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ActionError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         error(code, self.to_string())

@@ -41,6 +41,8 @@ pub enum PeerError {
 pub struct PeerResponse {
     pub status: StatusCode,
     pub content_type: Option<String>,
+    /// The `ETag` header (an instance's, for `If-Match` on a later PUT).
+    pub etag: Option<String>,
     pub body: Bytes,
 }
 
@@ -122,11 +124,13 @@ impl PeerClient {
             .await
             .map_err(|e| conn_err(e.to_string()))?;
         let status = resp.status();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (content_type, etag) = (header("content-type"), header("etag"));
         let body = resp
             .into_body()
             .collect()
@@ -143,6 +147,7 @@ impl PeerClient {
         Ok(PeerResponse {
             status,
             content_type,
+            etag,
             body,
         })
     }
