@@ -70,20 +70,27 @@ fn json_location(m: &Member, conf: &Path) -> (String, String) {
     )
 }
 
-#[tokio::test]
-async fn stock_incus_client_drives_ferryd() {
-    if !need_root("stock_incus_client_drives_ferryd") {
-        return;
-    }
+/// A client config dir and a cluster of member1 and member2, with the
+/// busybox container c1 running on member1.
+fn two_members_with_c1() -> (tempfile::TempDir, Vec<Member>) {
     let conf = tempfile::tempdir().unwrap();
-    let conf = conf.path();
     let ms: Vec<Member> = ["member1", "member2"]
         .iter()
         .map(|n| Member::start(n))
         .collect();
     form_cluster(&ms);
+    ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "member1"]);
+    (conf, ms)
+}
+
+#[tokio::test]
+async fn stock_incus_client_drives_ferryd() {
+    if !need_root("stock_incus_client_drives_ferryd") {
+        return;
+    }
+    let (conf, ms) = two_members_with_c1();
+    let conf = conf.path();
     let (m1, m2) = (&ms[0], &ms[1]);
-    m1.ferry_ok(&["launch", "busybox", "c1", "--target", "member1"]);
 
     // list / info / cluster list
     let table = incus_ok(m1, conf, &["list"]);
@@ -285,15 +292,9 @@ async fn stock_incus_config_set_get_show_unset() {
     if !need_root("stock_incus_config_set_get_show_unset") {
         return;
     }
-    let conf = tempfile::tempdir().unwrap();
+    let (conf, ms) = two_members_with_c1();
     let conf = conf.path();
-    let ms: Vec<Member> = ["member1", "member2"]
-        .iter()
-        .map(|n| Member::start(n))
-        .collect();
-    form_cluster(&ms);
     let (m1, m2) = (&ms[0], &ms[1]);
-    m1.ferry_ok(&["launch", "busybox", "c1", "--target", "member1"]);
     let cgroup = std::path::PathBuf::from(
         m1.instance("c1").await["config"]["volatile.cgroup"]
             .as_str()
