@@ -229,6 +229,22 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// `config get`'s KEY is not the global `--key` (a client key file).
+    #[test]
+    fn parses_config_get() {
+        let cli = Cli::try_parse_from(["ferry", "config", "get", "c1", "limits.memory"]).unwrap();
+        match cli.command {
+            Command::Config(ConfigCommand::Get {
+                instance,
+                config_key,
+            }) => assert_eq!(
+                (instance.as_str(), config_key.as_str()),
+                ("c1", "limits.memory")
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn parses_launch() {
         let cli = Cli::try_parse_from([
@@ -357,6 +373,12 @@ pub enum ConfigCommand {
         instance: String,
         #[arg(required = true, value_name = "KEY")]
         keys: Vec<String>,
+    },
+    /// Print one config key of an instance (an empty line when it is unset)
+    Get {
+        instance: String,
+        #[arg(value_name = "KEY")]
+        config_key: String,
     },
     /// Show an instance's config (volatile keys included)
     Show { instance: String },

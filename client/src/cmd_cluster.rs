@@ -126,7 +126,7 @@ fn parse_bytes(s: &str) -> Option<u64> {
     n.checked_mul(mul).filter(|v| *v > 0)
 }
 
-/// `ferry config set|unset|show INSTANCE …` (PATCH /1.0/instances/NAME;
+/// `ferry config set|unset|get|show INSTANCE …` (PATCH /1.0/instances/NAME;
 /// an empty value unsets a key) and `ferry config trust add|list|remove`.
 pub async fn config(ctx: &Ctx, cmd: &ConfigCommand) -> Result<i32> {
     let t = match cmd {
@@ -140,6 +140,22 @@ pub async fn config(ctx: &Ctx, cmd: &ConfigCommand) -> Result<i32> {
         ConfigCommand::Unset { instance, keys } => {
             let config = keys.iter().map(|k| (k.clone(), json!(""))).collect();
             patch_config(ctx, instance, config).await?;
+            return Ok(0);
+        }
+        ConfigCommand::Get {
+            instance,
+            config_key,
+        } => {
+            let env = ctx
+                .client
+                .get(&format!("/1.0/instances/{instance}"))
+                .await?;
+            let value = &env.metadata["config"][config_key.as_str()];
+            if ctx.json() {
+                ctx.print_json(value);
+            } else {
+                println!("{}", value.as_str().unwrap_or_default());
+            }
             return Ok(0);
         }
         ConfigCommand::Show { instance } => {

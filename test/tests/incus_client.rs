@@ -334,6 +334,12 @@ async fn stock_incus_config_set_get_show_unset() {
         incus_ok(m2, conf, &["config", "get", "c1", "limits.memory"]).trim(),
         "128MiB"
     );
+    assert_eq!(
+        m2.ferry_ok(&["config", "get", "c1", "limits.memory"])
+            .trim(),
+        "128MiB"
+    );
+    assert_eq!(m2.ferry_ok(&["config", "get", "c1", "limits.cpu"]), "\n");
     let shown = incus_ok(m1, conf, &["config", "show", "c1"]);
     assert!(
         shown.contains("limits.memory: 128MiB") && shown.contains("user.note: hi"),
