@@ -894,9 +894,15 @@ impl<'a> OutgoingWatch<'a> {
         });
         if failure.is_none() && info.status == "pre-switchover" {
             self.ctx.progress("stage", "completing the disk mirror");
-            match mirror::complete_for_switchover(qmp).await {
-                Ok(took) => {
-                    self.mirror_done = Some(took);
+            let mut seen = Vec::new();
+            let done = mirror::complete_for_switchover(qmp, &mut seen).await;
+            if let Ok(took) = &done {
+                // Before the events: the job's own end is no failure now.
+                self.mirror_done = Some(*took);
+            }
+            self.note_events(seen);
+            match done {
+                Ok(_) => {
                     let cont = serde_json::json!({"state": "pre-switchover"});
                     if let Err(e) = qmp.execute_raw("migrate-continue", cont).await {
                         failure = Some(e);

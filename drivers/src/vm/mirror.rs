@@ -261,8 +261,14 @@ pub(super) async fn check_ready(qmp: &mut Qmp) -> Result<(), DriverError> {
 
 /// At `pre-switchover` (guest paused): let the READY mirror drain and end
 /// without pivoting (soft `block-job-cancel`), then dismiss it. Returns how
-/// long it took (part of the downtime).
-pub(super) async fn complete_for_switchover(qmp: &mut Qmp) -> Result<Duration, DriverError> {
+/// long it took (part of the downtime). It wakes on QEMU's events (the job
+/// announces each state it goes through) rather than sleeping between
+/// queries; every event it takes is pushed to `seen` for the caller (the
+/// source's STOP among them).
+pub(super) async fn complete_for_switchover(
+    qmp: &mut Qmp,
+    seen: &mut Vec<QmpEvent>,
+) -> Result<Duration, DriverError> {
     let t = Instant::now();
     check_ready(qmp).await?;
     qmp.execute_raw(
@@ -289,11 +295,43 @@ pub(super) async fn complete_for_switchover(qmp: &mut Qmp) -> Result<Duration, D
                     "the disk mirror did not finish within {SWITCHOVER_TIMEOUT:?} at switchover"
                 )))
             }
-            Some(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            Some(_) => wait_job_step(qmp, seen).await,
         }
     }
     tracing::debug!("disk mirror completed at switchover in {:?}", t.elapsed());
     Ok(t.elapsed())
+}
+
+/// Waits for the mirror job's next step towards its end (QEMU's
+/// `JOB_STATUS_CHANGE` to waiting, pending, concluded, aborting or null, or
+/// a `BLOCK_JOB_*` event), at most [`STEP_FALLBACK`]. Other events (the
+/// source's STOP, `MIGRATION`, the job's earlier states still queued) go to
+/// `seen` without waking the caller: each wake-up costs a QMP query.
+async fn wait_job_step(qmp: &mut Qmp, seen: &mut Vec<QmpEvent>) {
+    let deadline = Instant::now() + STEP_FALLBACK;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Some(ev) = qmp.next_event(left).await else {
+            return;
+        };
+        let step = is_ours(&ev) && ending_step(&ev);
+        seen.push(ev);
+        if step {
+            return;
+        }
+    }
+}
+
+/// The longest wait for a mirror job's event before querying it again.
+const STEP_FALLBACK: Duration = Duration::from_millis(5);
+
+fn ending_step(ev: &QmpEvent) -> bool {
+    match ev.name.as_str() {
+        "JOB_STATUS_CHANGE" => matches!(
+            ev.data.get("status").and_then(Value::as_str),
+            Some("waiting" | "pending" | "concluded" | "aborting" | "null")
+        ),
+        name => name.starts_with("BLOCK_JOB_"),
+    }
 }
 
 /// Remove the mirror from the source QEMU: force-cancel and dismiss the job
@@ -664,6 +702,28 @@ mod tests {
         .contains("Input/output"));
         assert!(event_failure(&ev("BLOCK_JOB_READY", json!({"device": "ferry-mirror"}))).is_none());
         assert!(event_failure(&ev("BLOCK_JOB_COMPLETED", json!({"device": "other"}))).is_none());
+        // What wakes the wait at switchover: the job's steps towards its end.
+        let status = |s: &str| {
+            ev(
+                "JOB_STATUS_CHANGE",
+                json!({"id": "ferry-mirror", "status": s}),
+            )
+        };
+        for s in ["waiting", "pending", "concluded", "aborting", "null"] {
+            assert!(ending_step(&status(s)), "{s}");
+        }
+        for s in ["ready", "standby", "running"] {
+            assert!(!ending_step(&status(s)), "{s}");
+        }
+        assert!(ending_step(&ev(
+            "BLOCK_JOB_COMPLETED",
+            json!({"device": "ferry-mirror"})
+        )));
+        assert!(!ending_step(&ev("STOP", Value::Null)));
+        assert!(!ending_step(&ev(
+            "MIGRATION",
+            json!({"status": "pre-switchover"})
+        )));
     }
 
     #[test]
