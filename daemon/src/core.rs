@@ -250,15 +250,17 @@ impl Daemon {
         } else {
             ("Stopped", 102)
         };
-        let config = crate::instance_put::shown_config(rec);
-        let devices = json!({"root": {"type": "disk", "path": "/", "pool": rec.storage_pool}});
-        let mut v = json!({
+        let mut fields = crate::instance_put::writable(rec);
+        let expanded = json!({
             "name": rec.name, "type": rec.kind, "status": status, "status_code": code,
-            "location": rec.member, "description": rec.description, "architecture": std::env::consts::ARCH,
-            "created_at": rec.created_at, "last_used_at": rec.last_used_at,
-            "ephemeral": false, "stateful": stateful, "profiles": [], "project": "default",
-            "config": config.clone(), "expanded_config": config, "devices": {}, "expanded_devices": devices,
+            "location": rec.member, "created_at": rec.created_at, "last_used_at": rec.last_used_at,
+            "stateful": stateful, "project": "default", "expanded_config": fields["config"],
+            "expanded_devices": {"root": {"type": "disk", "path": "/", "pool": rec.storage_pool}},
         });
+        if let Value::Object(more) = expanded {
+            fields.extend(more);
+        }
+        let mut v = Value::Object(fields);
         if full {
             v["state"] = state_json(&rt);
             v["snapshots"] = json!([]);

@@ -38,7 +38,7 @@ pub struct InstancePut {
 }
 
 /// The `config` map clients see: the user keys, the image and the volatile keys.
-pub fn shown_config(rec: &InstanceRecord) -> Map<String, Value> {
+fn shown_config(rec: &InstanceRecord) -> Map<String, Value> {
     let mut config: Map<String, Value> = rec
         .config
         .iter()
@@ -51,18 +51,27 @@ pub fn shown_config(rec: &InstanceRecord) -> Map<String, Value> {
     config
 }
 
-/// The instance's ETag: a hash of the writable fields as GET shows them, so
-/// any change (a config write, a move's new volatile keys) changes it.
+/// The writable fields as GET shows them (Incus's `InstancePut`): what a
+/// client PUTs back, and what the ETag is a hash of.
+pub fn writable(rec: &InstanceRecord) -> Map<String, Value> {
+    let v = json!({
+        "architecture": std::env::consts::ARCH,
+        "config": shown_config(rec),
+        "devices": {},
+        "ephemeral": false,
+        "profiles": [],
+        "description": rec.description,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("a JSON object literal"),
+    }
+}
+
+/// The instance's ETag: a hash of [`writable`], so any change (a config
+/// write, a move's new volatile keys) changes it.
 pub fn etag(rec: &InstanceRecord) -> String {
-    let view = json!([
-        std::env::consts::ARCH,
-        shown_config(rec),
-        {},
-        false,
-        [],
-        rec.description,
-    ]);
-    let digest = Sha256::digest(view.to_string().as_bytes());
+    let digest = Sha256::digest(Value::Object(writable(rec)).to_string().as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
