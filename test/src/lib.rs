@@ -35,7 +35,14 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-/// True when running as root (the e2e tests need it); prints why a test is skipped.
+/// Start members with these names and form a cluster of them (see
+/// [`form_cluster`]).
+pub fn start_cluster(names: &[&str]) -> Vec<Member> {
+    let ms: Vec<Member> = names.iter().map(|n| Member::start(n)).collect();
+    form_cluster(&ms);
+    ms
+}
+
 /// Form a cluster of the given members: the first enables clustering, the
 /// others join with tokens; waits until all are online voters.
 pub fn form_cluster(ms: &[Member]) {
@@ -82,6 +89,7 @@ pub fn leader_name(m: &Member) -> Option<String> {
         .and_then(|x| x["server_name"].as_str().map(str::to_string))
 }
 
+/// True when running as root (the e2e tests need it); prints why a test is skipped.
 pub fn need_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;

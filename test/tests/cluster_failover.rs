@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use ferry_client::Method;
 use ferry_test::{
-    cluster_members, form_cluster, leader_name, need_root, raw_unix, wait_for, Member,
+    cluster_members, form_cluster, leader_name, need_root, raw_unix, start_cluster, wait_for,
+    Member,
 };
 use serde_json::json;
 
@@ -140,8 +141,7 @@ async fn garbage_on_the_cluster_port_and_malformed_raft_messages_are_refused() {
     if !need_root("garbage_on_the_cluster_port_and_malformed_raft_messages_are_refused") {
         return;
     }
-    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for junk in [
         &b"\x16\x03\x01\x00\x05hello"[..],

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ferry_test::{form_cluster, location, need_root, wait_for, Member};
+use ferry_test::{location, need_root, start_cluster, wait_for, Member};
 use serde_json::Value;
 
 /// `incus ARGS` against `m`'s unix socket, with a throw-away client config.
@@ -74,11 +74,7 @@ fn json_location(m: &Member, conf: &Path) -> (String, String) {
 /// busybox container c1 running on member1.
 fn two_members_with_c1() -> (tempfile::TempDir, Vec<Member>) {
     let conf = tempfile::tempdir().unwrap();
-    let ms: Vec<Member> = ["member1", "member2"]
-        .iter()
-        .map(|n| Member::start(n))
-        .collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["member1", "member2"]);
     ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "member1"]);
     (conf, ms)
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_test::{form_cluster, location, need_root, pid_alive, wait_for, Member};
+use ferry_test::{location, need_root, pid_alive, start_cluster, wait_for, Member};
 use serde_json::Value;
 
 #[tokio::test]
@@ -12,8 +12,7 @@ async fn live_container_move_keeps_the_counter_and_moves_the_record_once() {
     if !need_root("live_container_move_keeps_the_counter_and_moves_the_record_once") {
         return;
     }
-    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
     let src_pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
     std::thread::sleep(Duration::from_millis(800));
@@ -255,8 +254,7 @@ async fn cancelled_or_broken_move_leaves_the_container_on_the_source() {
     if !need_root("cancelled_or_broken_move_leaves_the_container_on_the_source") {
         return;
     }
-    let mut ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let mut ms = start_cluster(&["m1", "m2"]);
     ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
     // Make the first pass take a while: 300 MB that zstd cannot shrink.
     ms[0].ferry_ok(&[
@@ -391,8 +389,7 @@ async fn live_vm_move_keeps_the_guest_running() {
         return;
     }
     use ferry_drivers::vm::VmDriver;
-    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     ms[0].launch_on("testvm", "v1", "m1", &["limits.memory=256MiB"]);
     let console = |m: &Member| -> Option<u64> {
         let out = m.ferry_ok(&["console", "--show-log", "v1"]);
@@ -571,8 +568,7 @@ async fn container_cpu_limit_holds_before_and_after_a_live_move() {
     if !need_root("container_cpu_limit_holds_before_and_after_a_live_move") {
         return;
     }
-    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     ms[0].launch_on("busybox", "c1", "m1", &["limits.cpu=0.1"]);
     // Bad values are refused with the key named, and change nothing.
     let out = ms[0].ferry(&["config", "set", "c1", "limits.cpu=-1"]);

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_drivers::vm::VmDriver;
-use ferry_test::{form_cluster, location, need_root, wait_for, Member};
+use ferry_test::{form_cluster, location, need_root, start_cluster, wait_for, Member};
 use serde_json::{json, Value};
 
 /// Start a move through the API; returns the client and operation id.
@@ -478,8 +478,7 @@ async fn vm_move_failures_during_precopy_leave_it_running_on_the_source() {
     if !need_root("vm_move_failures_during_precopy_leave_it_running_on_the_source") {
         return;
     }
-    let mut ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let mut ms = start_cluster(&["m1", "m2"]);
     let pid = vm_on_m1(&ms, "256MiB").await;
     // 8 MiB/s: pre-copy of 256 MiB takes half a minute, time to break it.
     let slow = json!({"migration": true, "live": true, "bandwidth": 8u64 << 20});
@@ -544,8 +543,7 @@ async fn vm_postcopy_link_cut_reports_the_vm_lost() {
     if !need_root("vm_postcopy_link_cut_reports_the_vm_lost") {
         return;
     }
-    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     vm_on_m1(&ms, "256MiB").await;
     let body = json!({"migration": true, "live": true, "postcopy": true, "bandwidth": 4u64 << 20});
     let (c, id) = start_move(&ms[0], "v1", "m2", body).await;
@@ -590,8 +588,7 @@ async fn vm_handed_over_waits_for_the_database_and_runs_once() {
     if !need_root("vm_handed_over_waits_for_the_database_and_runs_once") {
         return;
     }
-    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     let src_pid = vm_on_m1(&ms, "256MiB").await;
     let body = json!({"migration": true, "live": true, "bandwidth": 32u64 << 20});
     let (c, id) = start_move(&ms[0], "v1", "m2", body).await;

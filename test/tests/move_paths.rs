@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_drivers::vm::VmDriver;
-use ferry_test::{form_cluster, location, need_root, pid_alive, wait_for, Member};
+use ferry_test::{form_cluster, location, need_root, pid_alive, start_cluster, wait_for, Member};
 use serde_json::{json, Value};
 
 fn move_json(m: &Member, name: &str, target: &str) -> Value {
@@ -280,8 +280,7 @@ async fn postcopy_container_move_resumes_first_and_pulls_memory() {
     if !need_root("postcopy_container_move_resumes_first_and_pulls_memory") {
         return;
     }
-    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
     let src_pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
     std::thread::sleep(Duration::from_millis(800));

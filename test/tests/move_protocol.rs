@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_test::{form_cluster, need_root, Member};
+use ferry_test::{need_root, start_cluster, Member};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message as WsMsg;
@@ -115,8 +115,7 @@ async fn a_misbehaving_source_gets_a_clear_failure_and_no_side_effect() {
     if !need_root("a_misbehaving_source_gets_a_clear_failure_and_no_side_effect") {
         return;
     }
-    let ms: Vec<Member> = ["m1", "m2"].iter().map(|n| Member::start(n)).collect();
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     // Serve as m1: the cluster certificate, members only.
     let cert = ferry_cluster::ClusterCert::load(&ms[0].dir)
         .unwrap()
