@@ -310,8 +310,7 @@ async fn container_link_cut_while_the_pages_cross_leaves_it_on_the_source() {
     if !need_root("container_link_cut_while_the_pages_cross_leaves_it_on_the_source") {
         return;
     }
-    let ms = vec![Member::start("m1"), Member::start("m2")];
-    form_cluster(&ms);
+    let ms = start_cluster(&["m1", "m2"]);
     ms[0].ferry_ok(&["launch", "busybox", "c1", "--target", "m1"]);
     let pid = ms[0].instance("c1").await["state"]["pid"].as_i64().unwrap();
     ms[0].ferry_ok(&[
