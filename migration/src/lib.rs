@@ -32,7 +32,8 @@ pub use negotiate::{
 pub use protocol::{
     agree_version, Compression, FsTransfer, Hello, InstanceType, Message, MoveOptions, Offer,
     Progress, ProtocolError, QemuFeature, Response, Role, SourceState, Stage, StateTransfer,
-    TargetState, VersionError, VersionRange, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    TargetState, VersionError, VersionRange, MIN_PROTOCOL_VERSION, MULTIFD_CHANNELS,
+    PROTOCOL_VERSION,
 };
 pub use relay::{relay, Relay, RelayError, RelayStats};
 pub use session::{source_handshake, target_handshake, LocalEnd, Session, SessionError};

@@ -584,6 +584,13 @@ fn choose_live(offer: &Offer, caps: &Capabilities, reasons: &mut Vec<String>) ->
                     wire_list(&dropped)
                 ));
             }
+            let excludes = [QemuFeature::Postcopy, QemuFeature::Xbzrle];
+            if features.contains(&QemuFeature::Multifd)
+                && excludes.iter().any(|f| features.contains(f))
+            {
+                features.retain(|f| *f != QemuFeature::Multifd);
+                reasons.push("multifd is not used with post-copy or XBZRLE".into());
+            }
             if postcopy && !features.contains(&QemuFeature::Postcopy) {
                 reasons.push(
                     "post-copy was requested but is not shared with the target; using pre-copy"

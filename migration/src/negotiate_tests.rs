@@ -525,3 +525,53 @@ fn acknowledged_frames_when_both_sides_have_them_else_plain_frames() {
     let v1 = offer.for_version(1);
     assert_eq!(v1.state_compression, vec![C::None]);
 }
+
+#[test]
+fn multifd_only_when_both_offer_it_and_never_with_postcopy_or_xbzrle() {
+    let offer_with = |features: Vec<Q>| {
+        let mut o = vm_offer();
+        o.state = vec![S::VmQemuLive { features }];
+        o
+    };
+    let target =
+        |features: Vec<Q>| caps(vec![archive(&[C::Zstd])], vec![S::VmQemuLive { features }]);
+    let live = |features: Vec<Q>| StatePlan::VmQemuLive { features };
+    // Both sides: multifd.
+    let plan = negotiate(
+        &offer_with(vec![Q::AutoConverge, Q::Multifd]),
+        &target(vec![Q::AutoConverge, Q::Multifd]),
+    )
+    .unwrap();
+    assert_eq!(plan.state, live(vec![Q::AutoConverge, Q::Multifd]));
+    assert!(plan.to_string().contains("multifd"), "{plan}");
+    // A target that does not know it (an older ferry, or QEMU before 8.0).
+    let plan = negotiate(
+        &offer_with(vec![Q::AutoConverge, Q::Multifd]),
+        &target(vec![Q::AutoConverge, Q::Postcopy, Q::Xbzrle]),
+    )
+    .unwrap();
+    assert_eq!(plan.state, live(vec![Q::AutoConverge]));
+    assert!(
+        plan.reasons
+            .iter()
+            .any(|r| r.contains("not shared with the target: multifd")),
+        "{:?}",
+        plan.reasons
+    );
+    // Never together with post-copy or XBZRLE, whatever was offered.
+    let everything = vec![Q::AutoConverge, Q::Postcopy, Q::Xbzrle, Q::Multifd];
+    let mut offer = offer_with(everything.clone());
+    offer.options.postcopy = true;
+    let plan = negotiate(&offer, &target(everything.clone())).unwrap();
+    assert_eq!(
+        plan.state,
+        live(vec![Q::AutoConverge, Q::Postcopy, Q::Xbzrle])
+    );
+    assert!(
+        plan.reasons
+            .iter()
+            .any(|r| r.contains("multifd is not used with post-copy")),
+        "{:?}",
+        plan.reasons
+    );
+}

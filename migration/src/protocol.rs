@@ -322,9 +322,17 @@ pub enum QemuFeature {
     Xbzrle,
     Postcopy,
     PauseBeforeSwitchover,
+    /// QEMU's multifd: RAM pages over [`MULTIFD_CHANNELS`] more state
+    /// channels besides the main one, each relayed over its own websocket.
+    /// Not with post-copy or XBZRLE.
+    Multifd,
     #[serde(other)]
     Unknown,
 }
+
+/// How many multifd channels a plan with [`QemuFeature::Multifd`] uses (the
+/// source offers as many extra state channel secrets).
+pub const MULTIFD_CHANNELS: usize = 2;
 
 /// Per-move knobs the source asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -442,6 +442,13 @@ async fn live_vm_move_keeps_the_guest_running() {
         meta["qemu_params"]["xbzrle"], false,
         "unlimited link: {meta}"
     );
+    // QEMU's multifd where both members' QEMU can (8.0 and later): RAM over
+    // a main and two more connections, each relayed over its own websocket.
+    if VmDriver::multifd_support().await {
+        assert_eq!(meta["qemu_params"]["multifd_channels"], 2, "{meta}");
+        let features = meta["plan"]["state"]["features"].as_array().unwrap();
+        assert!(features.iter().any(|f| f == "multifd"), "{meta}");
+    }
     // Switch-over policy: QEMU starts with the 10 ms downtime target and is
     // raised to the 300 ms maximum only if the guest does not settle.
     assert_eq!(meta["qemu_params"]["downtime_target_ms"], 10, "{meta}");

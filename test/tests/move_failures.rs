@@ -386,18 +386,17 @@ async fn member_request(from: &Member, to: &Member, req: &str) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-/// Launch a VM on m1 and wait for its guest to count.
-async fn vm_on_m1(ms: &[Member], memory: &str) -> i64 {
-    ms[0].ferry_ok(&[
-        "launch",
-        "testvm",
-        "v1",
-        "--vm",
-        "--target",
-        "m1",
-        "-c",
-        &format!("limits.memory={memory}"),
-    ]);
+/// Launch a VM on m1 (with more config keys, if any) and wait for its
+/// guest to count.
+async fn vm_on_m1(ms: &[Member], memory: &str, more: &[&str]) -> i64 {
+    let memory = format!("limits.memory={memory}");
+    let mut args = vec![
+        "launch", "testvm", "v1", "--vm", "--target", "m1", "-c", &memory,
+    ];
+    for kv in more {
+        args.extend(["-c", kv]);
+    }
+    ms[0].ferry_ok(&args);
     let spec = ms[0].spec("v1", true);
     for _ in 0..300 {
         if VmDriver::default().read_counter(&spec).await.unwrap_or(0) > 0 {
@@ -477,8 +476,41 @@ async fn vm_move_failures_during_precopy_leave_it_running_on_the_source() {
     if !need_root("vm_move_failures_during_precopy_leave_it_running_on_the_source") {
         return;
     }
-    let mut ms = start_cluster(&["m1", "m2"]);
-    let pid = vm_on_m1(&ms, "256MiB").await;
+    precopy_failures(false).await;
+}
+
+/// The same over QEMU's multifd (three relayed connections, each its own
+/// state websocket): the source member offers it even with the bandwidth
+/// cap that slows the move down enough to break it.
+#[tokio::test]
+async fn vm_multifd_move_failures_during_precopy_leave_it_running_on_the_source() {
+    if !need_root("vm_multifd_move_failures_during_precopy_leave_it_running_on_the_source") {
+        return;
+    }
+    if !VmDriver::multifd_support().await {
+        eprintln!("SKIP: this member's QEMU is older than 8.0 (no multifd)");
+        return;
+    }
+    precopy_failures(true).await;
+}
+
+async fn precopy_failures(multifd: bool) {
+    let mut ms = vec![
+        Member::start_with_env(
+            "m1",
+            &[("FERRY_MULTIFD", if multifd { "always" } else { "0" })],
+        ),
+        Member::start("m2"),
+    ];
+    form_cluster(&ms);
+    // Multifd sends the guest's zero pages as bare indexes, so it would
+    // finish a quiet 256 MiB guest at once: a 128 MiB hot set keeps it busy.
+    let hot: &[&str] = if multifd {
+        &["testvm.dirty_mib=128"]
+    } else {
+        &[]
+    };
+    let pid = vm_on_m1(&ms, "256MiB", hot).await;
     // 8 MiB/s: pre-copy of 256 MiB takes half a minute, time to break it.
     let slow = json!({"migration": true, "live": true, "bandwidth": 8u64 << 20});
 
@@ -486,6 +518,12 @@ async fn vm_move_failures_during_precopy_leave_it_running_on_the_source() {
     let (c, id) = start_move(&ms[0], "v1", "m2", slow.clone()).await;
     let meta = wait_phase(&c, &id, "memory").await;
     eprintln!("pre-copy: {meta}");
+    let features = meta["plan"]["state"]["features"].as_array().cloned();
+    assert_eq!(
+        features.unwrap_or_default().iter().any(|f| f == "multifd"),
+        multifd,
+        "{meta}"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let op = c.operation(&id).await.unwrap();
     assert!(
@@ -543,7 +581,7 @@ async fn vm_postcopy_link_cut_reports_the_vm_lost() {
         return;
     }
     let ms = start_cluster(&["m1", "m2"]);
-    vm_on_m1(&ms, "256MiB").await;
+    vm_on_m1(&ms, "256MiB", &[]).await;
     let body = json!({"migration": true, "live": true, "postcopy": true, "bandwidth": 4u64 << 20});
     let (c, id) = start_move(&ms[0], "v1", "m2", body).await;
     let mut in_postcopy = false;
@@ -588,7 +626,7 @@ async fn vm_handed_over_waits_for_the_database_and_runs_once() {
         return;
     }
     let ms = start_cluster(&["m1", "m2"]);
-    let src_pid = vm_on_m1(&ms, "256MiB").await;
+    let src_pid = vm_on_m1(&ms, "256MiB", &[]).await;
     let body = json!({"migration": true, "live": true, "bandwidth": 32u64 << 20});
     let (c, id) = start_move(&ms[0], "v1", "m2", body).await;
     wait_phase(&c, &id, "memory").await;

@@ -136,6 +136,15 @@ async fn live_vm_moves_between_qemu_7_2_and_10_0_members() {
         let before = vm.read_counter(&src.spec("v1", true)).await.unwrap();
         let meta = move_json(src, "v1", &dst.name);
         assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
+        // QEMU 7.2 cannot take multifd channels in any order: one stream.
+        assert_eq!(meta["qemu_params"]["multifd_channels"], 0, "{meta}");
+        if to == 0 {
+            let why = meta["why"].as_str().unwrap_or_default();
+            assert!(
+                why.contains("not shared with the target: multifd"),
+                "{meta}"
+            );
+        }
         let pid = dst.instance("v1").await["state"]["pid"].as_i64().unwrap();
         assert!(
             qemu_of(pid).starts_with(binary),

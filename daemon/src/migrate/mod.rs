@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 pub mod container;
+mod multifd;
 mod predump;
 pub mod progress;
 pub mod source;
@@ -37,6 +38,10 @@ pub struct Secrets {
     pub control: String,
     pub state: String,
     pub fs: String,
+    /// More state channels, for QEMU's multifd (a target that does not
+    /// know them ignores them, and the plan then leaves multifd out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state_extra: Vec<String>,
 }
 
 /// A random 256-bit websocket secret (64 hex digits).
@@ -47,12 +52,14 @@ pub fn new_secret() -> String {
 }
 
 impl Secrets {
-    pub fn new() -> Secrets {
+    /// The three channels' secrets and `extra` more state channels'.
+    pub fn new(extra: usize) -> Secrets {
         let s = new_secret;
         Secrets {
             control: s(),
             state: s(),
             fs: s(),
+            state_extra: (0..extra).map(|_| s()).collect(),
         }
     }
 }
@@ -456,13 +463,26 @@ fn ct_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// What [`Pending::expect`] returns: control, state and fs, then the extra
+/// state channels.
+pub type ChannelReceivers = (
+    [oneshot::Receiver<WsPipe>; 3],
+    Vec<oneshot::Receiver<WsPipe>>,
+);
+
 impl Pending<WsPipe> {
-    /// Expect three channels for `op`; returns their receivers in order.
-    pub fn expect(&self, op: &str, secrets: &Secrets) -> [oneshot::Receiver<WsPipe>; 3] {
-        let mut rx = self
-            .expect_all(op, &[&secrets.control, &secrets.state, &secrets.fs])
-            .into_iter();
-        [(); 3].map(|_| rx.next().expect("three receivers"))
+    /// Expect the channels for `op`; returns the receivers of the three
+    /// in order, then those of the extra state channels.
+    pub fn expect(&self, op: &str, secrets: &Secrets) -> ChannelReceivers {
+        let mut all = vec![
+            secrets.control.as_str(),
+            secrets.state.as_str(),
+            secrets.fs.as_str(),
+        ];
+        all.extend(secrets.state_extra.iter().map(String::as_str));
+        let mut rx = self.expect_all(op, &all).into_iter();
+        let three = [(); 3].map(|_| rx.next().expect("three receivers"));
+        (three, rx.collect())
     }
 }
 
@@ -516,9 +536,12 @@ mod tests {
     #[test]
     fn secrets_are_single_use_and_exact() {
         let p = Pending::default();
-        let s = Secrets::new();
+        let s = Secrets::new(2);
         assert_eq!(s.control.len(), 64);
-        let _rx = p.expect("op1", &s);
+        assert_eq!(s.state_extra.len(), 2);
+        let (_rx, extra) = p.expect("op1", &s);
+        assert_eq!(extra.len(), 2);
+        assert!(p.take("op1", &s.state_extra[1]).is_some());
         assert!(p.take("op1", "nope").is_none());
         assert!(p.take("op2", &s.control).is_none());
         assert!(p.take("op1", &s.control).is_some());

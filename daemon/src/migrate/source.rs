@@ -305,6 +305,20 @@ impl MoveRun {
         spec.paths.run.join("migration")
     }
 
+    /// Offer QEMU's multifd (RAM sent and loaded by several threads on
+    /// each side, over more state channels) on an unlimited link without
+    /// post-copy, where this member's QEMU can. `FERRY_MULTIFD=0` turns it
+    /// off (for comparisons); `FERRY_MULTIFD=always` offers it on a capped
+    /// link too, instead of XBZRLE (for tests that need a slow move).
+    async fn offers_multifd(&self, capped: bool) -> bool {
+        let env = std::env::var("FERRY_MULTIFD");
+        (!capped || env.as_deref() == Ok("always"))
+            && !self.options.postcopy
+            && self.spec.kind == InstanceType::VirtualMachine
+            && env.as_deref() != Ok("0")
+            && ferry_drivers::vm::VmDriver::multifd_support().await
+    }
+
     async fn offer(&self) -> Offer {
         let vm = self.spec.kind == InstanceType::VirtualMachine;
         let state = match (self.live, vm) {
@@ -335,12 +349,14 @@ impl MoveRun {
                 let mut features = vec![QemuFeature::AutoConverge, QemuFeature::Postcopy];
                 // XBZRLE (delta-compressed re-sent pages) pays off when the
                 // link is the bottleneck; on an unlimited link it costs CPU.
-                if self
+                let capped = self
                     .options
                     .bandwidth
                     .or(self.d.settings.migration_bandwidth)
-                    .is_some()
-                {
+                    .is_some();
+                if self.offers_multifd(capped).await {
+                    features.push(QemuFeature::Multifd);
+                } else if capped {
                     features.push(QemuFeature::Xbzrle);
                 }
                 vec![
@@ -419,13 +435,18 @@ impl MoveRun {
 
     async fn run(&mut self) -> Result<Plan, String> {
         let cluster = self.d.cluster().ok_or("this member left the cluster")?;
-        let secrets = Secrets::new();
-        let [rc, rs, rf] = self.d.pending.expect(&self.op.id, &secrets);
+        let offer = self.offer().await;
+        let multifd_offered = matches!(offer.state.first(), Some(StateTransfer::VmQemuLive { features }) if features.contains(&QemuFeature::Multifd));
+        let secrets = Secrets::new(if multifd_offered {
+            ferry_migration::MULTIFD_CHANNELS
+        } else {
+            0
+        });
+        let ([rc, rs, rf], extra) = self.d.pending.expect(&self.op.id, &secrets);
         self.phase(
             Phase::Preparing,
             "asking the target to receive the instance",
         );
-        let offer = self.offer().await;
         if offer.fs.is_empty() {
             return Err(format!(
                 "instance \"{}\" is on the shared pool, which is not configured on this member \
@@ -486,7 +507,13 @@ impl MoveRun {
             self.op.set_meta("why", json!(plan.reasons.join("; ")));
         }
         let result = if self.spec.kind == InstanceType::VirtualMachine {
-            self.transfer_vm(&mut ctl, st, &plan, state_pipe, fs_pipe)
+            let mut state_pipes = vec![state_pipe];
+            if super::vm::has_feature(&plan, QemuFeature::Multifd) {
+                for rx in extra {
+                    state_pipes.push(wait(rx).await?);
+                }
+            }
+            self.transfer_vm(&mut ctl, st, &plan, state_pipes, fs_pipe)
                 .await
         } else {
             self.transfer_container(&mut ctl, st, &plan, state_pipe, fs_pipe)

@@ -117,11 +117,22 @@ impl Daemon {
                     .map_err(|e| e.to_string())
             }
         };
-        // The three TLS connections are set up at the same time.
-        let (ctl, state_pipe, fs_pipe) = tokio::try_join!(
+        // Multifd's extra state channels, where the source offered them and
+        // this member's QEMU can take them.
+        let multifd = !req.secrets.state_extra.is_empty()
+            && spec.kind == ferry_drivers::InstanceType::VirtualMachine
+            && ferry_drivers::vm::VmDriver::multifd_support().await;
+        let extra = if multifd {
+            req.secrets.state_extra.as_slice()
+        } else {
+            &[]
+        };
+        // The TLS connections are set up at the same time.
+        let (ctl, state_pipe, fs_pipe, extra_pipes) = tokio::try_join!(
             dial(&req.secrets.control),
             dial(&req.secrets.state),
-            dial(&req.secrets.fs)
+            dial(&req.secrets.fs),
+            futures::future::try_join_all(extra.iter().map(|s| dial(s)))
         )?;
         let mut ctl = WsControl(ctl);
         let mut fs = vec![
@@ -165,11 +176,19 @@ impl Daemon {
                 vec![
                     StateTransfer::CriuPageServer,
                     StateTransfer::VmQemuLive {
-                        features: vec![
-                            QemuFeature::AutoConverge,
-                            QemuFeature::Postcopy,
-                            QemuFeature::Xbzrle,
-                        ],
+                        features: [
+                            &[
+                                QemuFeature::AutoConverge,
+                                QemuFeature::Postcopy,
+                                QemuFeature::Xbzrle,
+                            ][..],
+                            if multifd && extra_pipes.len() == ferry_migration::MULTIFD_CHANNELS {
+                                &[QemuFeature::Multifd][..]
+                            } else {
+                                &[][..]
+                            },
+                        ]
+                        .concat(),
                     },
                     StateTransfer::StatefulStopFile,
                     StateTransfer::None,
@@ -195,7 +214,7 @@ impl Daemon {
                 st,
                 &plan,
                 spec,
-                state_pipe,
+                std::iter::once(state_pipe).chain(extra_pipes).collect(),
                 fs_pipe,
                 req.launch.clone(),
                 req.disk_size,

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams};
+use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams, MigrationStream};
 use ferry_drivers::vm::mirror::MirrorParams;
 use ferry_drivers::vm::{VcpuPriority, VmDriver};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave};
@@ -21,12 +21,17 @@ use super::ws::{self, WsControl, WsPipe};
 use super::{is_shared, qemu_stream_socketpair};
 use crate::core::Daemon;
 
-/// QEMU parameters from the agreed plan (the same on both sides).
-fn params(plan: &Plan) -> MigrateParams {
-    let has = |f: QemuFeature| match &plan.state {
+/// Does the agreed plan migrate live with this QEMU feature?
+pub(super) fn has_feature(plan: &Plan, f: QemuFeature) -> bool {
+    match &plan.state {
         StatePlan::VmQemuLive { features } => features.contains(&f),
         _ => false,
-    };
+    }
+}
+
+/// QEMU parameters from the agreed plan (the same on both sides).
+fn params(plan: &Plan) -> MigrateParams {
+    let has = |f: QemuFeature| has_feature(plan, f);
     MigrateParams {
         auto_converge: has(QemuFeature::AutoConverge),
         xbzrle: has(QemuFeature::Xbzrle),
@@ -40,6 +45,11 @@ fn params(plan: &Plan) -> MigrateParams {
             .options
             .downtime_target_ms
             .or(MigrateParams::default().downtime_target_ms),
+        multifd_channels: if has(QemuFeature::Multifd) {
+            ferry_migration::MULTIFD_CHANNELS as u8
+        } else {
+            0
+        },
         ..MigrateParams::default()
     }
 }
@@ -62,7 +72,7 @@ impl MoveRun {
         ctl: &mut WsControl,
         st: SourceState,
         plan: &Plan,
-        state_pipe: WsPipe,
+        state_pipes: Vec<WsPipe>,
         fs_pipe: WsPipe,
     ) -> Result<(), String> {
         let vm = VmDriver::default();
@@ -115,11 +125,24 @@ impl MoveRun {
         }
         if live {
             self.phase(Phase::Memory, "migrating memory (QEMU pre-copy)");
-            let (qemu_fd, ours) = qemu_stream_socketpair()?;
             let compression = plan.state_compression;
+            let (stream, relays) = if has_feature(plan, QemuFeature::Multifd) {
+                // QEMU connects once per channel to a socket we listen on.
+                let path = self.spec.paths.run.join("migration-out.sock");
+                let relays = super::multifd::relay_outgoing(&path, state_pipes, compression)?;
+                (MigrationStream::Unix(path), relays)
+            } else {
+                let (qemu_fd, ours) = qemu_stream_socketpair()?;
+                let pipe = state_pipes.into_iter().next().ok_or("no state channel")?;
+                let relay = super::relay_state(ours, pipe, compression, None);
+                (
+                    MigrationStream::Fd(qemu_fd),
+                    Box::pin(relay) as super::multifd::Relays,
+                )
+            };
             let nbd = self.nbd_relay.clone();
             let relay = tokio::spawn(async move {
-                let r = super::relay_state(ours, state_pipe, compression, None).await;
+                let r = relays.await;
                 if r.is_err() {
                     // The link is gone: end the disk mirror's NBD relay too,
                     // or QEMU would wait on it (its monitor blocked).
@@ -139,7 +162,7 @@ impl MoveRun {
                         block_mirror: mirror,
                         ..params(plan)
                     },
-                    qemu_fd,
+                    stream,
                     move |p| {
                         op.set_meta("state_progress", json!(p.summary()));
                         op.set_meta("qemu_status", json!(p.status));
@@ -316,7 +339,7 @@ impl Daemon {
         st: TargetState,
         plan: &Plan,
         spec: &InstanceSpec,
-        state_pipe: WsPipe,
+        state_pipes: Vec<WsPipe>,
         fs_pipe: WsPipe,
         launch: Option<serde_json::Value>,
         disk_size: Option<u64>,
@@ -345,9 +368,21 @@ impl Daemon {
             let launch: LaunchConfig =
                 serde_json::from_value(launch.ok_or("the source sent no launch configuration")?)
                     .map_err(|e| e.to_string())?;
-            let (qemu_fd, ours) = qemu_stream_socketpair()?;
+            let multifd = has_feature(plan, QemuFeature::Multifd);
+            let (stream, ours) = if multifd {
+                // QEMU listens; we connect once per channel (below).
+                let path = spec.paths.run.join("migration-in.sock");
+                (MigrationStream::Unix(path), None)
+            } else {
+                let (qemu_fd, ours) = qemu_stream_socketpair()?;
+                (MigrationStream::Fd(qemu_fd), Some(ours))
+            };
+            let listening = match &stream {
+                MigrationStream::Unix(path) => Some(path.clone()),
+                MigrationStream::Fd(_) => None,
+            };
             let mut incoming = vm
-                .migrate_incoming(spec, &launch, &params(plan), qemu_fd, &ctx)
+                .migrate_incoming(spec, &launch, &params(plan), stream, &ctx)
                 .await
                 .map_err(|e| e.to_string())?;
             if mirror {
@@ -367,12 +402,20 @@ impl Daemon {
                     }
                 });
             }
-            tokio::spawn(super::relay_state(
-                ours,
-                state_pipe,
-                plan.state_compression,
-                None,
-            ));
+            match (ours, listening) {
+                (Some(ours), _) => {
+                    let pipe = state_pipes.into_iter().next().ok_or("no state channel")?;
+                    tokio::spawn(super::relay_state(ours, pipe, plan.state_compression, None));
+                }
+                (None, Some(path)) => {
+                    tokio::spawn(super::multifd::relay_incoming(
+                        &path,
+                        state_pipes,
+                        plan.state_compression,
+                    ));
+                }
+                (None, None) => return Err("no migration stream".into()),
+            }
             Some(incoming)
         } else {
             None

@@ -140,6 +140,41 @@ pub struct MigrateParams {
     /// pause before switchover to complete the mirror. The source needs a
     /// READY mirror job when the migration starts.
     pub block_mirror: bool,
+    /// QEMU's multifd: RAM pages travel over this many extra connections
+    /// besides the main one, sent and loaded by as many threads on each
+    /// side (0: one stream). Needs [`MigrationStream::Unix`] (QEMU opens
+    /// the connections itself) and QEMU 8.0 or later on both sides.
+    pub multifd_channels: u8,
+}
+
+/// Where a QEMU migration stream goes.
+#[derive(Debug)]
+pub enum MigrationStream {
+    /// One stream: one end of a socketpair, handed to QEMU with `getfd`.
+    Fd(OwnedFd),
+    /// A unix socket, for multifd: the source QEMU connects to it (as often
+    /// as it has channels; the caller listens there and relays each
+    /// connection), the target QEMU listens on it (the caller connects).
+    Unix(PathBuf),
+}
+
+impl From<OwnedFd> for MigrationStream {
+    fn from(fd: OwnedFd) -> Self {
+        MigrationStream::Fd(fd)
+    }
+}
+
+impl MigrationStream {
+    /// Hand the stream to QEMU: the URI for `migrate` / `migrate-incoming`.
+    async fn uri(&self, qmp: &mut Qmp) -> Result<String, DriverError> {
+        match self {
+            MigrationStream::Fd(fd) => {
+                qmp.send_fd(STREAM_FD, fd.as_fd()).await?;
+                Ok(format!("fd:{STREAM_FD}"))
+            }
+            MigrationStream::Unix(path) => Ok(format!("unix:{}", path.display())),
+        }
+    }
 }
 
 impl Default for MigrateParams {
@@ -152,6 +187,7 @@ impl Default for MigrateParams {
             downtime_limit_ms: 300,
             downtime_target_ms: Some(DEFAULT_DOWNTIME_TARGET_MS),
             block_mirror: false,
+            multifd_channels: 0,
         }
     }
 }
@@ -204,6 +240,7 @@ impl MigrateParams {
             (Cap::postcopy_ram, self.postcopy),
             // Completes the disk mirror while the guest is paused.
             (Cap::pause_before_switchover, self.block_mirror),
+            (Cap::multifd, self.multifd_channels > 0),
         ]
     }
 }
@@ -342,7 +379,22 @@ fn in_progress(status: &str) -> bool {
 }
 
 async fn set_caps(qmp: &mut Qmp, params: &MigrateParams) -> Result<(), DriverError> {
-    qmp.set_capabilities(&params.capabilities()).await
+    if params.multifd_channels > 0 && !qmp.has_multifd() {
+        return Err(DriverError::InvalidConfig(format!(
+            "multifd migration needs QEMU {}.{} or later on both members; move without it",
+            super::qmp::MULTIFD_SINCE.0,
+            super::qmp::MULTIFD_SINCE.1
+        )));
+    }
+    qmp.set_capabilities(&params.capabilities()).await?;
+    if params.multifd_channels > 0 {
+        qmp.set_parameters(MigrateSetParameters {
+            multifd_channels: Some(params.multifd_channels),
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 async fn set_source_parameters(qmp: &mut Qmp, params: &MigrateParams) -> Result<(), DriverError> {
@@ -392,9 +444,10 @@ impl VmDriver {
         spec: &InstanceSpec,
         source: &LaunchConfig,
         params: &MigrateParams,
-        stream_fd: OwnedFd,
+        stream: impl Into<MigrationStream>,
         ctx: &OpCtx,
     ) -> Result<IncomingVm, DriverError> {
+        let stream = stream.into();
         params.validate()?;
         VmConfig::from_spec(spec)?;
         let f = VmFiles::of(spec);
@@ -427,8 +480,8 @@ impl VmDriver {
         let setup = async {
             let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
             set_caps(&mut qmp, params).await?;
-            qmp.send_fd(STREAM_FD, stream_fd.as_fd()).await?;
-            qmp.migrate_incoming(&format!("fd:{STREAM_FD}")).await?;
+            let uri = stream.uri(&mut qmp).await?;
+            qmp.migrate_incoming(&uri).await?;
             Ok::<_, DriverError>(qmp)
         };
         let qmp = match setup.await {
@@ -439,7 +492,7 @@ impl VmDriver {
             }
         };
         // QEMU has its own copy: ours must go so QEMU's close ends the stream.
-        drop(stream_fd);
+        drop(stream);
         Ok(IncomingVm {
             spec: spec.clone(),
             files: f,
@@ -458,14 +511,14 @@ impl VmDriver {
         &self,
         spec: &InstanceSpec,
         params: &MigrateParams,
-        stream_fd: OwnedFd,
+        stream: impl Into<MigrationStream>,
         progress: impl Fn(MigrationProgress) + Send,
         ctx: &OpCtx,
     ) -> Result<OutgoingStats, DriverError> {
         self.migrate_outgoing_with(
             spec,
             params,
-            stream_fd,
+            stream,
             &PostcopyTrigger::default(),
             progress,
             ctx,
@@ -479,13 +532,13 @@ impl VmDriver {
         &self,
         spec: &InstanceSpec,
         params: &MigrateParams,
-        stream_fd: OwnedFd,
+        stream: impl Into<MigrationStream>,
         trigger: &PostcopyTrigger,
         progress: impl Fn(MigrationProgress) + Send,
         ctx: &OpCtx,
     ) -> Result<OutgoingStats, DriverError> {
         let r = self
-            .outgoing(spec, params, stream_fd, trigger, progress, ctx)
+            .outgoing(spec, params, stream.into(), trigger, progress, ctx)
             .await;
         if params.block_mirror {
             // Success: drop the NBD node; failure: the job too (source disk untouched).
@@ -500,7 +553,7 @@ impl VmDriver {
         &self,
         spec: &InstanceSpec,
         params: &MigrateParams,
-        stream_fd: OwnedFd,
+        stream: MigrationStream,
         trigger: &PostcopyTrigger,
         progress: impl Fn(MigrationProgress) + Send,
         ctx: &OpCtx,
@@ -536,13 +589,13 @@ impl VmDriver {
         set_caps(&mut qmp, params).await?;
         set_source_parameters(&mut qmp, params).await?;
         qmp.drain_events();
-        qmp.send_fd(STREAM_FD, stream_fd.as_fd()).await?;
-        if let Err(e) = qmp.migrate(&format!("fd:{STREAM_FD}")).await {
+        let uri = stream.uri(&mut qmp).await?;
+        if let Err(e) = qmp.migrate(&uri).await {
             let _ = qmp.close_fd(STREAM_FD).await;
             restore_qemu_defaults(&mut qmp).await;
             return Err(e);
         }
-        drop(stream_fd);
+        drop(stream);
         ctx.progress("stage", "migrating the VM's memory");
         let vcpus = VcpuPriority::lower(&mut qmp, priority::migration_vcpu_nice()).await;
         let mut w = OutgoingWatch::new(params, trigger, ctx);

@@ -46,6 +46,13 @@ const QMP_CONNECT: Duration = Duration::from_secs(10);
 pub struct VmDriver {}
 
 impl VmDriver {
+    /// Can this member's QEMU take part in a multifd migration (8.0 and
+    /// later: see [`qmp::MULTIFD_SINCE`])?
+    pub async fn multifd_support() -> bool {
+        matches!(qemu::qemu_version().await, Ok((major, minor, micro))
+            if (major as u64, minor as u64, micro as u64) >= qmp::MULTIFD_SINCE)
+    }
+
     /// The test guest's counter, read from guest RAM at [`COUNTER_ADDR`] over QMP.
     pub async fn read_counter(&self, spec: &InstanceSpec) -> Result<u64, DriverError> {
         let f = VmFiles::of(spec);

@@ -288,6 +288,9 @@ pub struct Qmp {
 
 /// The first QEMU with `avail-switchover-bandwidth` (8.2).
 const SWITCHOVER_BANDWIDTH_SINCE: (u64, u64, u64) = (8, 2, 0);
+/// QEMU 8.0 and later tell an incoming migration's channels apart by their
+/// first bytes (the main channel starts with the file magic).
+pub const MULTIFD_SINCE: (u64, u64, u64) = (8, 0, 0);
 
 impl Drop for Qmp {
     fn drop(&mut self) {
@@ -346,6 +349,13 @@ impl Qmp {
     /// Does this QEMU take `avail-switchover-bandwidth` (8.2 and later)?
     pub fn has_switchover_bandwidth(&self) -> bool {
         self.version >= SWITCHOVER_BANDWIDTH_SINCE
+    }
+
+    /// Can this QEMU take multifd channels in any order (8.0 and later: an
+    /// incoming QEMU tells its main channel from the others by their first
+    /// bytes, so a relay may connect them in any order)?
+    pub fn has_multifd(&self) -> bool {
+        self.version >= MULTIFD_SINCE
     }
 
     /// Run one typed qapi command.

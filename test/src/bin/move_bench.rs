@@ -50,6 +50,9 @@ use ferry_test::bench::{self, ms, sh, Args, Doc, Host, Run};
 use ferry_test::Member;
 use serde_json::Value;
 
+#[path = "move_bench/raw_relay.rs"]
+mod raw_relay;
+
 const USAGE: &str =
     "usage: move-bench [--reps N] [--only container|vm] [--write-doc PATH] [--command TEXT]
 
@@ -749,18 +752,10 @@ async fn raw_vm(
     let params = params.clone();
     let cfg = d.launch_config(&a).map_err(e("launch config"))?;
 
-    let (a_qemu, a_relay) = std::os::unix::net::UnixStream::pair().map_err(e("socketpair"))?;
-    let (b_qemu, b_relay) = std::os::unix::net::UnixStream::pair().map_err(e("socketpair"))?;
-    a_relay.set_nonblocking(true).map_err(e("nonblocking"))?;
-    b_relay.set_nonblocking(true).map_err(e("nonblocking"))?;
-    let relay = tokio::spawn(async move {
-        let mut ar = tokio::net::UnixStream::from_std(a_relay)?;
-        let mut br = tokio::net::UnixStream::from_std(b_relay)?;
-        tokio::io::copy_bidirectional(&mut ar, &mut br).await
-    });
+    let (a_stream, b_stream, relay) = raw_relay::streams(&a, &b, &params)?;
     let t0 = Instant::now();
     let mut incoming = d
-        .migrate_incoming(&b, &cfg, &params, b_qemu.into(), &ctx)
+        .migrate_incoming(&b, &cfg, &params, b_stream, &ctx)
         .await
         .map_err(e("migrate_incoming"))?;
     let mut mirror_ms = None;
@@ -779,7 +774,7 @@ async fn raw_vm(
     }
     let (inc, out) = tokio::join!(
         incoming.wait(&ctx),
-        d.migrate_outgoing(&a, &params, a_qemu.into(), |_| {}, &ctx)
+        d.migrate_outgoing(&a, &params, a_stream, |_| {}, &ctx)
     );
     let wall = t0.elapsed();
     let out = out.map_err(e("outgoing"))?;
@@ -1118,6 +1113,14 @@ fn render(r: &Report) -> String {
         );
         let paired = c.paired_ratios(b, "total");
         let _ = writeln!(s, "{}", paired_line("total (c)/(b)", &paired, |r| r >= 3.0));
+        let ta_total = a.median("total");
+        let _ = writeln!(
+            s,
+            "- (for reference) the total goal against raw QEMU: 3× shorter than (c) means (b) ≤ {} ms; raw QEMU (a) took {} ms, (c)/(a) = {}",
+            f0(tc.map(|c| c / 3.0)),
+            f0(ta_total),
+            f2(ratio(tc, ta_total)),
+        );
         let dd = d.median("downtime");
         let _ = writeln!(
             s,
@@ -1337,8 +1340,14 @@ async fn run(o: Opts) -> i32 {
             let base = work.path().join(format!("vm{rep}"));
             // ferry's parameters for a dir pool's VM: its defaults plus the
             // disk mirror (ferry's (b) moves the disk the same way).
+            // And multifd where ferry's (b) uses it (QEMU 8.0 or later).
             let ferrys = MigrateParams {
                 block_mirror: true,
+                multifd_channels: if VmDriver::multifd_support().await {
+                    ferry_migration::MULTIFD_CHANNELS as u8
+                } else {
+                    0
+                },
                 ..MigrateParams::default()
             };
             let r = raw_vm(&base, &format!("rv{rep}"), &ferrys).await;
