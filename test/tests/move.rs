@@ -448,6 +448,23 @@ async fn live_vm_move_keeps_the_guest_running() {
         assert_eq!(meta["qemu_params"]["multifd_channels"], 2, "{meta}");
         let features = meta["plan"]["state"]["features"].as_array().unwrap();
         assert!(features.iter().any(|f| f == "multifd"), "{meta}");
+        // Neither side leaves its migration socket behind.
+        let runs = [
+            &ms[0].spec("v1", true).paths.run,
+            &ms[1].spec("v1", true).paths.run,
+        ];
+        for run in runs {
+            let left: Vec<_> = std::fs::read_dir(run)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(
+                !left
+                    .iter()
+                    .any(|n| n.to_string_lossy().starts_with("migration-")),
+                "{}: {left:?}",
+                run.display()
+            );
+        }
     }
     // Switch-over policy: QEMU starts with the 10 ms downtime target and is
     // raised to the 300 ms maximum only if the guest does not settle.

@@ -20,6 +20,9 @@
 //!
 //! Both QEMUs get one end of a socketpair by `getfd` (SCM_RIGHTS on QMP); the
 //! driver then closes its own copy, so QEMU's close is the stream's EOF.
+//! With multifd (`multifd_channels` > 0) QEMU opens its connections itself:
+//! the stream is a unix socket path instead ([`MigrationStream::Unix`]), the
+//! source QEMU connecting to it and the target QEMU listening on it.
 //!
 //! With a disk mirror (`block_mirror`, see [`super::mirror`]): the target
 //! exports its disk over NBD ([`IncomingVm::start_nbd_export`]), the source
@@ -448,6 +451,10 @@ impl VmDriver {
         ctx: &OpCtx,
     ) -> Result<IncomingVm, DriverError> {
         let stream = stream.into();
+        let stream_socket = match &stream {
+            MigrationStream::Unix(path) => Some(path.clone()),
+            MigrationStream::Fd(_) => None,
+        };
         params.validate()?;
         VmConfig::from_spec(spec)?;
         let f = VmFiles::of(spec);
@@ -488,6 +495,9 @@ impl VmDriver {
             Ok(q) => q,
             Err(e) => {
                 cleanup_target(spec, &f, pid).await;
+                if let Some(sock) = &stream_socket {
+                    let _ = std::fs::remove_file(sock);
+                }
                 return Err(e);
             }
         };
@@ -502,6 +512,7 @@ impl VmDriver {
             started: Instant::now(),
             postcopy: params.postcopy,
             nbd_socket: None,
+            stream_socket,
         })
     }
 
@@ -1151,6 +1162,8 @@ pub struct IncomingVm {
     postcopy: bool,
     /// The NBD server's socket, while the disk is exported for a mirror.
     nbd_socket: Option<PathBuf>,
+    /// QEMU's listening socket for a multifd stream (removed when done).
+    stream_socket: Option<PathBuf>,
 }
 
 impl IncomingVm {
@@ -1176,6 +1189,9 @@ impl IncomingVm {
     pub async fn wait(mut self, ctx: &OpCtx) -> Result<IncomingStats, DriverError> {
         let mut qmp = self.qmp.take().expect("IncomingVm waited twice");
         let r = self.follow(&mut qmp, ctx).await;
+        if let Some(sock) = self.stream_socket.take() {
+            let _ = std::fs::remove_file(sock);
+        }
         if let Some(sock) = self.nbd_socket.take() {
             if r.is_ok() {
                 if let Err(e) = mirror::stop_nbd_export(&mut qmp).await {
@@ -1312,7 +1328,10 @@ impl Drop for IncomingVm {
             qemu::signal(&self.files, self.pid, nix::sys::signal::Signal::SIGKILL);
             qemu::clean_runtime(&self.files);
         }
-        if let Some(sock) = self.nbd_socket.take() {
+        for sock in [self.nbd_socket.take(), self.stream_socket.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(sock);
         }
     }
