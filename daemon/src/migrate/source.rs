@@ -316,7 +316,9 @@ impl MoveRun {
             && !self.options.postcopy
             && self.spec.kind == InstanceType::VirtualMachine
             && env.as_deref() != Ok("0")
-            && ferry_drivers::vm::VmDriver::multifd_support().await
+            && ferry_drivers::vm::VmDriver::default()
+                .multifd_support_of(&self.spec)
+                .await
     }
 
     async fn offer(&self) -> Offer {
@@ -513,9 +515,12 @@ impl MoveRun {
                     state_pipes.push(wait(rx).await?);
                 }
             }
+            // Unused extra channels (a plan without multifd) are dropped.
+            self.d.pending.forget(&self.op.id);
             self.transfer_vm(&mut ctl, st, &plan, state_pipes, fs_pipe)
                 .await
         } else {
+            self.d.pending.forget(&self.op.id);
             self.transfer_container(&mut ctl, st, &plan, state_pipe, fs_pipe)
                 .await
         };

@@ -53,6 +53,20 @@ impl VmDriver {
             if (major as u64, minor as u64, micro as u64) >= qmp::MULTIFD_SINCE)
     }
 
+    /// The same for the QEMU this running VM was started with (QEMU may
+    /// have been upgraded since): its launch record's version, else the
+    /// installed one.
+    pub async fn multifd_support_of(&self, spec: &InstanceSpec) -> bool {
+        let recorded = state::read_record(&state::launch_record_path(spec)).and_then(|r| {
+            let mut v = r.qemu_version.split('.').map(|n| n.parse::<u64>().ok());
+            Some((v.next()??, v.next()??, v.next().flatten().unwrap_or(0)))
+        });
+        match recorded {
+            Some(v) => v >= qmp::MULTIFD_SINCE,
+            None => Self::multifd_support().await,
+        }
+    }
+
     /// The test guest's counter, read from guest RAM at [`COUNTER_ADDR`] over QMP.
     pub async fn read_counter(&self, spec: &InstanceSpec) -> Result<u64, DriverError> {
         let f = VmFiles::of(spec);
