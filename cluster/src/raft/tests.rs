@@ -394,14 +394,27 @@ async fn member_restarted_after_compaction_catches_up_by_snapshot() {
         last = cluster.write(create(&format!("c{i:02}"))).await.index();
     }
     let raft = cluster.raft(leader).clone();
-    raft.trigger().snapshot().await.unwrap();
-    raft.wait(WAIT)
-        .metrics(
-            |m| m.snapshot.is_some_and(|s| s.index >= last),
-            "snapshot built",
-        )
-        .await
-        .unwrap();
+    // A trigger is ignored while a snapshot is being built (the policy may
+    // have started one a few entries back): trigger again until one covers
+    // the last write.
+    let deadline = std::time::Instant::now() + WAIT.unwrap_or_default();
+    loop {
+        raft.trigger().snapshot().await.unwrap();
+        let built = raft
+            .wait(Some(Duration::from_millis(500)))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= last),
+                "snapshot built",
+            )
+            .await;
+        if built.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot covering index {last}: {built:?}"
+        );
+    }
     raft.trigger().purge_log(last).await.unwrap();
     raft.wait(WAIT)
         .metrics(|m| m.purged.is_some_and(|p| p.index >= last), "log purged")
