@@ -114,9 +114,11 @@ async fn live_vm_moves_between_qemu_7_2_and_10_0_members() {
         eprintln!("SKIP: {q72} missing (scripts/setup.sh unpacks it)");
         return;
     }
+    // Both members would use multifd (experimental, FERRY_MULTIFD=1): the
+    // 7.2 side cannot, and the plan says so.
     let ms = vec![
-        Member::start_with_env("m1", &[("FERRY_QEMU", q72)]),
-        Member::start("m2"),
+        Member::start_with_env("m1", &[("FERRY_QEMU", q72), ("FERRY_MULTIFD", "1")]),
+        Member::start_with_env("m2", &[("FERRY_MULTIFD", "1")]),
     ];
     form_cluster(&ms);
     ms[0].launch_on("testvm", "v1", "m1", &["limits.memory=128MiB"]);
