@@ -8,6 +8,8 @@
 //! (8.0 and later, checked by the driver) tells them apart by their first
 //! bytes. Each connection is relayed as the single stream is (compression,
 //! acknowledgements, half-close); any one failing fails QEMU's migration.
+//! [`relay_single`] gives the single stream the same shape ([`Relays`]), so
+//! both sides start whichever they have the same way.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,17 @@ use super::{relay_state, StateStats};
 /// All of a move's state relays, as one future: their summed figures, or
 /// the first failure.
 pub(super) type Relays = Pin<Box<dyn Future<Output = Result<StateStats, String>> + Send>>;
+
+/// The single stream (no multifd): our end of QEMU's socketpair relayed
+/// over the one state channel, as a [`Relays`].
+pub(super) fn relay_single(
+    ours: UnixStream,
+    pipes: Vec<WsPipe>,
+    compression: Compression,
+) -> Result<Relays, String> {
+    let pipe = pipes.into_iter().next().ok_or("no state channel")?;
+    Ok(Box::pin(relay_state(ours, pipe, compression, None)))
+}
 
 /// How long the source waits for QEMU's connections once it was told to
 /// migrate (it opens them all at once).

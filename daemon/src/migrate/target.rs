@@ -135,6 +135,14 @@ impl Daemon {
             futures::future::try_join_all(extra.iter().map(|s| dial(s)))
         )?;
         let mut ctl = WsControl(ctl);
+        let mut qemu_features = vec![
+            QemuFeature::AutoConverge,
+            QemuFeature::Postcopy,
+            QemuFeature::Xbzrle,
+        ];
+        if multifd && extra_pipes.len() == ferry_migration::MULTIFD_CHANNELS {
+            qemu_features.push(QemuFeature::Multifd);
+        }
         let mut fs = vec![
             FsTransfer::Archive {
                 compression: vec![Compression::Zstd, Compression::None],
@@ -176,19 +184,7 @@ impl Daemon {
                 vec![
                     StateTransfer::CriuPageServer,
                     StateTransfer::VmQemuLive {
-                        features: [
-                            &[
-                                QemuFeature::AutoConverge,
-                                QemuFeature::Postcopy,
-                                QemuFeature::Xbzrle,
-                            ][..],
-                            if multifd && extra_pipes.len() == ferry_migration::MULTIFD_CHANNELS {
-                                &[QemuFeature::Multifd][..]
-                            } else {
-                                &[][..]
-                            },
-                        ]
-                        .concat(),
+                        features: qemu_features,
                     },
                     StateTransfer::StatefulStopFile,
                     StateTransfer::None,

@@ -133,12 +133,8 @@ impl MoveRun {
                 (MigrationStream::Unix(path), relays)
             } else {
                 let (qemu_fd, ours) = qemu_stream_socketpair()?;
-                let pipe = state_pipes.into_iter().next().ok_or("no state channel")?;
-                let relay = super::relay_state(ours, pipe, compression, None);
-                (
-                    MigrationStream::Fd(qemu_fd),
-                    Box::pin(relay) as super::multifd::Relays,
-                )
+                let relay = super::multifd::relay_single(ours, state_pipes, compression)?;
+                (MigrationStream::Fd(qemu_fd), relay)
             };
             let nbd = self.nbd_relay.clone();
             let relay = tokio::spawn(async move {
@@ -368,18 +364,17 @@ impl Daemon {
             let launch: LaunchConfig =
                 serde_json::from_value(launch.ok_or("the source sent no launch configuration")?)
                     .map_err(|e| e.to_string())?;
-            let multifd = has_feature(plan, QemuFeature::Multifd);
-            let (stream, ours) = if multifd {
-                // QEMU listens; we connect once per channel (below).
+            let compression = plan.state_compression;
+            // The relays start (spawned below) once QEMU waits for the stream.
+            let (stream, relays) = if has_feature(plan, QemuFeature::Multifd) {
+                // QEMU listens; a connection per channel when its bytes come.
                 let path = spec.paths.run.join("migration-in.sock");
-                (MigrationStream::Unix(path), None)
+                let relays = super::multifd::relay_incoming(&path, state_pipes, compression);
+                (MigrationStream::Unix(path), relays)
             } else {
                 let (qemu_fd, ours) = qemu_stream_socketpair()?;
-                (MigrationStream::Fd(qemu_fd), Some(ours))
-            };
-            let listening = match &stream {
-                MigrationStream::Unix(path) => Some(path.clone()),
-                MigrationStream::Fd(_) => None,
+                let relay = super::multifd::relay_single(ours, state_pipes, compression)?;
+                (MigrationStream::Fd(qemu_fd), relay)
             };
             let mut incoming = vm
                 .migrate_incoming(spec, &launch, &params(plan), stream, &ctx)
@@ -402,20 +397,7 @@ impl Daemon {
                     }
                 });
             }
-            match (ours, listening) {
-                (Some(ours), _) => {
-                    let pipe = state_pipes.into_iter().next().ok_or("no state channel")?;
-                    tokio::spawn(super::relay_state(ours, pipe, plan.state_compression, None));
-                }
-                (None, Some(path)) => {
-                    tokio::spawn(super::multifd::relay_incoming(
-                        &path,
-                        state_pipes,
-                        plan.state_compression,
-                    ));
-                }
-                (None, None) => return Err("no migration stream".into()),
-            }
+            tokio::spawn(relays);
             Some(incoming)
         } else {
             None
