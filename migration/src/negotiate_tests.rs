@@ -59,6 +59,15 @@ fn vm_offer() -> Offer {
     }
 }
 
+/// The plan gives a reason containing `text`.
+fn assert_reason(plan: &Plan, text: &str) {
+    assert!(
+        plan.reasons.iter().any(|r| r.contains(text)),
+        "no reason containing {text:?} in {:?}",
+        plan.reasons
+    );
+}
+
 fn caps(fs: Vec<F>, state: Vec<S>) -> Capabilities {
     Capabilities {
         fs,
@@ -106,13 +115,7 @@ fn container_live_with_pre_dump_and_source_preferences() {
     );
     assert_eq!(plan.state_compression, C::Zstd);
     assert!(plan.is_live() && !plan.is_postcopy());
-    assert!(
-        plan.reasons
-            .iter()
-            .any(|r| r.contains("does not see shared pool \"nfs1\"")),
-        "{:?}",
-        plan.reasons
-    );
+    assert_reason(&plan, "does not see shared pool \"nfs1\"");
     assert_eq!(plan.snapshots, vec!["snap0".to_string()]);
 }
 
@@ -154,10 +157,7 @@ fn postcopy_not_shared_is_dropped_with_a_reason() {
         }
     );
     assert!(!plan.options.postcopy);
-    assert!(plan
-        .reasons
-        .iter()
-        .any(|r| r.contains("criu_lazy_pages is not shared")));
+    assert_reason(&plan, "criu_lazy_pages is not shared");
     assert_eq!(
         plan.fs,
         FsPlan::Archive {
@@ -181,13 +181,7 @@ fn vm_features_are_intersected_and_postcopy_needs_the_flag() {
             features: vec![Q::AutoConverge]
         }
     );
-    assert!(
-        plan.reasons
-            .iter()
-            .any(|r| r.contains("not shared with the target: xbzrle")),
-        "{:?}",
-        plan.reasons
-    );
+    assert_reason(&plan, "not shared with the target: xbzrle");
     assert_eq!(
         plan.state_compression,
         C::None,
@@ -551,13 +545,7 @@ fn multifd_only_when_both_offer_it_and_never_with_postcopy_or_xbzrle() {
     )
     .unwrap();
     assert_eq!(plan.state, live(vec![Q::AutoConverge]));
-    assert!(
-        plan.reasons
-            .iter()
-            .any(|r| r.contains("not shared with the target: multifd")),
-        "{:?}",
-        plan.reasons
-    );
+    assert_reason(&plan, "not shared with the target: multifd");
     // Never together with post-copy or XBZRLE, whatever was offered.
     let everything = vec![Q::AutoConverge, Q::Postcopy, Q::Xbzrle, Q::Multifd];
     let mut offer = offer_with(everything.clone());
@@ -567,11 +555,5 @@ fn multifd_only_when_both_offer_it_and_never_with_postcopy_or_xbzrle() {
         plan.state,
         live(vec![Q::AutoConverge, Q::Postcopy, Q::Xbzrle])
     );
-    assert!(
-        plan.reasons
-            .iter()
-            .any(|r| r.contains("multifd is not used with post-copy")),
-        "{:?}",
-        plan.reasons
-    );
+    assert_reason(&plan, "multifd is not used with post-copy");
 }
