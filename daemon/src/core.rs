@@ -137,7 +137,7 @@ impl Daemon {
             );
             d.start_cluster(cfg, cert).await?;
             tracing::info!("clustered: raft node started");
-            d.recover_unfinished_moves();
+            d.recover_unfinished_moves().await;
         }
         tokio::spawn(ferry_drivers::warm_up());
         Ok(d)

@@ -463,6 +463,15 @@ async fn vm_undisturbed(ms: &[Member], pid: i64) {
     no_stuck_operation(ms).await;
 }
 
+/// A process that exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next())
+            .is_some_and(|state| !matches!(state, 'Z' | 'X'))
+    })
+}
+
 fn target_qemu_pid(m: &Member) -> Option<i32> {
     std::fs::read_to_string(m.spec("v1", true).paths.run.join("qemu.pid"))
         .ok()?
@@ -559,18 +568,23 @@ async fn precopy_failures(multifd: bool) {
     drop(cut);
     vm_undisturbed(&ms, pid).await;
 
-    // 4. The target's ferryd dies (its QEMU is left behind and killed by
-    //    the restarted daemon's clean-up of partial receives).
+    // 4. The target's ferryd dies. Its QEMU may be left behind (with
+    //    multifd it can wait for connections that never come): the
+    //    restarted daemon's clean-up of partial receives kills it.
     let (c, id) = start_move(&ms[0], "v1", "m2", slow).await;
     wait_phase(&c, &id, "memory").await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     ms[1].kill_daemon();
     failed(&c, &id, "Failure").await;
-    if let Some(q) = target_qemu_pid(&ms[1]) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(q), nix::sys::signal::SIGKILL);
-    }
+    let left = target_qemu_pid(&ms[1]).filter(|q| alive(*q));
     ms[1].start_daemon();
     vm_undisturbed(&ms, pid).await;
+    if let Some(q) = left {
+        assert!(
+            !alive(q),
+            "the restarted target left its QEMU (pid {q}) running"
+        );
+    }
     // And a move then succeeds.
     ms[0].ferry_ok(&["move", "v1", "--target", "m2"]);
     assert_eq!(ms[1].instance("v1").await["status"], "Running");

@@ -330,10 +330,11 @@ pub fn receiving_marker(spec: &InstanceSpec) -> PathBuf {
 }
 
 impl Daemon {
-    /// At start: delete volumes left by a receive this member never finished
-    /// (the instance's record does not place it here), and put back the
-    /// vCPU priority of VMs an unfinished outgoing migration left lowered.
-    pub fn recover_unfinished_moves(&self) {
+    /// At start: delete what a receive this member never finished left
+    /// (the instance's record does not place it here): a VM's target QEMU
+    /// and runtime files, then the volume. And put back the vCPU priority
+    /// of VMs an unfinished outgoing migration left lowered.
+    pub async fn recover_unfinished_moves(&self) {
         let Ok(recs) = self.db().list_instances() else {
             return;
         };
@@ -356,6 +357,11 @@ impl Daemon {
             };
             if receiving_marker(&spec).exists() {
                 tracing::warn!(instance = %rec.name, "removing the files of a move this member never finished receiving");
+                if spec.kind == ferry_drivers::InstanceType::VirtualMachine {
+                    ferry_drivers::vm::VmDriver::default()
+                        .discard_incoming(&spec)
+                        .await;
+                }
                 let _ = std::fs::remove_dir_all(&spec.paths.volume);
             }
         }

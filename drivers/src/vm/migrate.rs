@@ -650,6 +650,26 @@ impl VmDriver {
         Ok(())
     }
 
+    /// At a restart of ferryd, for a receive its previous process never
+    /// finished: kill the target QEMU left behind, if any (with a multifd
+    /// stream it may still wait for connections that will never come), and
+    /// remove the instance's runtime directory (QEMU's sockets, pidfile and
+    /// launch record). The caller removes the volume afterwards.
+    pub async fn discard_incoming(&self, spec: &InstanceSpec) {
+        let f = VmFiles::of(spec);
+        if let Some(pid) = qemu::running_pid(&f) {
+            tracing::warn!(instance = %spec.name, pid, "killing the QEMU of an unfinished receive");
+            if let Err(e) = qemu::kill_and_clean(&f, pid).await {
+                tracing::warn!("cleaning up the target QEMU of {}: {e}", spec.name);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&spec.paths.run) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", spec.paths.run.display());
+            }
+        }
+    }
+
     /// After a completed migration whose target then failed: run the guest
     /// on the source again (`cont` from `postmigrate`).
     pub async fn migrate_resume_source(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
@@ -1104,6 +1124,32 @@ async fn recover_source(qmp: &mut Qmp, was_running: bool) -> Result<(), DriverEr
     Ok(())
 }
 
+/// How long QEMU may take to clean up after a migration ended.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Wait until QEMU finished cleaning up after a migration; false if it did
+/// not within [`CLEANUP_TIMEOUT`]. A migration ends in two steps: its thread
+/// sets the final status (`failed`, `cancelled`, `completed`), then a bottom
+/// half on the main loop cleans up. Capabilities must not change in between:
+/// QEMU 10.0 stops multifd's channels there only if `multifd` is still on,
+/// and then aborts (`yank_unregister_instance`: assertion
+/// `QLIST_EMPTY(&entry->yankfns)` in util/yank.c) on the channels it left
+/// registered. The clean-up's last step drops the migration's yank instance.
+pub(super) async fn wait_migration_cleanup(qmp: &mut Qmp) -> bool {
+    let deadline = Instant::now() + CLEANUP_TIMEOUT;
+    loop {
+        match qmp.migration_yank_registered().await {
+            Ok(false) => return true,
+            Ok(true) if Instant::now() < deadline => tokio::time::sleep(SETTLE_POLL).await,
+            Ok(true) => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, "query-yank");
+                return false;
+            }
+        }
+    }
+}
+
 /// QEMU's `max-bandwidth` default (128 MiB/s).
 pub const QEMU_DEFAULT_BANDWIDTH: u64 = 128 << 20;
 /// QEMU's `downtime-limit` default, in ms.
@@ -1116,6 +1162,10 @@ pub const QEMU_DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 /// `downtime-limit`, its bandwidth figures. The guest runs on regardless:
 /// a refusal is only logged.
 pub(super) async fn restore_qemu_defaults(qmp: &mut Qmp) {
+    if !wait_migration_cleanup(qmp).await {
+        tracing::warn!("QEMU's clean-up of the failed migration did not finish within {CLEANUP_TIMEOUT:?}: its migration settings are left as they are");
+        return;
+    }
     let caps: Vec<(Cap, bool)> = MigrateParams::default()
         .capabilities()
         .into_iter()

@@ -210,6 +210,7 @@ raw_commands! {
     RawQueryCpusFast => "query-cpus-fast",
     RawQueryMigrateCapabilities => "query-migrate-capabilities",
     RawQueryMigrateParameters => "query-migrate-parameters",
+    RawQueryYank => "query-yank",
 }
 
 /// Migration status as reported by `query-migrate` (fields kept loose).
@@ -437,6 +438,21 @@ impl Qmp {
             .and_then(Value::as_str)
             .unwrap_or("unknown")
             .to_string())
+    }
+
+    /// Whether QEMU still holds a migration's yank instance. A migration
+    /// registers it when it starts; dropping it is the last step of QEMU's
+    /// clean-up, which runs on the main loop after the migration's status
+    /// already reads `failed`, `cancelled` or `completed`.
+    pub async fn migration_yank_registered(&mut self) -> Result<bool, DriverError> {
+        let v = self
+            .execute_raw("query-yank", Value::Object(Default::default()))
+            .await?;
+        Ok(v.as_array().is_some_and(|instances| {
+            instances
+                .iter()
+                .any(|i| i.get("type").and_then(Value::as_str) == Some("migration"))
+        }))
     }
 
     pub async fn query_migrate(&mut self) -> Result<MigrateInfo, DriverError> {

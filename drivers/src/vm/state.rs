@@ -183,6 +183,14 @@ pub async fn save(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, D
     let was_running = qmp.status().await? == "running";
     ctx.progress("stage", "pausing the VM");
     let result = async {
+        // A move that just failed may still be cleaning up (see
+        // wait_migration_cleanup): capabilities change only after it.
+        if !super::migrate::wait_migration_cleanup(&mut qmp).await {
+            return Err(DriverError::WrongState(format!(
+                "VM {}: QEMU is still cleaning up an earlier migration; try again",
+                spec.name
+            )));
+        }
         qmp.set_capabilities(&super::migrate::file_capabilities())
             .await?;
         qmp.stop().await?;
