@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_test::{form_cluster, location, need_root, pid_alive, start_cluster, wait_for, Member};
+use ferry_test::{location, need_root, pid_alive, start_cluster, wait_for, Member};
 use serde_json::Value;
 
 #[tokio::test]
@@ -389,14 +389,9 @@ async fn live_vm_move_keeps_the_guest_running() {
         return;
     }
     use ferry_drivers::vm::VmDriver;
-    // The first move uses QEMU's multifd (experimental, off by default:
-    // FERRY_MULTIFD=1 on the source); the move back uses post-copy.
-    let multifd = [("FERRY_MULTIFD", "1")];
-    let ms = vec![
-        Member::start_with_env("m1", &multifd),
-        Member::start_with_env("m2", &multifd),
-    ];
-    form_cluster(&ms);
+    // The first move uses QEMU's multifd (the default); the move back uses
+    // post-copy.
+    let ms = start_cluster(&["m1", "m2"]);
     ms[0].launch_on("testvm", "v1", "m1", &["limits.memory=256MiB"]);
     let console = |m: &Member| -> Option<u64> {
         let out = m.ferry_ok(&["console", "--show-log", "v1"]);

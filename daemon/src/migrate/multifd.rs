@@ -84,15 +84,24 @@ pub(super) fn relay_outgoing(
 /// channel from the others), and waits for them in its main loop, where its
 /// NBD export runs too: a connection opened before the source's QEMU sends
 /// anything (while the disk mirror still runs) would stall the mirror.
+///
+/// Nothing runs until the returned future is first polled: the caller
+/// spawns it once QEMU listens. Without a disk mirror the source's QEMU
+/// sends at once, and its first bytes may arrive while the target QEMU is
+/// still starting (a connection then would find no socket and fail the
+/// move).
 pub(super) fn relay_incoming(path: &Path, pipes: Vec<WsPipe>, compression: Compression) -> Relays {
-    let relays = pipes
-        .into_iter()
-        .map(|pipe| {
-            let conn = ConnectOnWrite::new(path.to_path_buf());
-            tokio::spawn(relay_state(conn, pipe, compression, None))
-        })
-        .collect();
-    Box::pin(join(relays))
+    let path = path.to_path_buf();
+    Box::pin(async move {
+        let relays = pipes
+            .into_iter()
+            .map(|pipe| {
+                let conn = ConnectOnWrite::new(path.clone());
+                tokio::spawn(relay_state(conn, pipe, compression, None))
+            })
+            .collect();
+        join(relays).await
+    })
 }
 
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<UnixStream>> + Send>>;

@@ -306,15 +306,14 @@ impl MoveRun {
     }
 
     /// Offer QEMU's multifd (RAM sent and loaded by several threads on
-    /// each side, over more state channels): experimental, off unless
-    /// `FERRY_MULTIFD=1` (on an unlimited link without post-copy, where this
-    /// member's QEMU can) or `FERRY_MULTIFD=always` (on a capped link too,
-    /// instead of XBZRLE). Not the default: a failed multifd move made the
-    /// source QEMU 10.0.2 abort in the failure test (doc/moves.md).
+    /// each side, over more state channels) on an unlimited link without
+    /// post-copy, where the VM's QEMU can. `FERRY_MULTIFD=0` turns it off
+    /// (for comparisons); `FERRY_MULTIFD=always` offers it on a capped link
+    /// too, instead of XBZRLE (for tests that need a slow move).
     async fn offers_multifd(&self, capped: bool) -> bool {
         let env = std::env::var("FERRY_MULTIFD");
-        let on = matches!(env.as_deref(), Ok("1") | Ok("always"));
-        on && (!capped || env.as_deref() == Ok("always"))
+        (!capped || env.as_deref() == Ok("always"))
+            && env.as_deref() != Ok("0")
             && !self.options.postcopy
             && self.spec.kind == InstanceType::VirtualMachine
             && ferry_drivers::vm::VmDriver::default()
