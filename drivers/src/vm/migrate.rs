@@ -58,6 +58,9 @@ use std::time::{Duration, Instant};
 use qapi::qmp::{MigrateSetParameters, MigrationCapability as Cap};
 use serde::{Deserialize, Serialize};
 
+use super::aftermath::recover_source;
+pub(super) use super::aftermath::{restore_qemu_defaults, wait_migration_cleanup};
+pub use super::aftermath::{QEMU_DEFAULT_BANDWIDTH, QEMU_DEFAULT_DOWNTIME_LIMIT_MS};
 use super::config::VmConfig;
 use super::mirror;
 use super::priority::{self, VcpuPriority};
@@ -75,7 +78,7 @@ pub const UNLIMITED_BANDWIDTH: u64 = 1 << 40;
 /// QEMU refuses a downtime-limit above 2000 s.
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
 const QMP_CONNECT: Duration = Duration::from_secs(10);
-const POLL: Duration = Duration::from_millis(50);
+pub(super) const POLL: Duration = Duration::from_millis(50);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Default of [`MigrateParams::downtime_target_ms`].
 pub const DEFAULT_DOWNTIME_TARGET_MS: u64 = 10;
@@ -91,7 +94,7 @@ const SETTLE_SYNCS: u64 = 5;
 const SETTLE_TIME_MIN: Duration = Duration::from_millis(50);
 const SETTLE_TIME_MAX: Duration = Duration::from_secs(1);
 /// Polling while settling: the budget is short.
-const SETTLE_POLL: Duration = Duration::from_millis(10);
+pub(super) const SETTLE_POLL: Duration = Duration::from_millis(10);
 
 /// How long to wait for the guest to settle after a bulk pass that took
 /// `bulk` and left `dirty` bytes to send again at `rate` bytes/s (0: not
@@ -235,7 +238,7 @@ impl MigrateParams {
     }
 
     /// Capabilities, all set explicitly (a QEMU keeps them across migrations).
-    fn capabilities(&self) -> Vec<(Cap, bool)> {
+    pub(super) fn capabilities(&self) -> Vec<(Cap, bool)> {
         vec![
             (Cap::events, true),
             (Cap::auto_converge, self.auto_converge),
@@ -374,7 +377,7 @@ fn migration_error(detail: String) -> DriverError {
 }
 
 /// Statuses in which a migration is still under way on the source.
-fn in_progress(status: &str) -> bool {
+pub(super) fn in_progress(status: &str) -> bool {
     matches!(
         status,
         "setup" | "active" | "device" | "pre-switchover" | "cancelling" | "wait-unplug" | "colo"
@@ -1103,87 +1106,6 @@ async fn wait_event(qmp: &mut Qmp, name: &str, timeout: Duration) -> Option<QmpE
         if ev.name == name {
             return Some(ev);
         }
-    }
-}
-
-/// After a pre-copy failure or cancel: wait for QEMU to settle, then make
-/// sure the guest runs as it did before.
-async fn recover_source(qmp: &mut Qmp, was_running: bool) -> Result<(), DriverError> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        match qmp.query_migrate().await?.status.as_str() {
-            s if in_progress(s) => tokio::time::sleep(POLL).await,
-            _ => break,
-        }
-    }
-    let _ = qmp.close_fd(STREAM_FD).await;
-    if was_running && qmp.status().await? != "running" {
-        qmp.cont().await?;
-    }
-    restore_qemu_defaults(qmp).await;
-    Ok(())
-}
-
-/// How long QEMU may take to clean up after a migration ended.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Wait until QEMU finished cleaning up after a migration; false if it did
-/// not within [`CLEANUP_TIMEOUT`]. A migration ends in two steps: its thread
-/// sets the final status (`failed`, `cancelled`, `completed`), then a bottom
-/// half on the main loop cleans up. Capabilities must not change in between:
-/// QEMU 10.0 stops multifd's channels there only if `multifd` is still on,
-/// and then aborts (`yank_unregister_instance`: assertion
-/// `QLIST_EMPTY(&entry->yankfns)` in util/yank.c) on the channels it left
-/// registered. The clean-up's last step drops the migration's yank instance.
-pub(super) async fn wait_migration_cleanup(qmp: &mut Qmp) -> bool {
-    let deadline = Instant::now() + CLEANUP_TIMEOUT;
-    loop {
-        match qmp.migration_yank_registered().await {
-            Ok(false) => return true,
-            Ok(true) if Instant::now() < deadline => tokio::time::sleep(SETTLE_POLL).await,
-            Ok(true) => return false,
-            Err(e) => {
-                tracing::warn!(error = %e, "query-yank");
-                return false;
-            }
-        }
-    }
-}
-
-/// QEMU's `max-bandwidth` default (128 MiB/s).
-pub const QEMU_DEFAULT_BANDWIDTH: u64 = 128 << 20;
-/// QEMU's `downtime-limit` default, in ms.
-pub const QEMU_DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
-
-/// After a move that did not complete: put back QEMU's own migration
-/// settings on the source. A QEMU keeps capabilities and parameters across
-/// migrations, so whatever comes next (a save, another move, a QMP user)
-/// would otherwise inherit this move's `pause-before-switchover`, its 10 ms
-/// `downtime-limit`, its bandwidth figures. The guest runs on regardless:
-/// a refusal is only logged.
-pub(super) async fn restore_qemu_defaults(qmp: &mut Qmp) {
-    if !wait_migration_cleanup(qmp).await {
-        tracing::warn!("QEMU's clean-up of the failed migration did not finish within {CLEANUP_TIMEOUT:?}: its migration settings are left as they are");
-        return;
-    }
-    let caps: Vec<(Cap, bool)> = MigrateParams::default()
-        .capabilities()
-        .into_iter()
-        .map(|(c, _)| (c, false))
-        .collect();
-    let params = MigrateSetParameters {
-        max_bandwidth: Some(QEMU_DEFAULT_BANDWIDTH),
-        max_postcopy_bandwidth: Some(0),
-        downtime_limit: Some(QEMU_DEFAULT_DOWNTIME_LIMIT_MS),
-        avail_switchover_bandwidth: Some(0),
-        ..Default::default()
-    };
-    let r = async {
-        qmp.set_capabilities(&caps).await?;
-        qmp.set_parameters(params).await
-    };
-    if let Err(e) = r.await {
-        tracing::warn!(error = %e, "putting back QEMU's migration defaults after a failed move");
     }
 }
 

@@ -17,6 +17,7 @@
 //! [`guest`] (reading the test guest's counter), [`migrate`] (live
 //! migration), [`mirror`] (copying the disk of a running VM over NBD).
 
+mod aftermath;
 pub mod config;
 pub mod guest;
 pub mod image;

@@ -213,6 +213,15 @@ raw_commands! {
     RawQueryYank => "query-yank",
 }
 
+/// Whether a `query-yank` reply lists the migration's yank instance.
+fn lists_migration_yank(reply: &Value) -> bool {
+    reply.as_array().is_some_and(|instances| {
+        instances
+            .iter()
+            .any(|i| i.get("type").and_then(Value::as_str) == Some("migration"))
+    })
+}
+
 /// Migration status as reported by `query-migrate` (fields kept loose).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MigrateInfo {
@@ -448,11 +457,7 @@ impl Qmp {
         let v = self
             .execute_raw("query-yank", Value::Object(Default::default()))
             .await?;
-        Ok(v.as_array().is_some_and(|instances| {
-            instances
-                .iter()
-                .any(|i| i.get("type").and_then(Value::as_str) == Some("migration"))
-        }))
+        Ok(lists_migration_yank(&v))
     }
 
     pub async fn query_migrate(&mut self) -> Result<MigrateInfo, DriverError> {
@@ -587,6 +592,18 @@ impl Qmp {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn the_migration_yank_instance_is_found_among_others() {
+        let during: Value = serde_json::from_str(
+            r#"[{"type": "block-node", "node-name": "n"}, {"type": "migration"}, {"type": "chardev", "id": "qmp"}]"#,
+        )
+        .unwrap();
+        assert!(lists_migration_yank(&during));
+        let after: Value = serde_json::from_str(r#"[{"type": "chardev", "id": "qmp"}]"#).unwrap();
+        assert!(!lists_migration_yank(&after));
+        assert!(!lists_migration_yank(&Value::Null));
+    }
 
     #[test]
     fn events_are_recognised() {
