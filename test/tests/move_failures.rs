@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_drivers::vm::VmDriver;
-use ferry_test::{form_cluster, location, need_root, start_cluster, wait_for, Member};
+use ferry_test::{form_cluster, location, need_root, pid_alive, start_cluster, wait_for, Member};
 use serde_json::{json, Value};
 
 /// Start a move through the API; returns the client and operation id.
@@ -463,15 +463,6 @@ async fn vm_undisturbed(ms: &[Member], pid: i64) {
     no_stuck_operation(ms).await;
 }
 
-/// A process that exists and is not a zombie.
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .and_then(|(_, r)| r.trim_start().chars().next())
-            .is_some_and(|state| !matches!(state, 'Z' | 'X'))
-    })
-}
-
 fn target_qemu_pid(m: &Member) -> Option<i32> {
     std::fs::read_to_string(m.spec("v1", true).paths.run.join("qemu.pid"))
         .ok()?
@@ -574,12 +565,12 @@ async fn precopy_failures(multifd: bool) {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     ms[1].kill_daemon();
     failed(&c, &id, "Failure").await;
-    let left = target_qemu_pid(&ms[1]).filter(|q| alive(*q));
+    let left = target_qemu_pid(&ms[1]).filter(|q| pid_alive(*q as i64));
     ms[1].start_daemon();
     vm_undisturbed(&ms, pid).await;
     if let Some(q) = left {
         assert!(
-            !alive(q),
+            !pid_alive(q as i64),
             "the restarted target left its QEMU (pid {q}) running"
         );
     }
