@@ -462,24 +462,6 @@ impl Drop for Member {
     }
 }
 
-/// The live process a pidfile names: a bare pid (QEMU's, CRIU's), or a
-/// container's init record "PID STARTTIME", whose start time must match
-/// (the pid may have been reused since).
-fn recorded_pid(record: &str) -> Option<i32> {
-    let mut it = record.split_whitespace();
-    let pid: i32 = it.next()?.parse().ok()?;
-    if let Some(recorded) = it.next().and_then(|t| t.parse::<u64>().ok()) {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (_, rest) = stat.rsplit_once(')')?;
-        // Field 22 of stat; `rest` starts at field 3.
-        let started: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
-        if started != recorded {
-            return None;
-        }
-    }
-    Some(pid)
-}
-
 /// Kill processes whose pids are recorded under `DIR/run`, unmount anything
 /// mounted below DIR.
 pub fn kill_leftovers(dir: &Path) {
@@ -496,11 +478,11 @@ pub fn kill_leftovers(dir: &Path) {
                 }
                 if let Some(pid) = std::fs::read_to_string(f.path())
                     .ok()
-                    .and_then(|s| recorded_pid(&s))
+                    .and_then(|s| ferry_drivers::container::recorded_process(&s))
                 {
                     if pid > 1 {
                         let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
+                            nix::unistd::Pid::from_raw(pid as i32),
                             nix::sys::signal::Signal::SIGKILL,
                         );
                     }
@@ -614,26 +596,3 @@ pub fn pid_alive(pid: i64) -> bool {
 }
 
 pub mod bench;
-
-#[cfg(test)]
-mod tests {
-    use super::recorded_pid;
-
-    #[test]
-    fn pidfiles_name_a_process_only_while_its_start_time_matches() {
-        let me = std::process::id() as i32;
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let started = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .nth(19)
-            .unwrap()
-            .to_string();
-        assert_eq!(recorded_pid(&format!("{me}\n")), Some(me));
-        assert_eq!(recorded_pid(&format!("{me} {started}\n")), Some(me));
-        assert_eq!(recorded_pid(&format!("{me} 1{started}\n")), None);
-        assert_eq!(recorded_pid("not a pid"), None);
-    }
-}

@@ -63,6 +63,7 @@ pub use lazy::{LazyDump, LazyFrom, LazyPages, LazyServe, LazyServed, MigrationFe
 pub use migrate::{DumpInfo, PageServer, PagesTo};
 pub use pagesink::{AnswerForSink, PageSink, PageSinkError, PageSinkStats, CRIU_IOV_LAYOUT};
 pub use predump::{final_parent, pre_dump_dir, pre_dump_root, PreDumpGoal, PreDumpInfo};
+pub use procfs::recorded_process;
 
 /// Time limits of the driver's steps.
 #[derive(Debug, Clone)]

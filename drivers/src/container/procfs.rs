@@ -128,6 +128,15 @@ pub fn reap_if_our_zombie(rec: &InitRecord) {
     }
 }
 
+/// The live process a pidfile's text names: a container's init record
+/// (`PID STARTTIME`, the start time checked) or a bare pid (QEMU's, CRIU's).
+/// `None` if it is gone, a zombie, or the pid was reused. Reaps nothing.
+pub fn recorded_process(text: &str) -> Option<u32> {
+    InitRecord::parse(text)
+        .filter(|r| is_running(r, read_stat(r.pid).as_ref()))
+        .map(|r| r.pid)
+}
+
 /// Check liveness (reaping our own zombie first).
 pub fn check_running(rec: &InitRecord) -> bool {
     reap_if_our_zombie(rec);
@@ -253,6 +262,16 @@ mod tests {
     use super::*;
 
     const STAT: &str = "4242 (my (odd) cmd) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615";
+
+    #[test]
+    fn a_pidfile_names_a_process_only_while_its_start_time_matches() {
+        let me = std::process::id();
+        let started = read_stat(me).unwrap().starttime;
+        assert_eq!(recorded_process(&format!("{me}\n")), Some(me));
+        assert_eq!(recorded_process(&format!("{me} {started}\n")), Some(me));
+        assert_eq!(recorded_process(&format!("{me} 1{started}\n")), None);
+        assert_eq!(recorded_process("not a pid"), None);
+    }
 
     #[test]
     fn parses_stat_with_odd_comm() {
