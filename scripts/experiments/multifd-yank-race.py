@@ -132,10 +132,7 @@ def round_(d, variant):
         time.sleep(0.5)
         return status, len(conns), alive(pid)
     finally:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+        raw.kill_all([pid])
         time.sleep(0.3)
 
 

@@ -65,6 +65,14 @@ def start_qemu(d, name, incoming):
     return int(open(f"{d}/{name}.pid").read())
 
 
+def kill_all(pids):
+    for p in pids:
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
+
+
 class Qmp:
     def __init__(self, path):
         self.sock = socket.socket(socket.AF_UNIX)
@@ -118,11 +126,7 @@ def run(d, channels):
             "mib": r["ram"]["transferred"] / (1 << 20), "passes": r["ram"]["dirty-sync-count"],
         }
     finally:
-        for p in pids:
-            try:
-                os.kill(p, 9)
-            except ProcessLookupError:
-                pass
+        kill_all(pids)
         # Let the freed memory settle as between move-bench repetitions.
         time.sleep(6)
 
