@@ -58,7 +58,8 @@ use std::time::{Duration, Instant};
 use qapi::qmp::{MigrateSetParameters, MigrationCapability as Cap};
 use serde::{Deserialize, Serialize};
 
-use super::aftermath::{recover_source, restore_qemu_defaults};
+use super::aftermath::recover_source;
+pub(super) use super::aftermath::{restore_qemu_defaults, wait_migration_cleanup};
 pub use super::aftermath::{QEMU_DEFAULT_BANDWIDTH, QEMU_DEFAULT_DOWNTIME_LIMIT_MS};
 use super::config::VmConfig;
 use super::mirror;
@@ -93,7 +94,7 @@ const SETTLE_SYNCS: u64 = 5;
 const SETTLE_TIME_MIN: Duration = Duration::from_millis(50);
 const SETTLE_TIME_MAX: Duration = Duration::from_secs(1);
 /// Polling while settling: the budget is short.
-const SETTLE_POLL: Duration = Duration::from_millis(10);
+pub(super) const SETTLE_POLL: Duration = Duration::from_millis(10);
 
 /// How long to wait for the guest to settle after a bulk pass that took
 /// `bulk` and left `dirty` bytes to send again at `rate` bytes/s (0: not
@@ -661,9 +662,10 @@ impl VmDriver {
         let f = VmFiles::of(spec);
         if let Some(pid) = qemu::running_pid(&f) {
             tracing::warn!(instance = %spec.name, pid, "killing the QEMU of an unfinished receive");
-            cleanup_target(spec, &f, pid).await;
+            if let Err(e) = qemu::kill_and_clean(&f, pid).await {
+                tracing::warn!("cleaning up the target QEMU of {}: {e}", spec.name);
+            }
         }
-        // What clean-up leaves: QEMU's sockets (NBD export, multifd stream).
         if let Err(e) = std::fs::remove_dir_all(&spec.paths.run) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("removing {}: {e}", spec.paths.run.display());

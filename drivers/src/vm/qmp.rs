@@ -213,10 +213,6 @@ raw_commands! {
     RawQueryYank => "query-yank",
 }
 
-/// How long QEMU may take to clean up after a migration ended.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
-const CLEANUP_POLL: Duration = Duration::from_millis(10);
-
 /// Whether a `query-yank` reply lists the migration's yank instance.
 fn lists_migration_yank(reply: &Value) -> bool {
     reply.as_array().is_some_and(|instances| {
@@ -457,43 +453,11 @@ impl Qmp {
     /// registers it when it starts; dropping it is the last step of QEMU's
     /// clean-up, which runs on the main loop after the migration's status
     /// already reads `failed`, `cancelled` or `completed`.
-    async fn migration_yank_registered(&mut self) -> Result<bool, DriverError> {
+    pub async fn migration_yank_registered(&mut self) -> Result<bool, DriverError> {
         let v = self
             .execute_raw("query-yank", Value::Object(Default::default()))
             .await?;
         Ok(lists_migration_yank(&v))
-    }
-
-    /// Wait until QEMU finished cleaning up after a migration. A migration
-    /// ends in two steps: its thread sets the final status (`failed`,
-    /// `cancelled`, `completed`), then a bottom half on the main loop cleans
-    /// up. Capabilities must not change in between: QEMU 10.0 stops
-    /// multifd's channels there only if `multifd` is still on, and then
-    /// aborts (`yank_unregister_instance`: assertion
-    /// `QLIST_EMPTY(&entry->yankfns)` in util/yank.c) on the channels it left
-    /// registered. The clean-up's last step drops the migration's yank
-    /// instance. If `query-yank` fails, there is nothing to wait for that
-    /// can be seen (every QEMU ferry drives, 7.2 and later, has it).
-    async fn wait_migration_cleanup(&mut self) -> Result<(), DriverError> {
-        let deadline = std::time::Instant::now() + CLEANUP_TIMEOUT;
-        loop {
-            match self.migration_yank_registered().await {
-                Ok(false) => return Ok(()),
-                Ok(true) if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(CLEANUP_POLL).await
-                }
-                Ok(true) => {
-                    return Err(DriverError::WrongState(format!(
-                        "QEMU is still cleaning up an earlier migration after {} s; try again",
-                        CLEANUP_TIMEOUT.as_secs()
-                    )))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "query-yank");
-                    return Ok(());
-                }
-            }
-        }
     }
 
     pub async fn query_migrate(&mut self) -> Result<MigrateInfo, DriverError> {
@@ -549,13 +513,11 @@ impl Qmp {
         self.execute(qmp::migrate_cancel {}).await.map(|_| ())
     }
 
-    /// Enable or disable migration capabilities, once QEMU has cleaned up
-    /// after any earlier migration (see [`Self::wait_migration_cleanup`]).
+    /// Enable or disable migration capabilities.
     pub async fn set_capabilities(
         &mut self,
         caps: &[(qmp::MigrationCapability, bool)],
     ) -> Result<(), DriverError> {
-        self.wait_migration_cleanup().await?;
         let capabilities = caps
             .iter()
             .map(|(capability, state)| qmp::MigrationCapabilityStatus {
