@@ -662,10 +662,9 @@ impl VmDriver {
         let f = VmFiles::of(spec);
         if let Some(pid) = qemu::running_pid(&f) {
             tracing::warn!(instance = %spec.name, pid, "killing the QEMU of an unfinished receive");
-            if let Err(e) = qemu::kill_and_clean(&f, pid).await {
-                tracing::warn!("cleaning up the target QEMU of {}: {e}", spec.name);
-            }
+            cleanup_target(spec, &f, pid).await;
         }
+        // What clean-up leaves: QEMU's sockets (NBD export, multifd stream).
         if let Err(e) = std::fs::remove_dir_all(&spec.paths.run) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("removing {}: {e}", spec.paths.run.display());
