@@ -306,6 +306,16 @@ where
     })
 }
 
+/// A spawned task that is aborted when this handle is dropped (a plain
+/// `JoinHandle` lets the task run on).
+pub(super) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What a state relay moved: payload bytes each way, and the bytes that
 /// crossed the link for `sent` (after compression; empty end frame excluded).
 #[derive(Debug, Clone, Copy, Default)]

@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 use ferry_migration::Compression;
 
 use super::ws::WsPipe;
-use super::{relay_state, StateStats};
+use super::{relay_state, AbortOnDrop, StateStats};
 
 /// All of a move's state relays, as one future: their summed figures, or
 /// the first failure.
@@ -56,8 +56,9 @@ pub(super) fn relay_outgoing(
         .map_err(|e| format!("migration socket {}: {e}", path.display()))?;
     let path: PathBuf = path.to_path_buf();
     Ok(Box::pin(async move {
+        // Relays started so far end with this future, however it ends.
+        let mut relays = Tasks::default();
         let accept_all = async {
-            let mut relays = Vec::with_capacity(pipes.len());
             for (i, pipe) in pipes.into_iter().enumerate() {
                 let (conn, _) = tokio::time::timeout(ACCEPT_TIMEOUT, listener.accept())
                     .await
@@ -70,11 +71,12 @@ pub(super) fn relay_outgoing(
                     .map_err(|e| format!("migration socket: accept: {e}"))?;
                 relays.push(tokio::spawn(relay_state(conn, pipe, compression, None)));
             }
-            Ok::<_, String>(relays)
+            Ok::<_, String>(())
         };
         let accepted = accept_all.await;
         let _ = std::fs::remove_file(&path);
-        join(accepted?).await
+        accepted?;
+        join(relays).await
     }))
 }
 
@@ -93,13 +95,11 @@ pub(super) fn relay_outgoing(
 pub(super) fn relay_incoming(path: &Path, pipes: Vec<WsPipe>, compression: Compression) -> Relays {
     let path = path.to_path_buf();
     Box::pin(async move {
-        let relays = pipes
-            .into_iter()
-            .map(|pipe| {
-                let conn = ConnectOnWrite::new(path.clone());
-                tokio::spawn(relay_state(conn, pipe, compression, None))
-            })
-            .collect();
+        let mut relays = Tasks::default();
+        for pipe in pipes {
+            let conn = ConnectOnWrite::new(path.clone());
+            relays.push(tokio::spawn(relay_state(conn, pipe, compression, None)));
+        }
         join(relays).await
     })
 }
@@ -201,30 +201,32 @@ impl AsyncWrite for ConnectOnWrite {
     }
 }
 
+/// Spawned relays that end when this is dropped: a move that fails or is
+/// abandoned closes every connection to QEMU at once (a spawned task would
+/// otherwise go on, holding connections QEMU may be blocked writing into).
+#[derive(Default)]
+struct Tasks(Vec<AbortOnDrop<Result<StateStats, String>>>);
+
+impl Tasks {
+    fn push(&mut self, relay: tokio::task::JoinHandle<Result<StateStats, String>>) {
+        self.0.push(AbortOnDrop(relay))
+    }
+}
+
 /// Wait for every relay; sum their figures. The first failure is the
-/// result, and the others are ended: QEMU fails the migration as soon as
-/// one of its connections breaks.
-async fn join(
-    relays: Vec<tokio::task::JoinHandle<Result<StateStats, String>>>,
-) -> Result<StateStats, String> {
-    let aborts: Vec<_> = relays.iter().map(|h| h.abort_handle()).collect();
-    let mut pending: futures::stream::FuturesUnordered<_> = relays.into_iter().collect();
+/// result, and the others are ended (as they are when this future is
+/// dropped): QEMU fails the migration as soon as one of its connections
+/// breaks.
+async fn join(mut relays: Tasks) -> Result<StateStats, String> {
     let mut sum = StateStats::default();
+    let mut pending: futures::stream::FuturesUnordered<_> =
+        relays.0.iter_mut().map(|t| &mut t.0).collect();
     use futures::StreamExt;
     while let Some(r) = pending.next().await {
-        match r.map_err(|e| e.to_string()).and_then(|r| r) {
-            Ok(s) => {
-                sum.sent += s.sent;
-                sum.received += s.received;
-                sum.sent_wire += s.sent_wire;
-            }
-            Err(e) => {
-                for a in &aborts {
-                    a.abort();
-                }
-                return Err(e);
-            }
-        }
+        let s = r.map_err(|e| e.to_string()).and_then(|r| r)?;
+        sum.sent += s.sent;
+        sum.received += s.received;
+        sum.sent_wire += s.sent_wire;
     }
     Ok(sum)
 }

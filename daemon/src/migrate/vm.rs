@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams, MigrationStream};
+use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams, MigrationControl, MigrationStream};
 use ferry_drivers::vm::mirror::MirrorParams;
 use ferry_drivers::vm::{VcpuPriority, VmDriver};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave};
@@ -18,7 +18,7 @@ use tokio_util::io::SyncIoBridge;
 use super::progress::Phase;
 use super::source::{close_bridge, send_archive, MoveRun, Pass};
 use super::ws::{self, WsControl, WsPipe};
-use super::{is_shared, qemu_stream_socketpair};
+use super::{is_shared, qemu_stream_socketpair, AbortOnDrop};
 use crate::core::Daemon;
 
 /// Does the agreed plan migrate live with this QEMU feature?
@@ -136,9 +136,17 @@ impl MoveRun {
                 let relay = super::multifd::relay_single(ours, state_pipes, compression)?;
                 (MigrationStream::Fd(qemu_fd), relay)
             };
+            let control = MigrationControl::default();
+            let abandoned = control.abandoned();
             let nbd = self.nbd_relay.clone();
             let relay = tokio::spawn(async move {
-                let r = relays.await;
+                // QEMU gave up on the stream: close every connection to it
+                // now (its clean-up may wait for that), not when the link's
+                // timeouts end the relays.
+                let r = tokio::select! {
+                    r = relays => r,
+                    _ = abandoned => Err("QEMU's migration ended without completing".to_string()),
+                };
                 if r.is_err() {
                     // The link is gone: end the disk mirror's NBD relay too,
                     // or QEMU would wait on it (its monitor blocked).
@@ -148,17 +156,20 @@ impl MoveRun {
                 }
                 r
             });
+            // However this function ends, the relays end with it.
+            let mut relay = AbortOnDrop(relay);
             let op = self.op.clone();
             let ctx = OpCtx::new(|_, _| {}, self.op.cancel_token());
             let started = Instant::now();
             let stats = vm
-                .migrate_outgoing(
+                .migrate_outgoing_with(
                     &self.spec,
                     &MigrateParams {
                         block_mirror: mirror,
                         ..params(plan)
                     },
                     stream,
+                    &control,
                     move |p| {
                         op.set_meta("state_progress", json!(p.summary()));
                         op.set_meta("qemu_status", json!(p.status));
@@ -202,7 +213,7 @@ impl MoveRun {
             );
             self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth, "vcpu_nice": stats.vcpu_nice, "mirror_switchover_ms": stats.mirror_switchover_ms}));
             if let Ok(Ok(Ok(stats))) =
-                tokio::time::timeout(std::time::Duration::from_secs(10), relay).await
+                tokio::time::timeout(std::time::Duration::from_secs(10), &mut relay.0).await
             {
                 stats.publish(&self.op);
             }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use qapi::qmp::{MigrateSetParameters, MigrationCapability as Cap};
 
-use super::migrate::{in_progress, MigrateParams, POLL, SETTLE_POLL, STREAM_FD};
+use super::migrate::{in_progress, MigrateParams, POLL, STREAM_FD};
 use super::qmp::Qmp;
 use crate::DriverError;
 
@@ -28,33 +28,6 @@ pub(super) async fn recover_source(qmp: &mut Qmp, was_running: bool) -> Result<(
     Ok(())
 }
 
-/// How long QEMU may take to clean up after a migration ended.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Wait until QEMU finished cleaning up after a migration; false if it did
-/// not within [`CLEANUP_TIMEOUT`] (true if it cannot tell). A migration ends in two steps: its thread
-/// sets the final status (`failed`, `cancelled`, `completed`), then a bottom
-/// half on the main loop cleans up. Capabilities must not change in between:
-/// QEMU 10.0 stops multifd's channels there only if `multifd` is still on,
-/// and then aborts (`yank_unregister_instance`: assertion
-/// `QLIST_EMPTY(&entry->yankfns)` in util/yank.c) on the channels it left
-/// registered. The clean-up's last step drops the migration's yank instance.
-pub(super) async fn wait_migration_cleanup(qmp: &mut Qmp) -> bool {
-    let deadline = Instant::now() + CLEANUP_TIMEOUT;
-    loop {
-        match qmp.migration_yank_registered().await {
-            Ok(false) => return true,
-            Ok(true) if Instant::now() < deadline => tokio::time::sleep(SETTLE_POLL).await,
-            Ok(true) => return false,
-            // Cannot tell (QEMU 7.2 and later have query-yank): go on.
-            Err(e) => {
-                tracing::warn!(error = %e, "query-yank");
-                return true;
-            }
-        }
-    }
-}
-
 /// QEMU's `max-bandwidth` default (128 MiB/s).
 pub const QEMU_DEFAULT_BANDWIDTH: u64 = 128 << 20;
 /// QEMU's `downtime-limit` default, in ms.
@@ -65,12 +38,9 @@ pub const QEMU_DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 /// migrations, so whatever comes next (a save, another move, a QMP user)
 /// would otherwise inherit this move's `pause-before-switchover`, its 10 ms
 /// `downtime-limit`, its bandwidth figures. The guest runs on regardless:
-/// a refusal is only logged.
+/// a refusal (or QEMU not done cleaning up the migration, see
+/// [`Qmp::set_capabilities`]) is only logged.
 pub(super) async fn restore_qemu_defaults(qmp: &mut Qmp) {
-    if !wait_migration_cleanup(qmp).await {
-        tracing::warn!("QEMU's clean-up of the failed migration did not finish within {CLEANUP_TIMEOUT:?}: its migration settings are left as they are");
-        return;
-    }
     let caps: Vec<(Cap, bool)> = MigrateParams::default()
         .capabilities()
         .into_iter()

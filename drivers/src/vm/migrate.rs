@@ -58,8 +58,7 @@ use std::time::{Duration, Instant};
 use qapi::qmp::{MigrateSetParameters, MigrationCapability as Cap};
 use serde::{Deserialize, Serialize};
 
-use super::aftermath::recover_source;
-pub(super) use super::aftermath::{restore_qemu_defaults, wait_migration_cleanup};
+use super::aftermath::{recover_source, restore_qemu_defaults};
 pub use super::aftermath::{QEMU_DEFAULT_BANDWIDTH, QEMU_DEFAULT_DOWNTIME_LIMIT_MS};
 use super::config::VmConfig;
 use super::mirror;
@@ -94,7 +93,7 @@ const SETTLE_SYNCS: u64 = 5;
 const SETTLE_TIME_MIN: Duration = Duration::from_millis(50);
 const SETTLE_TIME_MAX: Duration = Duration::from_secs(1);
 /// Polling while settling: the budget is short.
-pub(super) const SETTLE_POLL: Duration = Duration::from_millis(10);
+const SETTLE_POLL: Duration = Duration::from_millis(10);
 
 /// How long to wait for the guest to settle after a bulk pass that took
 /// `bulk` and left `dirty` bytes to send again at `rate` bytes/s (0: not
@@ -355,17 +354,38 @@ pub struct IncomingStats {
     pub postcopy: bool,
 }
 
-/// Ask a running outgoing migration to switch to post-copy now (it does so
-/// by itself after the first pass when `postcopy` is set).
+/// The caller's handle on a running outgoing migration, both ways: it can
+/// ask for post-copy now (the driver does so by itself after the first pass
+/// when `postcopy` is set), and it hears when the migration ended without
+/// completing, so it can close its ends of the stream at once.
+///
+/// QEMU's migration can hang on a connection that stays open but is no
+/// longer read (its threads block writing into it), and its clean-up does
+/// not finish until they return: a caller relaying the stream must close
+/// every connection once [`Self::abandoned`] fires, before the driver waits
+/// for that clean-up (shown on raw QEMU by
+/// `scripts/experiments/multifd-unread-stall.py`).
 #[derive(Debug, Clone, Default)]
-pub struct PostcopyTrigger(Arc<AtomicBool>);
+pub struct MigrationControl {
+    postcopy: Arc<AtomicBool>,
+    abandoned: tokio_util::sync::CancellationToken,
+}
 
-impl PostcopyTrigger {
-    pub fn fire(&self) {
-        self.0.store(true, Ordering::SeqCst)
+impl MigrationControl {
+    /// Switch to post-copy at the next poll (needs `params.postcopy`).
+    pub fn start_postcopy(&self) {
+        self.postcopy.store(true, Ordering::SeqCst)
     }
-    fn fired(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+    fn postcopy_requested(&self) -> bool {
+        self.postcopy.load(Ordering::SeqCst)
+    }
+    /// Completes once the migration failed, was cancelled or broke: the
+    /// stream will carry nothing more.
+    pub fn abandoned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.abandoned.clone().cancelled_owned()
+    }
+    fn abandon(&self) {
+        self.abandoned.cancel()
     }
 }
 
@@ -533,26 +553,26 @@ impl VmDriver {
             spec,
             params,
             stream,
-            &PostcopyTrigger::default(),
+            &MigrationControl::default(),
             progress,
             ctx,
         )
         .await
     }
 
-    /// [`migrate_outgoing`](Self::migrate_outgoing) with a handle to switch
-    /// to post-copy on demand (needs `params.postcopy`).
+    /// [`migrate_outgoing`](Self::migrate_outgoing) with a handle on the
+    /// migration (see [`MigrationControl`]).
     pub async fn migrate_outgoing_with(
         &self,
         spec: &InstanceSpec,
         params: &MigrateParams,
         stream: impl Into<MigrationStream>,
-        trigger: &PostcopyTrigger,
+        control: &MigrationControl,
         progress: impl Fn(MigrationProgress) + Send,
         ctx: &OpCtx,
     ) -> Result<OutgoingStats, DriverError> {
         let r = self
-            .outgoing(spec, params, stream.into(), trigger, progress, ctx)
+            .outgoing(spec, params, stream.into(), control, progress, ctx)
             .await;
         if params.block_mirror {
             // Success: drop the NBD node; failure: the job too (source disk untouched).
@@ -568,7 +588,7 @@ impl VmDriver {
         spec: &InstanceSpec,
         params: &MigrateParams,
         stream: MigrationStream,
-        trigger: &PostcopyTrigger,
+        control: &MigrationControl,
         progress: impl Fn(MigrationProgress) + Send,
         ctx: &OpCtx,
     ) -> Result<OutgoingStats, DriverError> {
@@ -605,6 +625,7 @@ impl VmDriver {
         qmp.drain_events();
         let uri = stream.uri(&mut qmp).await?;
         if let Err(e) = qmp.migrate(&uri).await {
+            control.abandon();
             let _ = qmp.close_fd(STREAM_FD).await;
             restore_qemu_defaults(&mut qmp).await;
             return Err(e);
@@ -612,9 +633,14 @@ impl VmDriver {
         drop(stream);
         ctx.progress("stage", "migrating the VM's memory");
         let vcpus = VcpuPriority::lower(&mut qmp, priority::migration_vcpu_nice()).await;
-        let mut w = OutgoingWatch::new(params, trigger, ctx);
+        let mut w = OutgoingWatch::new(params, control, ctx);
         let r = w.run(&mut qmp, &progress).await;
         let vcpu_nice = vcpus.restore();
+        if r.is_err() {
+            // Before waiting for QEMU's clean-up, which may need the
+            // caller's ends of the stream closed.
+            control.abandon();
+        }
         match r {
             Ok(stats) => Ok(OutgoingStats { vcpu_nice, ..stats }),
             Err(Failure::PostCopy(e)) => Err(e),
@@ -702,7 +728,7 @@ enum Failure {
 /// State of the source-side watch loop.
 struct OutgoingWatch<'a> {
     params: &'a MigrateParams,
-    trigger: &'a PostcopyTrigger,
+    control: &'a MigrationControl,
     ctx: &'a OpCtx,
     started: Instant,
     stop_event_us: Option<u64>,
@@ -729,11 +755,11 @@ struct OutgoingWatch<'a> {
 }
 
 impl<'a> OutgoingWatch<'a> {
-    fn new(params: &'a MigrateParams, trigger: &'a PostcopyTrigger, ctx: &'a OpCtx) -> Self {
+    fn new(params: &'a MigrateParams, control: &'a MigrationControl, ctx: &'a OpCtx) -> Self {
         let now = Instant::now();
         OutgoingWatch {
             params,
-            trigger,
+            control,
             ctx,
             started: now,
             stop_event_us: None,
@@ -1018,7 +1044,7 @@ impl<'a> OutgoingWatch<'a> {
         {
             return;
         }
-        if info.dirty_sync_count.unwrap_or(0) < 2 && !self.trigger.fired() {
+        if info.dirty_sync_count.unwrap_or(0) < 2 && !self.control.postcopy_requested() {
             return;
         }
         self.ctx.progress("stage", "switching to post-copy");

@@ -83,6 +83,15 @@ impl VmDriver {
             .ok_or_else(|| DriverError::Qmp(format!("unexpected output of xp: {:?}", out.trim())))
     }
 
+    /// Whether the VM's QEMU still holds a migration that ended (or runs):
+    /// its yank instance is registered. Seconds after a failed move this
+    /// means QEMU's clean-up is stuck (see `Qmp::set_capabilities`).
+    pub async fn migration_pending(&self, spec: &InstanceSpec) -> Result<bool, DriverError> {
+        let f = VmFiles::of(spec);
+        let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
+        qmp.migration_yank_registered().await
+    }
+
     /// The number on the last complete `counter N` line of the console log.
     pub fn console_counter(&self, spec: &InstanceSpec) -> Result<Option<u64>, DriverError> {
         let path = VmFiles::of(spec).console;

@@ -213,6 +213,10 @@ raw_commands! {
     RawQueryYank => "query-yank",
 }
 
+/// How long QEMU may take to clean up after a migration ended.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+const CLEANUP_POLL: Duration = Duration::from_millis(10);
+
 /// Whether a `query-yank` reply lists the migration's yank instance.
 fn lists_migration_yank(reply: &Value) -> bool {
     reply.as_array().is_some_and(|instances| {
@@ -460,6 +464,47 @@ impl Qmp {
         Ok(lists_migration_yank(&v))
     }
 
+    /// Wait until QEMU finished cleaning up after a migration. A migration
+    /// ends in two steps: its thread sets the final status (`failed`,
+    /// `cancelled`, `completed`), then a bottom half on the main loop cleans
+    /// up. Capabilities must not change in between: QEMU 10.0 stops
+    /// multifd's channels there only if `multifd` is still on, and then
+    /// aborts (`yank_unregister_instance`: assertion
+    /// `QLIST_EMPTY(&entry->yankfns)` in util/yank.c) on the channels it left
+    /// registered. The clean-up's last step drops the migration's yank
+    /// instance. If `query-yank` fails, there is nothing to wait for that
+    /// can be seen (every QEMU ferry drives, 7.2 and later, has it).
+    ///
+    /// The clean-up can also never come: QEMU 10.0's migration thread can
+    /// stay blocked for good in `multifd_send_sync_main` after a multifd
+    /// channel failed (its send threads gone), and QEMU then refuses any
+    /// new migration ("duplicate yank instance"); the guest runs on.
+    /// `scripts/experiments/multifd-unread-stall.py` shows it on raw QEMU.
+    async fn wait_migration_cleanup(&mut self) -> Result<(), DriverError> {
+        let deadline = std::time::Instant::now() + CLEANUP_TIMEOUT;
+        loop {
+            match self.migration_yank_registered().await {
+                Ok(false) => return Ok(()),
+                Ok(true) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(CLEANUP_POLL).await
+                }
+                Ok(true) => {
+                    return Err(DriverError::WrongState(format!(
+                        "QEMU has not finished cleaning up an earlier migration after {} s \
+                         (QEMU 10.0 can stay so after a failed multifd migration); the VM runs \
+                         on here; try again, and if this persists restart the VM before moving \
+                         it or stopping it statefully",
+                        CLEANUP_TIMEOUT.as_secs()
+                    )))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "query-yank");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     pub async fn query_migrate(&mut self) -> Result<MigrateInfo, DriverError> {
         Ok(MigrateInfo::from_json(
             &self.execute(RawQueryMigrate {}).await?,
@@ -513,11 +558,13 @@ impl Qmp {
         self.execute(qmp::migrate_cancel {}).await.map(|_| ())
     }
 
-    /// Enable or disable migration capabilities.
+    /// Enable or disable migration capabilities, once QEMU has cleaned up
+    /// after any earlier migration (see [`Self::wait_migration_cleanup`]).
     pub async fn set_capabilities(
         &mut self,
         caps: &[(qmp::MigrationCapability, bool)],
     ) -> Result<(), DriverError> {
+        self.wait_migration_cleanup().await?;
         let capabilities = caps
             .iter()
             .map(|(capability, state)| qmp::MigrationCapabilityStatus {

@@ -156,7 +156,7 @@ async fn rollback_save(qmp: &mut Qmp, was_running: bool) -> Result<(), DriverErr
     if was_running {
         qmp.cont().await?;
     }
-    super::migrate::restore_qemu_defaults(qmp).await;
+    super::aftermath::restore_qemu_defaults(qmp).await;
     Ok(())
 }
 
@@ -183,14 +183,6 @@ pub async fn save(spec: &InstanceSpec, ctx: &OpCtx) -> Result<VolatileChanges, D
     let was_running = qmp.status().await? == "running";
     ctx.progress("stage", "pausing the VM");
     let result = async {
-        // A move that just failed may still be cleaning up (see
-        // wait_migration_cleanup): capabilities change only after it.
-        if !super::migrate::wait_migration_cleanup(&mut qmp).await {
-            return Err(DriverError::WrongState(format!(
-                "VM {}: QEMU is still cleaning up an earlier migration; try again",
-                spec.name
-            )));
-        }
         qmp.set_capabilities(&super::migrate::file_capabilities())
             .await?;
         qmp.stop().await?;
