@@ -444,6 +444,14 @@ impl MoveRun {
         } else {
             0
         });
+        if self.live && self.spec.kind == InstanceType::VirtualMachine {
+            // A stuck earlier migration would fail this one after the
+            // target started its QEMU and the disk was mirrored.
+            ferry_drivers::vm::VmDriver::default()
+                .ready_to_migrate(&self.spec)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let ([rc, rs, rf], extra) = self.d.pending.expect(&self.op.id, &secrets);
         self.phase(
             Phase::Preparing,

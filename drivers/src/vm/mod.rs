@@ -92,6 +92,15 @@ impl VmDriver {
         qmp.migration_yank_registered().await
     }
 
+    /// Before a live move: wait (up to 10 s) for QEMU to finish cleaning up
+    /// an earlier migration, or refuse with what to do (see
+    /// `Qmp::set_capabilities`), before the target does any work.
+    pub async fn ready_to_migrate(&self, spec: &InstanceSpec) -> Result<(), DriverError> {
+        let f = VmFiles::of(spec);
+        let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
+        qmp.wait_migration_cleanup().await
+    }
+
     /// The number on the last complete `counter N` line of the console log.
     pub fn console_counter(&self, spec: &InstanceSpec) -> Result<Option<u64>, DriverError> {
         let path = VmFiles::of(spec).console;

@@ -480,7 +480,7 @@ impl Qmp {
     /// channel failed (its send threads gone), and QEMU then refuses any
     /// new migration ("duplicate yank instance"); the guest runs on.
     /// `scripts/experiments/multifd-unread-stall.py` shows it on raw QEMU.
-    async fn wait_migration_cleanup(&mut self) -> Result<(), DriverError> {
+    pub async fn wait_migration_cleanup(&mut self) -> Result<(), DriverError> {
         let deadline = std::time::Instant::now() + CLEANUP_TIMEOUT;
         loop {
             match self.migration_yank_registered().await {
