@@ -45,6 +45,13 @@ struct Args {
     /// second); a move's own `--bandwidth` wins. Unset: unlimited.
     #[arg(long, env = "FERRY_MIGRATION_BANDWIDTH", value_parser = settings::Settings::parse_bandwidth)]
     migration_bandwidth: Option<u64>,
+    /// QEMU's multifd (parallel RAM channels) on live VM moves from and to
+    /// this member: `auto` (on a move without a bandwidth cap or post-copy,
+    /// where both members' QEMU is 8.0 or later), `off`, or `always` (on a
+    /// capped move too, instead of XBZRLE).
+    #[arg(long, env = "FERRY_MULTIFD", default_value = "auto",
+          value_parser = settings::Multifd::parse)]
+    migration_multifd: settings::Multifd,
     /// Where the `shared` storage pool (a directory every member sees) is
     /// mounted on this member. Unset: no shared pool here.
     #[arg(long, env = "FERRY_SHARED_POOL")]
@@ -97,6 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let settings = settings::Settings {
         migration_protocol: args.migration_protocol,
         migration_bandwidth: args.migration_bandwidth,
+        migration_multifd: args.migration_multifd,
         shared_pool: args.shared_pool,
         evacuate_parallel: args.evacuate_parallel.into(),
         instance_memory: args.instance_memory,

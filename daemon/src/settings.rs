@@ -1,6 +1,7 @@
 //! Member-local settings given on ferryd's command line (or environment):
 //! the migration protocol versions this member speaks, its default move
-//! bandwidth and where the `shared` storage pool is mounted here.
+//! bandwidth, whether its VM moves use QEMU's multifd, and where the
+//! `shared` storage pool is mounted here.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,9 @@ pub struct Settings {
     pub migration_protocol: VersionRange,
     /// Default cap (bytes/s) for moves from this member; `--bandwidth` wins.
     pub migration_bandwidth: Option<u64>,
+    /// Whether live VM moves from and to this member use QEMU's multifd
+    /// (`--migration-multifd`).
+    pub migration_multifd: Multifd,
     /// Where the `shared` pool is mounted on this member.
     pub shared_pool: Option<PathBuf>,
     /// How many instances an evacuation or restore moves at once
@@ -29,6 +33,33 @@ pub struct Settings {
     /// counts the running instances' memory against it. `None`: no cap beyond
     /// the host's available memory.
     pub instance_memory: Option<u64>,
+}
+
+/// `--migration-multifd`: QEMU's parallel RAM channels on live VM moves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Multifd {
+    /// Offered on a move without a bandwidth cap or post-copy, accepted
+    /// where this member's QEMU can (8.0 or later).
+    #[default]
+    Auto,
+    /// Neither offered nor accepted: one stream per move.
+    Off,
+    /// Also offered on a bandwidth-capped move (instead of XBZRLE).
+    Always,
+}
+
+impl Multifd {
+    /// `auto` (or `on`, `1`), `off` (or `0`, `false`), `always`.
+    pub fn parse(s: &str) -> Result<Multifd, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "on" | "1" | "true" => Ok(Multifd::Auto),
+            "off" | "0" | "false" => Ok(Multifd::Off),
+            "always" => Ok(Multifd::Always),
+            other => Err(format!(
+                "--migration-multifd {other:?}: use \"auto\" (the default), \"off\" or \"always\""
+            )),
+        }
+    }
 }
 
 impl Settings {
@@ -115,6 +146,22 @@ fn pool_id(dir: &Path) -> std::io::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parses_the_multifd_setting() {
+        use super::Multifd;
+        for (v, want) in [
+            ("auto", Multifd::Auto),
+            ("1", Multifd::Auto),
+            ("OFF", Multifd::Off),
+            ("0", Multifd::Off),
+            ("always", Multifd::Always),
+        ] {
+            assert_eq!(Multifd::parse(v), Ok(want), "{v}");
+        }
+        let e = Multifd::parse("sometimes").unwrap_err();
+        assert!(e.contains("sometimes") && e.contains("always"), "{e}");
+    }
+
     use super::*;
 
     #[test]

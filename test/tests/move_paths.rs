@@ -166,6 +166,50 @@ async fn live_vm_moves_between_qemu_7_2_and_10_0_members() {
     ms[0].ferry_ok(&["delete", "--force", "v1"]);
 }
 
+/// A member started with `--migration-multifd off` (here through its
+/// environment, `FERRY_MULTIFD=off`) neither accepts nor offers QEMU's
+/// multifd: live VM moves to and from it use one stream, and the plan says
+/// why when the other side offered it. The guest runs on both times.
+#[tokio::test]
+async fn a_member_with_multifd_off_moves_vms_on_one_stream() {
+    if !need_root("a_member_with_multifd_off_moves_vms_on_one_stream") {
+        return;
+    }
+    if !VmDriver::multifd_support().await {
+        eprintln!("SKIP: this member's QEMU is older than 8.0 (no multifd anyway)");
+        return;
+    }
+    let ms = vec![
+        Member::start("m1"),
+        Member::start_with_env("m2", &[("FERRY_MULTIFD", "off")]),
+    ];
+    form_cluster(&ms);
+    ms[0].launch_on("testvm", "v1", "m1", &["limits.memory=128MiB"]);
+    wait_guest(&ms[0].spec("v1", true)).await;
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let (src, dst) = (&ms[from], &ms[to]);
+        let before = VmDriver::default()
+            .read_counter(&src.spec("v1", true))
+            .await
+            .unwrap();
+        let meta = move_json(src, "v1", &dst.name);
+        assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
+        assert_eq!(meta["qemu_params"]["multifd_channels"], 0, "{meta}");
+        if from == 0 {
+            let why = meta["why"].as_str().unwrap_or_default();
+            assert!(
+                why.contains("not shared with the target: multifd"),
+                "{meta}"
+            );
+        }
+        let dspec = dst.spec("v1", true);
+        let after = VmDriver::default().read_counter(&dspec).await.unwrap();
+        assert!(after >= before, "guest counter reset: {after} < {before}");
+        assert_eq!(location(src, "v1").as_deref(), Some(dst.name.as_str()));
+    }
+    ms[0].ferry_ok(&["delete", "--force", "v1"]);
+}
+
 /// Wait (up to 30 s) until the test guest's counter is readable and > 0.
 async fn wait_guest(spec: &ferry_drivers::InstanceSpec) {
     for _ in 0..300 {

@@ -307,13 +307,14 @@ impl MoveRun {
 
     /// Offer QEMU's multifd (RAM sent and loaded by several threads on
     /// each side, over more state channels) on an unlimited link without
-    /// post-copy, where the VM's QEMU can. `FERRY_MULTIFD=0` turns it off
-    /// (for comparisons); `FERRY_MULTIFD=always` offers it on a capped link
-    /// too, instead of XBZRLE (for tests that need a slow move).
+    /// post-copy, where the VM's QEMU can; the member's
+    /// `--migration-multifd` can turn it off, or offer it on a capped link
+    /// too, instead of XBZRLE (tests use that for a slow move).
     async fn offers_multifd(&self, capped: bool) -> bool {
-        let env = std::env::var("FERRY_MULTIFD");
-        (!capped || env.as_deref() == Ok("always"))
-            && env.as_deref() != Ok("0")
+        use crate::settings::Multifd;
+        let setting = self.d.settings.migration_multifd;
+        (!capped || setting == Multifd::Always)
+            && setting != Multifd::Off
             && !self.options.postcopy
             && self.spec.kind == InstanceType::VirtualMachine
             && ferry_drivers::vm::VmDriver::default()

@@ -120,6 +120,7 @@ impl Daemon {
         // Multifd's extra state channels, where the source offered them and
         // this member's QEMU can take them.
         let multifd = !req.secrets.state_extra.is_empty()
+            && self.settings.migration_multifd != crate::settings::Multifd::Off
             && spec.kind == ferry_drivers::InstanceType::VirtualMachine
             && ferry_drivers::vm::VmDriver::multifd_support().await;
         let extra = if multifd {

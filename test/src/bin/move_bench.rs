@@ -1341,9 +1341,12 @@ async fn run(o: Opts) -> i32 {
             // ferry's parameters for a dir pool's VM: its defaults plus the
             // disk mirror (ferry's (b) moves the disk the same way).
             // And multifd where ferry's (b) uses it (QEMU 8.0 or later;
-            // FERRY_MULTIFD=0 in the bench's environment turns it off for
-            // the members and for (a)).
-            let multifd_on = std::env::var("FERRY_MULTIFD").as_deref() != Ok("0");
+            // FERRY_MULTIFD=off (or 0) in the bench's environment turns it
+            // off for the members, ferryd's --migration-multifd, and for (a)).
+            let multifd_on = !matches!(
+                std::env::var("FERRY_MULTIFD").as_deref(),
+                Ok("0" | "off" | "false")
+            );
             let ferrys = MigrateParams {
                 block_mirror: true,
                 multifd_channels: if multifd_on && VmDriver::multifd_support().await {
