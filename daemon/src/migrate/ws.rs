@@ -38,6 +38,9 @@ fn link_dead(last_rx: Instant) -> bool {
     }
     dead
 }
+fn link_broken(e: &dyn std::fmt::Display) {
+    tracing::warn!(error = %e, "migration channel: the connection broke");
+}
 pub(super) const CHUNK: usize = 256 * 1024;
 
 /// Frames in and out of one websocket; an empty frame = end of that direction.
@@ -62,7 +65,11 @@ pub fn from_axum(mut ws: WebSocket) -> WsPipe {
                     last_rx = Instant::now();
                     match m {
                         Some(Ok(AxMsg::Binary(b))) if in_tx.send(b.clone()).await.is_err() => reading = false,
-                        Some(Ok(AxMsg::Close(_))) | None | Some(Err(_)) => reading = false,
+                        Some(Ok(AxMsg::Close(_))) | None => reading = false,
+                        // The connection broke (e.g. reset): nothing more
+                        // goes out either. Ending now tells the relays at
+                        // once, which may be waiting for acknowledgements.
+                        Some(Err(e)) => { link_broken(&e); break }
                         _ => {}
                     }
                 },
@@ -105,7 +112,11 @@ where
                     last_rx = Instant::now();
                     match m {
                         Some(Ok(TMsg::Binary(b))) if in_tx.send(b.clone()).await.is_err() => reading = false,
-                        Some(Ok(TMsg::Close(_))) | None | Some(Err(_)) => reading = false,
+                        Some(Ok(TMsg::Close(_))) | None => reading = false,
+                        // The connection broke (e.g. reset): nothing more
+                        // goes out either. Ending now tells the relays at
+                        // once, which may be waiting for acknowledgements.
+                        Some(Err(e)) => { link_broken(&e); break }
                         _ => {}
                     }
                 },
