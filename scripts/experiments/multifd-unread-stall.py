@@ -90,16 +90,7 @@ def yank_gone_within(q, seconds):
 def round_(d):
     pid = raw.start_qemu(d, "src", False)
     try:
-        time.sleep(2)  # the guest fills its 64 MiB hot set
-        q = raw.Qmp(f"{d}/src.qmp")
-        q.cmd("migrate-set-capabilities", capabilities=[
-            {"capability": "events", "state": True},
-            {"capability": "multifd", "state": True},
-        ])
-        q.cmd("migrate-set-parameters", **{"multifd-channels": 2, "max-bandwidth": 8 << 20})
-        sock = f"{d}/mig.sock"
-        if os.path.exists(sock):
-            os.unlink(sock)
+        q, sock = yank.multifd_source(d)
         conns, stopped = [], set()
         t = listener(sock, conns, stopped)
         q.cmd("migrate", uri=f"unix:{sock}")

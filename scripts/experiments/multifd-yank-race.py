@@ -106,19 +106,26 @@ def breaking_listener(path, conns, hold_s):
     return t
 
 
+def multifd_source(d):
+    """Boot the test guest as a source with multifd (2 channels, 8 MiB/s)
+    set up; returns its QMP and the socket path to migrate to (removed)."""
+    time.sleep(2)  # the guest fills its 64 MiB hot set
+    q = raw.Qmp(f"{d}/src.qmp")
+    q.cmd("migrate-set-capabilities", capabilities=[
+        {"capability": "events", "state": True},
+        {"capability": "multifd", "state": True},
+    ])
+    q.cmd("migrate-set-parameters", **{"multifd-channels": 2, "max-bandwidth": 8 << 20})
+    sock = f"{d}/mig.sock"
+    if os.path.exists(sock):
+        os.unlink(sock)
+    return q, sock
+
+
 def round_(d, variant):
     pid = raw.start_qemu(d, "src", False)
     try:
-        time.sleep(2)  # the guest fills its 64 MiB hot set
-        q = raw.Qmp(f"{d}/src.qmp")
-        q.cmd("migrate-set-capabilities", capabilities=[
-            {"capability": "events", "state": True},
-            {"capability": "multifd", "state": True},
-        ])
-        q.cmd("migrate-set-parameters", **{"multifd-channels": 2, "max-bandwidth": 8 << 20})
-        sock = f"{d}/mig.sock"
-        if os.path.exists(sock):
-            os.unlink(sock)
+        q, sock = multifd_source(d)
         conns = []
         t = breaking_listener(sock, conns, 0.3)
         q.cmd("migrate", uri=f"unix:{sock}")
