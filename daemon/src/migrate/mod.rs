@@ -308,11 +308,28 @@ where
 
 /// A spawned task that is aborted when this handle is dropped (a plain
 /// `JoinHandle` lets the task run on).
-pub(super) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+pub(super) struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> AbortOnDrop<T> {
+    pub(super) fn new(task: tokio::task::JoinHandle<T>) -> Self {
+        AbortOnDrop(Some(task))
+    }
+
+    pub(super) fn handle(&mut self) -> &mut tokio::task::JoinHandle<T> {
+        self.0.as_mut().expect("present until dropped or detached")
+    }
+
+    /// Let the task run on by itself.
+    pub(super) fn detach(mut self) -> tokio::task::JoinHandle<T> {
+        self.0.take().expect("present until dropped or detached")
+    }
+}
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
     }
 }
 

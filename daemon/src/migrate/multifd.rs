@@ -209,7 +209,7 @@ struct Tasks(Vec<AbortOnDrop<Result<StateStats, String>>>);
 
 impl Tasks {
     fn push(&mut self, relay: tokio::task::JoinHandle<Result<StateStats, String>>) {
-        self.0.push(AbortOnDrop(relay))
+        self.0.push(AbortOnDrop::new(relay))
     }
 }
 
@@ -220,7 +220,7 @@ impl Tasks {
 async fn join(mut relays: Tasks) -> Result<StateStats, String> {
     let mut sum = StateStats::default();
     let mut pending: futures::stream::FuturesUnordered<_> =
-        relays.0.iter_mut().map(|t| &mut t.0).collect();
+        relays.0.iter_mut().map(AbortOnDrop::handle).collect();
     use futures::StreamExt;
     while let Some(r) = pending.next().await {
         let s = r.map_err(|e| e.to_string()).and_then(|r| r)?;

@@ -156,8 +156,8 @@ impl MoveRun {
                 }
                 r
             });
-            // However this function ends, the relays end with it.
-            let mut relay = AbortOnDrop(relay);
+            // If the migration fails however, the relays end with it.
+            let relay = AbortOnDrop::new(relay);
             let op = self.op.clone();
             let ctx = OpCtx::new(|_, _| {}, self.op.cancel_token());
             let started = Instant::now();
@@ -212,8 +212,10 @@ impl MoveRun {
                 }),
             );
             self.op.set_meta("qemu", json!({"total_ms": stats.total_time_ms, "downtime_ms": stats.downtime_ms, "transferred": stats.transferred, "passes": stats.dirty_sync_count, "max_throttle_percent": stats.max_throttle_percent, "switchover_limit_ms": stats.switchover_limit_ms, "switchover_bandwidth": stats.switchover_bandwidth, "vcpu_nice": stats.vcpu_nice, "mirror_switchover_ms": stats.mirror_switchover_ms}));
+            // Completed: the relays may still carry the stream's tail to the
+            // target (a slow link); they end by themselves.
             if let Ok(Ok(Ok(stats))) =
-                tokio::time::timeout(std::time::Duration::from_secs(10), &mut relay.0).await
+                tokio::time::timeout(std::time::Duration::from_secs(10), relay.detach()).await
             {
                 stats.publish(&self.op);
             }
