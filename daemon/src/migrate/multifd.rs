@@ -236,6 +236,42 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A relay that runs until aborted; `gone` completes when it is dropped.
+    fn endless(tasks: &mut Tasks) -> tokio::sync::oneshot::Receiver<()> {
+        let (held, gone) = tokio::sync::oneshot::channel::<()>();
+        tasks.push(tokio::spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await;
+            Ok(StateStats::default())
+        }));
+        gone
+    }
+
+    #[tokio::test]
+    async fn one_failing_relay_ends_the_others() {
+        let mut tasks = Tasks::default();
+        let gone = endless(&mut tasks);
+        tasks.push(tokio::spawn(async { Err("broken pipe".to_string()) }));
+        assert_eq!(join(tasks).await.unwrap_err(), "broken pipe");
+        let ended = tokio::time::timeout(Duration::from_secs(2), gone).await;
+        assert!(ended.is_ok(), "the other relay still runs");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_joined_relays_ends_them() {
+        let mut tasks = Tasks::default();
+        let gone = endless(&mut tasks);
+        let joined = join(tasks);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), joined)
+                .await
+                .is_err(),
+            "joined relays ended by themselves"
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(2), gone).await;
+        assert!(ended.is_ok(), "a relay outlived its dropped join");
+    }
+
     #[tokio::test]
     async fn connects_on_the_first_write_and_wakes_the_waiting_reader() {
         let dir = tempfile::tempdir().unwrap();
