@@ -18,7 +18,9 @@ use vmcommon::{
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_drivers::vm::migrate::{IncomingStats, MigrateParams, MigrationProgress, OutgoingStats};
+use ferry_drivers::vm::migrate::{
+    IncomingStats, MigrateParams, MigrationControl, MigrationProgress, OutgoingStats,
+};
 use ferry_drivers::vm::VmDriver;
 use ferry_drivers::{DriverError, Lifecycle, OpCtx};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,9 @@ struct Outcome {
     progress: Vec<MigrationProgress>,
     b_pid: u32,
     relay: std::io::Result<(u64, u64)>,
+    /// Whether the driver told the caller the stream was given up
+    /// (`MigrationControl::abandoned`).
+    abandoned: bool,
     /// QEMU versions of source and target.
     versions: (String, String),
 }
@@ -101,11 +106,16 @@ async fn run_move<F: std::future::Future<Output = ()>>(
         cut,
         seen: seen.clone(),
     };
+    let control = MigrationControl::default();
+    let abandoned = control.abandoned();
     let (inc, out, ()) = tokio::join!(
         incoming.wait(&b_ctx),
-        d.migrate_outgoing(&m.a, params, fd_a, progress, &a_ctx),
+        d.migrate_outgoing_with(&m.a, params, fd_a, &control, progress, &a_ctx),
         meanwhile(ctl)
     );
+    let abandoned = tokio::time::timeout(Duration::ZERO, abandoned)
+        .await
+        .is_ok();
     let relay = tokio::time::timeout(Duration::from_secs(10), relay)
         .await
         .expect("relay did not end")
@@ -117,6 +127,7 @@ async fn run_move<F: std::future::Future<Output = ()>>(
         progress,
         b_pid,
         relay,
+        abandoned,
         versions,
     }
 }
@@ -129,6 +140,10 @@ async fn check_moved(
     o: Outcome,
     label: &str,
 ) -> (OutgoingStats, IncomingStats) {
+    assert!(
+        !o.abandoned,
+        "{label}: a completed migration was reported abandoned"
+    );
     let out = o
         .out
         .unwrap_or_else(|e| panic!("{label}: outgoing failed: {e}"));
@@ -177,6 +192,11 @@ async fn check_moved(
 
 /// After a failed/cancelled move: A runs on in the same QEMU, B is gone.
 async fn check_stayed(d: &VmDriver, m: &Members, a_pid: u32, o: &Outcome, label: &str) {
+    // The caller heard it in time to close its ends of the stream.
+    assert!(
+        o.abandoned,
+        "{label}: a failed migration was not reported abandoned"
+    );
     check_still_on_a(d, m, a_pid, label).await;
     check_qemu_defaults_on_a(m, label).await;
     assert!(
