@@ -397,10 +397,15 @@ async fn vm_on_m1(ms: &[Member], memory: &str, more: &[&str]) -> i64 {
         args.extend(["-c", kv]);
     }
     ms[0].ferry_ok(&args);
-    let spec = ms[0].spec("v1", true);
+    counting_vm(&ms[0]).await
+}
+
+/// Wait until `v1`'s guest on `m` counts; returns its QEMU's pid.
+async fn counting_vm(m: &Member) -> i64 {
+    let spec = m.spec("v1", true);
     for _ in 0..300 {
         if VmDriver::default().read_counter(&spec).await.unwrap_or(0) > 0 {
-            return ms[0].instance("v1").await["state"]["pid"].as_i64().unwrap();
+            return m.instance("v1").await["state"]["pid"].as_i64().unwrap();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -488,16 +493,9 @@ async fn past_a_stuck_qemu(ms: &[Member], pid: i64) -> i64 {
     );
     vm_undisturbed(ms, pid).await;
     ms[0].ferry_ok(&["restart", "--force", "v1"]);
-    for _ in 0..300 {
-        let now = ms[0].instance("v1").await["state"]["pid"].as_i64();
-        if let Some(p) = now.filter(|p| *p != pid) {
-            if VmDriver::default().read_counter(&spec).await.unwrap_or(0) > 0 {
-                return p;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the restarted VM never counted");
+    let restarted = counting_vm(&ms[0]).await;
+    assert_ne!(restarted, pid, "the VM was not restarted in a new QEMU");
+    restarted
 }
 
 fn target_qemu_pid(m: &Member) -> Option<i32> {

@@ -38,9 +38,11 @@ fn link_dead(last_rx: Instant) -> bool {
     }
     dead
 }
+
 fn link_broken(e: &dyn std::fmt::Display) {
     tracing::warn!(error = %e, "migration channel: the connection broke");
 }
+
 pub(super) const CHUNK: usize = 256 * 1024;
 
 /// Frames in and out of one websocket; an empty frame = end of that direction.
