@@ -27,7 +27,8 @@ pub use channel::{
 };
 pub use frames::{FrameDecoder, FrameEncoder, FrameError, FrameStats};
 pub use negotiate::{
-    check_response, negotiate, Capabilities, FsPlan, NegotiationError, Plan, PreDump, StatePlan,
+    check_response, has_live_vm, negotiate, Capabilities, FsPlan, NegotiationError, Plan, PreDump,
+    StatePlan,
 };
 pub use protocol::{
     agree_version, Compression, FsTransfer, Hello, InstanceType, Message, MoveOptions, Offer,

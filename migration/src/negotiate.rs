@@ -362,6 +362,19 @@ impl Offer {
         self
     }
 
+    /// Does this offer, as `version` can express it, lead with a live VM
+    /// move whose disk needs nothing copied before the target's QEMU starts
+    /// (a block mirror, or a shared pool)? A target that can take it (see
+    /// [`has_live_vm`]) then starts its QEMU before the plan is agreed.
+    pub fn leads_with_live_vm(&self, version: u32) -> bool {
+        has_live_vm(version)
+            && matches!(self.state.first(), Some(StateTransfer::VmQemuLive { .. }))
+            && matches!(
+                self.fs.first(),
+                Some(FsTransfer::BlockMirror { .. } | FsTransfer::Shared { .. })
+            )
+    }
+
     /// Why `version` changes what this offer can get (for the plan's
     /// reasons): the known transfer types it cannot express.
     pub fn version_notes(&self, version: u32) -> Vec<String> {
@@ -386,6 +399,17 @@ impl Offer {
             dropped.join(", ")
         )]
     }
+}
+
+/// Does protocol `version` have live VM moves (QEMU to QEMU, the disk by
+/// block mirror where it is not on a shared pool)?
+pub fn has_live_vm(version: u32) -> bool {
+    StateTransfer::VmQemuLive { features: vec![] }.since() <= version
+        && FsTransfer::BlockMirror {
+            compression: vec![],
+        }
+        .since()
+            <= version
 }
 
 impl Capabilities {

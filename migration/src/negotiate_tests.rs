@@ -557,3 +557,32 @@ fn multifd_only_when_both_offer_it_and_never_with_postcopy_or_xbzrle() {
     );
     assert_reason(&plan, "multifd is not used with post-copy");
 }
+
+#[test]
+fn an_offer_leads_with_a_live_vm_move_only_where_the_disk_needs_no_copy_first() {
+    let mirror = F::BlockMirror {
+        compression: vec![C::None],
+    };
+    let shared = F::Shared {
+        pool_id: "nfs1".into(),
+    };
+    let with_fs = |fs: Vec<F>| Offer { fs, ..vm_offer() };
+    assert!(has_live_vm(2) && !has_live_vm(1));
+    assert!(with_fs(vec![mirror.clone(), archive(&[C::None])]).leads_with_live_vm(2));
+    assert!(with_fs(vec![shared.clone()]).leads_with_live_vm(2));
+    // The disk travels first as an archive: QEMU must wait for it.
+    assert!(!with_fs(vec![archive(&[C::None]), mirror.clone()]).leads_with_live_vm(2));
+    // Protocol v1 has no live VM move.
+    assert!(!with_fs(vec![mirror.clone()]).leads_with_live_vm(1));
+    // A stateful stop, or a container.
+    let stop = Offer {
+        state: vec![S::StatefulStopFile],
+        ..with_fs(vec![mirror.clone()])
+    };
+    assert!(!stop.leads_with_live_vm(2));
+    assert!(!Offer {
+        fs: vec![shared],
+        ..container_offer()
+    }
+    .leads_with_live_vm(2));
+}

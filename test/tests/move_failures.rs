@@ -498,6 +498,23 @@ async fn past_a_stuck_qemu(ms: &[Member], pid: i64) -> i64 {
     restarted
 }
 
+/// The QEMU processes whose command line names a file of member `m`.
+fn qemus_of(m: &Member) -> Vec<i64> {
+    let dir = m.dir.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(&dir) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 fn target_qemu_pid(m: &Member) -> Option<i32> {
     std::fs::read_to_string(m.spec("v1", true).paths.run.join("qemu.pid"))
         .ok()?
@@ -552,6 +569,20 @@ async fn precopy_failures(multifd: bool) {
     let mut pid = vm_on_m1(&ms, "256MiB", hot).await;
     // 8 MiB/s: pre-copy of 256 MiB takes half a minute, time to break it.
     let slow = json!({"migration": true, "live": true, "bandwidth": 8u64 << 20});
+
+    // 0. A target pool too small for the disk is refused at negotiation.
+    //    The target started its QEMU meanwhile (the source's request
+    //    announced a live move): it goes, with the disk prepared for it.
+    let small = SmallPool::mount(&ms[1].dir.join("storage-pools/default"), "size=512k");
+    let (c, id) = start_move(&ms[0], "v1", "m2", slow.clone()).await;
+    let err = failed(&c, &id, "Failure").await;
+    assert!(err.contains("bytes free but the volume needs"), "{err}");
+    wait_for(15, "the target's early QEMU started, then gone", || {
+        (ms[1].log().contains("the target QEMU started early goes") && qemus_of(&ms[1]).is_empty())
+            .then_some(())
+    });
+    vm_undisturbed(&ms, pid).await;
+    drop(small);
 
     // 1. Cancel during pre-copy.
     let (c, id) = start_move(&ms[0], "v1", "m2", slow.clone()).await;

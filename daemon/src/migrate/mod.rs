@@ -81,6 +81,12 @@ pub struct SinkRequest {
     /// A VM's disk size (the target creates the disk a block mirror fills).
     #[serde(default)]
     pub disk_size: Option<u64>,
+    /// The source's offer leads with a live VM move whose disk needs nothing
+    /// copied before the target's QEMU starts (block mirror, shared pool):
+    /// a target that can take it starts its QEMU while the move is still
+    /// being negotiated (doc/migration-protocol.md).
+    #[serde(default)]
+    pub early_launch: bool,
 }
 
 /// A connected socketpair: one end for CRIU/QEMU (an fd), one for our relay.

@@ -489,6 +489,8 @@ impl MoveRun {
                     .ok(),
                 InstanceType::Container => None,
             },
+            early_launch: self.spec.kind == InstanceType::VirtualMachine
+                && offer.leads_with_live_vm(self.d.settings.migration_protocol.max),
         };
         cluster
             .peers

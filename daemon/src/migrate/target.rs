@@ -9,13 +9,17 @@ use ferry_drivers::storage::{read_archive, ExtractOptions};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx};
 use ferry_migration::{
     target_handshake, ByteChannel, Capabilities, Compression, FsTransfer, Message, MessageChannel,
-    QemuFeature, StateTransfer, TargetState,
+    Plan, QemuFeature, StateTransfer, TargetState,
 };
 use tokio_util::io::SyncIoBridge;
 
-use super::ws::WsControl;
+use super::ws::{WsControl, WsPipe};
 use super::SinkRequest;
 use crate::core::{ActionError, Daemon};
+
+/// The channels and the plan, once the handshake is done: control, state,
+/// fs and multifd's extra state channels.
+type Connected = (WsControl, TargetState, Plan, WsPipe, WsPipe, Vec<WsPipe>);
 
 pub(super) type ReadBridge =
     SyncIoBridge<tokio::io::ReadHalf<ByteChannel<tokio::io::DuplexStream>>>;
@@ -128,6 +132,79 @@ impl Daemon {
         } else {
             &[]
         };
+        // A live VM move's target QEMU starts meanwhile (where the source's
+        // request says the plan will need it): it is the longest part of
+        // the target's set-up.
+        let (connected, early) = tokio::join!(
+            self.connect_and_agree(&req, spec, dial, multifd, extra),
+            self.launch_early(&req, spec)
+        );
+        let (mut ctl, st, plan, state_pipe, fs_pipe, extra_pipes) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                match early {
+                    Some(Ok(qemu)) => {
+                        tracing::info!(instance = %req.record.name, error = %e, "no plan agreed: the target QEMU started early goes");
+                        qemu.discard().await;
+                    }
+                    Some(Err(early)) => {
+                        tracing::info!(instance = %req.record.name, error = %e, "no plan agreed; starting the target QEMU early had failed too: {early}");
+                    }
+                    None => {}
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(instance = %req.record.name, source = %req.source_member, plan = %plan, "receiving a moved instance");
+        let res = if spec.kind == ferry_drivers::InstanceType::VirtualMachine {
+            self.receive_vm(
+                &mut ctl,
+                st,
+                &plan,
+                spec,
+                std::iter::once(state_pipe).chain(extra_pipes).collect(),
+                fs_pipe,
+                early,
+                super::vm::Received {
+                    launch: req.launch.clone(),
+                    disk_size: req.disk_size,
+                    start_after: req.start_after,
+                    on_shared_pool: req.record.storage_pool == crate::settings::SHARED_POOL,
+                },
+            )
+            .await
+        } else {
+            self.receive_container(
+                &mut ctl,
+                st,
+                &plan,
+                spec,
+                state_pipe,
+                fs_pipe,
+                req.start_after,
+            )
+            .await
+        };
+        if let Err(e) = &res {
+            let _ = ctl.send(&Message::Failure { message: e.clone() }).await;
+        }
+        res
+    }
+
+    /// The target's channels (TLS websockets to the source) and the
+    /// handshake: the agreed plan.
+    async fn connect_and_agree<F, Fut>(
+        &self,
+        req: &SinkRequest,
+        spec: &InstanceSpec,
+        dial: F,
+        multifd: bool,
+        extra: &[String],
+    ) -> Result<Connected, String>
+    where
+        F: Fn(&str) -> Fut,
+        Fut: std::future::Future<Output = Result<WsPipe, String>>,
+    {
         // The TLS connections are set up at the same time.
         let (ctl, state_pipe, fs_pipe, extra_pipes) = tokio::try_join!(
             dial(&req.secrets.control),
@@ -204,36 +281,7 @@ impl Daemon {
             .await
             .map_err(|e| e.to_string())?;
         let plan = st.plan().cloned().ok_or("no plan after the handshake")?;
-        tracing::info!(instance = %req.record.name, source = %req.source_member, plan = %plan, "receiving a moved instance");
-        let res = if spec.kind == ferry_drivers::InstanceType::VirtualMachine {
-            self.receive_vm(
-                &mut ctl,
-                st,
-                &plan,
-                spec,
-                std::iter::once(state_pipe).chain(extra_pipes).collect(),
-                fs_pipe,
-                req.launch.clone(),
-                req.disk_size,
-                req.start_after,
-            )
-            .await
-        } else {
-            self.receive_container(
-                &mut ctl,
-                st,
-                &plan,
-                spec,
-                state_pipe,
-                fs_pipe,
-                req.start_after,
-            )
-            .await
-        };
-        if let Err(e) = &res {
-            let _ = ctl.send(&Message::Failure { message: e.clone() }).await;
-        }
-        res
+        Ok((ctl, st, plan, state_pipe, fs_pipe, extra_pipes))
     }
 
     /// Record the volatile keys and send Success (after Resumed). The

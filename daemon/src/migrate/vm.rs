@@ -5,7 +5,9 @@
 
 use std::time::Instant;
 
-use ferry_drivers::vm::migrate::{LaunchConfig, MigrateParams, MigrationControl, MigrationStream};
+use ferry_drivers::vm::migrate::{
+    LaunchConfig, MigrateParams, MigrationControl, MigrationStream, PendingIncoming,
+};
 use ferry_drivers::vm::mirror::MirrorParams;
 use ferry_drivers::vm::{VcpuPriority, VmDriver};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave};
@@ -18,7 +20,16 @@ use tokio_util::io::SyncIoBridge;
 use super::progress::Phase;
 use super::source::{close_bridge, send_archive, MoveRun, Pass};
 use super::ws::{self, WsControl, WsPipe};
-use super::{is_shared, qemu_stream_socketpair, AbortOnDrop};
+use super::{is_shared, qemu_stream_socketpair, AbortOnDrop, SinkRequest};
+
+/// What the source's request said about the VM it moves here.
+pub(super) struct Received {
+    pub launch: Option<serde_json::Value>,
+    pub disk_size: Option<u64>,
+    pub start_after: bool,
+    /// The instance is on the shared pool (its volume is not ours to remove).
+    pub on_shared_pool: bool,
+}
 use crate::core::Daemon;
 
 /// Does the agreed plan migrate live with this QEMU feature?
@@ -350,33 +361,30 @@ impl Daemon {
         spec: &InstanceSpec,
         state_pipes: Vec<WsPipe>,
         fs_pipe: WsPipe,
-        launch: Option<serde_json::Value>,
-        disk_size: Option<u64>,
-        start_after: bool,
+        early: Option<Result<PendingIncoming, String>>,
+        req: Received,
     ) -> Result<(), String> {
         let vm = VmDriver::default();
         let ctx = OpCtx::detached();
         let mirror = is_mirror(plan)?;
+        let live = matches!(plan.state, StatePlan::VmQemuLive { .. });
+        let wanted = live && (mirror || is_shared(plan));
+        let early = self
+            .take_early(early, spec, wanted, req.on_shared_pool)
+            .await;
         let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
             .map_err(|e| e.to_string())?;
         let mut fs = Some(fs);
-        if mirror {
-            std::fs::create_dir_all(&spec.paths.volume).map_err(|e| e.to_string())?;
-            std::fs::write(super::target::receiving_marker(spec), b"")
-                .map_err(|e| e.to_string())?;
-            vm.prepare_mirror_target(spec, disk_size.ok_or("the source sent no disk size")?)
-                .map_err(|e| e.to_string())?;
-        } else if !is_shared(plan) {
+        if mirror && early.is_none() {
+            self.prepare_disk(spec, req.disk_size)?;
+        } else if !mirror && !is_shared(plan) {
             let (r, _w) = tokio::io::split(fs.take().ok_or("no fs channel")?);
             super::target::recv_archive(SyncIoBridge::new(r), spec.paths.volume.clone(), false)
                 .await?;
             std::fs::write(super::target::receiving_marker(spec), b"")
                 .map_err(|e| e.to_string())?;
         }
-        let incoming = if matches!(plan.state, StatePlan::VmQemuLive { .. }) {
-            let launch: LaunchConfig =
-                serde_json::from_value(launch.ok_or("the source sent no launch configuration")?)
-                    .map_err(|e| e.to_string())?;
+        let incoming = if live {
             let compression = plan.state_compression;
             // The relays start (spawned below) once QEMU waits for the stream.
             let (stream, relays) = if has_feature(plan, QemuFeature::Multifd) {
@@ -389,10 +397,19 @@ impl Daemon {
                 let relay = super::multifd::relay_single(ours, state_pipes, compression)?;
                 (MigrationStream::Fd(qemu_fd), relay)
             };
-            let mut incoming = vm
-                .migrate_incoming(spec, &launch, &params(plan), stream, &ctx)
-                .await
-                .map_err(|e| e.to_string())?;
+            let started = match early {
+                Some(qemu) => qemu.accept(&params(plan), stream).await,
+                None => {
+                    let launch: LaunchConfig = serde_json::from_value(
+                        req.launch
+                            .ok_or("the source sent no launch configuration")?,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    vm.migrate_incoming(spec, &launch, &params(plan), stream, &ctx)
+                        .await
+                }
+            };
+            let mut incoming = started.map_err(|e| e.to_string())?;
             if mirror {
                 // The source's mirror writes the disk through this export.
                 let sock = spec.paths.run.join("nbd-export.sock");
@@ -429,7 +446,7 @@ impl Daemon {
                 .restore_state(spec, &ctx)
                 .await
                 .map_err(|e| format!("stateful start failed: {e}"))?
-        } else if start_after {
+        } else if req.start_after {
             Driver::Vm(vm)
                 .start(spec, &ctx)
                 .await
@@ -439,5 +456,79 @@ impl Daemon {
         };
         let st = super::target::send_resumed(ctl, st, resumed_at).await?;
         self.report_success(ctl, st, spec, vol).await
+    }
+
+    /// The empty disk a block mirror fills, and the marker that a receive
+    /// is under way (a restarted ferryd removes what such a receive left).
+    fn prepare_disk(&self, spec: &InstanceSpec, size: Option<u64>) -> Result<(), String> {
+        std::fs::create_dir_all(&spec.paths.volume).map_err(|e| e.to_string())?;
+        std::fs::write(super::target::receiving_marker(spec), b"").map_err(|e| e.to_string())?;
+        VmDriver::default()
+            .prepare_mirror_target(spec, size.ok_or("the source sent no disk size")?)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Start the target QEMU of a live VM move before the plan is agreed,
+    /// where the source's request says the plan will need it (the disk
+    /// needs nothing copied first) and this member speaks live VM moves.
+    /// `None` where it does not apply.
+    pub(super) async fn launch_early(
+        &self,
+        req: &SinkRequest,
+        spec: &InstanceSpec,
+    ) -> Option<Result<PendingIncoming, String>> {
+        if !req.early_launch
+            || spec.kind != ferry_drivers::InstanceType::VirtualMachine
+            || !ferry_migration::has_live_vm(self.settings.migration_protocol.max)
+        {
+            return None;
+        }
+        let launch = async {
+            let launch: LaunchConfig = serde_json::from_value(
+                req.launch
+                    .clone()
+                    .ok_or("the source sent no launch configuration")?,
+            )
+            .map_err(|e| e.to_string())?;
+            if req.record.storage_pool != crate::settings::SHARED_POOL {
+                self.prepare_disk(spec, req.disk_size)?;
+            }
+            VmDriver::default()
+                .launch_incoming(spec, &launch, &OpCtx::detached())
+                .await
+                .map_err(|e| e.to_string())
+        };
+        Some(launch.await)
+    }
+
+    /// The QEMU started early, if the agreed plan (`wanted`) uses it. If it
+    /// does not (a source that predicted wrongly), or it failed to start,
+    /// it goes with the disk prepared for it, and the move goes on as
+    /// without it.
+    async fn take_early(
+        &self,
+        early: Option<Result<PendingIncoming, String>>,
+        spec: &InstanceSpec,
+        wanted: bool,
+        on_shared_pool: bool,
+    ) -> Option<PendingIncoming> {
+        let why = match early? {
+            Ok(qemu) if wanted => return Some(qemu),
+            Ok(qemu) => {
+                qemu.discard().await;
+                "the agreed plan does not use it".to_string()
+            }
+            Err(e) => e,
+        };
+        tracing::info!(instance = %spec.name, "the target QEMU started early is not used ({why}); going on without it");
+        if on_shared_pool || !super::target::receiving_marker(spec).exists() {
+            return None;
+        }
+        // Only this receive created the volume (it did not exist: checked
+        // when the request came).
+        if let Err(e) = std::fs::remove_dir_all(&spec.paths.volume) {
+            tracing::warn!("removing {}: {e}", spec.paths.volume.display());
+        }
+        None
     }
 }

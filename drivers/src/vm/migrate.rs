@@ -50,7 +50,7 @@
 //!   removed from the paused source QEMU.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +61,7 @@ use serde::{Deserialize, Serialize};
 use super::aftermath::{recover_source, restore_qemu_defaults};
 pub use super::aftermath::{QEMU_DEFAULT_BANDWIDTH, QEMU_DEFAULT_DOWNTIME_LIMIT_MS};
 use super::config::VmConfig;
+pub use super::incoming::{IncomingVm, PendingIncoming};
 use super::mirror;
 use super::priority::{self, VcpuPriority};
 use super::qemu::{self, Launch, VmFiles};
@@ -76,7 +77,7 @@ pub const STREAM_FD: &str = "ferry-migrate";
 pub const UNLIMITED_BANDWIDTH: u64 = 1 << 40;
 /// QEMU refuses a downtime-limit above 2000 s.
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
-const QMP_CONNECT: Duration = Duration::from_secs(10);
+pub(super) const QMP_CONNECT: Duration = Duration::from_secs(10);
 pub(super) const POLL: Duration = Duration::from_millis(50);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Default of [`MigrateParams::downtime_target_ms`].
@@ -111,7 +112,7 @@ fn settle_budget(bulk: Duration, dirty: u64, rate: u64) -> Duration {
 /// Pre-copy with no byte moving for this long is cancelled (stuck relay).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The target may take this long after `completed` to report the run state.
-const RESUME_GRACE: Duration = Duration::from_secs(5);
+pub(super) const RESUME_GRACE: Duration = Duration::from_secs(5);
 
 /// How to migrate. Part of the negotiated plan: both sides get the same value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,7 +172,7 @@ impl From<OwnedFd> for MigrationStream {
 
 impl MigrationStream {
     /// Hand the stream to QEMU: the URI for `migrate` / `migrate-incoming`.
-    async fn uri(&self, qmp: &mut Qmp) -> Result<String, DriverError> {
+    pub(super) async fn uri(&self, qmp: &mut Qmp) -> Result<String, DriverError> {
         match self {
             MigrationStream::Fd(fd) => {
                 qmp.send_fd(STREAM_FD, fd.as_fd()).await?;
@@ -389,7 +390,7 @@ impl MigrationControl {
     }
 }
 
-fn migration_error(detail: String) -> DriverError {
+pub(super) fn migration_error(detail: String) -> DriverError {
     DriverError::Command {
         program: "QEMU live migration".into(),
         detail,
@@ -404,7 +405,7 @@ pub(super) fn in_progress(status: &str) -> bool {
     ) || status.starts_with("postcopy")
 }
 
-async fn set_caps(qmp: &mut Qmp, params: &MigrateParams) -> Result<(), DriverError> {
+pub(super) async fn set_caps(qmp: &mut Qmp, params: &MigrateParams) -> Result<(), DriverError> {
     if params.multifd_channels > 0 && !qmp.has_multifd() {
         return Err(DriverError::InvalidConfig(format!(
             "multifd migration needs QEMU {}.{} or later on both members; move without it",
@@ -459,83 +460,6 @@ impl VmDriver {
             memory_mib: l.memory_mib,
             cpus: l.cpus,
             qemu_version: String::new(),
-        })
-    }
-
-    /// Target side: start QEMU waiting for the stream on `stream_fd`. The
-    /// disk must already be at the target spec's volume path. Returns once
-    /// QEMU listens; [`IncomingVm::wait`] then follows the migration.
-    pub async fn migrate_incoming(
-        &self,
-        spec: &InstanceSpec,
-        source: &LaunchConfig,
-        params: &MigrateParams,
-        stream: impl Into<MigrationStream>,
-        ctx: &OpCtx,
-    ) -> Result<IncomingVm, DriverError> {
-        let stream = stream.into();
-        let stream_socket = match &stream {
-            MigrationStream::Unix(path) => Some(path.clone()),
-            MigrationStream::Fd(_) => None,
-        };
-        params.validate()?;
-        VmConfig::from_spec(spec)?;
-        let f = VmFiles::of(spec);
-        if let Some(pid) = qemu::running_pid(&f) {
-            return Err(DriverError::WrongState(format!(
-                "VM {} already runs on this member (QEMU pid {pid})",
-                spec.name
-            )));
-        }
-        if !f.disk.exists() {
-            return Err(DriverError::WrongState(format!(
-                "VM {} has no disk at {}: transfer the volume before the live migration",
-                spec.name,
-                f.disk.display()
-            )));
-        }
-        let version = qemu::qemu_version().await?;
-        let launch = Launch {
-            name: spec.name.clone(),
-            machine: source.machine.clone(),
-            memory_mib: source.memory_mib,
-            cpus: source.cpus,
-            accel: qemu::pick_accel(),
-            incoming: true,
-            autostart: true,
-        };
-        ctx.check_cancelled("live migration (target)")?;
-        ctx.progress("stage", "starting QEMU for the incoming migration");
-        let pid = qemu::launch(&launch, &f).await?;
-        let setup = async {
-            let mut qmp = Qmp::connect(&f.qmp, QMP_CONNECT).await?;
-            set_caps(&mut qmp, params).await?;
-            let uri = stream.uri(&mut qmp).await?;
-            qmp.migrate_incoming(&uri).await?;
-            Ok::<_, DriverError>(qmp)
-        };
-        let qmp = match setup.await {
-            Ok(q) => q,
-            Err(e) => {
-                cleanup_target(spec, &f, pid).await;
-                if let Some(sock) = &stream_socket {
-                    let _ = std::fs::remove_file(sock);
-                }
-                return Err(e);
-            }
-        };
-        // QEMU has its own copy: ours must go so QEMU's close ends the stream.
-        drop(stream);
-        Ok(IncomingVm {
-            spec: spec.clone(),
-            files: f,
-            pid,
-            qmp: Some(qmp),
-            record: LaunchRecord::of(&launch, version),
-            started: Instant::now(),
-            postcopy: params.postcopy,
-            nbd_socket: None,
-            stream_socket,
         })
     }
 
@@ -718,7 +642,7 @@ impl VmDriver {
 }
 
 /// Why an outgoing migration ended without completing.
-enum Failure {
+pub(super) enum Failure {
     /// Before post-copy: the source still holds the whole VM.
     PreCopy(DriverError),
     /// During post-copy: the VM is split, nothing to roll back.
@@ -1123,7 +1047,7 @@ impl<'a> OutgoingWatch<'a> {
     }
 }
 
-async fn wait_event(qmp: &mut Qmp, name: &str, timeout: Duration) -> Option<QmpEvent> {
+pub(super) async fn wait_event(qmp: &mut Qmp, name: &str, timeout: Duration) -> Option<QmpEvent> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
@@ -1140,198 +1064,11 @@ fn clean_run_dir(spec: &InstanceSpec, f: &VmFiles) {
     let _ = std::fs::remove_dir(&spec.paths.run);
 }
 
-async fn cleanup_target(spec: &InstanceSpec, f: &VmFiles, pid: u32) {
+pub(super) async fn cleanup_target(spec: &InstanceSpec, f: &VmFiles, pid: u32) {
     if let Err(e) = qemu::kill_and_clean(f, pid).await {
         tracing::warn!("cleaning up the target QEMU of {}: {e}", spec.name);
     }
     clean_run_dir(spec, f);
-}
-
-/// A target QEMU waiting for (or receiving) a live migration. Dropping it
-/// without [`wait`](Self::wait) kills that QEMU.
-pub struct IncomingVm {
-    spec: InstanceSpec,
-    files: VmFiles,
-    pid: u32,
-    qmp: Option<Qmp>,
-    record: LaunchRecord,
-    started: Instant,
-    postcopy: bool,
-    /// The NBD server's socket, while the disk is exported for a mirror.
-    nbd_socket: Option<PathBuf>,
-    /// QEMU's listening socket for a multifd stream (removed when done).
-    stream_socket: Option<PathBuf>,
-}
-
-impl IncomingVm {
-    /// The target QEMU's pid.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Export the (prepared, empty) disk writable over NBD on the unix socket
-    /// `socket`, for the source's disk mirror ([`super::mirror`]). Call
-    /// before [`wait`](Self::wait); the server is stopped when the guest
-    /// runs here, or goes with this QEMU on failure.
-    pub async fn start_nbd_export(&mut self, socket: &Path) -> Result<(), DriverError> {
-        let qmp = self.qmp.as_mut().expect("IncomingVm already waited");
-        mirror::start_nbd_export(qmp, &self.files.disk, socket).await?;
-        self.nbd_socket = Some(socket.to_path_buf());
-        Ok(())
-    }
-
-    /// Follow the migration until the guest runs on the target. On failure
-    /// or cancel (before post-copy) the target QEMU is killed and its
-    /// runtime files removed.
-    pub async fn wait(mut self, ctx: &OpCtx) -> Result<IncomingStats, DriverError> {
-        let mut qmp = self.qmp.take().expect("IncomingVm waited twice");
-        let r = self.follow(&mut qmp, ctx).await;
-        if let Some(sock) = self.stream_socket.take() {
-            let _ = std::fs::remove_file(sock);
-        }
-        if let Some(sock) = self.nbd_socket.take() {
-            if r.is_ok() {
-                if let Err(e) = mirror::stop_nbd_export(&mut qmp).await {
-                    tracing::warn!("stopping the NBD server of {}: {e}", self.spec.name);
-                }
-            }
-            let _ = std::fs::remove_file(sock);
-        }
-        drop(qmp);
-        match r {
-            Ok(stats) => {
-                state::write_record(&state::launch_record_path(&self.spec), &self.record)?;
-                self.pid = 0;
-                Ok(stats)
-            }
-            Err(Failure::PreCopy(e)) => {
-                cleanup_target(&self.spec, &self.files, self.pid).await;
-                self.pid = 0;
-                Err(e)
-            }
-            Err(Failure::PostCopy(e)) => {
-                // Holds the guest's CPU state and part of its RAM: left alone.
-                self.pid = 0;
-                Err(e)
-            }
-        }
-    }
-
-    async fn follow(&self, qmp: &mut Qmp, ctx: &OpCtx) -> Result<IncomingStats, Failure> {
-        let mut resume_us = None;
-        let mut postcopy_seen = false;
-        let mut completed_at: Option<Instant> = None;
-        let mut cancel_refused = false;
-        let mut last_query = Instant::now() - Duration::from_secs(1);
-        let mut status = String::from("setup");
-        let mut woke_by: Option<QmpEvent> = None;
-        loop {
-            for ev in woke_by.take().into_iter().chain(qmp.drain_events()) {
-                match ev.name.as_str() {
-                    "RESUME" => resume_us = resume_us.or(Some(ev.timestamp_us)),
-                    "MIGRATION" => status = ev.migration_status().unwrap_or("").to_string(),
-                    _ => {}
-                }
-            }
-            if last_query.elapsed() >= Duration::from_millis(250) || status == "completed" {
-                last_query = Instant::now();
-                match qmp.query_migrate().await {
-                    Ok(i) => status = i.status,
-                    Err(e) => return Err(self.target_gone(format!("{e}"), postcopy_seen)),
-                }
-            }
-            if status == "postcopy-active" {
-                postcopy_seen = true;
-            }
-            match status.as_str() {
-                "failed" | "cancelled" if postcopy_seen => {
-                    return Err(Failure::PostCopy(migration_error(format!(
-                        "incoming post-copy migration {status} on the target (QEMU pid {}): the VM is lost",
-                        self.pid
-                    ))))
-                }
-                "failed" | "cancelled" => {
-                    return Err(Failure::PreCopy(migration_error(format!("incoming migration {status} on the target"))))
-                }
-                s if s.starts_with("postcopy-") && s != "postcopy-active" => {
-                    return Err(Failure::PostCopy(migration_error(format!(
-                        "the stream broke during post-copy (target QEMU pid {} is {s}): the guest runs here but part of \
-                         its memory is still on the source; the VM is lost unless the stream is re-established \
-                         (QEMU migrate-recover, not supported by ferry yet). Both QEMUs are left paused.",
-                        self.pid
-                    ))))
-                }
-                "completed" => {
-                    let at = *completed_at.get_or_insert_with(Instant::now);
-                    let run = qmp.status().await.map_err(|e| self.target_gone(format!("{e}"), postcopy_seen))?;
-                    if run == "running" || at.elapsed() >= RESUME_GRACE {
-                        // The RESUME event was read before the status reply.
-                        for ev in qmp.drain_events() {
-                            if ev.name == "RESUME" {
-                                resume_us = resume_us.or(Some(ev.timestamp_us));
-                            }
-                        }
-                        if resume_us.is_none() && run == "running" {
-                            resume_us = wait_event(qmp, "RESUME", Duration::from_millis(100)).await.map(|e| e.timestamp_us);
-                        }
-                        return Ok(IncomingStats {
-                            resume_event_us: resume_us,
-                            wall_ms: self.started.elapsed().as_millis() as u64,
-                            running: run == "running",
-                            postcopy: postcopy_seen,
-                        });
-                    }
-                }
-                _ => {}
-            }
-            if qemu::running_pid(&self.files).is_none() {
-                return Err(self.target_gone("QEMU exited".into(), postcopy_seen));
-            }
-            if ctx.is_cancelled() {
-                if postcopy_seen || (self.postcopy && status.starts_with("postcopy")) {
-                    if !cancel_refused {
-                        cancel_refused = true;
-                        ctx.progress("stage", "cannot cancel during post-copy (the guest runs here): finishing the move");
-                    }
-                } else {
-                    return Err(Failure::PreCopy(DriverError::Cancelled(
-                        "incoming live migration: the target QEMU was stopped".into(),
-                    )));
-                }
-            }
-            // Woken early by QEMU's events (MIGRATION completed, RESUME):
-            // the source waits for this side's Resumed.
-            woke_by = qmp.next_event(POLL).await;
-        }
-    }
-
-    fn target_gone(&self, why: String, postcopy: bool) -> Failure {
-        if postcopy {
-            return Failure::PostCopy(migration_error(format!(
-                "the target QEMU (pid {}) failed during post-copy ({why}): the VM is lost",
-                self.pid
-            )));
-        }
-        Failure::PreCopy(migration_error(format!(
-            "the target QEMU (pid {}) failed during the incoming migration ({why}); the source keeps the VM",
-            self.pid
-        )))
-    }
-}
-
-impl Drop for IncomingVm {
-    fn drop(&mut self) {
-        if self.pid != 0 {
-            qemu::signal(&self.files, self.pid, nix::sys::signal::Signal::SIGKILL);
-            qemu::clean_runtime(&self.files);
-        }
-        for sock in [self.nbd_socket.take(), self.stream_socket.take()]
-            .into_iter()
-            .flatten()
-        {
-            let _ = std::fs::remove_file(sock);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ mod aftermath;
 pub mod config;
 pub mod guest;
 pub mod image;
+mod incoming;
 pub mod migrate;
 pub mod mirror;
 mod priority;
