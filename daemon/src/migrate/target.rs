@@ -102,11 +102,15 @@ impl Daemon {
     }
 
     async fn run_sink(
-        &self,
+        self: &Arc<Self>,
         cluster: &crate::cluster::Cluster,
         req: SinkRequest,
         spec: &InstanceSpec,
     ) -> Result<(), String> {
+        // A live VM move's target QEMU starts now, while the channels are
+        // dialled and the plan agreed (where the source's request says the
+        // plan will need it): it is the longest part of the target's set-up.
+        let early = self.launch_early(&req, spec);
         let dial = |secret: &str| {
             let path = format!(
                 "/1.0/operations/{}/websocket?secret={}",
@@ -132,13 +136,13 @@ impl Daemon {
         } else {
             &[]
         };
-        // A live VM move's target QEMU starts meanwhile (where the source's
-        // request says the plan will need it): it is the longest part of
-        // the target's set-up.
-        let (connected, early) = tokio::join!(
-            self.connect_and_agree(&req, spec, dial, multifd, extra),
-            self.launch_early(&req, spec)
-        );
+        let connected = self
+            .connect_and_agree(&req, spec, dial, multifd, extra)
+            .await;
+        let early = match early {
+            Some(task) => Some(task.await.unwrap_or_else(|e| Err(e.to_string()))),
+            None => None,
+        };
         let (mut ctl, st, plan, state_pipe, fs_pipe, extra_pipes) = match connected {
             Ok(c) => c,
             Err(e) => {

@@ -3,6 +3,7 @@
 //! over the `state` websocket in both directions (post-copy needs the
 //! return path). No state file is written on either side.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_drivers::vm::migrate::{
@@ -471,34 +472,35 @@ impl Daemon {
     /// Start the target QEMU of a live VM move before the plan is agreed,
     /// where the source's request says the plan will need it (the disk
     /// needs nothing copied first) and this member speaks live VM moves.
-    /// `None` where it does not apply.
-    pub(super) async fn launch_early(
-        &self,
+    /// `None` where it does not apply. It runs as a task of its own, so
+    /// that QEMU starts at once, not after the channels' TLS set-up; its
+    /// result dropped kills the QEMU.
+    pub(super) fn launch_early(
+        self: &Arc<Self>,
         req: &SinkRequest,
         spec: &InstanceSpec,
-    ) -> Option<Result<PendingIncoming, String>> {
+    ) -> Option<tokio::task::JoinHandle<Result<PendingIncoming, String>>> {
         if !req.early_launch
             || spec.kind != ferry_drivers::InstanceType::VirtualMachine
             || !ferry_migration::has_live_vm(self.settings.migration_protocol.max)
         {
             return None;
         }
-        let launch = async {
-            let launch: LaunchConfig = serde_json::from_value(
-                req.launch
-                    .clone()
-                    .ok_or("the source sent no launch configuration")?,
-            )
-            .map_err(|e| e.to_string())?;
-            if req.record.storage_pool != crate::settings::SHARED_POOL {
-                self.prepare_disk(spec, req.disk_size)?;
+        let (d, spec) = (self.clone(), spec.clone());
+        let (launch, disk_size) = (req.launch.clone(), req.disk_size);
+        let disk_needed = req.record.storage_pool != crate::settings::SHARED_POOL;
+        Some(tokio::spawn(async move {
+            let launch: LaunchConfig =
+                serde_json::from_value(launch.ok_or("the source sent no launch configuration")?)
+                    .map_err(|e| e.to_string())?;
+            if disk_needed {
+                d.prepare_disk(&spec, disk_size)?;
             }
             VmDriver::default()
-                .launch_incoming(spec, &launch, &OpCtx::detached())
+                .launch_incoming(&spec, &launch, &OpCtx::detached())
                 .await
                 .map_err(|e| e.to_string())
-        };
-        Some(launch.await)
+        }))
     }
 
     /// The QEMU started early, if the agreed plan (`wanted`) uses it. If it
