@@ -22,6 +22,7 @@ use super::progress::Phase;
 use super::source::{close_bridge, send_archive, MoveRun, Pass};
 use super::ws::{self, WsControl, WsPipe};
 use super::{is_shared, qemu_stream_socketpair, AbortOnDrop, SinkRequest};
+use crate::core::Daemon;
 
 /// What the source's request said about the VM it moves here.
 pub(super) struct Received {
@@ -31,7 +32,6 @@ pub(super) struct Received {
     /// The instance is on the shared pool (its volume is not ours to remove).
     pub on_shared_pool: bool,
 }
-use crate::core::Daemon;
 
 /// Does the agreed plan migrate live with this QEMU feature?
 pub(super) fn has_feature(plan: &Plan, f: QemuFeature) -> bool {

@@ -36,19 +36,11 @@ impl VmDriver {
     ) -> Result<PendingIncoming, DriverError> {
         VmConfig::from_spec(spec)?;
         let f = VmFiles::of(spec);
-        if let Some(pid) = qemu::running_pid(&f) {
-            return Err(DriverError::WrongState(format!(
-                "VM {} already runs on this member (QEMU pid {pid})",
-                spec.name
-            )));
-        }
-        if !f.disk.exists() {
-            return Err(DriverError::WrongState(format!(
-                "VM {} has no disk at {}: transfer the volume before the live migration",
-                spec.name,
-                f.disk.display()
-            )));
-        }
+        qemu::check_launchable(
+            &spec.name,
+            &f,
+            ": transfer the volume before the live migration",
+        )?;
         let version = qemu::qemu_version().await?;
         let launch = Launch {
             name: spec.name.clone(),

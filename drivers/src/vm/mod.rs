@@ -174,19 +174,7 @@ impl Lifecycle for VmDriver {
     ) -> Result<VolatileChanges, DriverError> {
         let cfg = VmConfig::from_spec(spec)?;
         let f = VmFiles::of(spec);
-        if let Some(pid) = qemu::running_pid(&f) {
-            return Err(DriverError::WrongState(format!(
-                "VM {} is already running (QEMU pid {pid})",
-                spec.name
-            )));
-        }
-        if !f.disk.exists() {
-            return Err(DriverError::WrongState(format!(
-                "VM {} has no disk at {}",
-                spec.name,
-                f.disk.display()
-            )));
-        }
+        qemu::check_launchable(&spec.name, &f, "")?;
         let version = qemu::qemu_version().await?;
         image::repatch_disk(&f.disk, &image::GuestParams::from_config(&cfg))?;
         ctx.check_cancelled("start")?;

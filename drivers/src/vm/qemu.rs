@@ -327,6 +327,23 @@ pub fn signal(f: &VmFiles, pid: u32, sig: Signal) {
     }
 }
 
+/// Before a launch: no QEMU of this VM runs on this member yet, and its
+/// disk is there (`no_disk` says how to get it, if not).
+pub fn check_launchable(name: &str, f: &VmFiles, no_disk: &str) -> Result<(), DriverError> {
+    if let Some(pid) = running_pid(f) {
+        return Err(DriverError::WrongState(format!(
+            "VM {name} already runs on this member (QEMU pid {pid})"
+        )));
+    }
+    if !f.disk.exists() {
+        return Err(DriverError::WrongState(format!(
+            "VM {name} has no disk at {}{no_disk}",
+            f.disk.display()
+        )));
+    }
+    Ok(())
+}
+
 /// SIGKILL and wait; then remove the runtime files.
 pub async fn kill_and_clean(f: &VmFiles, pid: u32) -> Result<(), DriverError> {
     signal(f, pid, Signal::SIGKILL);
