@@ -31,7 +31,6 @@ Usage: python3 scripts/experiments/raw-early-ram.py [ROUNDS]
 import importlib.util
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -140,18 +139,10 @@ def run(d, early):
             src.cmd("migrate-set-parameters", **{"downtime-limit": 300})
         else:
             src.cmd("migrate", uri=f"unix:{d}/out.sock")
-        while True:
-            r = src.cmd("query-migrate")
-            if r["status"] in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(0.002)
-        wall = (time.monotonic() - t0) * 1000
-        if r["status"] != "completed":
-            raise RuntimeError(f"migration {r['status']}: {r.get('error-desc')}")
+        r = raw.wait_completed(src)
         return {
-            "wall": wall, "target_up": target_up, "buffered_mib": buffered,
-            "qemu_total": r["total-time"], "downtime": r["downtime"],
-            "mib": r["ram"]["transferred"] / (1 << 20), "passes": r["ram"]["dirty-sync-count"],
+            "wall": (time.monotonic() - t0) * 1000, "target_up": target_up,
+            "buffered_mib": buffered, **raw.figures(r),
         }
     finally:
         if relay:
@@ -162,23 +153,13 @@ def run(d, early):
 
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    variants = [False, True]
-    results = {v: [] for v in variants}
+    label = lambda v: "early" if v else "sequential"  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="ferry-early-ram-") as d:
         raw.make_disk(d)
-        for i in range(rounds):
-            for v in variants if i % 2 == 0 else list(reversed(variants)):
-                x = run(d, v)
-                results[v].append(x)
-                print(f"{'early' if v else 'sequential'}: " +
-                      " ".join(f"{k}={x[k]:.0f}" for k in x), flush=True)
-    print("\nmedians (min-max) over", rounds, "rounds, ms unless named:")
-    for v, xs in results.items():
-        cells = []
-        for k in ("wall", "target_up", "buffered_mib", "qemu_total", "downtime", "mib", "passes"):
-            vals = [x[k] for x in xs]
-            cells.append(f"{k} {statistics.median(vals):.0f} ({min(vals):.0f}-{max(vals):.0f})")
-        print(f"  {'early' if v else 'sequential'}: " + ", ".join(cells))
+        results = raw.interleave(d, rounds, [False, True], run, label)
+    raw.print_medians(
+        results, ("wall", "target_up", "buffered_mib", "qemu_total", "downtime", "mib", "passes"),
+        label)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,50 @@ class Qmp:
                 raise RuntimeError(f"{name}: {reply['error']}")
 
 
+def wait_completed(src):
+    """Poll the source until its migration ends; its `query-migrate`."""
+    while True:
+        r = src.cmd("query-migrate")
+        if r["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.002)
+    if r["status"] != "completed":
+        raise RuntimeError(f"migration {r['status']}: {r.get('error-desc')}")
+    return r
+
+
+def figures(r):
+    """QEMU's own figures of a completed migration."""
+    return {
+        "qemu_total": r["total-time"], "downtime": r["downtime"],
+        "mib": r["ram"]["transferred"] / (1 << 20), "passes": r["ram"]["dirty-sync-count"],
+    }
+
+
+def interleave(d, rounds, variants, run, label):
+    """`run(d, v)` for every variant, `rounds` times, the order reversed
+    every other round; prints each result. Returns variant -> results."""
+    results = {v: [] for v in variants}
+    for i in range(rounds):
+        for v in variants if i % 2 == 0 else list(reversed(variants)):
+            x = run(d, v)
+            results[v].append(x)
+            print(f"{label(v)}: " + " ".join(f"{k}={x[k]:.0f}" for k in x), flush=True)
+    return results
+
+
+def print_medians(results, keys, label):
+    """results: variant -> list of figure dicts."""
+    rounds = len(next(iter(results.values())))
+    print("\nmedians (min-max) over", rounds, "rounds, ms unless named:")
+    for v, xs in results.items():
+        cells = []
+        for k in keys:
+            vals = [x[k] for x in xs]
+            cells.append(f"{k} {statistics.median(vals):.0f} ({min(vals):.0f}-{max(vals):.0f})")
+        print(f"  {label(v)}: " + ", ".join(cells))
+
+
 def run(d, channels):
     pids = [start_qemu(d, "src", False)]
     try:
@@ -113,18 +157,8 @@ def run(d, channels):
             os.unlink(sock)
         dst.cmd("migrate-incoming", uri=f"unix:{sock}")
         src.cmd("migrate", uri=f"unix:{sock}")
-        while True:
-            r = src.cmd("query-migrate")
-            if r["status"] in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(0.002)
-        wall = (time.monotonic() - t0) * 1000
-        if r["status"] != "completed":
-            raise RuntimeError(f"migration {r['status']}: {r.get('error-desc')}")
-        return {
-            "qemu_total": r["total-time"], "downtime": r["downtime"], "wall": wall,
-            "mib": r["ram"]["transferred"] / (1 << 20), "passes": r["ram"]["dirty-sync-count"],
-        }
+        r = wait_completed(src)
+        return {"wall": (time.monotonic() - t0) * 1000, **figures(r)}
     finally:
         kill_all(pids)
         # Let the freed memory settle as between move-bench repetitions.
@@ -134,22 +168,11 @@ def run(d, channels):
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     variants = [int(c) for c in sys.argv[2:]] or [0, 2, 4]
-    results = {v: [] for v in variants}
+    label = lambda v: f"multifd {v}" if v else "one channel"  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="ferry-multifd-") as d:
         make_disk(d)
-        for i in range(rounds):
-            for v in variants if i % 2 == 0 else list(reversed(variants)):
-                x = run(d, v)
-                results[v].append(x)
-                print(f"channels={v or 1} multifd={'on' if v else 'off'} " +
-                      " ".join(f"{k}={x[k]:.0f}" for k in x), flush=True)
-    print("\nmedians (min-max) over", rounds, "rounds, ms unless named:")
-    for v, xs in results.items():
-        cells = []
-        for k in ("qemu_total", "wall", "downtime", "mib", "passes"):
-            vals = [x[k] for x in xs]
-            cells.append(f"{k} {statistics.median(vals):.0f} ({min(vals):.0f}-{max(vals):.0f})")
-        print(f"  {'multifd ' + str(v) if v else 'one channel'}: " + ", ".join(cells))
+        results = interleave(d, rounds, variants, run, label)
+    print_medians(results, ("qemu_total", "wall", "downtime", "mib", "passes"), label)
 
 
 if __name__ == "__main__":
