@@ -89,6 +89,14 @@ pub struct SinkRequest {
     pub early_launch: bool,
 }
 
+impl SinkRequest {
+    /// The instance is on the shared pool: its volume is the source's, not
+    /// the target's to create or remove.
+    pub fn on_shared_pool(&self) -> bool {
+        self.record.storage_pool == crate::settings::SHARED_POOL
+    }
+}
+
 /// A connected socketpair: one end for CRIU/QEMU (an fd), one for our relay.
 pub(super) fn socketpair() -> Result<(std::os::fd::OwnedFd, tokio::net::UnixStream), String> {
     let (theirs, ours) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;

@@ -489,8 +489,7 @@ impl MoveRun {
                     .ok(),
                 InstanceType::Container => None,
             },
-            early_launch: self.spec.kind == InstanceType::VirtualMachine
-                && offer.leads_with_live_vm(self.d.settings.migration_protocol.max),
+            early_launch: offer.leads_with_live_vm(self.d.settings.migration_protocol.max),
         };
         cluster
             .peers

@@ -57,7 +57,7 @@ impl Daemon {
     pub async fn migration_sink(self: &Arc<Self>, req: SinkRequest) -> Result<(), ActionError> {
         let cluster = self.require_cluster()?;
         let spec = self.spec_for(&req.record)?;
-        let shared = req.record.storage_pool == crate::settings::SHARED_POOL;
+        let shared = req.on_shared_pool();
         if shared && self.settings.shared_pool.is_none() {
             return Err(ActionError::BadRequest(format!(
                 "instance \"{}\" is on the shared pool, which is not configured on member \"{}\" \
@@ -146,16 +146,8 @@ impl Daemon {
         let (mut ctl, st, plan, state_pipe, fs_pipe, extra_pipes) = match connected {
             Ok(c) => c,
             Err(e) => {
-                match early {
-                    Some(Ok(qemu)) => {
-                        tracing::info!(instance = %req.record.name, error = %e, "no plan agreed: the target QEMU started early goes");
-                        qemu.discard().await;
-                    }
-                    Some(Err(early)) => {
-                        tracing::info!(instance = %req.record.name, error = %e, "no plan agreed; starting the target QEMU early had failed too: {early}");
-                    }
-                    None => {}
-                }
+                let why = format!("no plan agreed: {e}");
+                self.take_early(early, spec, Some(&why), &req).await;
                 return Err(e);
             }
         };
@@ -169,12 +161,7 @@ impl Daemon {
                 std::iter::once(state_pipe).chain(extra_pipes).collect(),
                 fs_pipe,
                 early,
-                super::vm::Received {
-                    launch: req.launch.clone(),
-                    disk_size: req.disk_size,
-                    start_after: req.start_after,
-                    on_shared_pool: req.record.storage_pool == crate::settings::SHARED_POOL,
-                },
+                &req,
             )
             .await
         } else {

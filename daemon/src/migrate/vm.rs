@@ -24,15 +24,6 @@ use super::ws::{self, WsControl, WsPipe};
 use super::{is_shared, qemu_stream_socketpair, AbortOnDrop, SinkRequest};
 use crate::core::Daemon;
 
-/// What the source's request said about the VM it moves here.
-pub(super) struct Received {
-    pub launch: Option<serde_json::Value>,
-    pub disk_size: Option<u64>,
-    pub start_after: bool,
-    /// The instance is on the shared pool (its volume is not ours to remove).
-    pub on_shared_pool: bool,
-}
-
 /// Does the agreed plan migrate live with this QEMU feature?
 pub(super) fn has_feature(plan: &Plan, f: QemuFeature) -> bool {
     match &plan.state {
@@ -363,16 +354,15 @@ impl Daemon {
         state_pipes: Vec<WsPipe>,
         fs_pipe: WsPipe,
         early: Option<Result<PendingIncoming, String>>,
-        req: Received,
+        req: &SinkRequest,
     ) -> Result<(), String> {
         let vm = VmDriver::default();
         let ctx = OpCtx::detached();
         let mirror = is_mirror(plan)?;
         let live = matches!(plan.state, StatePlan::VmQemuLive { .. });
-        let wanted = live && (mirror || is_shared(plan));
-        let early = self
-            .take_early(early, spec, wanted, req.on_shared_pool)
-            .await;
+        let uses_early = live && (mirror || is_shared(plan));
+        let unused = (!uses_early).then_some("the agreed plan does not use it");
+        let early = self.take_early(early, spec, unused, req).await;
         let fs = ByteChannel::new(ws::into_stream(fs_pipe), plan.fs_compression())
             .map_err(|e| e.to_string())?;
         let mut fs = Some(fs);
@@ -403,6 +393,7 @@ impl Daemon {
                 None => {
                     let launch: LaunchConfig = serde_json::from_value(
                         req.launch
+                            .clone()
                             .ok_or("the source sent no launch configuration")?,
                     )
                     .map_err(|e| e.to_string())?;
@@ -488,7 +479,7 @@ impl Daemon {
         }
         let (d, spec) = (self.clone(), spec.clone());
         let (launch, disk_size) = (req.launch.clone(), req.disk_size);
-        let disk_needed = req.record.storage_pool != crate::settings::SHARED_POOL;
+        let disk_needed = !req.on_shared_pool();
         Some(tokio::spawn(async move {
             let launch: LaunchConfig =
                 serde_json::from_value(launch.ok_or("the source sent no launch configuration")?)
@@ -503,27 +494,27 @@ impl Daemon {
         }))
     }
 
-    /// The QEMU started early, if the agreed plan (`wanted`) uses it. If it
-    /// does not (a source that predicted wrongly), or it failed to start,
-    /// it goes with the disk prepared for it, and the move goes on as
-    /// without it.
-    async fn take_early(
+    /// The QEMU started early, unless there is a reason not to use it
+    /// (`unused`: no plan agreed, or a plan that does not migrate QEMU to
+    /// QEMU). Then, or if it failed to start, it goes with the disk
+    /// prepared for it; a move that goes on does so as without it.
+    pub(super) async fn take_early(
         &self,
         early: Option<Result<PendingIncoming, String>>,
         spec: &InstanceSpec,
-        wanted: bool,
-        on_shared_pool: bool,
+        unused: Option<&str>,
+        req: &SinkRequest,
     ) -> Option<PendingIncoming> {
-        let why = match early? {
-            Ok(qemu) if wanted => return Some(qemu),
-            Ok(qemu) => {
+        let why = match (early?, unused) {
+            (Ok(qemu), None) => return Some(qemu),
+            (Ok(qemu), Some(why)) => {
                 qemu.discard().await;
-                "the agreed plan does not use it".to_string()
+                why.to_string()
             }
-            Err(e) => e,
+            (Err(e), _) => format!("it failed to start: {e}"),
         };
-        tracing::info!(instance = %spec.name, "the target QEMU started early is not used ({why}); going on without it");
-        if on_shared_pool || !super::target::receiving_marker(spec).exists() {
+        tracing::info!(instance = %spec.name, "the target QEMU started early goes ({why})");
+        if req.on_shared_pool() || !super::target::receiving_marker(spec).exists() {
             return None;
         }
         // Only this receive created the volume (it did not exist: checked
