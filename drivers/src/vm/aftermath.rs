@@ -21,28 +21,27 @@ pub(super) async fn recover_source(qmp: &mut Qmp, was_running: bool) -> Result<(
         }
     }
     let _ = qmp.close_fd(STREAM_FD).await;
-    if was_running && qmp.status().await? != "running" {
-        cont_once_finalized(qmp, deadline).await?;
+    if was_running && settled_run_state(qmp, deadline).await? != "running" {
+        qmp.cont().await?;
     }
     restore_qemu_defaults(qmp).await;
     Ok(())
 }
 
-/// `cont`, which QEMU refuses ("Migration is not finalized yet") while it
-/// is still cleaning up a failed migration whose status already says
-/// `failed` (seen after an I/O error in the migration's completion, with
-/// the guest paused): asked again until it is done, up to `deadline`.
-async fn cont_once_finalized(qmp: &mut Qmp, deadline: Instant) -> Result<(), DriverError> {
-    // At least a few seconds, however long the wait for the status took.
+/// The guest's run state once it left `finish-migrate`, in which QEMU
+/// refuses `cont` ("Migration is not finalized yet"): the migration's
+/// status can already say `failed` while the clean-up that leaves that
+/// state (and restarts a guest that ran) is still to come (seen after an
+/// I/O error in the migration's completion). Waits up to `deadline`, and
+/// at least a few seconds.
+async fn settled_run_state(qmp: &mut Qmp, deadline: Instant) -> Result<String, DriverError> {
     let deadline = deadline.max(Instant::now() + Duration::from_secs(5));
     loop {
-        match qmp.cont().await {
-            Err(e) if e.to_string().contains("not finalized") && Instant::now() < deadline => {
-                tracing::debug!("cont: {e}; asking again");
-                tokio::time::sleep(POLL).await;
-            }
-            r => return r,
+        let state = qmp.status().await?;
+        if state != "finish-migrate" || Instant::now() >= deadline {
+            return Ok(state);
         }
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -85,59 +84,90 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-    /// A QMP peer that refuses `cont` as QEMU does while it cleans up a
-    /// failed migration, `refusals` times, then accepts it; returns how
-    /// many `cont` it was sent.
-    async fn fake_qemu(listener: tokio::net::UnixListener, refusals: usize) -> usize {
+    /// A QMP peer whose failed migration leaves the guest in
+    /// `finish-migrate` for `finishing` run-state queries (then `paused`),
+    /// and which refuses `cont` in that state as QEMU does; returns how
+    /// many `cont` it accepted and refused.
+    async fn fake_qemu(listener: tokio::net::UnixListener, finishing: usize) -> (usize, usize) {
         let (sock, _) = listener.accept().await.unwrap();
         let (r, mut w) = sock.into_split();
         let mut lines = BufReader::new(r).lines();
         w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n").await.unwrap();
-        let mut conts = 0;
+        let (mut queries, mut running) = (0, false);
+        let (mut accepted, mut refused) = (0, 0);
         while let Ok(Some(line)) = lines.next_line().await {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             let id = v.get("id").cloned().unwrap_or(serde_json::Value::Null);
-            let reply = if v["execute"] == "cont" {
-                conts += 1;
-                if conts <= refusals {
-                    serde_json::json!({"error": {"class": "GenericError", "desc": "Migration is not finalized yet"}, "id": id})
-                } else {
-                    serde_json::json!({"return": {}, "id": id})
+            let finishing_now = queries < finishing;
+            let ret = match v["execute"].as_str() {
+                Some("query-migrate") => serde_json::json!({"status": "failed"}),
+                Some("query-status") => {
+                    queries += 1;
+                    let status = match (finishing_now, running) {
+                        (true, _) => "finish-migrate",
+                        (false, true) => "running",
+                        (false, false) => "paused",
+                    };
+                    serde_json::json!({"status": status, "running": running})
                 }
-            } else {
-                serde_json::json!({"return": {}, "id": id})
+                Some("cont") if finishing_now => {
+                    refused += 1;
+                    let e = serde_json::json!({"error": {"class": "GenericError", "desc": "Migration is not finalized yet"}, "id": id});
+                    w.write_all(format!("{e}\n").as_bytes()).await.unwrap();
+                    continue;
+                }
+                Some("cont") => {
+                    accepted += 1;
+                    running = true;
+                    serde_json::json!({})
+                }
+                _ => serde_json::json!({}),
             };
+            let reply = serde_json::json!({"return": ret, "id": id});
             w.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
         }
-        conts
+        (accepted, refused)
     }
 
-    async fn cont_against(refusals: usize, deadline: Instant) -> (Result<(), DriverError>, usize) {
+    /// `fake_qemu` on a fresh socket, and a monitor connected to it.
+    async fn connect_to_fake(
+        finishing: usize,
+    ) -> (
+        Qmp,
+        tokio::task::JoinHandle<(usize, usize)>,
+        tempfile::TempDir,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let fake = tokio::spawn(fake_qemu(
             tokio::net::UnixListener::bind(&path).unwrap(),
-            refusals,
+            finishing,
         ));
-        let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
-        let r = cont_once_finalized(&mut qmp, deadline).await;
+        let qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
+        (qmp, fake, dir)
+    }
+
+    #[tokio::test]
+    async fn the_guest_is_resumed_once_qemu_finalized_the_failed_migration() {
+        let (mut qmp, fake, _dir) = connect_to_fake(3).await;
+        let r = recover_source(&mut qmp, true).await;
         drop(qmp);
-        (r, fake.await.unwrap())
-    }
-
-    #[tokio::test]
-    async fn cont_is_asked_again_until_qemu_finalized_the_failed_migration() {
-        let (r, conts) = cont_against(3, Instant::now()).await;
         assert!(r.is_ok(), "{r:?}");
-        assert_eq!(conts, 4);
+        assert_eq!(fake.await.unwrap(), (1, 0));
     }
 
     #[tokio::test]
-    async fn cont_gives_up_after_its_deadline() {
-        // Refused for good: given up after the (at least 5 s) deadline.
-        let (r, conts) = cont_against(usize::MAX, Instant::now()).await;
-        let e = r.unwrap_err().to_string();
+    async fn the_wait_for_the_run_state_ends_at_its_deadline() {
+        // Never finalized: the wait gives up after its (at least 5 s)
+        // deadline, and `cont` then gets QEMU's refusal.
+        let (mut qmp, fake, _dir) = connect_to_fake(usize::MAX).await;
+        let started = Instant::now();
+        let state = settled_run_state(&mut qmp, Instant::now()).await.unwrap();
+        assert_eq!(state, "finish-migrate");
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        let e = qmp.cont().await.unwrap_err().to_string();
+        drop(qmp);
         assert!(e.contains("not finalized"), "{e}");
-        assert!(conts > 10, "{conts}");
+        assert_eq!(fake.await.unwrap(), (0, 1));
     }
 }
