@@ -120,6 +120,11 @@ fn v1() -> u32 {
 }
 
 impl Plan {
+    /// A live QEMU-to-QEMU plan with this QEMU feature.
+    pub fn has_qemu_feature(&self, f: QemuFeature) -> bool {
+        matches!(&self.state, StatePlan::VmQemuLive { features } if features.contains(&f))
+    }
+
     /// Runtime state moves (anything but `none`).
     pub fn is_stateful(&self) -> bool {
         self.state != StatePlan::None

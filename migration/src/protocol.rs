@@ -326,6 +326,13 @@ pub enum QemuFeature {
     /// channels besides the main one, each relayed over its own websocket.
     /// Not with post-copy or XBZRLE.
     Multifd,
+    /// The target says when its QEMU waits for the migration stream
+    /// ([`Message::Listening`]) and the source starts QEMU's migration only
+    /// then. Without it, a source on a shared pool (nothing to copy first)
+    /// starts at once, its bytes wait in the link while the target's QEMU
+    /// starts, and a guest with little to send switches over into that
+    /// wait: paused until the target's QEMU is up.
+    TargetListens,
     #[serde(other)]
     Unknown,
 }
@@ -457,6 +464,9 @@ pub enum Message {
     /// Source: all state has been sent (lazy pages: the dump is complete and
     /// pages will be served on demand).
     StateReady {},
+    /// Target, with [`QemuFeature::TargetListens`] in the plan: its QEMU
+    /// waits for the migration stream (sent once).
+    Listening {},
     Progress(Progress),
     /// Target: the instance runs on the target (the point of no return).
     /// `at_us`: when it resumed (µs since the epoch, e.g. QEMU's RESUME
@@ -485,6 +495,7 @@ impl Message {
             Message::Response(_) => "response",
             Message::FsDone { .. } => "fs_done",
             Message::StateReady {} => "state_ready",
+            Message::Listening {} => "listening",
             Message::Progress(_) => "progress",
             Message::Resumed { .. } => "resumed",
             Message::Success {} => "success",
@@ -858,6 +869,12 @@ impl SourceState {
             }
             (S::AwaitResponse { .. }, m) => Err(unexpected(state, &m, "response")),
             (s @ (S::Transfer { .. } | S::Resumed { .. }), Message::Progress(_)) => Ok(s),
+            (s @ S::Transfer { .. }, Message::Listening {})
+                if s.plan()
+                    .is_some_and(|p| p.has_qemu_feature(QemuFeature::TargetListens)) =>
+            {
+                Ok(s)
+            }
             (
                 S::Transfer {
                     version,

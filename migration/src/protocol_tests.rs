@@ -49,6 +49,7 @@ fn all_messages() -> Vec<(&'static str, Message)> {
         ),
         ("fs_done", Message::FsDone { bytes: 10 }),
         ("state_ready", Message::StateReady {}),
+        ("listening", Message::Listening {}),
         (
             "progress",
             Message::Progress(Progress {
@@ -229,6 +230,45 @@ fn source_state_machine_rejects_every_illegal_transition() {
             );
         }
     }
+}
+
+/// A live VM plan, with or without the target's `listening` message.
+fn vm_plan(features: Vec<QemuFeature>) -> crate::negotiate::Plan {
+    let mut o = offer(true);
+    o.instance_type = InstanceType::Vm;
+    o.state = vec![StateTransfer::VmQemuLive {
+        features: features.clone(),
+    }];
+    let mut c = caps();
+    c.state = o.state.clone();
+    negotiate(&o, &c).unwrap()
+}
+
+#[test]
+fn the_source_takes_listening_only_while_sending_a_plan_that_has_it() {
+    let transfer = |plan| SourceState::Transfer {
+        version: 2,
+        plan,
+        fs_sent: false,
+        state_sent: false,
+    };
+    let with = vm_plan(vec![QemuFeature::AutoConverge, QemuFeature::TargetListens]);
+    assert!(with.has_qemu_feature(QemuFeature::TargetListens));
+    let st = transfer(with.clone())
+        .on_message(Message::Listening {})
+        .unwrap();
+    assert_eq!(st, transfer(with.clone()), "listening changes no state");
+    let resumed = SourceState::Resumed {
+        version: 2,
+        plan: with,
+    };
+    assert!(resumed.on_message(Message::Listening {}).is_err());
+    // A peer that did not agree to it does not send it.
+    let without = vm_plan(vec![QemuFeature::AutoConverge]);
+    let err = transfer(without)
+        .on_message(Message::Listening {})
+        .unwrap_err();
+    assert!(err.to_string().contains("listening"), "{err}");
 }
 
 #[test]

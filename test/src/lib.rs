@@ -89,6 +89,15 @@ pub fn leader_name(m: &Member) -> Option<String> {
         .and_then(|x| x["server_name"].as_str().map(str::to_string))
 }
 
+/// A temp dir to serve as the shared pool of some members
+/// (`FERRY_SHARED_POOL`); removed on drop.
+pub fn shared_pool_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ferry-shared-")
+        .tempdir()
+        .expect("a temp dir for the shared pool")
+}
+
 /// True when running as root (the e2e tests need it); prints why a test is skipped.
 pub fn need_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -291,7 +300,22 @@ impl Member {
     /// `ferry launch IMAGE NAME [--vm] --target TARGET -c KEY=VALUE...`
     /// (a VM when the image is `testvm`), required to succeed.
     pub fn launch_on(&self, image: &str, name: &str, target: &str, config: &[&str]) {
+        self.launch_in(image, name, target, None, config)
+    }
+
+    /// As [`Member::launch_on`], on storage pool `pool` (`--storage`) if given.
+    pub fn launch_in(
+        &self,
+        image: &str,
+        name: &str,
+        target: &str,
+        pool: Option<&str>,
+        config: &[&str],
+    ) {
         let mut args = vec!["launch", image, name, "--target", target];
+        if let Some(pool) = pool {
+            args.extend(["--storage", pool]);
+        }
         if image == "testvm" {
             args.push("--vm");
         }

@@ -3,8 +3,8 @@
 //! members' TCP connections reset mid-transfer (during the first rootfs
 //! pass, and while a container's memory pages cross with the target's
 //! restore already waiting at its gate), and for VMs the target QEMU
-//! or the target ferryd killed, the stream cut, or a cancel during
-//! pre-copy. Each time the instance keeps running exactly once, on the
+//! or the target ferryd killed, the stream cut, a cancel during
+//! pre-copy, or a target QEMU that cannot start. Each time the instance keeps running exactly once, on the
 //! source, the record is unchanged, the target holds nothing and no
 //! operation is left running. And past the point of no return (the target
 //! runs the VM) a cluster database without quorum: the VM keeps running
@@ -648,6 +648,76 @@ async fn precopy_failures(multifd: bool) {
     ms[0].ferry_ok(&["move", "v1", "--target", "m2"]);
     assert_eq!(ms[1].instance("v1").await["status"], "Running");
     ms[1].ferry_ok(&["delete", "--force", "v1"]);
+}
+
+/// A QEMU binary for a target member: the real one, except that an incoming
+/// migration fails at once, as a QEMU that cannot start on that member.
+fn qemu_refusing_incoming(dir: &Path) -> PathBuf {
+    let out = std::process::Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!real.is_empty(), "qemu-system-x86_64 not in PATH");
+    let script = format!(
+        "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = -incoming ]; then echo 'test QEMU: no incoming migration on this member' >&2; exit 1; fi\ndone\nexec {real} \"$@\"\n"
+    );
+    let p = dir.join("qemu-refusing-incoming");
+    std::fs::write(&p, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// On a shared pool the source waits for the target's QEMU to listen before
+/// it migrates. A target whose QEMU cannot start ends that wait with its
+/// error: the move fails saying why, the guest never stopped on the
+/// source, the shared disk stays, and nothing is left waiting.
+#[tokio::test]
+async fn vm_move_to_a_target_whose_qemu_cannot_start_fails_cleanly() {
+    if !need_root("vm_move_to_a_target_whose_qemu_cannot_start_fails_cleanly") {
+        return;
+    }
+    let pool = ferry_test::shared_pool_dir();
+    let p = pool.path().to_str().unwrap();
+    let qemu = qemu_refusing_incoming(pool.path());
+    let ms = vec![
+        Member::start_with_env("m1", &[("FERRY_SHARED_POOL", p)]),
+        Member::start_with_env(
+            "m2",
+            &[
+                ("FERRY_SHARED_POOL", p),
+                ("FERRY_QEMU", qemu.to_str().unwrap()),
+            ],
+        ),
+    ];
+    form_cluster(&ms);
+    ms[0].launch_in(
+        "testvm",
+        "v1",
+        "m1",
+        Some("shared"),
+        &["limits.memory=128MiB"],
+    );
+    let pid = counting_vm(&ms[0]).await;
+    let disk = ms[0]
+        .shared_spec("v1", true, pool.path())
+        .paths
+        .volume
+        .join("disk.img");
+    assert!(disk.exists(), "the VM is not on the shared pool");
+    let out = ms[0].ferry(&["move", "v1", "--target", "m2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("move: {out:?}");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        err.contains("no incoming migration on this member"),
+        "the error does not say why: {err}"
+    );
+    vm_undisturbed(&ms, pid).await;
+    assert!(disk.exists(), "the failed move removed the shared disk");
+    assert!(qemus_of(&ms[1]).is_empty(), "a QEMU is left on the target");
+    ms[0].ferry_ok(&["delete", "--force", "v1"]);
 }
 
 /// A link cut during post-copy: nothing can be rolled back (the guest's

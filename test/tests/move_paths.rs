@@ -219,10 +219,7 @@ async fn instances_on_a_shared_pool_move_without_copying_storage() {
     if !need_root("instances_on_a_shared_pool_move_without_copying_storage") {
         return;
     }
-    let pool = tempfile::Builder::new()
-        .prefix("ferry-shared-")
-        .tempdir()
-        .unwrap();
+    let pool = ferry_test::shared_pool_dir();
     let p = pool.path().to_str().unwrap();
     // m1 and m2 see the pool; m3 does not. m1 receives container pages
     // with CRIU's own page server, m2 with ferry's page sink.
@@ -241,18 +238,13 @@ async fn instances_on_a_shared_pool_move_without_copying_storage() {
         "--storage",
         "shared",
     ]);
-    ms[0].ferry_ok(&[
-        "launch",
+    ms[0].launch_in(
         "testvm",
         "v1",
-        "--vm",
-        "--target",
         "m1",
-        "--storage",
-        "shared",
-        "-c",
-        "limits.memory=128MiB",
-    ]);
+        Some("shared"),
+        &["limits.memory=128MiB"],
+    );
     let cvol = ms[0].shared_spec("c1", false, pool.path()).paths.volume;
     assert!(
         cvol.join("rootfs").is_dir(),
@@ -306,8 +298,7 @@ async fn instances_on_a_shared_pool_move_without_copying_storage() {
     let meta = move_json(&ms[0], "v1", "m2");
     assert_eq!(meta["plan"]["fs"]["type"], "shared", "{meta}");
     assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
-    // Multifd without a disk mirror: the source's QEMU sends at once, while
-    // the target's QEMU may still be starting.
+    // Multifd without a disk mirror as well.
     if VmDriver::multifd_support().await {
         let features = meta["plan"]["state"]["features"].as_array().cloned();
         assert!(
@@ -315,6 +306,28 @@ async fn instances_on_a_shared_pool_move_without_copying_storage() {
             "{meta}"
         );
     }
+    // Nothing to copy first: the source waited for the target's QEMU to
+    // listen before starting its migration (otherwise a guest with little
+    // to send switches over while that QEMU still starts, and stays paused
+    // until it is up).
+    let features = meta["plan"]["state"]["features"].as_array().cloned();
+    assert!(
+        features
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f == "target_listens"),
+        "{meta}"
+    );
+    let at = |stage: &str| {
+        let t = meta["timeline"].as_array().expect("a timeline");
+        t.iter()
+            .position(|e| e["stage"] == stage)
+            .unwrap_or_else(|| panic!("no {stage:?} in the timeline: {meta}"))
+    };
+    assert!(
+        at("the target's QEMU listens") < at("migrating memory (QEMU pre-copy)"),
+        "{meta}"
+    );
     assert!(disk.exists(), "the shared disk was removed");
     let after = vm.read_counter(&vspec(&ms[1])).await.unwrap();
     assert!(after >= before);

@@ -349,7 +349,11 @@ impl MoveRun {
                 v
             }
             (true, true) => {
-                let mut features = vec![QemuFeature::AutoConverge, QemuFeature::Postcopy];
+                let mut features = vec![
+                    QemuFeature::AutoConverge,
+                    QemuFeature::Postcopy,
+                    QemuFeature::TargetListens,
+                ];
                 // XBZRLE (delta-compressed re-sent pages) pays off when the
                 // link is the bottleneck; on an unlimited link it costs CPU.
                 let capped = self
@@ -520,7 +524,7 @@ impl MoveRun {
         }
         let result = if self.spec.kind == InstanceType::VirtualMachine {
             let mut state_pipes = vec![state_pipe];
-            if super::vm::has_feature(&plan, QemuFeature::Multifd) {
+            if plan.has_qemu_feature(QemuFeature::Multifd) {
                 for rx in extra {
                     state_pipes.push(wait(rx).await?);
                 }

@@ -208,6 +208,7 @@ impl Daemon {
             QemuFeature::AutoConverge,
             QemuFeature::Postcopy,
             QemuFeature::Xbzrle,
+            QemuFeature::TargetListens,
         ];
         if multifd && extra_pipes.len() == ferry_migration::MULTIFD_CHANNELS {
             qemu_features.push(QemuFeature::Multifd);

@@ -13,7 +13,8 @@ use ferry_drivers::vm::mirror::MirrorParams;
 use ferry_drivers::vm::{VcpuPriority, VmDriver};
 use ferry_drivers::{Driver, InstanceSpec, Lifecycle, OpCtx, StateSave};
 use ferry_migration::{
-    ByteChannel, FsPlan, Plan, QemuFeature, SourceState, StatePlan, TargetState,
+    ByteChannel, FsPlan, Message, MessageChannel, Plan, QemuFeature, SourceState, StatePlan,
+    TargetState,
 };
 use serde_json::json;
 use tokio_util::io::SyncIoBridge;
@@ -24,17 +25,9 @@ use super::ws::{self, WsControl, WsPipe};
 use super::{is_shared, qemu_stream_socketpair, AbortOnDrop, SinkRequest};
 use crate::core::Daemon;
 
-/// Does the agreed plan migrate live with this QEMU feature?
-pub(super) fn has_feature(plan: &Plan, f: QemuFeature) -> bool {
-    match &plan.state {
-        StatePlan::VmQemuLive { features } => features.contains(&f),
-        _ => false,
-    }
-}
-
 /// QEMU parameters from the agreed plan (the same on both sides).
 fn params(plan: &Plan) -> MigrateParams {
-    let has = |f: QemuFeature| has_feature(plan, f);
+    let has = |f: QemuFeature| plan.has_qemu_feature(f);
     MigrateParams {
         auto_converge: has(QemuFeature::AutoConverge),
         xbzrle: has(QemuFeature::Xbzrle),
@@ -126,10 +119,15 @@ impl MoveRun {
             self.mirror_disk(plan, fs.take().ok_or("no fs channel")?)
                 .await?;
         }
+        let st = if live && plan.has_qemu_feature(QemuFeature::TargetListens) {
+            self.await_listening(ctl, st).await?
+        } else {
+            st
+        };
         if live {
             self.phase(Phase::Memory, "migrating memory (QEMU pre-copy)");
             let compression = plan.state_compression;
-            let (stream, relays) = if has_feature(plan, QemuFeature::Multifd) {
+            let (stream, relays) = if plan.has_qemu_feature(QemuFeature::Multifd) {
                 // QEMU connects once per channel to a socket we listen on.
                 let path = self.spec.paths.run.join("migration-out.sock");
                 let relays = super::multifd::relay_outgoing(&path, state_pipes, compression)?;
@@ -342,6 +340,34 @@ fn memory_figures(
     f
 }
 
+impl MoveRun {
+    /// Wait until the target's QEMU waits for the migration stream. Started
+    /// before, the migration would fill the link while that QEMU starts,
+    /// and a guest with little to send would switch over into the wait:
+    /// paused until the target's QEMU is up (on a shared pool, where no
+    /// disk mirror comes first, that is most of its start: 30–80 ms here).
+    async fn await_listening(
+        &mut self,
+        ctl: &mut WsControl,
+        st: SourceState,
+    ) -> Result<SourceState, String> {
+        self.phase(Phase::Preparing, "waiting for the target's QEMU to listen");
+        let cancel = self.op.cancel_token();
+        let mut st = st;
+        loop {
+            let (next, msg) = tokio::select! {
+                r = st.recv(ctl) => r.map_err(super::peer_error("target"))?,
+                _ = cancel.cancelled() => return Err("cancelled by the user".into()),
+            };
+            st = next;
+            if matches!(msg, Message::Listening {}) {
+                self.mark("the target's QEMU listens");
+                return Ok(st);
+            }
+        }
+    }
+}
+
 impl Daemon {
     /// Target side of a VM move (after the handshake).
     #[allow(clippy::too_many_arguments)]
@@ -378,7 +404,7 @@ impl Daemon {
         let incoming = if live {
             let compression = plan.state_compression;
             // The relays start (spawned below) once QEMU waits for the stream.
-            let (stream, relays) = if has_feature(plan, QemuFeature::Multifd) {
+            let (stream, relays) = if plan.has_qemu_feature(QemuFeature::Multifd) {
                 // QEMU listens; a connection per channel when its bytes come.
                 let path = spec.paths.run.join("migration-in.sock");
                 let relays = super::multifd::relay_incoming(&path, state_pipes, compression);
@@ -420,6 +446,11 @@ impl Daemon {
                 });
             }
             tokio::spawn(relays);
+            if plan.has_qemu_feature(QemuFeature::TargetListens) {
+                ctl.send(&Message::Listening {})
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
             Some(incoming)
         } else {
             None
