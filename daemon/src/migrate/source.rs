@@ -349,11 +349,12 @@ impl MoveRun {
                 v
             }
             (true, true) => {
-                let mut features = vec![
-                    QemuFeature::AutoConverge,
-                    QemuFeature::Postcopy,
-                    QemuFeature::TargetListens,
-                ];
+                let mut features = vec![QemuFeature::AutoConverge, QemuFeature::Postcopy];
+                // FERRY_TARGET_LISTENS=0 starts QEMU's migration at once, as
+                // ferry before it (for comparisons: shared-move-bench).
+                if std::env::var("FERRY_TARGET_LISTENS").as_deref() != Ok("0") {
+                    features.push(QemuFeature::TargetListens);
+                }
                 // XBZRLE (delta-compressed re-sent pages) pays off when the
                 // link is the bottleneck; on an unlimited link it costs CPU.
                 let capped = self
