@@ -98,6 +98,21 @@ pub fn shared_pool_dir() -> tempfile::TempDir {
         .expect("a temp dir for the shared pool")
 }
 
+/// Wait (up to 30 s) until the test guest's counter, read from its RAM
+/// over QMP, is readable and above 0.
+pub async fn wait_guest(spec: &ferry_drivers::InstanceSpec) {
+    for _ in 0..300 {
+        let n = ferry_drivers::vm::VmDriver::default()
+            .read_counter(spec)
+            .await;
+        if n.is_ok_and(|n| n > 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the guest {} never started counting", spec.name);
+}
+
 /// True when running as root (the e2e tests need it); prints why a test is skipped.
 pub fn need_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {

@@ -4,9 +4,9 @@
 //! pass, and while a container's memory pages cross with the target's
 //! restore already waiting at its gate), and for VMs the target QEMU
 //! or the target ferryd killed, the stream cut, a cancel during
-//! pre-copy, or a target QEMU that cannot start. Each time the instance keeps running exactly once, on the
-//! source, the record is unchanged, the target holds nothing and no
-//! operation is left running. And past the point of no return (the target
+//! pre-copy, or a target QEMU that cannot start. Each time the instance
+//! keeps running exactly once, on the source, the record is unchanged, the
+//! target holds nothing and no operation is left running. And past the point of no return (the target
 //! runs the VM) a cluster database without quorum: the VM keeps running
 //! once, on the target, and the move is recorded once the database is back.
 
@@ -87,11 +87,15 @@ fn failing_restore_criu(dir: &Path) -> PathBuf {
         real.display(),
         real.display()
     );
-    let p = bin.join("criu");
-    std::fs::write(&p, script).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_executable(&bin.join("criu"), &script);
     bin
+}
+
+/// Write a shell script and make it executable.
+fn write_executable(path: &Path, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, script).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// A tmpfs mounted over a member's default pool, unmounted on drop.
@@ -402,14 +406,8 @@ async fn vm_on_m1(ms: &[Member], memory: &str, more: &[&str]) -> i64 {
 
 /// Wait until `v1`'s guest on `m` counts; returns its QEMU's pid.
 async fn counting_vm(m: &Member) -> i64 {
-    let spec = m.spec("v1", true);
-    for _ in 0..300 {
-        if VmDriver::default().read_counter(&spec).await.unwrap_or(0) > 0 {
-            return m.instance("v1").await["state"]["pid"].as_i64().unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the guest never counted");
+    ferry_test::wait_guest(&m.spec("v1", true)).await;
+    m.instance("v1").await["state"]["pid"].as_i64().unwrap()
 }
 
 /// The nice value of every thread of a process (field 19 of
@@ -650,22 +648,15 @@ async fn precopy_failures(multifd: bool) {
     ms[1].ferry_ok(&["delete", "--force", "v1"]);
 }
 
-/// A QEMU binary for a target member: the real one, except that an incoming
-/// migration fails at once, as a QEMU that cannot start on that member.
+/// A QEMU binary for a target member: the real one (found in PATH), except
+/// that an incoming migration fails at once, as a QEMU that cannot start.
 fn qemu_refusing_incoming(dir: &Path) -> PathBuf {
-    let out = std::process::Command::new("sh")
-        .args(["-c", "command -v qemu-system-x86_64"])
-        .output()
-        .unwrap();
-    let real = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(!real.is_empty(), "qemu-system-x86_64 not in PATH");
     let script = format!(
-        "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = -incoming ]; then echo 'test QEMU: no incoming migration on this member' >&2; exit 1; fi\ndone\nexec {real} \"$@\"\n"
+        "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = -incoming ]; then echo 'test QEMU: no incoming migration on this member' >&2; exit 1; fi\ndone\nexec {} \"$@\"\n",
+        ferry_drivers::vm::qemu::QEMU_BINARY
     );
     let p = dir.join("qemu-refusing-incoming");
-    std::fs::write(&p, script).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_executable(&p, &script);
     p
 }
 
@@ -706,13 +697,25 @@ async fn vm_move_to_a_target_whose_qemu_cannot_start_fails_cleanly() {
         .volume
         .join("disk.img");
     assert!(disk.exists(), "the VM is not on the shared pool");
-    let out = ms[0].ferry(&["move", "v1", "--target", "m2"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    eprintln!("move: {out:?}");
-    assert!(!out.status.success(), "{out:?}");
+    let (c, id) = start_move(&ms[0], "v1", "m2", json!({"migration": true, "live": true})).await;
+    let err = failed(&c, &id, "Failure").await;
     assert!(
         err.contains("no incoming migration on this member"),
         "the error does not say why: {err}"
+    );
+    // It ended in the wait: QEMU's migration never started on the source.
+    let meta = c.operation(&id).await.unwrap().metadata;
+    let stages: Vec<&str> = meta["timeline"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|e| e["stage"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        stages.contains(&"waiting for the target's QEMU to listen"),
+        "{meta}"
+    );
+    assert!(
+        !stages.iter().any(|s| s.starts_with("migrating memory")),
+        "{meta}"
     );
     vm_undisturbed(&ms, pid).await;
     assert!(disk.exists(), "the failed move removed the shared disk");

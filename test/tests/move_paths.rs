@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_drivers::vm::VmDriver;
-use ferry_test::{form_cluster, location, need_root, pid_alive, start_cluster, wait_for, Member};
+use ferry_test::{
+    form_cluster, location, need_root, pid_alive, start_cluster, wait_for, wait_guest, Member,
+};
 use serde_json::{json, Value};
 
 fn move_json(m: &Member, name: &str, target: &str) -> Value {
@@ -201,19 +203,6 @@ async fn move_on_one_stream(src: &Member, dst: &Member, declined: bool) -> u64 {
     after
 }
 
-/// Wait (up to 30 s) until the test guest's counter is readable and > 0.
-async fn wait_guest(spec: &ferry_drivers::InstanceSpec) {
-    for _ in 0..300 {
-        if let Ok(n) = VmDriver::default().read_counter(spec).await {
-            if n > 0 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the guest {} never started counting", spec.name);
-}
-
 #[tokio::test]
 async fn instances_on_a_shared_pool_move_without_copying_storage() {
     if !need_root("instances_on_a_shared_pool_move_without_copying_storage") {
@@ -298,26 +287,19 @@ async fn instances_on_a_shared_pool_move_without_copying_storage() {
     let meta = move_json(&ms[0], "v1", "m2");
     assert_eq!(meta["plan"]["fs"]["type"], "shared", "{meta}");
     assert_eq!(meta["plan"]["state"]["type"], "vm_qemu_live", "{meta}");
+    let features = meta["plan"]["state"]["features"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     // Multifd without a disk mirror as well.
     if VmDriver::multifd_support().await {
-        let features = meta["plan"]["state"]["features"].as_array().cloned();
-        assert!(
-            features.unwrap_or_default().iter().any(|f| f == "multifd"),
-            "{meta}"
-        );
+        assert!(features.iter().any(|f| f == "multifd"), "{meta}");
     }
     // Nothing to copy first: the source waited for the target's QEMU to
     // listen before starting its migration (otherwise a guest with little
     // to send switches over while that QEMU still starts, and stays paused
     // until it is up).
-    let features = meta["plan"]["state"]["features"].as_array().cloned();
-    assert!(
-        features
-            .unwrap_or_default()
-            .iter()
-            .any(|f| f == "target_listens"),
-        "{meta}"
-    );
+    assert!(features.iter().any(|f| f == "target_listens"), "{meta}");
     let at = |stage: &str| {
         let t = meta["timeline"].as_array().expect("a timeline");
         t.iter()

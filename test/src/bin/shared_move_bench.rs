@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_drivers::vm::VmDriver;
 use ferry_test::bench::{self, Args, Host};
 use ferry_test::{form_cluster, Member};
 use serde_json::Value;
@@ -108,17 +107,6 @@ async fn move_vm(from: &Member, to: &Member, into: &mut Samples) {
     }
 }
 
-async fn counting(m: &Member, pool: &std::path::Path) {
-    let spec = m.shared_spec("v1", true, pool);
-    for _ in 0..300 {
-        if VmDriver::default().read_counter(&spec).await.unwrap_or(0) > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the guest on {} never counted", m.name);
-}
-
 fn row(name: &str, s: &Samples) -> String {
     let mut r = format!("| {name} |");
     for (k, _) in METRICS {
@@ -166,7 +154,7 @@ fn main() {
             ];
             let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
             ms[0].launch_in("testvm", "v1", "m1", Some("shared"), &cfg);
-            counting(&ms[0], pool.path()).await;
+            ferry_test::wait_guest(&ms[0].shared_spec("v1", true, pool.path())).await;
             let (mut at_once, mut waiting) = (Samples::new(), Samples::new());
             for rep in 0..o.reps {
                 eprintln!("dirty_mib={dirty} repetition {}", rep + 1);
